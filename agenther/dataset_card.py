@@ -1,0 +1,258 @@
+"""dataset_card.md: what the exported data is, where it came from, how it was made, how to load it.
+
+Rendered from the run summary alone (no clock, no environment), so the card is as
+reproducible as the data. Every key is optional: a missing section says "not recorded".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Licences of the shipped sources, from data/raw/SOURCES.md.
+KNOWN_SOURCES = {
+    "tau-bench": ("sierra-research/tau-bench (historical_trajectories)", "MIT"),
+    "toolbench": ("OpenBMB/ToolBench (data_example)", "Apache-2.0"),
+}
+
+FILES = {
+    "sft.jsonl": "OpenAI chat fine-tuning: `messages` (+ `tools`), `weight`, `metadata`",
+    "dpo.jsonl": "TRL conversational preference: `prompt`, `chosen`, `rejected`, `weight`, `metadata`",
+    "sharegpt.jsonl": "LLaMA-Factory sharegpt: `conversations`, `system`, `tools`, `weight`, `metadata`",
+    "dataset_info.json": "LLaMA-Factory dataset entry `agenther_hindsight` for sharegpt.jsonl",
+}
+
+INTRO = """\
+Training data made from LLM-agent runs. A run that failed its goal A often fully achieved
+some other goal B; an LLM wrote B as the user prompt that run satisfies (a *hindsight
+prompt*), judges verified it, and the pair (B, the run) became a training sample. Tool calls
+and tool results are kept as structure in every export."""
+
+METHOD = """\
+1. **classify**: failure or not, which kind, how severe (0 = near miss .. 1 = nothing done).
+2. **extract**: what the run verifiably achieved, each achievement pointing at its steps.
+3. **relabel**: an LLM writes the hindsight prompt; attempts under the confidence threshold
+   are retried, then dropped.
+4. **verify**: judges check the prompt against the trajectory; a judge's rejection is final.
+   A deterministic grounding check requires every number, ID and date of the prompt to occur
+   in the run.
+5. **package**: exact and near-duplicate prompts removed (Jaccard of word 3-grams), samples
+   weighted, every exported row validated against its trainer's format."""
+
+WEIGHTS = """\
+Each row has `weight`. Hindsight samples: `max(min_weight, 1 - weight_alpha * severity)`:
+a near miss (severity 0) weighs 1, a run that did little of its original goal weighs less.
+Original successes and natural preference pairs weigh 1. Trainers do not read `weight` on
+their own: use it as a sample weight, to filter, or to resample."""
+
+LIMITATIONS = """\
+- The default relabeling model is a small local model: its prompts are plainer and sometimes
+  vaguer than a large model's. Judges reduce label noise but do not remove it, and judges
+  that share a model with the relabeler are not independent.
+- The grounding check is lexical: it catches invented numbers, IDs and dates, not a wrong
+  paraphrase.
+- Multi-turn logs (simulated users) keep their later user turns; a preference pair's chosen
+  and rejected continuations include them, and DPO scores those tokens too.
+- Natural pairs: when two trials open with differently worded user turns, the prompt is the
+  success's opening (`metadata.prompt_shared` is false).
+- Hindsight pairs: the rejected run is one of the same task that lacks some of the chosen
+  run's tool calls: a plausible, not a verified, non-satisfier.
+- ShareGPT cannot hold assistant text and a tool call in one turn: the text is dropped there
+  (`metadata.assistant_text_dropped`); the SFT and DPO files keep it.
+- DPO prompts may end on a tool result; TRL releases older than the one that accepts a last
+  prompt role of `tool` reject such rows."""
+
+LOADING = """\
+TRL (SFT and DPO):
+
+```python
+from datasets import load_dataset
+
+sft = load_dataset("json", data_files="sft.jsonl", split="train")  # messages (+ tools)
+dpo = load_dataset("json", data_files="dpo.jsonl", split="train")  # prompt / chosen / rejected
+# trl.SFTTrainer(model=..., train_dataset=sft, args=trl.SFTConfig(...))
+# trl.DPOTrainer(model=..., train_dataset=dpo, args=trl.DPOConfig(...))
+```
+
+LLaMA-Factory: put `sharegpt.jsonl` and `dataset_info.json` in one folder; in the training YAML:
+
+```yaml
+dataset_dir: path/to/that/folder
+dataset: agenther_hindsight
+```
+
+OpenAI fine-tuning (the upload accepts only its own keys):
+
+```python
+import json
+
+with open("sft.jsonl") as src, open("openai.jsonl", "w") as dst:
+    for line in src:
+        row = json.loads(line)
+        dst.write(json.dumps({k: row[k] for k in ("messages", "tools") if k in row}) + "\\n")
+```"""
+
+
+def _n(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value != int(value):
+        return f"{value:.4f}".rstrip("0")
+    if isinstance(value, float):
+        return str(int(value))
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_n(c) for c in row) + " |" for row in rows]
+
+
+def _reasons(rejected: Any) -> str:
+    if isinstance(rejected, dict):
+        return ", ".join(f"{k}: {v}" for k, v in sorted(rejected.items())) or "-"
+    return _n(rejected)
+
+
+def _llm_usage(llm: dict) -> dict:
+    """The summary holds either one usage dict or {model_role: usage, ..., "total": usage}."""
+    return llm["total"] if isinstance(llm.get("total"), dict) else llm
+
+
+def _source(s: dict, stages: dict) -> list[str]:
+    source = s.get("input") or {}
+    # "auto" says nothing about licences: prefer the formats the run actually detected, when recorded
+    formats = s.get("source_formats") or [source.get("format")]
+    lines = [f"- input: `{source.get('path', 'not recorded')}` (format: {', '.join(map(str, formats))})"]
+    for fmt in formats:
+        origin = KNOWN_SOURCES.get(str(fmt))
+        if origin:
+            lines.append(
+                f"- origin: {origin[0]}; licence: {origin[1]} (check upstream before redistributing)"
+            )
+    if not any(str(f) in KNOWN_SOURCES for f in formats):
+        lines.append(
+            "- licence: not known to agenther (that of your logs); rows name theirs in metadata.source_format"
+        )
+    quarantined = s.get("quarantined", (stages.get("ingest") or {}).get("quarantined"))
+    lines.append(
+        f"- records quarantined at ingest (malformed, kept aside with the reason): {_n(quarantined)}"
+    )
+    return lines
+
+
+def _counts(stages: dict, gates: dict) -> list[str]:
+    rows = [
+        [
+            name,
+            (st or {}).get("in"),
+            (st or {}).get("out", (st or {}).get("hindsight_samples")),
+            _reasons((st or {}).get("rejected")),
+        ]
+        for name, st in stages.items()
+    ]
+    lines = _table(["stage", "in", "out", "rejected (reason: n)"], rows) if rows else ["not recorded"]
+    classify = stages.get("classify") or {}
+    if classify:
+        lines += [
+            "",
+            f"Classified: {_n(classify.get('failures'))} failures, {_n(classify.get('successes'))} "
+            f"successes, {_n(classify.get('recoverable'))} failures worth relabeling.",
+        ]
+    lines += ["", "Relabels through the gates:", ""]
+    lines += _table(["gate", "value"], [[k, v] for k, v in gates.items()]) if gates else ["not recorded"]
+    verify = stages.get("verify") or {}
+    if verify.get("judges"):
+        lines += ["", f"Judges (policy: {verify.get('policy', '-')}):", ""]
+        lines += _table(
+            ["judge", "accepted", "rejected", "not asked"],
+            [
+                [j, v.get("accepted"), v.get("rejected"), v.get("not_asked")]
+                for j, v in verify["judges"].items()
+            ],
+        )
+    pkg = stages.get("package") or {}
+    if pkg:
+        g = {
+            k: _n(pkg.get(k))
+            for k in (
+                "hindsight_samples",
+                "success_samples",
+                "duplicates",
+                "near_duplicates",
+                "dpo_natural",
+                "dpo_hindsight",
+            )
+        }
+        lines += [
+            "",
+            f"Packaging: {g['hindsight_samples']} hindsight samples, {g['success_samples']} original "
+            f"successes; {g['duplicates']} exact and {g['near_duplicates']} near-duplicate prompts removed; "
+            f"{g['dpo_natural']} natural and {g['dpo_hindsight']} hindsight preference pairs.",
+        ]
+    return lines
+
+
+def _lineage(lineage: dict, llm: dict) -> list[str]:
+    models = lineage.get("models") or {}
+    lines = [
+        f"- relabeling model: {models.get('relabel', 'not recorded')}",
+        f"- judges: {', '.join(map(str, models.get('judges') or [])) or 'not recorded'}",
+        f"- agenther {lineage.get('agenther_version', '-')}, params hash `{lineage.get('params_hash', '-')}`",
+    ]
+    hashes = lineage.get("prompt_hashes") or {}
+    if hashes:
+        lines.append(
+            "- prompt templates (sha256/12): " + ", ".join(f"{k} `{v}`" for k, v in sorted(hashes.items()))
+        )
+    usage = _llm_usage(llm)
+    if usage:
+        lines.append(
+            f"- LLM calls: {_n(usage.get('calls'))} ({_n(usage.get('cache_hits'))} from cache); tokens: "
+            f"{_n(usage.get('prompt_tokens'))} prompt + {_n(usage.get('completion_tokens'))} completion; "
+            f"cost: ${_n(usage.get('cost_usd'))}"
+        )
+    return lines
+
+
+def render_dataset_card(summary: dict) -> str:
+    """The card as Markdown; tolerant of any missing key of the summary."""
+    s = summary or {}
+    stages = s.get("stages") or {}
+    exports = s.get("exports") or {}
+    files = exports.get("files") or {}
+    rows = {
+        "sft.jsonl": exports.get("sft"),
+        "dpo.jsonl": exports.get("dpo"),
+        "sharegpt.jsonl": exports.get("sharegpt"),
+    }
+
+    out = ["# agenther hindsight-relabeled agent trajectories", "", INTRO, "", "## Files", ""]
+    out += _table(
+        ["file", "rows", "format", "sha256"], [[f, rows.get(f), d, files.get(f)] for f, d in FILES.items()]
+    )
+    out += ["", "## Source", "", *_source(s, stages)]
+    out += [
+        "",
+        "## How it was made",
+        "",
+        METHOD,
+        "",
+        "Per-stage counts:",
+        "",
+        *_counts(stages, s.get("gates") or {}),
+    ]
+    out += ["", "## Weights", "", WEIGHTS]
+    out += ["", "## Models and lineage", "", *_lineage(s.get("lineage") or {}, s.get("llm") or {})]
+    out += ["", "## Known limitations", "", LIMITATIONS]
+    out += ["", "## How to load", "", LOADING]
+    checks = s.get("reconciliation") or {}
+    if checks:
+        out += [
+            "",
+            "## Reconciliation",
+            "",
+            f"All counts reconcile: {'yes' if checks.get('ok') else 'NO'}",
+            "",
+        ]
+        out += [f"- {k}: {'ok' if v else 'MISMATCH'}" for k, v in (checks.get("checks") or {}).items()]
+    return "\n".join(out) + "\n"

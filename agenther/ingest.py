@@ -1,0 +1,154 @@
+"""Ingest: agent logs (a file or a folder) -> the TRAJECTORY and QUARANTINE tables.
+
+Only whole-input problems raise (IngestError: missing path, unknown format, nothing to read).
+A bad record never raises: it lands in quarantine with its file, pointer and reason, and
+`records_in == len(trajectories) + len(quarantine)` always holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from agenther import schema
+from agenther.adapters import FORMATS, messages, tau_bench, toolbench
+from agenther.adapters.common import Quarantined, UnreadableFile, excerpt, first_record
+from agenther.adapters.messages import MessagesMapping
+
+SUFFIXES = (".json", ".jsonl")
+
+
+class IngestError(Exception):
+    """The input as a whole cannot be ingested (bad records are quarantined instead)."""
+
+
+@dataclass
+class IngestResult:
+    trajectories: pl.DataFrame  # schema.TRAJECTORY, sorted by id
+    quarantine: pl.DataFrame  # schema.QUARANTINE
+    records_in: int  # raw records seen: len(trajectories) + len(quarantine)
+
+
+def _input_files(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+
+
+def _detect_file(path: Path, mapping: MessagesMapping) -> str:
+    try:
+        record = first_record(path)  # JSONL: reads up to the first good line only
+    except UnreadableFile as exc:
+        raise IngestError(str(exc)) from exc
+    if record is None:
+        return "messages"  # an empty file: nothing to read, any reader will do
+    if tau_bench.looks_like(record):
+        return "tau-bench"
+    if toolbench.looks_like(record):
+        return "toolbench"
+    if path.suffix == ".jsonl" or messages.looks_like(record, mapping):
+        return "messages"  # JSONL is chat logs unless a line says otherwise
+    keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
+    raise IngestError(
+        f"{path}: cannot tell the format (first record: {keys}); expected tau-bench (traj, task_id), "
+        f"toolbench (answer_generation) or chat turns at {mapping.messages_path!r}, 'messages' or "
+        "'conversations'. Pass the format explicitly or fix the mapping."
+    )
+
+
+def detect_format(path: str | Path, mapping: MessagesMapping | None = None) -> str:
+    """The format of a file ("tau-bench", "toolbench" or "messages"), or of a folder whose readable files agree."""
+    root, mapping = Path(path), mapping or MessagesMapping()
+    if not root.exists():
+        raise IngestError(f"input not found: {path}")
+    if root.is_file():
+        return _detect_file(root, mapping)
+    found: dict[str, Path] = {}
+    for f in _input_files(root):
+        try:
+            found.setdefault(_detect_file(f, mapping), f)
+        except IngestError:
+            continue  # ingest quarantines such files; they do not decide the folder's format
+    if len(found) != 1:
+        what = ", ".join(f"{fmt} ({f})" for fmt, f in found.items()) or "no recognisable .json/.jsonl file"
+        raise IngestError(f"{path}: cannot tell one format for the folder: {what}")
+    return next(iter(found))
+
+
+def _read_file(path: Path, fmt: str, mapping: MessagesMapping) -> Iterator[dict | Quarantined]:
+    if fmt == "auto":
+        fmt = _detect_file(path, mapping)
+    if fmt == "tau-bench":
+        return tau_bench.read(path)
+    if fmt == "toolbench":
+        return toolbench.read(path)
+    return messages.read(path, mapping)
+
+
+def ingest(
+    path: str | Path,
+    fmt: str = "auto",
+    mapping: MessagesMapping | None = None,
+    limit: int | None = None,
+) -> IngestResult:
+    """Read a file or a folder (*.json / *.jsonl, recursive, sorted) into the canonical tables.
+
+    `limit` keeps the first N good trajectories in reading order and stops reading there.
+    A later record with an id already seen is quarantined as a duplicate.
+    """
+    root, mapping = Path(path), mapping or MessagesMapping()
+    if not root.exists():
+        raise IngestError(f"input not found: {path}")
+    if fmt not in ("auto", *FORMATS):
+        raise IngestError(f"unknown format {fmt!r} (expected auto, {', '.join(FORMATS)})")
+    if limit is not None and limit < 0:
+        raise IngestError(f"limit must be >= 0, not {limit}")
+    files = _input_files(root)
+    if not files:
+        raise IngestError(f"{path}: no .json or .jsonl files under it")
+
+    rows: list[dict[str, Any]] = []
+    bad: list[dict[str, str]] = []
+    seen: dict[str, str] = {}
+    records_in = 0
+    for f in files:
+        if limit is not None and len(rows) >= limit:
+            break
+        try:
+            for item in _read_file(f, fmt, mapping):
+                records_in += 1
+                if isinstance(item, Quarantined):
+                    bad.append(item.row())
+                elif item["id"] in seen:
+                    reason = f"duplicate id {item['id']!r} (first seen at {seen[item['id']]})"
+                    bad.append(
+                        Quarantined(str(f), item["record_pointer"], reason, excerpt(item["goal"])).row()
+                    )
+                else:
+                    seen[item["id"]] = f"{f} {item['record_pointer']}".strip()
+                    rows.append(item)
+                    if limit is not None and len(rows) >= limit:
+                        break
+        except (IngestError, UnreadableFile) as exc:
+            if root.is_file():
+                raise IngestError(str(exc)) from exc
+            # Inside a folder one unreadable file must not sink the others.
+            records_in += 1
+            bad.append(Quarantined(str(f), "", str(exc), excerpt(f.read_bytes()[:400])).row())
+
+    trajectories = schema.frame(rows, schema.TRAJECTORY).sort("id")
+    return IngestResult(trajectories, schema.frame(bad, schema.QUARANTINE), records_in)
+
+
+def ingest_params(section: dict[str, Any]) -> IngestResult:
+    """Ingest as configured by the params.yaml `ingest` section."""
+    return ingest(
+        section["input"],
+        fmt=section.get("format") or "auto",
+        mapping=MessagesMapping.from_params(section.get("messages")),
+        limit=section.get("limit"),
+    )

@@ -1,0 +1,457 @@
+"""Stage 4: accepted hindsight relabels (and original successes) become training data.
+
+Inputs: `verified` (schema.VERIFIED; rows with verified == True are accepted relabels) and
+`classified` (schema.CLASSIFIED, every trajectory: the source of successes and of the
+trajectories that preference pairs compare against).
+
+Outputs, one row per sample, each with `weight` and `metadata` (lineage, source, judges):
+- SFT (OpenAI chat format) and ShareGPT (LLaMA-Factory): the trajectory with its FIRST user
+  turn replaced by the hindsight prompt (system and later user turns stay; the judges checked
+  that they agree with it), cut after its last assistant turn. Successes join with their
+  original prompt when `include_successes`.
+- DPO (TRL conversational preference), two kinds:
+  natural: a success and a failure of one task; prompt = their shared opening, chosen = the
+  success's continuation, rejected = the failure's.
+  hindsight: prompt = [system, hindsight prompt], chosen = the relabeled trajectory,
+  rejected = a trajectory of the same task that lacks some of the chosen's tool calls.
+
+Weight direction: severity 0 is a near miss, 1 is "nothing of the goal done" (schema.CLASSIFIED).
+A hindsight sample weighs max(min_weight, 1 - weight_alpha * severity): near misses count fully,
+runs that wandered far from their goal count less. Successes and natural pairs weigh 1.
+
+Every accepted relabel ends as exactly one hindsight sample or one rejection (stage "package":
+duplicate_prompt, near_duplicate_prompt, unexportable), so counts reconcile. A hindsight
+sample is kept only if BOTH its SFT and ShareGPT rows validate, so the two files hold the
+same samples. Successes that cannot be exported are counted, not rejected (they were never
+relabel candidates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from agenther import exports, schema
+from agenther.dataset_card import render_dataset_card
+from agenther.dedup import dedup_prompts
+from agenther.export_schemas import validate_dpo, validate_sft
+
+STAGE = "package"
+DEFAULTS = {
+    "weight_alpha": 0.5,
+    "min_weight": 0.2,
+    "include_successes": True,
+    "near_dup_threshold": 0.9,
+    "max_pairs_per_task": 4,
+}
+EXPORT_FILES = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl")
+COUNTS = (  # Packaged.counts keys; hindsight_samples + rejections = accepted_in
+    *("accepted_in", "hindsight_samples", "success_samples", "success_unexportable"),
+    *("duplicates", "near_duplicates", "unexportable", "sharegpt_assistant_text_dropped"),
+    *("dpo_natural", "dpo_natural_skipped", "dpo_hindsight", "dpo_hindsight_unpaired", "dpo_invalid"),
+)
+DATASET_INFO = "dataset_info.json"
+
+__all__ = ["Packaged", "package", "write_exports", "render_dataset_card", "sample_weight"]
+
+
+@dataclass
+class Packaged:
+    sft: list[dict]
+    dpo: list[dict]
+    sharegpt: list[dict]
+    rejections: pl.DataFrame  # schema.REJECTION rows, stage "package"
+    counts: dict
+
+
+# --- message helpers ---------------------------------------------------------------------
+
+
+def sample_weight(severity: float | None, alpha: float, min_weight: float) -> float:
+    """max(min_weight, 1 - alpha * severity); unknown severity counts as the worst (1)."""
+    s = 1.0 if severity is None else min(1.0, max(0.0, float(severity)))
+    return round(max(float(min_weight), 1.0 - float(alpha) * s), 6)
+
+
+def first_user_index(messages: list[dict]) -> int | None:
+    return next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+
+
+def trim_trailing(messages: list[dict]) -> list[dict]:
+    """Cut after the last assistant turn: a training sample ends where the model last spoke."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] != "assistant":
+        end -= 1
+    return list(messages[:end])
+
+
+def relabeled_messages(messages: list[dict], prompt: str) -> list[dict]:
+    i = first_user_index(messages)
+    if i is None:
+        raise ValueError("the trajectory has no user turn to replace")
+    return [*messages[:i], {**messages[i], "content": prompt}, *messages[i + 1 :]]
+
+
+def _canonical_args(arguments: str | None) -> str:
+    try:
+        return json.dumps(json.loads(arguments or "{}"), sort_keys=True, separators=(",", ":"))
+    except json.JSONDecodeError:
+        return arguments or ""
+
+
+def tool_evidence(messages: list[dict]) -> frozenset[tuple[str, str]]:
+    """What a run did, as (tool name, canonical JSON arguments) of its assistant tool calls."""
+    return frozenset(
+        (call["name"], _canonical_args(call.get("arguments")))
+        for m in messages
+        if m["role"] == "assistant"
+        for call in m.get("tool_calls") or []
+    )
+
+
+def _turn_key(message: dict) -> tuple:
+    """A turn's content without call ids (ids are random per run, so two trials never share them)."""
+    calls = tuple((c["name"], _canonical_args(c.get("arguments"))) for c in message.get("tool_calls") or [])
+    return (message["role"], message.get("content") or "", calls)
+
+
+def _remap_call_ids(messages: list[dict], mapping: dict[str, str]) -> list[dict]:
+    return [
+        {**m, "tool_call_id": mapping.get(m.get("tool_call_id"), m.get("tool_call_id"))}
+        if m["role"] == "tool"
+        else m
+        for m in messages
+    ]
+
+
+# --- DPO pairs -----------------------------------------------------------------------------
+
+
+def natural_pair(success: list[dict], failure: list[dict]) -> tuple[list, list, list, bool] | None:
+    """(prompt, chosen, rejected, prompt_shared) for a success and a failure of one task, or None.
+
+    The prompt is the longest shared opening of the two runs, cut back until it ends on a
+    user or tool turn that both runs answer with an assistant turn. It always reaches the first
+    user turn: when the runs differ before that (tau-bench's simulated user words its opening
+    differently in every trial), the prompt is the success's opening and `prompt_shared` is False.
+    """
+    fs, ff = first_user_index(success), first_user_index(failure)
+    if fs is None or ff is None:
+        return None
+    common = 0
+    while common < min(len(success), len(failure)) and _turn_key(success[common]) == _turn_key(
+        failure[common]
+    ):
+        common += 1
+    cut = None
+    for k in range(common, fs, -1):  # never shorter than system + first user turn
+        if (
+            success[k - 1]["role"] in ("user", "tool")
+            and k < len(success)
+            and k < len(failure)
+            and success[k]["role"] == "assistant"
+            and failure[k]["role"] == "assistant"
+        ):
+            cut = k
+            break
+    if cut is not None:
+        # The prompt is the success's copy; the failure's results must answer its call ids.
+        mapping = {
+            fc["id"]: sc["id"]
+            for fm, sm in zip(failure[:cut], success[:cut], strict=True)
+            for fc, sc in zip(fm.get("tool_calls") or [], sm.get("tool_calls") or [], strict=False)
+        }
+        prompt, chosen, rejected = success[:cut], success[cut:], _remap_call_ids(failure[cut:], mapping)
+        shared = True
+    else:
+        prompt, chosen, rejected = success[: fs + 1], success[fs + 1 :], failure[ff + 1 :]
+        shared = common >= fs + 1
+    chosen, rejected = trim_trailing(chosen), trim_trailing(rejected)
+    if not chosen or not rejected or chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
+        return None
+    if [_turn_key(m) for m in chosen] == [_turn_key(m) for m in rejected]:
+        return None
+    return prompt, chosen, rejected, shared
+
+
+def hindsight_rejected(chosen_row: dict, same_task: list[dict]) -> tuple[dict, list[dict]] | None:
+    """The first trajectory (by id) of the same task that lacks one of the chosen's tool calls.
+
+    Lacking a call, not merely differing: a run that made every call the relabeled run made
+    (and more) may well satisfy the hindsight prompt too, so it is no safe negative.
+    """
+    evidence = tool_evidence(chosen_row["messages"])
+    for other in same_task:
+        if other["id"] == chosen_row["id"] or not (evidence - tool_evidence(other["messages"])):
+            continue
+        fu = first_user_index(other["messages"])
+        rejected = trim_trailing(other["messages"][fu + 1 :]) if fu is not None else []
+        if rejected and rejected[0]["role"] == "assistant":
+            return other, rejected
+    return None
+
+
+# --- metadata ------------------------------------------------------------------------------
+
+
+def _lineage_meta(lineage: dict) -> dict:
+    return {
+        "agenther_version": lineage.get("agenther_version"),
+        "params_hash": lineage.get("params_hash"),
+        "models": lineage.get("models") or {},
+        "prompt_hashes": lineage.get("prompt_hashes") or {},
+    }
+
+
+def _judges(row: dict) -> list[dict]:
+    return [
+        {
+            "judge": j.get("judge"),
+            "model": j.get("model"),
+            "accept": j.get("accept"),
+            "confidence": None if j.get("confidence") is None else float(j["confidence"]),
+            "reason": j.get("reason"),
+        }
+        for j in row.get("judgements") or []
+    ]
+
+
+def _float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _sample_meta(row: dict, kind: str, base: dict) -> dict:
+    hindsight = kind == "hindsight"
+    return base | {
+        "sample_id": f"{kind}:{row['id']}",
+        "kind": kind,
+        "trajectory_id": row["id"],
+        "source_file": row.get("source_file"),
+        "source_format": row.get("source_format"),
+        "task_key": row.get("task_key"),
+        "original_goal": row.get("goal"),
+        "failure_type": row.get("failure_type"),
+        "severity": _float(row.get("severity")),
+        "relabel_confidence": _float(row.get("relabel_confidence")) if hindsight else None,
+        "relabel_model": row.get("relabel_model") if hindsight else None,
+        "judges": _judges(row) if hindsight else [],
+    }
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def package(verified: pl.DataFrame, classified: pl.DataFrame, params: dict, lineage: dict) -> Packaged:
+    """Accepted relabels + successes -> SFT, DPO and ShareGPT rows (see the module docstring)."""
+    p = DEFAULTS | (params or {})
+    base = _lineage_meta(lineage or {})
+    counts = dict.fromkeys(COUNTS, 0)
+    rejections: list[dict] = []
+
+    accepted = (
+        verified.filter(pl.col("verified").fill_null(False)) if "verified" in verified.columns else verified
+    )
+    rows = sorted(accepted.to_dicts(), key=lambda r: r["id"])
+    counts["accepted_in"] = len(rows)
+    by_id = {r["id"]: r for r in rows}
+
+    # 1. Dedup the hindsight prompts (an empty prompt is no sample at all).
+    with_prompt = []
+    for r in rows:
+        if (r.get("hindsight_prompt") or "").strip():
+            with_prompt.append(r)
+        else:
+            rejections.append(
+                schema.rejection(r["id"], STAGE, "unexportable", "accepted without a hindsight prompt")
+            )
+            counts["unexportable"] += 1
+    result = dedup_prompts(
+        [(r["id"], r["hindsight_prompt"], r.get("relabel_confidence")) for r in with_prompt],
+        float(p["near_dup_threshold"]),
+    )
+    for d in result.dropped:
+        counts["duplicates" if d.reason == "duplicate_prompt" else "near_duplicates"] += 1
+        rejections.append(
+            schema.rejection(
+                d.id,
+                STAGE,
+                d.reason,
+                f"hindsight prompt duplicates the one kept for {d.kept_id} (similarity {d.similarity})",
+            )
+        )
+
+    # 2. Hindsight SFT + ShareGPT samples: both rows must validate, or neither is written.
+    sft, sharegpt, hindsight_kept = [], [], []
+    for row_id in sorted(result.kept):
+        r = by_id[row_id]
+        weight = sample_weight(r.get("severity"), p["weight_alpha"], p["min_weight"])
+        try:
+            messages = trim_trailing(relabeled_messages(r["messages"], r["hindsight_prompt"]))
+            pair = _sample_rows(messages, r, weight, _sample_meta(r, "hindsight", base))
+        except ValueError as exc:
+            rejections.append(schema.rejection(row_id, STAGE, "unexportable", str(exc)))
+            counts["unexportable"] += 1
+            continue
+        sft.append(pair[0])
+        sharegpt.append(pair[1])
+        hindsight_kept.append((r, weight))
+    counts["hindsight_samples"] = len(hindsight_kept)
+
+    # 3. Original successes, with their own prompt.
+    all_rows = sorted(classified.to_dicts(), key=lambda r: r["id"])
+    if p["include_successes"]:
+        for r in all_rows:
+            if r.get("success") is not True:
+                continue
+            try:
+                pair = _sample_rows(trim_trailing(r["messages"]), r, 1.0, _sample_meta(r, "success", base))
+            except ValueError:
+                counts["success_unexportable"] += 1
+                continue
+            sft.append(pair[0])
+            sharegpt.append(pair[1])
+            counts["success_samples"] += 1
+
+    # 4. Preference pairs.
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in all_rows:
+        if r.get("task_key") is not None:
+            by_task[r["task_key"]].append(r)
+    dpo = _natural_pairs(by_task, int(p["max_pairs_per_task"]), base, counts)
+    dpo += _hindsight_pairs(hindsight_kept, by_task, base, counts)
+
+    counts["sharegpt_assistant_text_dropped"] = sum(r["metadata"]["assistant_text_dropped"] for r in sharegpt)
+    return Packaged(
+        sft=sorted(sft, key=_sample_id),
+        dpo=sorted(dpo, key=_sample_id),
+        sharegpt=sorted(sharegpt, key=_sample_id),
+        rejections=schema.frame(sorted(rejections, key=lambda x: (x["id"], x["reason"])), schema.REJECTION),
+        counts=counts,
+    )
+
+
+def _sample_id(row: dict) -> str:
+    return row["metadata"]["sample_id"]
+
+
+def _sample_rows(messages: list[dict], row: dict, weight: float, meta: dict) -> tuple[dict, dict]:
+    """The SFT and ShareGPT rows of one sample; ValueError (with the reason) if either is invalid."""
+    tools = exports.parse_tools(row.get("tools"))
+    sft = exports.sft_row(messages, tools, weight, meta)
+    validate_sft(sft)
+    return sft, exports.sharegpt_row(messages, tools, weight, meta)
+
+
+def _natural_pairs(by_task: dict[str, list[dict]], cap: int, base: dict, counts: dict) -> list[dict]:
+    """Each failure (by id) with the first success (by id) that makes a valid pair; `cap` per task."""
+    out = []
+    for task in sorted(by_task):
+        successes = [r for r in by_task[task] if r.get("success") is True]
+        failures = [r for r in by_task[task] if r.get("is_failure") is True and r.get("success") is not True]
+        made = 0
+        for f in failures:
+            if made >= cap:
+                break
+            for s in successes:
+                pair = natural_pair(s["messages"], f["messages"])
+                if pair is None:
+                    continue
+                prompt, chosen, rejected, shared = pair
+                meta = _sample_meta(s, "natural", base) | {
+                    "sample_id": f"natural:{s['id']}|{f['id']}",
+                    "chosen_id": s["id"],
+                    "rejected_id": f["id"],
+                    "prompt_shared": shared,
+                    # the losing side's diagnosis: what went wrong in the rejected run
+                    "failure_type": f.get("failure_type"),
+                    "severity": _float(f.get("severity")),
+                }
+                if _append_valid(out, prompt, chosen, rejected, s, 1.0, meta, counts):
+                    counts["dpo_natural"] += 1
+                    made += 1
+                break
+            else:
+                if successes:
+                    counts["dpo_natural_skipped"] += 1
+    return out
+
+
+def _hindsight_pairs(
+    kept: list[tuple[dict, float]], by_task: dict[str, list[dict]], base: dict, counts: dict
+) -> list[dict]:
+    out = []
+    for r, weight in kept:
+        found = hindsight_rejected(r, by_task.get(r.get("task_key"), []))
+        fu = first_user_index(r["messages"])
+        chosen = trim_trailing(r["messages"][fu + 1 :])
+        if found is None or not chosen or chosen[0]["role"] != "assistant":
+            counts["dpo_hindsight_unpaired"] += 1
+            continue
+        other, rejected = found
+        system = [m for m in r["messages"][:fu] if m["role"] == "system"]
+        prompt = [*system, {"role": "user", "content": r["hindsight_prompt"]}]
+        meta = _sample_meta(r, "hindsight", base) | {
+            "sample_id": f"hindsight:{r['id']}|{other['id']}",
+            "chosen_id": r["id"],
+            "rejected_id": other["id"],
+            "prompt_shared": False,  # neither run saw the hindsight prompt
+        }
+        if _append_valid(out, prompt, chosen, rejected, r, weight, meta, counts):
+            counts["dpo_hindsight"] += 1
+    return out
+
+
+def _append_valid(
+    out: list,
+    prompt: list,
+    chosen: list,
+    rejected: list,
+    source: dict,
+    weight: float,
+    meta: dict,
+    counts: dict,
+) -> bool:
+    try:
+        row = exports.dpo_row(
+            prompt, chosen, rejected, exports.parse_tools(source.get("tools")), weight, meta
+        )
+        validate_dpo(row)
+    except ValueError:
+        counts["dpo_invalid"] += 1  # e.g. a tool result without its call: never write a broken pair
+        return False
+    out.append(row)
+    return True
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: bytes) -> str:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # readers never see a half-written export
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_exports(packaged: Packaged, out_dir: Path) -> dict[str, str]:
+    """Write sft.jsonl, dpo.jsonl, sharegpt.jsonl and LLaMA-Factory's dataset_info.json.
+
+    Returns {file name: sha256}. Rows are written in package()'s order (sorted by sample id),
+    as canonical JSON lines: identical inputs give byte-identical files.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for name, rows in zip(EXPORT_FILES, (packaged.sft, packaged.dpo, packaged.sharegpt), strict=True):
+        digests[name] = _write_atomic(
+            out / name, "".join(exports.dumps(r) + "\n" for r in rows).encode("utf-8")
+        )
+    info = json.dumps(exports.dataset_info(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    digests[DATASET_INFO] = _write_atomic(out / DATASET_INFO, info.encode("utf-8"))
+    return digests

@@ -1,0 +1,117 @@
+"""Parameters: defaults, a params.yaml overlay, and a stable hash for lineage and caching."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "ingest": {
+        "input": "data/raw/tau-bench/gpt-4o-airline.json",
+        "format": "auto",
+        "limit": None,
+        "messages": {},
+    },
+    "classify": {"mode": "rule", "max_severity": 0.9},
+    "extract": {"mode": "rule"},
+    "relabel": {
+        "confidence_threshold": 0.7,
+        "max_attempts": 3,
+        "temperatures": [0.2, 0.5, 0.8],
+        "max_goal_similarity": 0.9,
+    },
+    "verify": {
+        "policy": "all",
+        "judges": ["grounding", "trajectory", "evidence"],
+        "judge_confidence_threshold": 0.6,
+    },
+    "package": {
+        "weight_alpha": 0.5,
+        "min_weight": 0.2,
+        "include_successes": True,
+        "near_dup_threshold": 0.9,
+        "max_pairs_per_task": 4,
+    },
+    "llm": {
+        "model": "local",
+        "judge_model": None,
+        "api_base": None,
+        "local_model": "qwen2.5-coder-0.5b",
+        "max_tokens": 384,
+        "timeout_s": 120,
+        "max_retries": 3,
+        "concurrency": 2,
+        "cache_dir": ".agenther-cache/llm",
+        "context_tokens": 4096,
+    },
+}
+
+
+OPEN_SECTIONS = {"ingest.messages"}
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def _merge(base: dict, over: dict, where: str = "", open_keys: bool = False) -> dict:
+    """Overlay `over` on `base`. Keys unknown to `base` are errors, except inside the
+    free-form sections (OPEN_SECTIONS, e.g. the ingest.messages mapping)."""
+    out = copy.deepcopy(base)
+    for key, value in (over or {}).items():
+        if key not in base and not open_keys:
+            raise ParamsError(f"unknown parameter {where}{key!r} (known: {', '.join(sorted(base))})")
+        current = base.get(key)
+        if isinstance(current, dict) and isinstance(value, dict):
+            out[key] = _merge(current, value, f"{where}{key}.", open_keys or f"{where}{key}" in OPEN_SECTIONS)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_params(path: str | Path | None = None, overrides: dict | None = None) -> dict[str, Any]:
+    """Defaults, then the YAML file (if any), then explicit overrides. Unknown keys are errors."""
+    params = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ParamsError(f"params file not found: {p}")
+        params = _merge(params, yaml.safe_load(p.read_text()) or {})
+    if overrides:
+        params = _merge(params, overrides)
+    _check(params)
+    return params
+
+
+def _check(params: dict) -> None:
+    if params["verify"]["policy"] not in ("all", "majority"):
+        raise ParamsError(f"verify.policy must be 'all' or 'majority', not {params['verify']['policy']!r}")
+    for stage in ("classify", "extract"):
+        if params[stage]["mode"] not in ("rule", "llm"):
+            raise ParamsError(f"{stage}.mode must be 'rule' or 'llm', not {params[stage]['mode']!r}")
+    threshold = params["relabel"]["confidence_threshold"]
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ParamsError(f"relabel.confidence_threshold must be within [0, 1], not {threshold}")
+    if not params["verify"]["judges"]:
+        raise ParamsError("verify.judges must name at least one judge")
+    if int(params["relabel"]["max_attempts"]) < 1:
+        raise ParamsError("relabel.max_attempts must be at least 1")
+
+
+# Settings that change how a run goes, not what it produces: left out of the lineage hash.
+RUNTIME_ONLY = {"llm": ("cache_dir", "concurrency", "timeout_s", "max_retries")}
+
+
+def params_hash(params: dict, sections: tuple[str, ...] | None = None) -> str:
+    """sha256 (12 hex) of the canonical JSON of the chosen sections (all when None),
+    without the RUNTIME_ONLY settings."""
+    chosen = copy.deepcopy(params if sections is None else {s: params[s] for s in sections})
+    for section, keys in RUNTIME_ONLY.items():
+        for key in keys:
+            chosen.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]

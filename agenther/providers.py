@@ -1,0 +1,103 @@
+"""Which language models a run uses, built from params: the embedded local model by default,
+any litellm model by configuration. The thin seam between the stages and the providers."""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from pathlib import Path
+
+from agenther.llm import LLMClient, Usage
+
+LOCAL = "local"
+
+
+class LLMs:
+    """The relabeling model and the judge model, created on first use.
+
+    With llm.model == "local" and no api_base, the project's own llama.cpp server is
+    started at the first call that needs it and stopped when the run ends."""
+
+    def __init__(self, params: dict, clients: tuple[LLMClient, LLMClient | None] | None = None):
+        self.params = params["llm"]
+        self._stack = ExitStack()
+        self._main, self._judge = clients if clients else (None, None)
+
+    @classmethod
+    def from_params(cls, params: dict) -> LLMs:
+        return cls(params)
+
+    @classmethod
+    def of(cls, params: dict, main: LLMClient, judge: LLMClient | None = None) -> LLMs:
+        return cls(params, (main, judge))
+
+    def __enter__(self) -> LLMs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def main(self) -> LLMClient:
+        if self._main is None:
+            self._main = self._client(self.params["model"])
+        return self._main
+
+    def judge(self) -> LLMClient:
+        if self._judge is None:
+            judge_model = self.params.get("judge_model")
+            self._judge = self._client(judge_model) if judge_model else self.main()
+        return self._judge
+
+    def main_name(self) -> str:
+        return self._main.name if self._main else self._declared(self.params["model"])
+
+    def judge_names(self, params: dict) -> list[str]:
+        judge = self._judge.name if self._judge else self._declared(self.params.get("judge_model") or
+                                                                     self.params["model"])
+        names = {"grounding": "rules", "trajectory": self.main_name(), "evidence": judge}
+        return [names[j] for j in params["verify"]["judges"]]
+
+    def usage(self) -> dict[str, Usage]:
+        merged: dict[str, Usage] = {}
+        for client in {id(c): c for c in (self._main, self._judge) if c is not None}.values():
+            for stage, u in client.usage.items():
+                merged.setdefault(stage, Usage()).add(u)
+        return merged
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.main_name().startswith("local/"):
+            notes.append(
+                f"Relabeling ran on the small embedded model {self.main_name()}. Small models often restate the "
+                "failed goal or invent details; the confidence gate, the goal-similarity check and the judges "
+                "reject those, so expect a low acceptance rate. Use a stronger model (llm.model) for volume."
+            )
+        if not self.params.get("judge_model"):
+            notes.append("Judges share the relabeling model (different prompts and evidence, plus the "
+                         "deterministic grounding judge); set llm.judge_model for a different judge model.")
+        return notes
+
+    # -- internals --------------------------------------------------------------------------
+    def _declared(self, model: str) -> str:
+        return f"local/{self.params['local_model']}" if model == LOCAL and not self.params.get("api_base") else model
+
+    def _client(self, model: str) -> LLMClient:
+        p = self.params
+        common = {
+            "cache_dir": Path(p["cache_dir"]) if p.get("cache_dir") else None,
+            "max_tokens": int(p["max_tokens"]),
+            "timeout_s": float(p["timeout_s"]),
+            "max_retries": int(p["max_retries"]),
+        }
+        if model == LOCAL and not p.get("api_base"):
+            from agenther.local_model import LocalLLMServer
+
+            server = self._stack.enter_context(LocalLLMServer(p["local_model"], n_ctx=max(4096, int(p["context_tokens"]) + 1024)))
+            return LLMClient(model=server.model, api_base=server.api_base, api_key="local",
+                             identity=f"local/{p['local_model']}", **common)
+        if model == LOCAL:  # a llama.cpp (or other OpenAI-compatible) server the user runs
+            model = "openai/local"
+        api_key = os.environ.get("AGENTHER_LLM_API_KEY")
+        if api_key is None and p.get("api_base") and model.startswith("openai/") and "OPENAI_API_KEY" not in os.environ:
+            api_key = "none"  # OpenAI-compatible local servers want some key and ignore it
+        return LLMClient(model=model, api_base=p.get("api_base"), api_key=api_key, **common)

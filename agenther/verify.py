@@ -1,0 +1,150 @@
+"""Stage 4: independent judges decide whether a run fully satisfies its hindsight prompt.
+
+Judges (params verify.judges):
+- grounding: deterministic; every number, ID, date and name in the prompt occurs in the run;
+- trajectory: an LLM reads the whole (compacted) run and the prompt, never the relabeler's
+  rationale or confidence, and checks agreement with what the user said;
+- evidence: an LLM (judge_model) sees only tool calls and tool results, no narration, and
+  must point every requirement at the tool result that proves it.
+Policy `all`: one rejection is final (no fallback path accepts it; remaining judges are
+not even asked). Policy `majority`: strictly more than half must accept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import polars as pl
+
+from agenther import schema
+from agenther.ask import ask
+from agenther.grounding import ungrounded
+from agenther.llm import LLMClient, map_concurrent
+from agenther.render import prompt_budget, render
+
+STAGE = "verify"
+JUDGE_NAMES = ("grounding", "trajectory", "evidence")
+
+TRAJECTORY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "satisfied": {"type": "boolean"},
+        "consistent_with_user": {"type": "boolean"},
+        "confidence": {"type": "number"},
+        "reason": {"type": "string"},
+    },
+    "required": ["satisfied", "consistent_with_user", "confidence", "reason"],
+}
+EVIDENCE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "requirements": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "requirement": {"type": "string"},
+                    "step": {"type": ["integer", "null"]},
+                    "met": {"type": "boolean"},
+                },
+                "required": ["requirement", "step", "met"],
+            },
+        },
+        "all_met": {"type": "boolean"},
+        "confidence": {"type": "number"},
+    },
+    "required": ["requirements", "all_met", "confidence"],
+}
+
+Judgement = dict  # schema.JUDGEMENT: judge, model, accept, confidence, reason
+
+
+def judge_grounding(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+    missing = ungrounded(row["hindsight_prompt"], row["messages"])
+    reason = "every detail occurs in the trajectory" if not missing else "not in the trajectory: " + ", ".join(missing)
+    return {"judge": "grounding", "model": "rules", "accept": not missing, "confidence": 1.0, "reason": reason}
+
+
+def judge_trajectory(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+    transcript = render(row["messages"], budget_tokens=prompt_budget(params))
+    asked = ask(llm, "judge_trajectory", TRAJECTORY_SCHEMA, stage=STAGE, temperatures=[0.0], attempts=2,
+                request=row["hindsight_prompt"], transcript=transcript)
+    if asked.data is None:
+        return _invalid("trajectory", llm, asked.error)
+    d = asked.data
+    confidence = _confidence(d["confidence"])
+    accept = bool(d["satisfied"] and d["consistent_with_user"]) and confidence >= _threshold(params)
+    reason = f"satisfied={d['satisfied']}, consistent_with_user={d['consistent_with_user']}: {d['reason']}"
+    return {"judge": "trajectory", "model": llm.name, "accept": accept, "confidence": confidence, "reason": reason}
+
+
+def judge_evidence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+    transcript = render(row["messages"], roles=("tool",), budget_tokens=prompt_budget(params))
+    asked = ask(judge_llm, "judge_evidence", EVIDENCE_SCHEMA, stage=STAGE, temperatures=[0.0], attempts=2,
+                request=row["hindsight_prompt"], transcript=transcript)
+    if asked.data is None:
+        return _invalid("evidence", judge_llm, asked.error)
+    d = asked.data
+    requirements = d["requirements"]
+    tool_steps = {i for i, m in enumerate(row["messages"]) if m["role"] == "tool"}
+    unproven = [r.get("requirement") for r in requirements
+                if not (r.get("met") and isinstance(r.get("step"), int) and r["step"] in tool_steps)]
+    confidence = _confidence(d["confidence"])
+    accept = bool(d["all_met"]) and bool(requirements) and not unproven and confidence >= _threshold(params)
+    reason = (f"{len(requirements) - len(unproven)}/{len(requirements)} requirements proven by a tool result"
+              + (f"; unproven: {unproven}" if unproven else ""))
+    return {"judge": "evidence", "model": judge_llm.name, "accept": accept, "confidence": confidence, "reason": reason}
+
+
+JUDGES: dict[str, Callable[..., Judgement]] = {
+    "grounding": judge_grounding,
+    "trajectory": judge_trajectory,
+    "evidence": judge_evidence,
+}
+
+
+def _invalid(judge: str, llm: LLMClient, error: str | None) -> Judgement:
+    # A judge that cannot give a valid verdict has not accepted.
+    return {"judge": judge, "model": llm.name, "accept": False, "confidence": 0.0, "reason": error or "no answer"}
+
+
+def _confidence(value: object) -> float:
+    return min(1.0, max(0.0, float(value))) if isinstance(value, int | float) else 0.0
+
+
+def _threshold(params: dict) -> float:
+    return float(params["verify"]["judge_confidence_threshold"])
+
+
+def decide(judgements: list[Judgement], policy: str, n_judges: int) -> bool:
+    accepts = sum(j["accept"] for j in judgements)
+    if policy == "all":
+        return len(judgements) == n_judges and accepts == n_judges
+    return accepts * 2 > n_judges
+
+
+def verify_one(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> dict:
+    names = list(params["verify"]["judges"])
+    policy = params["verify"]["policy"]
+    judgements: list[Judgement] = []
+    for name in names:
+        judgements.append(JUDGES[name](row, params, llm, judge_llm))
+        if policy == "all" and not judgements[-1]["accept"]:
+            break  # final: no later judge can overturn it
+    return row | {"judgements": judgements, "verified": decide(judgements, policy, len(names))}
+
+
+def verify(relabeled: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: LLMClient | None = None) -> schema.StageOutput:
+    """Kept: every judged row with its judgements and `verified`; rejected: the unverified."""
+    unknown = [n for n in params["verify"]["judges"] if n not in JUDGES]
+    if unknown:
+        raise ValueError(f"unknown judge(s) {unknown}; known: {list(JUDGES)}")
+    judge_llm = judge_llm or llm
+    rows = map_concurrent(lambda r: verify_one(r, params, llm, judge_llm), relabeled.to_dicts(),
+                          int(params["llm"]["concurrency"]))
+    rejected = [
+        schema.rejection(r["id"], STAGE, "rejected_by_" + "+".join(j["judge"] for j in r["judgements"] if not j["accept"]),
+                         " | ".join(f"{j['judge']}: {j['reason']}" for j in r["judgements"] if not j["accept"]))
+        for r in rows if not r["verified"]
+    ]
+    return schema.StageOutput(schema.frame(rows, schema.VERIFIED), schema.frame(rejected, schema.REJECTION))

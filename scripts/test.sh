@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The project's test command:  bash scripts/test.sh [extra pytest args]
+# Brings .venv up to date (idempotent, ~1 s when nothing changed; the tests only need the
+# small smollm2-135m model), then runs the whole suite against real local services.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# No phoning home and no metadata-endpoint hangs in anything the tests start.
+export DVC_NO_ANALYTICS=1 AWS_EC2_METADATA_DISABLED=true DO_NOT_TRACK=1
+export PREFECT_SERVER_ANALYTICS_ENABLED=false LITELLM_LOCAL_MODEL_COST_MAP=True
+
+bash scripts/setup.sh --model smollm2-135m
+
+status=0
+.venv/bin/python -m pytest -q tests "$@" || status=$?
+if [[ $status -eq 5 ]]; then
+    # pytest's "no tests collected" must never pass as green.
+    echo "test.sh: FAILED: pytest collected no tests (exit 5): check tests/ and the -k/-m filters" >&2
+    exit 1
+fi
+exit "$status"

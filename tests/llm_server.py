@@ -1,0 +1,148 @@
+"""An OpenAI-compatible HTTP server that tests start on loopback, answering from a script.
+
+`brain(request) -> Reply | str` decides each answer; a str is the assistant's content.
+A Reply can also be a fault (HTTP status, headers, body) or a slow answer. Every request
+body is recorded so tests can assert on what the pipeline really sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Reply:
+    content: str = ""
+    status: int = 200
+    headers: dict = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+Brain = Callable[[dict], "Reply | str"]
+
+
+class FakeLLMServer:
+    def __init__(self, brain: Brain):
+        self.brain = brain
+        self.requests: list[dict] = []
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                self._send(200, {"object": "list", "data": [{"id": "local", "object": "model"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server._lock:
+                    server.requests.append(body)
+                reply = server.brain(body)
+                if isinstance(reply, str):
+                    reply = Reply(reply)
+                if reply.delay_s:
+                    time.sleep(reply.delay_s)
+                if reply.status != 200:
+                    self._send(reply.status, {"error": {"message": reply.content or "fault", "type": "fault"}},
+                               reply.headers)
+                    return
+                prompt_tokens = sum(len(str(m.get("content", ""))) // 4 for m in body["messages"])
+                self._send(200, {
+                    "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": reply.content}}],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(reply.content) // 4,
+                              "total_tokens": prompt_tokens + len(reply.content) // 4},
+                })
+
+            def _send(self, status: int, payload: dict, headers: dict | None = None):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeLLMServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def prompts_of(self, kind: str) -> list[dict]:
+        return [r for r in self.requests if prompt_kind(r) == kind]
+
+
+# -- a scripted brain that behaves like a careful relabeler and judges -------------------------
+KINDS = {
+    "You write hindsight goals": "relabel",
+    "strict reviewer of training data": "judge_trajectory",
+    "Check a claim against tool evidence": "judge_evidence",
+    "List what this AI agent run actually achieved": "extract",
+    "Classify this AI agent run": "classify",
+}
+
+
+def prompt_kind(request: dict) -> str:
+    text = request["messages"][0]["content"]
+    return next((kind for marker, kind in KINDS.items() if marker in text), "unknown")
+
+
+def user_text(request: dict) -> str:
+    return request["messages"][0]["content"]
+
+
+ACTION = re.compile(r"^- (\w+) (?:succeeded with|returned data for) (\{.*?\}) \(steps ([\d, ]+)\)$", re.M)
+
+
+def grounded_relabel(request: dict, confidence: float = 0.9) -> str:
+    """A hindsight prompt built only from the first achievement's tool name and arguments,
+    so that every detail in it occurs in the trajectory."""
+    text = user_text(request)
+    m = ACTION.search(text)
+    if not m:
+        return json.dumps({"hindsight_prompt": "Tell me what you found.", "confidence": 0.2, "rationale": "none"})
+    name, args = m.group(1), m.group(2).rstrip("…")
+    try:
+        pairs = [f"{k} {v}" for k, v in json.loads(args).items() if isinstance(v, str | int)][:2]
+    except json.JSONDecodeError:
+        pairs = []
+    prompt = f"Please use {name.replace('_', ' ')}" + (" for " + " and ".join(pairs) if pairs else "") + "."
+    return json.dumps({"hindsight_prompt": prompt, "confidence": confidence, "rationale": f"from {name}"})
+
+
+def evidence_steps(request: dict) -> list[int]:
+    return [int(s) for s in re.findall(r"^\[(\d+)\] TOOL RESULT", user_text(request), re.M)]
+
+
+def careful_brain(request: dict) -> Reply | str:
+    kind = prompt_kind(request)
+    if kind == "relabel":
+        return grounded_relabel(request)
+    if kind == "judge_trajectory":
+        return json.dumps({"satisfied": True, "consistent_with_user": True, "confidence": 0.9, "reason": "done"})
+    if kind == "judge_evidence":
+        steps = evidence_steps(request)
+        return json.dumps({"requirements": [{"requirement": "the request", "step": steps[0] if steps else None,
+                                             "met": bool(steps)}],
+                           "all_met": bool(steps), "confidence": 0.9})
+    return Reply("unexpected prompt", status=400)

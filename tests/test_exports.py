@@ -1,0 +1,381 @@
+"""Exports: every row validates against its trainer's format, the validators can fail, and files
+are byte-identical for identical inputs. Inputs are real tau-bench runs (see test_package)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+
+import pytest
+from test_package import LINEAGE, PARAMS, tau_inputs
+
+from agenther import exports, schema
+from agenther.export_schemas import validate_dpo, validate_sft, validate_sharegpt
+from agenther.package import package, render_dataset_card, write_exports
+
+
+@pytest.fixture(scope="module")
+def packaged():
+    verified, classified = tau_inputs(range(20), with_tools=True)
+    return package(verified, classified, PARAMS, LINEAGE)
+
+
+def lf_accepts(row: dict) -> bool:
+    """LLaMA-Factory's SharegptDatasetConverter rule, restated independently of our validator."""
+    turns = row["conversations"]
+    if turns and turns[0]["from"] == "system":
+        turns = turns[1:]
+    accept = (("human", "observation"), ("gpt", "function_call"))
+    return (
+        all(t["from"] in accept[i % 2] for i, t in enumerate(turns))
+        and len(turns) % 2 == 0
+        and len(turns) > 0
+    )
+
+
+# --- every exported row is valid -------------------------------------------------------------
+
+
+def test_every_sft_row_is_an_openai_chat_row_with_tool_calls_kept(packaged):
+    assert packaged.sft
+    n_calls = 0
+    for row in packaged.sft:
+        validate_sft(row)
+        issued: set[str] = set()
+        for m in row["messages"]:
+            assert set(m) <= {"role", "content", "tool_calls", "tool_call_id"}
+            for c in m.get("tool_calls") or []:
+                assert c["type"] == "function" and isinstance(c["function"]["arguments"], str)
+                issued.add(c["id"])
+                n_calls += 1
+            if m["role"] == "tool":
+                assert m["tool_call_id"] in issued  # answers a call made before it
+            if m["role"] == "assistant":
+                assert not (m["content"] or "").startswith("Result:")  # results are not flattened into text
+        assert row["tools"][0]["type"] == "function"
+    assert n_calls > 100
+
+
+def test_every_dpo_row_is_a_trl_conversational_preference_row(packaged):
+    assert {r["metadata"]["kind"] for r in packaged.dpo} == {"natural", "hindsight"}
+    for row in packaged.dpo:
+        validate_dpo(row)
+        for key in ("prompt", "chosen", "rejected"):  # TRL's is_conversational: lists of {role, content}
+            assert isinstance(row[key], list) and all("role" in m and "content" in m for m in row[key])
+        assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+        assert row["chosen"] != row["rejected"]
+
+
+def test_every_sharegpt_row_passes_the_llamafactory_rule(packaged):
+    assert len(packaged.sharegpt) == len(packaged.sft)  # the same samples in both files
+    tags = set()
+    for row in packaged.sharegpt:
+        validate_sharegpt(row)
+        assert lf_accepts(row)
+        assert row["system"].startswith("# Airline Agent Policy")
+        tags |= {t["from"] for t in row["conversations"]}
+        for t in row["conversations"]:
+            if t["from"] == "function_call":
+                call = json.loads(t["value"])
+                assert isinstance(call["arguments"], dict)  # an object, as LLaMA-Factory's formatter needs
+        assert all("name" in t and "properties" in t["parameters"] for t in json.loads(row["tools"]))
+    assert tags == {"human", "gpt", "function_call", "observation"}
+
+
+# --- the validators can fail ----------------------------------------------------------------
+
+
+def _sft_row(packaged) -> dict:
+    return copy.deepcopy(next(r for r in packaged.sft if any(m["role"] == "tool" for m in r["messages"])))
+
+
+def _break_tool_id(row):
+    next(m for m in row["messages"] if m["role"] == "tool")["tool_call_id"] = "nope"
+
+
+def _drop_call_type(row):
+    next(m for m in row["messages"] if m.get("tool_calls"))["tool_calls"][0].pop("type")
+
+
+def _end_on_user(row):
+    row["messages"].append({"role": "user", "content": "thanks"})
+
+
+def _flatten_results(row):  # the reference implementation's way: results as assistant text, role lost
+    for m in row["messages"]:
+        if m["role"] == "tool":
+            m.clear()
+            m.update({"role": "function", "content": "Result: ..."})
+
+
+@pytest.mark.parametrize(
+    ("breaker", "reason"),
+    [
+        (_break_tool_id, "answers no pending tool call"),
+        (_drop_call_type, "'type' is a required property"),
+        (_end_on_user, "must end on an assistant turn"),
+        (_flatten_results, "unknown role 'function'"),
+    ],
+)
+def test_broken_sft_rows_fail(packaged, breaker, reason):
+    row = _sft_row(packaged)
+    validate_sft(row)
+    breaker(row)
+    with pytest.raises(ValueError, match=reason):
+        validate_sft(row)
+
+
+def test_broken_dpo_rows_fail(packaged):
+    good = next(r for r in packaged.dpo if r["metadata"]["kind"] == "hindsight")
+    validate_dpo(good)
+    # the reference implementation's shape: two prompts, one trajectory
+    two_prompts = copy.deepcopy(good)
+    two_prompts["chosen"] = [{"role": "user", "content": "prompt A"}, *good["chosen"]]
+    two_prompts["rejected"] = [{"role": "user", "content": "prompt B"}, *good["chosen"]]
+    with pytest.raises(ValueError, match="must start and end on an assistant turn"):
+        validate_dpo(two_prompts)
+    same = copy.deepcopy(good) | {"rejected": copy.deepcopy(good["chosen"])}
+    with pytest.raises(ValueError, match="identical"):
+        validate_dpo(same)
+    no_prompt = {k: v for k, v in good.items() if k != "prompt"}
+    with pytest.raises(ValueError, match="'prompt' is a required property"):
+        validate_dpo(no_prompt)
+    ends_on_assistant = copy.deepcopy(good)
+    ends_on_assistant["prompt"].append({"role": "assistant", "content": "Sure."})
+    with pytest.raises(ValueError, match="must end on a user or tool turn"):
+        validate_dpo(ends_on_assistant)
+
+
+def test_broken_sharegpt_rows_fail(packaged):
+    good = packaged.sharegpt[0]
+    validate_sharegpt(good)
+    two_gpt = copy.deepcopy(good)
+    two_gpt["conversations"].insert(2, {"from": "gpt", "value": "again"})
+    odd = copy.deepcopy(good)
+    odd["conversations"] = odd["conversations"][:-1]
+    role_content = copy.deepcopy(good)  # keys LLaMA-Factory does not read by default
+    role_content["conversations"] = [
+        {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+        for t in role_content["conversations"]
+    ]
+    messages_key = {("messages" if k == "conversations" else k): v for k, v in copy.deepcopy(good).items()}
+    bad_call = copy.deepcopy(good)
+    next(t for t in bad_call["conversations"] if t["from"] == "function_call")["value"] = (
+        "get_user_details(x)"
+    )
+    cases = [
+        (two_gpt, "at an even position"),
+        (odd, "even, non-zero count"),
+        (role_content, "'from' is a required property"),
+        (messages_key, "'conversations' is a required property"),
+        (bad_call, "not JSON"),
+    ]
+    assert not lf_accepts(two_gpt) and not lf_accepts(odd)  # LLaMA-Factory itself would drop these two
+    for row, reason in cases:
+        with pytest.raises(ValueError, match=reason):
+            validate_sharegpt(row)
+
+
+# --- converters -------------------------------------------------------------------------------
+
+
+def _m(role, content=None, calls=None, call_id=None):
+    return {"role": role, "content": content, "tool_calls": calls, "tool_call_id": call_id, "name": None}
+
+
+def test_sharegpt_tool_turns_follow_llamafactory_conventions():
+    messages = [
+        _m("system", "policy"),
+        _m("user", "Look up both users."),
+        _m(
+            "assistant",
+            "Checking both.",
+            [
+                {"id": "c1", "name": "get_user_details", "arguments": '{"user_id": "a"}'},
+                {"id": "c2", "name": "get_user_details", "arguments": '{"user_id": "b"}'},
+            ],
+        ),
+        _m("tool", "A", call_id="c1"),
+        _m("tool", "B", call_id="c2"),
+        _m("assistant", "Both found."),
+    ]
+    tools = exports.parse_tools(
+        json.dumps([{"name": "get_user_details", "description": "d"}])
+    )  # bare -> wrapped
+    assert tools == [{"type": "function", "function": {"name": "get_user_details", "description": "d"}}]
+    validate_sft(exports.sft_row(messages, tools, 1.0, {}))
+    row = exports.sharegpt_row(messages, tools, 1.0, {})
+    assert row["system"] == "policy"
+    assert [t["from"] for t in row["conversations"]] == ["human", "function_call", "observation", "gpt"]
+    assert json.loads(row["conversations"][1]["value"]) == [
+        {"name": "get_user_details", "arguments": {"user_id": "a"}},
+        {"name": "get_user_details", "arguments": {"user_id": "b"}},
+    ]
+    assert json.loads(row["conversations"][2]["value"]) == ["A", "B"]
+    assert row["metadata"]["assistant_text_dropped"] == 1  # "Checking both." has no sharegpt slot
+    assert json.loads(row["tools"]) == [
+        {"name": "get_user_details", "description": "d", "parameters": {"type": "object", "properties": {}}}
+    ]
+
+
+def test_sharegpt_repairs_what_it_can_and_refuses_the_rest():
+    joined = exports.sharegpt_row(
+        [_m("user", "a"), _m("user", "b"), _m("assistant", "x"), _m("assistant", "y")], None, 1.0, {}
+    )
+    assert joined["conversations"] == [
+        {"from": "human", "value": "a\n\nb"},
+        {"from": "gpt", "value": "x\n\ny"},
+    ]
+    assert "tools" not in joined
+    with pytest.raises(ValueError):  # starts with the assistant: no way to make it alternate
+        exports.sharegpt_row(
+            [_m("assistant", "hello"), _m("user", "hi"), _m("assistant", "ok")], None, 1.0, {}
+        )
+    with pytest.raises(ValueError, match="observation followed by human"):  # a result nobody reads
+        exports.sharegpt_row(
+            [
+                _m("user", "q"),
+                _m("assistant", None, [{"id": "c", "name": "f", "arguments": "{}"}]),
+                _m("tool", "r", call_id="c"),
+                _m("user", "again"),
+                _m("assistant", "ok"),
+            ],
+            None,
+            1.0,
+            {},
+        )
+
+
+def test_openai_upload_row_keeps_only_openai_keys(packaged):
+    row = exports.openai_upload_row(packaged.sft[0])
+    assert set(row) == {"messages", "tools"}
+    validate_sft(row)
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def test_identical_inputs_give_byte_identical_files(tmp_path, packaged):
+    verified, classified = tau_inputs(range(20), with_tools=True)
+    shuffled = package(
+        verified.sample(fraction=1.0, shuffle=True, seed=7),
+        classified.sample(fraction=1.0, shuffle=True, seed=11),
+        PARAMS,
+        LINEAGE,
+    )
+    first = write_exports(packaged, tmp_path / "a")
+    second = write_exports(shuffled, tmp_path / "b")
+    assert first == second
+    assert set(first) == {"sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "dataset_info.json"}
+    for name, digest in first.items():
+        a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
+        assert a == b and hashlib.sha256(a).hexdigest() == digest
+    lines = (tmp_path / "a" / "sft.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(packaged.sft) and json.loads(lines[0]) == packaged.sft[0]
+    ids = [json.loads(x)["metadata"]["sample_id"] for x in lines]
+    assert ids == sorted(ids)
+
+
+def test_dataset_info_lets_llamafactory_load_the_sharegpt_file(tmp_path, packaged):
+    write_exports(packaged, tmp_path)
+    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    (entry,) = info.values()
+    assert entry["formatting"] == "sharegpt" and (tmp_path / entry["file_name"]).is_file()
+    # once `columns` is given LLaMA-Factory takes every column from it: messages must be named
+    assert entry["columns"] == {"messages": "conversations", "system": "system", "tools": "tools"}
+    assert "tags" not in entry  # defaults (from/value, human/gpt/function_call/observation) apply
+    row = json.loads((tmp_path / entry["file_name"]).read_text().splitlines()[0])
+    assert set(entry["columns"].values()) <= set(row)
+
+
+def test_empty_exports_are_still_written(tmp_path):
+    empty = package(schema.empty(schema.VERIFIED), schema.empty(schema.CLASSIFIED), {}, {})
+    digests = write_exports(empty, tmp_path)
+    assert (tmp_path / "sft.jsonl").read_bytes() == b"" and digests["dpo.jsonl"] == hashlib.sha256(
+        b""
+    ).hexdigest()
+    assert empty.rejections.height == 0 and empty.counts["accepted_in"] == 0
+
+
+# --- dataset card -------------------------------------------------------------------------------
+
+
+def test_dataset_card_from_a_summary(packaged):
+    summary = {
+        "input": {"path": "data/raw/tau-bench/gpt-4o-airline.json", "format": "tau-bench"},
+        "stages": {
+            "ingest": {"in": 200, "out": 200, "quarantined": 0},
+            "classify": {"in": 200, "failures": 116, "successes": 84, "recoverable": 90},
+            "verify": {
+                "in": 40,
+                "out": 30,
+                "rejected": {"judge_rejected": 10},
+                "policy": "all",
+                "judges": {"grounding": {"accepted": 35, "rejected": 5, "not_asked": 0}},
+            },
+            "package": {
+                "in": 30,
+                "hindsight_samples": 28,
+                "duplicates": 2,
+                "rejected": {"duplicate_prompt": 2},
+                **{k: v for k, v in packaged.counts.items() if k.startswith("dpo_")},
+            },
+        },
+        "gates": {"relabels_proposed": 90, "passed_confidence_gate": 40, "passed_judges": 30},
+        "llm": {
+            "main": {"calls": 5},
+            "total": {
+                "calls": 130,
+                "cache_hits": 12,
+                "prompt_tokens": 9000,
+                "completion_tokens": 800,
+                "cost_usd": 0.0,
+            },
+        },
+        "exports": {
+            "sft": len(packaged.sft),
+            "dpo": len(packaged.dpo),
+            "sharegpt": len(packaged.sharegpt),
+            "files": {"sft.jsonl": "ab" * 32},
+        },
+        "lineage": LINEAGE,
+    }
+    card = render_dataset_card(summary)
+    for needle in (
+        "MIT",
+        "sierra-research/tau-bench",
+        "passed_judges | 30",
+        "judge_rejected: 10",
+        LINEAGE["models"]["relabel"],
+        LINEAGE["params_hash"],
+        "130 (12 from cache)",
+        f"| sft.jsonl | {len(packaged.sft)} |",
+        "DPOTrainer",
+        "dataset: agenther_hindsight",
+        "Known limitations",
+        "1 - weight_alpha * severity",
+    ):
+        assert needle in card, needle
+    assert render_dataset_card(summary) == card  # no clock in it
+
+
+def test_dataset_card_tolerates_missing_keys():
+    card = render_dataset_card({})
+    assert card.startswith("# ") and "not recorded" in card and "licence: not known" in card
+    detected = render_dataset_card({"input": {"format": "auto"}, "source_formats": ["tau-bench"]})
+    assert "licence: MIT" in detected and "licence: not known" not in detected
+    assert render_dataset_card({"llm": {"calls": 3, "cost_usd": 0.5}, "quarantined": 2}).count("3 (") == 1
+
+
+def test_shuffled_relabels_do_not_change_rejections():
+    verified, classified = tau_inputs(range(5))
+    rows = verified.to_dicts()
+    dup = copy.deepcopy(rows[0]) | {"id": rows[1]["id"]}  # another run's relabel with the same prompt text
+    rows[1]["hindsight_prompt"] = dup["hindsight_prompt"]
+    a = package(schema.frame(rows, schema.VERIFIED), classified, PARAMS, LINEAGE)
+    b = package(
+        schema.frame(random.Random(3).sample(rows, len(rows)), schema.VERIFIED), classified, PARAMS, LINEAGE
+    )
+    assert a.rejections.height == 1 and a.rejections.equals(b.rejections)
