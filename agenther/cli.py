@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="messages format mapping, e.g. --map messages_path=data.turns --map role_key=from "
                           "--map roles.human=user")
     run.add_argument("-v", "--verbose", action="store_true")
+
+    stage = sub.add_parser("stage", help="run one stage, file to file (what dvc.yaml calls)")
+    stage.add_argument("name", help="ingest | classify | extract | relabel | verify | package")
+    stage.add_argument("--params", default="params.yaml")
+    stage.add_argument("--work", default="data/interim", help="folder of the per-stage tables")
+    stage.add_argument("--out", default="data/processed", help="folder of the datasets (package stage)")
+    stage.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -66,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from agenther.pipeline import run
 
     try:
+        if args.command == "stage":
+            return _stage(args, load_params(args.params))
         params = load_params(args.params, _overrides(args))
         summary = run(params, args.out)
     except (IngestError, ParamsError, LLMUnreachable, LocalModelError, ValueError) as exc:
@@ -85,6 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         "out": args.out,
     }, indent=2))
     return 0 if summary["reconciliation"]["ok"] else 1
+
+
+def _stage(args: argparse.Namespace, params: dict) -> int:
+    from pathlib import Path
+
+    from agenther.providers import LLMs
+    from agenther.stages import run_stage
+
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    with LLMs.from_params(params) as llms:
+        result = run_stage(args.name, params, Path(args.work), Path(args.out), llms)
+    if args.name == "package":
+        result = {"gates": result["gates"], "reconciled": result["reconciliation"]["ok"]}
+    print(json.dumps({args.name: result}, sort_keys=True))
+    return 0
 
 
 if __name__ == "__main__":

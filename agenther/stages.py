@@ -1,0 +1,139 @@
+"""The stages as file-to-file steps: each reads its upstream Parquet tables from a work
+folder and writes its own. The CLI (`agenther run`, `agenther stage`), `dvc repro` and
+the Prefect flow all run these, so there is one implementation of each stage.
+
+Every stage also writes `NN_<stage>.json`: what the summary needs from it (counts,
+LLM usage), so the package stage can summarize a run whose stages ran in other processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from agenther import schema
+from agenther.classify import classify
+from agenther.extract import extract
+from agenther.ingest import MessagesMapping, ingest
+from agenther.llm import Usage
+from agenther.providers import LLMs
+from agenther.relabel import relabel
+from agenther.verify import verify
+
+STAGES = ("ingest", "classify", "extract", "relabel", "verify", "package")
+
+TABLES = {
+    "trajectories": "00_trajectories.parquet",
+    "quarantine": "quarantine.parquet",
+    "classified": "01_classified.parquet",
+    "extracted": "02_extracted.parquet",
+    "extract_rejected": "02_extract_rejected.parquet",
+    "relabeled": "03_relabeled.parquet",
+    "relabel_rejected": "03_relabel_rejected.parquet",
+    "verified": "04_verified.parquet",
+    "verify_rejected": "04_verify_rejected.parquet",
+}
+STATS = {"ingest": "00_ingest.json", "classify": "01_classify.json", "extract": "02_extract.json",
+         "relabel": "03_relabel.json", "verify": "04_verify.json"}
+
+
+def write_table(df: pl.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    df.write_parquet(tmp, statistics=False)
+    tmp.replace(path)  # never leave a half-written table for the next stage
+
+
+def read_table(work: Path, name: str, contract: dict) -> pl.DataFrame:
+    path = Path(work) / TABLES[name]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
+    df = pl.read_parquet(path)
+    schema.validate_columns(df, contract, str(path))
+    return df
+
+
+def _write_stats(work: Path, stage: str, stats: dict) -> None:
+    (Path(work) / STATS[stage]).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+
+
+def read_stats(work: Path, stage: str) -> dict:
+    return json.loads((Path(work) / STATS[stage]).read_text())
+
+
+def _usage(llms: LLMs, stage: str) -> dict:
+    return vars(llms.usage().get(stage, Usage())).copy()
+
+
+def stage_ingest(params: dict, work: Path) -> dict:
+    p = params["ingest"]
+    result = ingest(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p.get("messages") or {}),
+                    limit=p["limit"])
+    write_table(result.trajectories, Path(work) / TABLES["trajectories"])
+    write_table(result.quarantine, Path(work) / TABLES["quarantine"])
+    stats = {"records_in": result.records_in, "trajectories": result.trajectories.height,
+             "quarantined": result.quarantine.height}
+    _write_stats(work, "ingest", stats)
+    return stats
+
+
+def stage_classify(params: dict, work: Path, llms: LLMs) -> dict:
+    trajectories = read_table(work, "trajectories", schema.TRAJECTORY)
+    llm = llms.main() if params["classify"]["mode"] == "llm" else None
+    classified = classify(trajectories, params, llm)
+    write_table(classified, Path(work) / TABLES["classified"])
+    stats = {"in": trajectories.height, "usage": _usage(llms, "classify")}
+    _write_stats(work, "classify", stats)
+    return stats
+
+
+def _filtering_stage(stage: str, work: Path, out: schema.StageOutput, table: str, llms: LLMs, n_in: int) -> dict:
+    write_table(out.kept, Path(work) / TABLES[table])
+    write_table(out.rejected, Path(work) / TABLES[f"{stage}_rejected"])
+    stats = {"in": n_in, "out": out.kept.height, "rejected": out.rejected.height, "usage": _usage(llms, stage)}
+    _write_stats(work, stage, stats)
+    return stats
+
+
+def stage_extract(params: dict, work: Path, llms: LLMs) -> dict:
+    classified = read_table(work, "classified", schema.CLASSIFIED)
+    llm = llms.main() if params["extract"]["mode"] == "llm" else None
+    out = extract(classified, params, llm)
+    return _filtering_stage("extract", work, out, "extracted", llms, int(classified["is_failure"].sum()))
+
+
+def stage_relabel(params: dict, work: Path, llms: LLMs) -> dict:
+    extracted = read_table(work, "extracted", schema.EXTRACTED)
+    if extracted.height:
+        out = relabel(extracted, params, llms.main())
+    else:  # nothing to relabel: no LLM is started at all
+        out = schema.StageOutput(schema.empty(schema.RELABELED), schema.empty(schema.REJECTION))
+    return _filtering_stage("relabel", work, out, "relabeled", llms, extracted.height)
+
+
+def stage_verify(params: dict, work: Path, llms: LLMs) -> dict:
+    relabeled = read_table(work, "relabeled", schema.RELABELED)
+    if relabeled.height:
+        out = verify(relabeled, params, llms.main(), llms.judge())
+    else:
+        out = schema.StageOutput(schema.empty(schema.VERIFIED), schema.empty(schema.REJECTION))
+    return _filtering_stage("verify", work, out, "verified", llms, relabeled.height)
+
+
+def stage_package(params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
+    from agenther.summary import package_run  # the last stage: exports, summary, card
+
+    return package_run(params, Path(work), Path(out_dir), llms)
+
+
+def run_stage(name: str, params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
+    if name == "ingest":
+        return stage_ingest(params, work)
+    if name == "package":
+        return stage_package(params, work, out_dir, llms)
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return {"classify": stage_classify, "extract": stage_extract, "relabel": stage_relabel,
+            "verify": stage_verify}[name](params, work, llms)

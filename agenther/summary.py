@@ -1,0 +1,119 @@
+"""The last stage: package the accepted samples, then account for the whole run.
+
+Everything here is read back from the work folder, so the summary is the same whether
+the stages ran in one process (`agenther run`) or in several (`dvc repro`, Prefect).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+
+import agenther
+from agenther import prompts, schema
+from agenther.llm import Usage
+from agenther.package import package, render_dataset_card, write_exports
+from agenther.params import params_hash
+from agenther.providers import LLMs
+from agenther.stages import read_stats, read_table, write_table
+
+LLM_STAGES = ("classify", "extract", "relabel", "verify")
+
+
+def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
+    classified = read_table(work, "classified", schema.CLASSIFIED)
+    verified = read_table(work, "verified", schema.VERIFIED)
+    lineage = {
+        "agenther_version": agenther.__version__,
+        "params_hash": params_hash(params),
+        "models": {"relabel": llms.main_name(), "judges": llms.judge_names(params)},
+        "prompt_hashes": prompts.all_hashes(),
+    }
+    packaged = package(verified.filter(pl.col("verified")), classified, params["package"], lineage)
+    out.mkdir(parents=True, exist_ok=True)
+    digests = write_exports(packaged, out)
+    rejected = pl.concat([read_table(work, f"{s}_rejected", schema.REJECTION) for s in ("extract", "relabel", "verify")]
+                         + [packaged.rejections])
+    write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
+    summary = summarize(params, work, classified, verified, packaged, rejected, lineage, digests, llms)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (out / "dataset_card.md").write_text(render_dataset_card(summary))
+    return summary
+
+
+def _by_reason(rejected: pl.DataFrame, stage: str) -> dict[str, int]:
+    return dict(sorted(Counter(rejected.filter(pl.col("stage") == stage)["reason"].to_list()).items()))
+
+
+def _usage(stats: dict) -> Usage:
+    return Usage(**stats.get("usage", {}))
+
+
+def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.DataFrame, packaged,
+              rejected: pl.DataFrame, lineage: dict, digests: dict, llms: LLMs) -> dict:
+    ingest = read_stats(work, "ingest")
+    stats = {s: read_stats(work, s) for s in ("extract", "relabel", "verify")}
+    failures = classified.filter(pl.col("is_failure"))
+    accepted = int(verified["verified"].sum()) if verified.height else 0
+    judges = {}
+    for name in params["verify"]["judges"]:
+        verdicts = [j["accept"] for row in verified["judgements"].to_list() for j in row if j["judge"] == name]
+        judges[name] = {"accepted": sum(verdicts), "rejected": len(verdicts) - sum(verdicts),
+                        "not_asked": verified.height - len(verdicts)}
+    stages = {
+        "ingest": {"in": ingest["records_in"], "out": ingest["trajectories"], "quarantined": ingest["quarantined"]},
+        "classify": {
+            "in": classified.height, "failures": failures.height, "successes": classified.height - failures.height,
+            "recoverable": int(failures["recoverable"].sum()) if failures.height else 0,
+            "by_failure_type": dict(sorted(Counter(failures["failure_type"].to_list()).items())),
+        },
+        "extract": {"in": stats["extract"]["in"], "out": stats["extract"]["out"], "rejected": _by_reason(rejected, "extract")},
+        "relabel": {"in": stats["relabel"]["in"], "out": stats["relabel"]["out"], "rejected": _by_reason(rejected, "relabel")},
+        "verify": {"in": stats["verify"]["in"], "out": accepted, "rejected": _by_reason(rejected, "verify"),
+                   "policy": params["verify"]["policy"], "judges": judges},
+        "package": {"in": accepted, **packaged.counts, "rejected": _by_reason(rejected, "package")},
+    }
+    n_rejected = {s: stats[s]["rejected"] for s in stats}
+    checks = {
+        "ingest: records_in = trajectories + quarantined":
+            ingest["records_in"] == ingest["trajectories"] + ingest["quarantined"] == classified.height
+            + ingest["quarantined"],
+        "extract: failures = extracted + rejected":
+            failures.height == stats["extract"]["in"] == stats["extract"]["out"] + n_rejected["extract"],
+        "relabel: in = relabeled + rejected": stats["relabel"]["in"] == stats["relabel"]["out"] + n_rejected["relabel"],
+        "verify: in = accepted + rejected": stats["verify"]["in"] == accepted + n_rejected["verify"],
+        "package: accepted = hindsight samples + rejected":
+            accepted == packaged.counts["hindsight_samples"] + packaged.rejections.height,
+        "run: failures = hindsight samples + all rejections":
+            failures.height == packaged.counts["hindsight_samples"] + rejected.height,
+    }
+    usage = {s: _usage(read_stats(work, s)) for s in LLM_STAGES}
+    total = Usage()
+    for u in usage.values():
+        total.add(u)
+    return {
+        "input": {"path": str(params["ingest"]["input"]), "format": params["ingest"]["format"],
+                  "limit": params["ingest"]["limit"]},
+        "source_formats": sorted(set(classified["source_format"].to_list())),
+        "stages": stages,
+        "gates": {
+            "relabel_confidence_threshold": params["relabel"]["confidence_threshold"],
+            "relabels_proposed": stats["relabel"]["in"],
+            "passed_confidence_gate": stats["relabel"]["out"],
+            "passed_judges": accepted,
+            "exported_hindsight_samples": packaged.counts["hindsight_samples"],
+        },
+        "reconciliation": {"ok": all(checks.values()), "checks": checks},
+        "llm": {s: _rounded(u) for s, u in usage.items()} | {"total": _rounded(total)},
+        "exports": {"files": digests, "sft": len(packaged.sft), "dpo": len(packaged.dpo),
+                    "sharegpt": len(packaged.sharegpt)},
+        "lineage": lineage,
+        "notes": llms.notes(),
+    }
+
+
+def _rounded(u: Usage) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in vars(u).items()}
