@@ -125,3 +125,22 @@ def test_evidence_judge_sees_no_assistant_narration_and_low_confidence_rejects(t
     evidence_prompt = llm_server.prompts_of("judge_evidence")[0]["messages"][0]["content"]
     assert "ASSISTANT CALLS" in evidence_prompt and "TOOL RESULT" in evidence_prompt
     assert "] ASSISTANT:" not in evidence_prompt and "] USER:" not in evidence_prompt
+
+
+def test_prompt_that_contradicts_the_user_is_rejected(tau, llm_server, tmp_path):
+    # Multi-turn logs: the trajectory judge sees the user's turns and must flag a contradiction.
+    def brain(request):
+        if prompt_kind(request) == "judge_trajectory":
+            assert "] USER: " in request["messages"][0]["content"]  # the judge sees what the user said
+            return json.dumps({"satisfied": True, "consistent_with_user": False, "confidence": 0.95,
+                               "reason": "the user asked for economy"})
+        return careful_brain(request)
+
+    llm_server.brain = brain
+    params = make_params(tmp_path, llm_server)
+    prompt = "I'm mia_li_3668. Book me a one-way economy flight from JFK to SEA on May 20."
+    out = verify(_row(tau, FIRST, prompt), params, _client(llm_server, tmp_path))
+    assert out.kept["verified"].to_list() == [False]
+    # Structured output: llama.cpp-style json_object with the judge's schema.
+    fmt = llm_server.prompts_of("judge_trajectory")[0]["response_format"]
+    assert fmt["type"] == "json_object" and "consistent_with_user" in fmt["schema"]["properties"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,23 @@ def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"[{i}]", record
     else:
         yield "", loaded
+
+
+def convert_records(
+    path: Path, convert: Callable[[Any, Path, str], dict], label_pointer: bool = False
+) -> Iterator[dict | Quarantined]:
+    """Every record of the file through `convert`; a RecordError quarantines that record only.
+    `label_pointer`: prefix the reason with the record pointer (for formats whose reasons
+    do not name it themselves)."""
+    for pointer, record in iter_records(path):
+        if isinstance(record, Quarantined):
+            yield record
+            continue
+        try:
+            yield convert(record, path, pointer)
+        except RecordError as exc:
+            where = f"{pointer}: " if label_pointer and pointer else ""
+            yield Quarantined(str(path), pointer, f"{where}{exc}", excerpt(record))
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:

@@ -19,10 +19,9 @@ from agenther.adapters.common import (
     Quarantined,
     RecordError,
     canonical_messages,
-    excerpt,
+    convert_records,
     first_user_text,
     get_path,
-    iter_records,
     last_assistant_text,
     to_json,
     type_name,
@@ -97,15 +96,7 @@ def _optional(record: Any, dotted: str | None) -> Any:
 
 def read(path: Path, mapping: MessagesMapping | None = None) -> Iterator[dict | Quarantined]:
     mapping = mapping or MessagesMapping()
-    for pointer, record in iter_records(path):
-        if isinstance(record, Quarantined):
-            yield record
-            continue
-        try:
-            yield convert(record, path, pointer, mapping)
-        except RecordError as exc:
-            where = f"{pointer}: " if pointer else ""
-            yield Quarantined(str(path), pointer, f"{where}{exc}", excerpt(record))
+    return convert_records(path, lambda record, p, pointer: convert(record, p, pointer, mapping), label_pointer=True)
 
 
 def _turns(record: dict, mapping: MessagesMapping) -> tuple[Any, str, str, str]:

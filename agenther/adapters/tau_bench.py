@@ -14,9 +14,8 @@ from agenther.adapters.common import (
     Quarantined,
     RecordError,
     canonical_messages,
-    excerpt,
+    convert_records,
     first_user_text,
-    iter_records,
     last_assistant_text,
     to_json,
     type_name,
@@ -31,14 +30,7 @@ def looks_like(record: Any) -> bool:
 
 def read(path: Path) -> Iterator[dict | Quarantined]:
     """One trajectory dict (or Quarantined) per record of the file."""
-    for pointer, record in iter_records(path):
-        if isinstance(record, Quarantined):
-            yield record
-            continue
-        try:
-            yield convert(record, path, pointer)
-        except RecordError as exc:
-            yield Quarantined(str(path), pointer, str(exc), excerpt(record))
+    return convert_records(path, convert)
 
 
 def _int_like(record: dict, key: str) -> int | str:

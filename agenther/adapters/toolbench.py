@@ -21,8 +21,7 @@ from agenther.adapters.common import (
     Quarantined,
     RecordError,
     canonical_messages,
-    excerpt,
-    iter_records,
+    convert_records,
     message,
     parse_jsonish,
     to_json,
@@ -65,14 +64,7 @@ def looks_like(record: Any) -> bool:
 
 
 def read(path: Path) -> Iterator[dict | Quarantined]:
-    for pointer, record in iter_records(path):
-        if isinstance(record, Quarantined):
-            yield record
-            continue
-        try:
-            yield convert(record, path, pointer)
-        except RecordError as exc:
-            yield Quarantined(str(path), pointer, str(exc), excerpt(record))
+    return convert_records(path, convert)
 
 
 def _flag(value: Any, field: str) -> bool | None:

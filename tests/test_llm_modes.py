@@ -1,0 +1,66 @@
+"""classify and extract in LLM mode: answers are validated, never trusted blindly."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+from conftest import TAU, make_params
+from llm_server import prompt_kind
+
+from agenther.classify import classify
+from agenther.extract import extract
+from agenther.ingest import ingest
+from agenther.llm import LLMClient
+
+
+def _client(server, tmp_path) -> LLMClient:
+    return LLMClient(model="openai/local", api_base=server.api_base, api_key="x", cache_dir=tmp_path / "c")
+
+
+def test_llm_classify_uses_the_answer_and_skips_logged_successes(llm_server, tmp_path):
+    def brain(request):
+        assert prompt_kind(request) == "classify"
+        return json.dumps({"failure_type": "off_topic", "severity": 0.3, "recoverable": True, "reason": "llm says"})
+
+    llm_server.brain = brain
+    trajectories = ingest(TAU, limit=20).trajectories
+    params = make_params(tmp_path, llm_server, classify={"mode": "llm"})
+    out = classify(trajectories, params, _client(llm_server, tmp_path))
+    failures = out.filter(pl.col("is_failure"))
+    assert set(failures["failure_type"]) == {"off_topic"} and set(failures["classify_mode"]) == {"llm"}
+    # A run the log marks as a success costs no call and stays a success.
+    assert len(llm_server.requests) == failures.height == trajectories.filter(~pl.col("success")).height
+
+
+def test_llm_classify_invalid_answer_is_not_recoverable(llm_server, tmp_path):
+    llm_server.brain = lambda r: json.dumps({"failure_type": "bad_kind", "severity": 0.3, "recoverable": True,
+                                             "reason": "?"})
+    params = make_params(tmp_path, llm_server, classify={"mode": "llm"})
+    out = classify(ingest(TAU, limit=5).trajectories, params, _client(llm_server, tmp_path))
+    failures = out.filter(pl.col("is_failure"))
+    assert not failures["recoverable"].any()
+    assert all("llm classification failed" in r for r in failures["classify_reason"])
+
+
+def test_llm_extract_keeps_only_achievements_with_real_evidence_steps(llm_server, tmp_path):
+    params = make_params(tmp_path, llm_server, extract={"mode": "llm"})
+    classified = classify(ingest(TAU, limit=10).trajectories, params)
+    rows = {r["id"]: r for r in classified.filter(pl.col("recoverable")).to_dicts()}
+
+    def brain(request):
+        text = request["messages"][0]["content"]
+        row = next(r for r in rows.values() if r["goal"].strip()[:60] in text)
+        tool_step = next(i for i, m in enumerate(row["messages"]) if m["role"] == "tool")
+        user_step = next(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
+        return json.dumps({"achievements": [
+            {"text": "looked something up", "steps": [tool_step], "kind": "information"},
+            {"text": "cites a user turn only", "steps": [user_step], "kind": "action"},
+            {"text": "cites a step that does not exist", "steps": [9999], "kind": "action"},
+        ]})
+
+    llm_server.brain = brain
+    out = extract(classified, params, _client(llm_server, tmp_path))
+    assert out.kept.height == len(rows)
+    for achievements in out.kept["achievements"].to_list():
+        assert [a["text"] for a in achievements] == ["looked something up"]
