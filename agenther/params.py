@@ -37,6 +37,19 @@ DEFAULTS: dict[str, Any] = {
         "near_dup_threshold": 0.9,
         "max_pairs_per_task": 4,
     },
+    # Great Expectations gates at every hand-over between stages (agenther/gates.py).
+    # Ranges are [low, high]; distribution checks need min_rows_for_distribution rows.
+    "gates": {
+        "enabled": True,
+        "min_rows_for_distribution": 10,
+        "severity": [0.0, 1.0],
+        "relabel_confidence": [0.0, 1.0],
+        "judge_confidence": [0.0, 1.0],
+        "relabel_confidence_mean": [0.05, 0.99],
+        "relabel_confidence_min_stdev": 0.0,  # 0 = off (scripted or greedy models repeat one value)
+        "acceptance_rate": [0.0, 0.98],
+        "max_failure_type_share": 0.95,
+    },
     "llm": {
         "model": "local",
         "judge_model": None,
@@ -48,6 +61,13 @@ DEFAULTS: dict[str, Any] = {
         "concurrency": 2,
         "cache_dir": ".agenther-cache/llm",
         "context_tokens": 4096,
+    },
+    # Read only by the Prefect flow (tasks/stages.py); how a run is orchestrated, not what it produces.
+    "prefect": {
+        "batch_size": 32,
+        "retries": 3,
+        "retry_backoff_s": 2.0,
+        "retry_jitter": 0.5,
     },
 }
 
@@ -101,10 +121,14 @@ def _check(params: dict) -> None:
         raise ParamsError("verify.judges must name at least one judge")
     if int(params["relabel"]["max_attempts"]) < 1:
         raise ParamsError("relabel.max_attempts must be at least 1")
+    from agenther.gates import gate_params  # here, not at import: gates imports this module
+
+    gate_params(params)  # bad gate bounds fail before any stage runs
 
 
 # Settings that change how a run goes, not what it produces: left out of the lineage hash.
-RUNTIME_ONLY = {"llm": ("cache_dir", "concurrency", "timeout_s", "max_retries")}
+RUNTIME_ONLY = {"llm": ("cache_dir", "concurrency", "timeout_s", "max_retries"),
+                "prefect": ("batch_size", "retries", "retry_backoff_s", "retry_jitter")}
 
 
 def params_hash(params: dict, sections: tuple[str, ...] | None = None) -> str:

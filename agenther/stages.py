@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from agenther import schema
+from agenther import gates, schema
 from agenther.classify import classify
 from agenther.extract import extract
 from agenther.ingest import MessagesMapping, ingest
@@ -46,11 +46,22 @@ def write_table(df: pl.DataFrame, path: Path) -> None:
     tmp.replace(path)  # never leave a half-written table for the next stage
 
 
-def read_table(work: Path, name: str, contract: dict) -> pl.DataFrame:
+def read_table(work: Path, name: str, contract: dict, params: dict) -> pl.DataFrame:
+    """Read a table for the next stage. A gated table (gates.CONTRACTS) first passes its
+    Great Expectations gate: on failure GateFailed stops the run here, before the next stage
+    writes anything; the result is kept in <work>/gates/<name>.json either way."""
     path = Path(work) / TABLES[name]
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
     df = pl.read_parquet(path)
+    if name in gates.CONTRACTS:
+        results = Path(work) / "gates"
+        if gates.gate_params(params)["enabled"]:
+            # Before validate_columns: the gate checks the contract too, and this way a missing
+            # column is reported (and recorded) by the gate like every other broken expectation.
+            gates.check(df, name, params, results, source=str(path))
+        else:
+            (results / f"{name}.json").unlink(missing_ok=True)  # no stale verdict from an earlier run
     schema.validate_columns(df, contract, str(path))
     return df
 
@@ -80,7 +91,7 @@ def stage_ingest(params: dict, work: Path) -> dict:
 
 
 def stage_classify(params: dict, work: Path, llms: LLMs) -> dict:
-    trajectories = read_table(work, "trajectories", schema.TRAJECTORY)
+    trajectories = read_table(work, "trajectories", schema.TRAJECTORY, params)
     llm = llms.main() if params["classify"]["mode"] == "llm" else None
     classified = classify(trajectories, params, llm)
     write_table(classified, Path(work) / TABLES["classified"])
@@ -98,14 +109,14 @@ def _filtering_stage(stage: str, work: Path, out: schema.StageOutput, table: str
 
 
 def stage_extract(params: dict, work: Path, llms: LLMs) -> dict:
-    classified = read_table(work, "classified", schema.CLASSIFIED)
+    classified = read_table(work, "classified", schema.CLASSIFIED, params)
     llm = llms.main() if params["extract"]["mode"] == "llm" else None
     out = extract(classified, params, llm)
     return _filtering_stage("extract", work, out, "extracted", llms, int(classified["is_failure"].sum()))
 
 
 def stage_relabel(params: dict, work: Path, llms: LLMs) -> dict:
-    extracted = read_table(work, "extracted", schema.EXTRACTED)
+    extracted = read_table(work, "extracted", schema.EXTRACTED, params)
     if extracted.height:
         out = relabel(extracted, params, llms.main())
     else:  # nothing to relabel: no LLM is started at all
@@ -114,7 +125,7 @@ def stage_relabel(params: dict, work: Path, llms: LLMs) -> dict:
 
 
 def stage_verify(params: dict, work: Path, llms: LLMs) -> dict:
-    relabeled = read_table(work, "relabeled", schema.RELABELED)
+    relabeled = read_table(work, "relabeled", schema.RELABELED, params)
     if relabeled.height:
         out = verify(relabeled, params, llms.main(), llms.judge())
     else:

@@ -24,8 +24,8 @@ LLM_STAGES = ("classify", "extract", "relabel", "verify")
 
 
 def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
-    classified = read_table(work, "classified", schema.CLASSIFIED)
-    verified = read_table(work, "verified", schema.VERIFIED)
+    classified = read_table(work, "classified", schema.CLASSIFIED, params)
+    verified = read_table(work, "verified", schema.VERIFIED, params)
     lineage = {
         "agenther_version": agenther.__version__,
         "params_hash": params_hash(params),
@@ -35,7 +35,7 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
     packaged = package(verified.filter(pl.col("verified")), classified, params["package"], lineage)
     out.mkdir(parents=True, exist_ok=True)
     digests = write_exports(packaged, out)
-    rejected = pl.concat([read_table(work, f"{s}_rejected", schema.REJECTION) for s in ("extract", "relabel", "verify")]
+    rejected = pl.concat([read_table(work, f"{s}_rejected", schema.REJECTION, params) for s in ("extract", "relabel", "verify")]
                          + [packaged.rejections])
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
     summary = summarize(params, work, classified, verified, packaged, rejected, lineage, digests, llms)
