@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from agenther import s3_cli
+
 FORMATS = ("auto", "tau-bench", "toolbench", "messages")
 
 
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--work", default="data/interim", help="folder of the per-stage tables")
     stage.add_argument("--out", default="data/processed", help="folder of the datasets (package stage)")
     stage.add_argument("-v", "--verbose", action="store_true")
+
+    s3_cli.add_parser(sub)
     return parser
 
 
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "s3":
+        return s3_cli.run(args)
     # Imported here so that `agenther --help` is instant (litellm and polars take seconds).
     from agenther.ingest import IngestError
     from agenther.llm import LLMUnreachable
