@@ -1,1 +1,1 @@
-"""Prefect flows that chain the stage tasks."""
+"""Prefect flows: `hindsight` (the pipeline), `watch-logs` (new-log events) and `serve` (deployments)."""

@@ -1,20 +1,112 @@
-"""The `hindsight` flow: logs in, training data out. Parameters mirror params.yaml."""
+"""The `hindsight` flow: logs in, training data out. Parameters mirror params.yaml.
+
+    logs ─ingest─▶ trajectories ─classify─▶ failures ─extract─▶ achievements ─relabel─▶
+         relabeled ─verify─▶ accepted ─package─▶ sft / dpo / sharegpt ─push─▶ s3://…
+
+Each stage is a run of cached, retried batch tasks (tasks/stages.py) over the same
+file-to-file tables `agenther run` and `dvc repro` use. `params_file` gives every parameter;
+the other arguments override the main knobs (None = as in the file). Outputs default to
+out/prefect (git-ignored), apart from data/interim and data/processed, which `dvc repro` owns.
+
+    .venv/bin/python -m flows.hindsight --limit 20     # one run from a shell (temporary local API)
+"""
 
 from __future__ import annotations
 
-from prefect import flow
+import argparse
+from pathlib import Path
+from typing import Any
 
-from agenther.params import load_params
-from tasks.stages import run_pipeline
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from agenther.params import load_params, params_hash
+from agenther.providers import LLMs
+from tasks import stages
+
+
+def overrides(**knobs: Any) -> dict:
+    """The flow's explicit arguments as a params overlay (None = leave the file's value)."""
+    where = {"input": ("ingest", "input"), "format": ("ingest", "format"), "limit": ("ingest", "limit"),
+             "model": ("llm", "model"), "judge_model": ("llm", "judge_model"), "api_base": ("llm", "api_base"),
+             "confidence_threshold": ("relabel", "confidence_threshold"), "policy": ("verify", "policy"),
+             "batch_size": ("prefect", "batch_size")}
+    out: dict = {}
+    for name, value in knobs.items():
+        if value is not None:
+            section, key = where[name]
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def push_prefix(push_url: str, params: dict) -> str:
+    """Where a run's outputs go: <push_url>/<params hash>/<flow run id>, so runs never overwrite
+    each other and every dataset names the parameters that made it."""
+    return f"{push_url.rstrip('/')}/{params_hash(params)}/{flow_run.id or 'local'}"
 
 
 @flow(name="hindsight", log_prints=True)
-def hindsight(params_file: str = "params.yaml", out_dir: str = "data/processed") -> dict:
-    params = load_params(params_file)
-    summary = run_pipeline(params, out_dir)
-    print(f"accepted {summary['gates']['passed_judges']} of {summary['gates']['relabels_proposed']} relabels")
+def hindsight(
+    params_file: str | None = "params.yaml",
+    input: str | None = None,
+    format: str | None = None,
+    limit: int | None = None,
+    model: str | None = None,
+    judge_model: str | None = None,
+    api_base: str | None = None,
+    confidence_threshold: float | None = None,
+    policy: str | None = None,
+    batch_size: int | None = None,
+    out_dir: str = "out/prefect",
+    work_dir: str | None = None,
+    push_url: str | None = None,
+) -> dict:
+    """Relabel the failed runs in `input` into training data in `out_dir` (stage tables in
+    `work_dir`, default `out_dir`, as with `agenther run`); upload `out_dir` to `push_url`
+    (e.g. s3://agenther/datasets) when given."""
+    params = load_params(params_file, overrides(
+        input=input, format=format, limit=limit, model=model, judge_model=judge_model, api_base=api_base,
+        confidence_threshold=confidence_threshold, policy=policy, batch_size=batch_size))
+    out = Path(out_dir)
+    work = Path(work_dir) if work_dir else out
+    work.mkdir(parents=True, exist_ok=True)
+
+    with LLMs.from_params(params) as llms:  # one model server for the whole run, stopped at its end
+        stages.ingest(params, work)
+        stages.classify(params, work, llms)
+        stages.extract(params, work, llms)
+        stages.relabel(params, work, llms)
+        stages.verify(params, work, llms)
+        summary = stages.package(params, work, out, llms)
+
+    if push_url:
+        prefix = push_prefix(push_url, params)
+        pushed = stages.push(out, prefix, params)
+        summary["pushed"] = {"prefix": prefix, "objects": len(pushed)}
+        print(f"pushed {len(pushed)} files to {prefix}")
+
+    gates = summary["gates"]
+    print(f"{gates['passed_judges']} of {gates['relabels_proposed']} relabels accepted; "
+          f"{gates['exported_hindsight_samples']} hindsight samples in {out}")
+    if not summary["reconciliation"]["ok"]:
+        # Outputs are written (to look at), but the run must not pass as good: same as `agenther run` exit 1.
+        failed = [name for name, ok in summary["reconciliation"]["checks"].items() if not ok]
+        get_run_logger().error("counts did not reconcile: %s", failed)
+        raise RuntimeError(f"counts did not reconcile: {failed}")
     return summary
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.hindsight", description=hindsight.__doc__)
+    parser.add_argument("--params", dest="params_file", default="params.yaml")
+    for name in ("input", "format", "model", "judge_model", "api_base", "policy", "work_dir", "push_url"):
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--batch-size", type=int, dest="batch_size")
+    parser.add_argument("--confidence-threshold", type=float, dest="confidence_threshold")
+    parser.add_argument("--out", dest="out_dir", default="out/prefect")
+    hindsight(**vars(parser.parse_args(argv)))
+
+
 if __name__ == "__main__":
-    hindsight()
+    main()

@@ -1,25 +1,230 @@
-"""One Prefect task per stage. Each is a thin wrapper: the work is agenther's stage function.
+"""The stages as Prefect tasks: thin wrappers around agenther's frame-level stage functions.
 
-The cache key is built from the content of the task's inputs plus the task's source
-(`INPUTS + TASK_SOURCE`): `INPUTS` alone would share entries between different tasks
-called with equal inputs (see STACK.md). Per-stage GX gates, batching and S3 pushes are
-the next issue's work; this is the shape they hang on.
+Each stage reads its input table from the work folder (`agenther.stages.read_table`, where
+the data-quality gate runs), splits it into batches of `prefect.batch_size` rows, runs one
+task per batch (never one per trajectory: a task run costs milliseconds to tens of ms of API
+traffic), concatenates the batches and writes the stage's tables and stats under the names
+`agenther.stages` uses (TABLES/STATS), so `agenther.summary.package_run` works unchanged.
+
+Batch tasks:
+- cache key: content of the batch + the stage's params + code and prompt versions (caching.py);
+  results are persisted, so an identical rerun is a cache hit for every batch and calls no LLM;
+- retries: exponential backoff with jitter, transient errors only (retry.py);
+- each batch gets its own view of the LLM clients (shared server and response cache, its own
+  usage counters), so per-stage LLM accounting stays exact; a cached batch's calls count as
+  cache hits, as the LLM response cache counts them.
+Batches of one stage run one after another: `llm.concurrency` already bounds the calls in
+flight inside a batch, and running batches side by side would multiply that bound.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+import polars as pl
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+from prefect.tasks import exponential_backoff
 
-from agenther.pipeline import run
+from agenther import schema
+from agenther.classify import classify as classify_frame
+from agenther.extract import extract as extract_frame
+from agenther.ingest import IngestResult, MessagesMapping
+from agenther.ingest import ingest as ingest_logs
+from agenther.llm import Usage
+from agenther.providers import LLMs
+from agenther.relabel import relabel as relabel_frame
+from agenther.stages import STATS, TABLES, read_table, write_table
+from agenther.summary import package_run
+from agenther.verify import verify as verify_frame
+from tasks.caching import files_digest, frame_digest, stage_key
+from tasks.retry import retry_if_transient
 
-CACHE = INPUTS + TASK_SOURCE
+
+@dataclass
+class BatchResult:
+    kept: pl.DataFrame
+    rejected: pl.DataFrame | None  # None for classify, which rejects nothing
+    usage: dict[str, Any]  # agenther.llm.Usage fields, for this batch's own calls
 
 
-@task(name="hindsight-pipeline", cache_policy=CACHE, cache_expiration=timedelta(days=30),
-      retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5, persist_result=True)
-def run_pipeline(params: dict, out_dir: str) -> dict:
-    """All stages in one task for now (issue 3 splits them into a task each)."""
-    return run(params, out_dir)
+# Defaults; the flow applies params' `prefect:` section with `configured()`.
+RETRY = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0.5,
+         "retry_condition_fn": retry_if_transient}
+CACHED = {"persist_result": True, "cache_expiration": timedelta(days=30)}
+
+
+def _batch_key(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        return stage_key(stage, parameters["params"], frame_digest(parameters["batch"]))
+
+    return key
+
+
+def _ingest_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    params = parameters["params"]
+    return stage_key("ingest", params, files_digest(params["ingest"]["input"]))
+
+
+def _view(llms: LLMs, params: dict) -> LLMs:
+    """This batch's own clients: same model server and response cache, fresh usage counters."""
+    main = llms.main()
+    judge = llms.judge()
+    mine = dataclasses.replace(main, usage={}, _lock=threading.Lock())
+    judge_mine = mine if judge is main else dataclasses.replace(judge, usage={}, _lock=threading.Lock())
+    return LLMs.of(params, mine, judge_mine)
+
+
+def _usage(view: LLMs | None, stage: str) -> dict[str, Any]:
+    return vars(view.usage().get(stage, Usage())).copy() if view is not None else vars(Usage()).copy()
+
+
+# -- the tasks: one call into agenther each -----------------------------------------------------
+@task(name="ingest", task_run_name="ingest", cache_key_fn=_ingest_key, **CACHED, **RETRY)
+def ingest_task(params: dict) -> IngestResult:
+    p = params["ingest"]
+    return ingest_logs(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p.get("messages") or {}),
+                       limit=p["limit"])
+
+
+@task(name="classify-batch", cache_key_fn=_batch_key("classify"), **CACHED, **RETRY)
+def classify_batch(batch: pl.DataFrame, params: dict, llms: LLMs) -> BatchResult:
+    view = _view(llms, params) if params["classify"]["mode"] == "llm" else None
+    return BatchResult(classify_frame(batch, params, view.main() if view else None), None, _usage(view, "classify"))
+
+
+@task(name="extract-batch", cache_key_fn=_batch_key("extract"), **CACHED, **RETRY)
+def extract_batch(batch: pl.DataFrame, params: dict, llms: LLMs) -> BatchResult:
+    view = _view(llms, params) if params["extract"]["mode"] == "llm" else None
+    out = extract_frame(batch, params, view.main() if view else None)
+    return BatchResult(out.kept, out.rejected, _usage(view, "extract"))
+
+
+@task(name="relabel-batch", cache_key_fn=_batch_key("relabel"), **CACHED, **RETRY)
+def relabel_batch(batch: pl.DataFrame, params: dict, llms: LLMs) -> BatchResult:
+    view = _view(llms, params)
+    out = relabel_frame(batch, params, view.main())
+    return BatchResult(out.kept, out.rejected, _usage(view, "relabel"))
+
+
+@task(name="verify-batch", cache_key_fn=_batch_key("verify"), **CACHED, **RETRY)
+def verify_batch(batch: pl.DataFrame, params: dict, llms: LLMs) -> BatchResult:
+    view = _view(llms, params)
+    out = verify_frame(batch, params, view.main(), view.judge())
+    return BatchResult(out.kept, out.rejected, _usage(view, "verify"))
+
+
+# Never cached: they write files and objects (a cache hit would skip the writing) and are cheap.
+@task(name="package", task_run_name="package", cache_policy=NO_CACHE, persist_result=False)
+def package_task(params: dict, work: str, out: str, llms: LLMs) -> dict:
+    return package_run(params, Path(work), Path(out), llms)
+
+
+@task(name="push", task_run_name="push", cache_policy=NO_CACHE, persist_result=False, **RETRY)
+def push_task(local: str, url: str) -> list[str]:
+    from agenther.s3 import push_dir  # settings from AGENTHER_S3_ENDPOINT / AWS_* env
+
+    return push_dir(Path(local), url)
+
+
+# -- the stages: batches in, the stage's tables out --------------------------------------------
+def configured(t: Task, params: dict) -> Task:
+    """`t` with the retry settings of params' `prefect:` section."""
+    p = params["prefect"]
+    return t.with_options(retries=int(p["retries"]),
+                          retry_delay_seconds=exponential_backoff(backoff_factor=float(p["retry_backoff_s"])),
+                          retry_jitter_factor=float(p["retry_jitter"]))
+
+
+def _run_batches(stage: str, t: Task, table: pl.DataFrame, params: dict, llms: LLMs) -> tuple[list[BatchResult], Usage]:
+    size = max(1, int(params["prefect"]["batch_size"]))
+    t = configured(t, params)
+    results: list[BatchResult] = []
+    usage = Usage()
+    for start in range(0, table.height, size):
+        batch = table.slice(start, size)
+        named = t.with_options(task_run_name=f"{stage}[{start}:{start + batch.height}]")
+        state = named(batch, params, llms, return_state=True)
+        result: BatchResult = state.result()  # raises the task's error once its retries are spent
+        batch_usage = Usage(**result.usage)
+        if state.name == "Cached":  # no call was made now: what it once cost is now a cache hit
+            batch_usage = Usage(cache_hits=batch_usage.calls + batch_usage.cache_hits)
+        usage.add(batch_usage)
+        results.append(result)
+    return results, usage
+
+
+def _concat(frames: list[pl.DataFrame | None], contract: dict) -> pl.DataFrame:
+    frames = [f for f in frames if f is not None and f.height]
+    return pl.concat(frames, how="vertical") if frames else schema.empty(contract)
+
+
+def _write_stats(work: Path, stage: str, stats: dict) -> None:
+    # The same file agenther.stages writes: package_run reads counts and usage from it.
+    (work / STATS[stage]).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+
+
+def ingest(params: dict, work: Path) -> dict:
+    result: IngestResult = configured(ingest_task, params)(params)
+    write_table(result.trajectories, work / TABLES["trajectories"])
+    write_table(result.quarantine, work / TABLES["quarantine"])
+    stats = {"records_in": result.records_in, "trajectories": result.trajectories.height,
+             "quarantined": result.quarantine.height}
+    _write_stats(work, "ingest", stats)
+    return stats
+
+
+def classify(params: dict, work: Path, llms: LLMs) -> dict:
+    trajectories = read_table(work, "trajectories", schema.TRAJECTORY, params)
+    results, usage = _run_batches("classify", classify_batch, trajectories, params, llms)
+    write_table(_concat([r.kept for r in results], schema.CLASSIFIED), work / TABLES["classified"])
+    stats = {"in": trajectories.height, "usage": vars(usage)}
+    _write_stats(work, "classify", stats)
+    return stats
+
+
+def _filtering(stage: str, t: Task, table: pl.DataFrame, n_in: int, kept_table: str, contract: dict,
+               params: dict, work: Path, llms: LLMs) -> dict:
+    results, usage = _run_batches(stage, t, table, params, llms)
+    kept = _concat([r.kept for r in results], contract)
+    rejected = _concat([r.rejected for r in results], schema.REJECTION)
+    write_table(kept, work / TABLES[kept_table])
+    write_table(rejected, work / TABLES[f"{stage}_rejected"])
+    stats = {"in": n_in, "out": kept.height, "rejected": rejected.height, "usage": vars(usage)}
+    _write_stats(work, stage, stats)
+    return stats
+
+
+def extract(params: dict, work: Path, llms: LLMs) -> dict:
+    classified = read_table(work, "classified", schema.CLASSIFIED, params)
+    n_failures = int(classified["is_failure"].sum()) if classified.height else 0
+    return _filtering("extract", extract_batch, classified, n_failures, "extracted", schema.EXTRACTED,
+                      params, work, llms)
+
+
+def relabel(params: dict, work: Path, llms: LLMs) -> dict:
+    extracted = read_table(work, "extracted", schema.EXTRACTED, params)
+    return _filtering("relabel", relabel_batch, extracted, extracted.height, "relabeled", schema.RELABELED,
+                      params, work, llms)
+
+
+def verify(params: dict, work: Path, llms: LLMs) -> dict:
+    relabeled = read_table(work, "relabeled", schema.RELABELED, params)
+    return _filtering("verify", verify_batch, relabeled, relabeled.height, "verified", schema.VERIFIED,
+                      params, work, llms)
+
+
+def package(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
+    return package_task(params, str(work), str(out), llms)
+
+
+def push(out: Path, url: str, params: dict) -> list[str]:
+    return configured(push_task, params)(str(out), url)

@@ -1,0 +1,88 @@
+"""Serve agenther's deployments from one long-running process: no work pool, no worker.
+
+    .venv/bin/python -m flows.serve                       # leave it running; Ctrl-C stops it
+    .venv/bin/python -m flows.serve --params params.yaml --watch data/incoming \\
+        --cron "0 3 * * *" --watch-every 60 --out out/prefect
+
+It registers four deployments with the Prefect API (PREFECT_API_URL; see
+scripts/prefect-server.sh) and runs their flow runs as subprocesses of this process:
+
+  hindsight/manual       no schedule: start it from the UI (Deployments > hindsight > manual >
+                         Run, parameters editable there) or `prefect deployment run hindsight/manual`
+  hindsight/scheduled    on --cron (default 03:00 UTC daily) or every --interval seconds
+  hindsight/on-new-logs  triggered by each `agenther.logs.arrived` event: input = the new file,
+                         out_dir = <out>/incoming/<file name>
+  watch-logs/watch       every --watch-every seconds: emits `agenther.logs.arrived` for new
+                         files in --watch (flows/watch.py)
+
+prefect.yaml declares the same deployments for `prefect deploy --all` and a process worker.
+Relative paths are taken from the current folder; runs execute in the project root, where
+params.yaml's own relative paths (data/raw/..., .agenther-cache/llm) point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from prefect import serve
+from prefect.deployments.runner import RunnerDeployment
+from prefect.events import DeploymentEventTrigger
+
+from flows.hindsight import hindsight
+from flows.watch import EVENT, RESOURCE_PREFIX, watch_logs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def deployments(params_file: Path, watch: Path, out: Path, cron: str | None = "0 3 * * *",
+                interval: float | None = None, watch_every: float = 60.0,
+                watch_state: Path | None = None) -> list[RunnerDeployment]:
+    base = {"params_file": str(params_file), "out_dir": str(out)}
+    schedule = {"interval": interval} if interval else {"cron": cron}
+    new_logs = DeploymentEventTrigger(
+        name="agenther: new logs -> hindsight",
+        expect={EVENT},
+        match={"prefect.resource.id": f"{RESOURCE_PREFIX}*"},
+        # Rendered by the server from the event (Jinja): one run per new file, each with its own outputs.
+        parameters={"input": "{{ event.payload.path }}", "out_dir": f"{out}/incoming/{{{{ event.payload.name }}}}"},
+    )
+    return [
+        hindsight.to_deployment(name="manual", parameters=base, tags=["agenther"],
+                                description="Start by hand (UI or `prefect deployment run hindsight/manual`)."),
+        hindsight.to_deployment(name="scheduled", parameters=base, tags=["agenther"], **schedule,
+                                description="The configured input on a schedule; cached batches make reruns cheap."),
+        hindsight.to_deployment(name="on-new-logs", parameters=base, tags=["agenther"], triggers=[new_logs],
+                                description=f"One run per `{EVENT}` event (flows/watch.py)."),
+        # Overlapping watcher runs are kept apart by a file lock (flows/watch.py), not a
+        # deployment concurrency limit: a killed run would hold that slot and silence the watcher.
+        watch_logs.to_deployment(name="watch", interval=watch_every,
+                                 parameters={"folder": str(watch)} | ({"state_file": str(watch_state)} if watch_state else {}),
+                                 tags=["agenther"], description=f"Emit `{EVENT}` for new log files in {watch}."),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file for every hindsight run")
+    parser.add_argument("--watch", default="data/incoming", help="folder the watcher lists for new logs")
+    parser.add_argument("--out", default="out/prefect", help="output folder (new logs: <out>/incoming/<name>)")
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--cron", default="0 3 * * *", help="schedule of hindsight/scheduled (UTC)")
+    when.add_argument("--interval", type=float, help="run hindsight/scheduled every N seconds instead")
+    parser.add_argument("--watch-every", type=float, default=60.0, help="seconds between watcher runs")
+    parser.add_argument("--watch-state", help="the watcher's memory (default .agenther-cache/watch/<folder>-<hash>.json)")
+    parser.add_argument("--limit", type=int, default=4, help="flow runs at once in this process")
+    args = parser.parse_args(argv)
+
+    absolute = {name: Path(getattr(args, name)).resolve() for name in ("params", "watch", "out")}
+    os.chdir(ROOT)
+    state = Path(args.watch_state).resolve() if args.watch_state else None
+    serve(*deployments(absolute["params"], absolute["watch"], absolute["out"], cron=args.cron,
+                       interval=args.interval, watch_every=args.watch_every, watch_state=state), limit=args.limit)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Cache keys for the stage tasks: what a batch's result depends on, and nothing else.
+
+A key is the sha256 of
+- the content of the task's input (a batch's Parquet bytes, or the input log files' bytes),
+- the stage's params section(s), without settings that change how a run goes but not what it
+  produces (agenther.params.RUNTIME_ONLY, plus llm.api_base: the model's *name* is what the LLM
+  response cache keys on too, so moving a server to another port keeps both caches warm),
+- the code version: the sha256 of the stage module's source and of every agenther module it
+  imports (transitively), plus the source of the wrappers here (tasks/stages.py, tasks/caching.py),
+- the prompt templates' hashes (agenther.prompts.all_hashes()).
+
+Prefect's `INPUTS` policy alone would share entries between different tasks with equal inputs
+and ignore code/prompt changes (STACK.md), hence a key of our own.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import io
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from agenther import prompts
+from agenther.ingest import SUFFIXES
+from agenther.params import RUNTIME_ONLY
+
+KEY_VERSION = "agenther-prefect-cache-v1"  # bump to invalidate every entry at once
+
+# The params sections each stage's output depends on. classify/extract read `llm` only in llm mode.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "ingest": ("ingest",),
+    "classify": ("classify",),
+    "extract": ("extract",),
+    "relabel": ("relabel", "llm"),
+    "verify": ("verify", "llm"),
+}
+STAGE_MODULES = {stage: f"agenther.{stage}" for stage in STAGE_SECTIONS}
+WRAPPERS = ("tasks.stages", "tasks.caching")
+NOT_IN_KEY = {"llm": (*RUNTIME_ONLY.get("llm", ()), "api_base")}
+
+
+def sha256(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "big"))  # length-prefixed: no ambiguity between parts
+        h.update(data)
+    return h.hexdigest()
+
+
+def frame_digest(df: pl.DataFrame) -> str:
+    """sha256 of the frame's Parquet bytes (columns, dtypes, row order and values)."""
+    buf = io.BytesIO()
+    df.write_parquet(buf, statistics=False, compression="uncompressed")
+    return sha256(buf.getvalue())
+
+
+def files_digest(path: str | Path) -> str:
+    """sha256 of the log files ingest would read under `path` (names, sizes and bytes)."""
+    root = Path(path)
+    if not root.exists():
+        return sha256("missing", str(root))  # ingest raises its own clear error
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(sha256(str(f.relative_to(root)) if f != root else f.name, f.read_bytes()).encode())
+    return h.hexdigest()
+
+
+def sections_for(stage: str, params: dict) -> tuple[str, ...]:
+    sections = STAGE_SECTIONS[stage]
+    if stage in ("classify", "extract") and params[stage]["mode"] == "llm":
+        sections += ("llm",)
+    return sections
+
+
+def params_digest(params: dict, sections: tuple[str, ...]) -> str:
+    chosen: dict[str, Any] = {}
+    for section in sections:
+        values = dict(params[section])
+        for key in NOT_IN_KEY.get(section, ()):
+            values.pop(key, None)
+        chosen[section] = values
+    return sha256(json.dumps(chosen, sort_keys=True, default=str))
+
+
+def _module_file(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def _agenther_imports(package: str, source: str) -> set[str]:
+    """agenther modules named by `source`'s imports (`from agenther import schema` names a module);
+    `package` is the importing module's package, for relative imports."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("agenther")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            if base.startswith("agenther"):
+                found.add(base)
+                found |= {f"{base}.{a.name}" for a in node.names}  # kept below only if it is a module
+    return found
+
+
+@cache
+def code_version(*modules: str) -> str:
+    """sha256 over the source of `modules` and every agenther module they import, transitively."""
+    seen: dict[str, str] = {}
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            path = _module_file(name)
+        except (ImportError, ValueError):
+            path = None
+        if path is None:
+            continue  # `from agenther.x import some_function`: not a module
+        source = path.read_text(encoding="utf-8")
+        seen[name] = sha256(source)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        todo.extend(_agenther_imports(package, source) - seen.keys())
+    return sha256(json.dumps(sorted(seen.items())))
+
+
+@cache
+def wrappers_version() -> str:
+    """The wrappers' own source, not what they import: the package and summary code they reach
+    does not change what a stage computes."""
+    return sha256(*(_module_file(name).read_text(encoding="utf-8") for name in WRAPPERS))
+
+
+def stage_key(stage: str, params: dict, content_digest: str) -> str:
+    """The cache key of one run of `stage` over input content `content_digest`."""
+    code = sha256(code_version(STAGE_MODULES[stage]), wrappers_version())
+    prompt_hashes = json.dumps(prompts.all_hashes(), sort_keys=True) if stage != "ingest" else ""
+    return sha256(KEY_VERSION, stage, content_digest, params_digest(params, sections_for(stage, params)),
+                  code, prompt_hashes)
