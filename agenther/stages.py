@@ -16,7 +16,7 @@ import polars as pl
 from agenther import gates, schema
 from agenther.classify import classify
 from agenther.extract import extract
-from agenther.ingest import MessagesMapping, ingest
+from agenther.ingest import IngestResult, MessagesMapping, ingest
 from agenther.llm import Usage
 from agenther.providers import LLMs
 from agenther.relabel import relabel
@@ -74,14 +74,15 @@ def read_stats(work: Path, stage: str) -> dict:
     return json.loads((Path(work) / STATS[stage]).read_text())
 
 
-def _usage(llms: LLMs, stage: str) -> dict:
-    return vars(llms.usage().get(stage, Usage())).copy()
+KEPT = {"extract": "extracted", "relabel": "relabeled", "verify": "verified"}  # each filter's kept table
 
 
-def stage_ingest(params: dict, work: Path) -> dict:
-    p = params["ingest"]
-    result = ingest(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p.get("messages") or {}),
-                    limit=p["limit"])
+def _usage(llms: LLMs, stage: str) -> Usage:
+    return llms.usage().get(stage, Usage())
+
+
+# -- writing a stage's results: shared with the Prefect tasks, which compute them in batches --
+def save_ingest(result: IngestResult, work: Path) -> dict:
     write_table(result.trajectories, Path(work) / TABLES["trajectories"])
     write_table(result.quarantine, Path(work) / TABLES["quarantine"])
     stats = {"records_in": result.records_in, "trajectories": result.trajectories.height,
@@ -90,29 +91,43 @@ def stage_ingest(params: dict, work: Path) -> dict:
     return stats
 
 
-def stage_classify(params: dict, work: Path, llms: LLMs) -> dict:
-    trajectories = read_table(work, "trajectories", schema.TRAJECTORY, params)
-    llm = llms.main() if params["classify"]["mode"] == "llm" else None
-    classified = classify(trajectories, params, llm)
+def save_classified(classified: pl.DataFrame, work: Path, n_in: int, usage: Usage) -> dict:
     write_table(classified, Path(work) / TABLES["classified"])
-    stats = {"in": trajectories.height, "usage": _usage(llms, "classify")}
+    stats = {"in": n_in, "usage": vars(usage).copy()}
     _write_stats(work, "classify", stats)
     return stats
 
 
-def _filtering_stage(stage: str, work: Path, out: schema.StageOutput, table: str, llms: LLMs, n_in: int) -> dict:
-    write_table(out.kept, Path(work) / TABLES[table])
+def save_filtered(stage: str, out: schema.StageOutput, work: Path, n_in: int, usage: Usage) -> dict:
+    write_table(out.kept, Path(work) / TABLES[KEPT[stage]])
     write_table(out.rejected, Path(work) / TABLES[f"{stage}_rejected"])
-    stats = {"in": n_in, "out": out.kept.height, "rejected": out.rejected.height, "usage": _usage(llms, stage)}
+    stats = {"in": n_in, "out": out.kept.height, "rejected": out.rejected.height, "usage": vars(usage).copy()}
     _write_stats(work, stage, stats)
     return stats
+
+
+# -- the stages, file to file ----------------------------------------------------------------------
+def ingest_input(params: dict) -> IngestResult:
+    p = params["ingest"]
+    return ingest(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p.get("messages") or {}),
+                  limit=p["limit"])
+
+
+def stage_ingest(params: dict, work: Path) -> dict:
+    return save_ingest(ingest_input(params), work)
+
+
+def stage_classify(params: dict, work: Path, llms: LLMs) -> dict:
+    trajectories = read_table(work, "trajectories", schema.TRAJECTORY, params)
+    llm = llms.main() if params["classify"]["mode"] == "llm" else None
+    return save_classified(classify(trajectories, params, llm), work, trajectories.height, _usage(llms, "classify"))
 
 
 def stage_extract(params: dict, work: Path, llms: LLMs) -> dict:
     classified = read_table(work, "classified", schema.CLASSIFIED, params)
     llm = llms.main() if params["extract"]["mode"] == "llm" else None
     out = extract(classified, params, llm)
-    return _filtering_stage("extract", work, out, "extracted", llms, int(classified["is_failure"].sum()))
+    return save_filtered("extract", out, work, int(classified["is_failure"].sum()), _usage(llms, "extract"))
 
 
 def stage_relabel(params: dict, work: Path, llms: LLMs) -> dict:
@@ -121,7 +136,7 @@ def stage_relabel(params: dict, work: Path, llms: LLMs) -> dict:
         out = relabel(extracted, params, llms.main())
     else:  # nothing to relabel: no LLM is started at all
         out = schema.StageOutput(schema.empty(schema.RELABELED), schema.empty(schema.REJECTION))
-    return _filtering_stage("relabel", work, out, "relabeled", llms, extracted.height)
+    return save_filtered("relabel", out, work, extracted.height, _usage(llms, "relabel"))
 
 
 def stage_verify(params: dict, work: Path, llms: LLMs) -> dict:
@@ -130,7 +145,7 @@ def stage_verify(params: dict, work: Path, llms: LLMs) -> dict:
         out = verify(relabeled, params, llms.main(), llms.judge())
     else:
         out = schema.StageOutput(schema.empty(schema.VERIFIED), schema.empty(schema.REJECTION))
-    return _filtering_stage("verify", work, out, "verified", llms, relabeled.height)
+    return save_filtered("verify", out, work, relabeled.height, _usage(llms, "verify"))
 
 
 def stage_package(params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:

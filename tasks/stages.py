@@ -20,7 +20,6 @@ flight inside a batch, and running batches side by side would multiply that boun
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,12 +36,11 @@ from prefect.tasks import exponential_backoff
 from agenther import schema
 from agenther.classify import classify as classify_frame
 from agenther.extract import extract as extract_frame
-from agenther.ingest import IngestResult, MessagesMapping
-from agenther.ingest import ingest as ingest_logs
+from agenther.ingest import IngestResult
 from agenther.llm import Usage
 from agenther.providers import LLMs
 from agenther.relabel import relabel as relabel_frame
-from agenther.stages import STATS, TABLES, read_table, write_table
+from agenther.stages import ingest_input, read_table, save_classified, save_filtered, save_ingest
 from agenther.summary import package_run
 from agenther.verify import verify as verify_frame
 from tasks.caching import files_digest, frame_digest, stage_key
@@ -90,9 +88,7 @@ def _usage(view: LLMs | None, stage: str) -> dict[str, Any]:
 # -- the tasks: one call into agenther each -----------------------------------------------------
 @task(name="ingest", task_run_name="ingest", cache_key_fn=_ingest_key, **CACHED, **RETRY)
 def ingest_task(params: dict) -> IngestResult:
-    p = params["ingest"]
-    return ingest_logs(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p.get("messages") or {}),
-                       limit=p["limit"])
+    return ingest_input(params)
 
 
 @task(name="classify-batch", cache_key_fn=_batch_key("classify"), **CACHED, **RETRY)
@@ -167,59 +163,38 @@ def _concat(frames: list[pl.DataFrame | None], contract: dict) -> pl.DataFrame:
     return pl.concat(frames, how="vertical") if frames else schema.empty(contract)
 
 
-def _write_stats(work: Path, stage: str, stats: dict) -> None:
-    # The same file agenther.stages writes: package_run reads counts and usage from it.
-    (work / STATS[stage]).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-
-
 def ingest(params: dict, work: Path) -> dict:
-    result: IngestResult = configured(ingest_task, params)(params)
-    write_table(result.trajectories, work / TABLES["trajectories"])
-    write_table(result.quarantine, work / TABLES["quarantine"])
-    stats = {"records_in": result.records_in, "trajectories": result.trajectories.height,
-             "quarantined": result.quarantine.height}
-    _write_stats(work, "ingest", stats)
-    return stats
+    return save_ingest(configured(ingest_task, params)(params), work)
 
 
 def classify(params: dict, work: Path, llms: LLMs) -> dict:
     trajectories = read_table(work, "trajectories", schema.TRAJECTORY, params)
     results, usage = _run_batches("classify", classify_batch, trajectories, params, llms)
-    write_table(_concat([r.kept for r in results], schema.CLASSIFIED), work / TABLES["classified"])
-    stats = {"in": trajectories.height, "usage": vars(usage)}
-    _write_stats(work, "classify", stats)
-    return stats
+    return save_classified(_concat([r.kept for r in results], schema.CLASSIFIED), work, trajectories.height, usage)
 
 
-def _filtering(stage: str, t: Task, table: pl.DataFrame, n_in: int, kept_table: str, contract: dict,
+def _filtering(stage: str, t: Task, table: pl.DataFrame, n_in: int, contract: dict,
                params: dict, work: Path, llms: LLMs) -> dict:
     results, usage = _run_batches(stage, t, table, params, llms)
-    kept = _concat([r.kept for r in results], contract)
-    rejected = _concat([r.rejected for r in results], schema.REJECTION)
-    write_table(kept, work / TABLES[kept_table])
-    write_table(rejected, work / TABLES[f"{stage}_rejected"])
-    stats = {"in": n_in, "out": kept.height, "rejected": rejected.height, "usage": vars(usage)}
-    _write_stats(work, stage, stats)
-    return stats
+    out = schema.StageOutput(_concat([r.kept for r in results], contract),
+                             _concat([r.rejected for r in results], schema.REJECTION))
+    return save_filtered(stage, out, work, n_in, usage)
 
 
 def extract(params: dict, work: Path, llms: LLMs) -> dict:
     classified = read_table(work, "classified", schema.CLASSIFIED, params)
     n_failures = int(classified["is_failure"].sum()) if classified.height else 0
-    return _filtering("extract", extract_batch, classified, n_failures, "extracted", schema.EXTRACTED,
-                      params, work, llms)
+    return _filtering("extract", extract_batch, classified, n_failures, schema.EXTRACTED, params, work, llms)
 
 
 def relabel(params: dict, work: Path, llms: LLMs) -> dict:
     extracted = read_table(work, "extracted", schema.EXTRACTED, params)
-    return _filtering("relabel", relabel_batch, extracted, extracted.height, "relabeled", schema.RELABELED,
-                      params, work, llms)
+    return _filtering("relabel", relabel_batch, extracted, extracted.height, schema.RELABELED, params, work, llms)
 
 
 def verify(params: dict, work: Path, llms: LLMs) -> dict:
     relabeled = read_table(work, "relabeled", schema.RELABELED, params)
-    return _filtering("verify", verify_batch, relabeled, relabeled.height, "verified", schema.VERIFIED,
-                      params, work, llms)
+    return _filtering("verify", verify_batch, relabeled, relabeled.height, schema.VERIFIED, params, work, llms)
 
 
 def package(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
