@@ -14,9 +14,14 @@ SYSTEM_CHARS = 300  # long system prompts (tau-bench's policy) are cut: they are
 RESULT_CHARS = 700
 
 
+def defuse(text: str) -> str:
+    """Log text must not close the <<< ... >>> data block the prompt templates put it in."""
+    return text.replace("<<<", "‹‹‹").replace(">>>", "›››")
+
+
 def render_step(index: int, message: dict, limit: int | None = None) -> str:
     role = message["role"]
-    content = (message.get("content") or "").strip()
+    content = defuse((message.get("content") or "").strip())
     parts = []
     if role == "tool":
         head = f"[{index}] TOOL RESULT {message.get('name') or ''}".rstrip() + ":"
@@ -26,7 +31,7 @@ def render_step(index: int, message: dict, limit: int | None = None) -> str:
             cut = SYSTEM_CHARS if role == "system" else limit
             parts.append(f"[{index}] {role.upper()}: {_cut(content, cut)}")
         for call in message.get("tool_calls") or []:
-            parts.append(f"[{index}] ASSISTANT CALLS {call['name']}({_compact_json(call.get('arguments'))})")
+            parts.append(f"[{index}] ASSISTANT CALLS {call['name']}({defuse(_compact_json(call.get('arguments')))})")
     return "\n".join(parts)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,25 @@ class Reply:
     status: int = 200
     headers: dict = field(default_factory=dict)
     delay_s: float = 0.0
+    # Transport faults (all off by default):
+    raw_body: bytes | None = None  # send these bytes as the HTTP body instead of a completion
+    truncate: bool = False  # announce the full Content-Length, send half the body, close
+    drop: bool = False  # close the connection without any response
+
+
+def not_json_body() -> Reply:
+    """HTTP 200 whose body is not JSON at all (a proxy's HTML error page)."""
+    return Reply(raw_body=b"<html><body>502 upstream hiccup</body></html>")
+
+
+def truncated() -> Reply:
+    """A completion cut off mid-body: the connection closes before Content-Length bytes arrive."""
+    return Reply('{"never": "complete"}', truncate=True)
+
+
+def dropped() -> Reply:
+    """The server accepts the request, then closes the connection without answering."""
+    return Reply(drop=True)
 
 
 Brain = Callable[[dict], "Reply | str"]
@@ -31,6 +51,7 @@ class FakeLLMServer:
     def __init__(self, brain: Brain):
         self.brain = brain
         self.requests: list[dict] = []
+        self.answered: list[dict] = []  # requests whose full 200 answer was written
         self._lock = threading.Lock()
         server = self
 
@@ -50,6 +71,13 @@ class FakeLLMServer:
                     reply = Reply(reply)
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
+                if reply.drop:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if reply.raw_body is not None:
+                    self._send_bytes(reply.status, reply.raw_body, reply.headers, "text/html")
+                    return
                 if reply.status != 200:
                     self._send(reply.status, {"error": {"message": reply.content or "fault", "type": "fault"}},
                                reply.headers)
@@ -61,19 +89,38 @@ class FakeLLMServer:
                                  "message": {"role": "assistant", "content": reply.content}}],
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(reply.content) // 4,
                               "total_tokens": prompt_tokens + len(reply.content) // 4},
-                })
+                }, truncate=reply.truncate)
+                if not reply.truncate:
+                    with server._lock:
+                        server.answered.append(body)
 
-            def _send(self, status: int, payload: dict, headers: dict | None = None):
-                data = json.dumps(payload).encode()
+            def _send(self, status: int, payload: dict, headers: dict | None = None, truncate: bool = False):
+                self._send_bytes(status, json.dumps(payload).encode(), headers, "application/json", truncate)
+
+            def _send_bytes(self, status: int, data: bytes, headers: dict | None, content_type: str,
+                            truncate: bool = False):
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
+                if truncate:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # a client that timed out and left
+                import sys
+
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, client_address)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
