@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return s3_cli.run(args)
     # Imported here so that `agenther --help` is instant (litellm and polars take seconds).
     from agenther.ingest import IngestError
-    from agenther.llm import LLMUnreachable
+    from agenther.llm import LLMError
     from agenther.local_model import LocalModelError
     from agenther.params import ParamsError, load_params
     from agenther.pipeline import run
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return _stage(args, load_params(args.params))
         params = load_params(args.params, _overrides(args))
         summary = run(params, args.out)
-    except (IngestError, ParamsError, LLMUnreachable, LocalModelError, ValueError) as exc:
+    except (IngestError, ParamsError, LLMError, LocalModelError, ValueError) as exc:
         print(f"agenther: error: {exc}", file=sys.stderr)
         return 2
     stages = summary["stages"]

@@ -3,6 +3,18 @@
 Every LLM call in agenther goes through `LLMClient.complete_json`. A call's answer is
 cached on disk under the sha256 of everything that determines it (model identity,
 messages, sampling parameters, response format), so a rerun makes zero calls.
+
+Around each real call (never around a cache hit), in this order:
+- `Budget`: a run-wide cap on tokens and/or USD; once spent reaches it no new call starts
+  (`BudgetExhausted`), while answers already in the cache are still served;
+- `RateLimiter`: token buckets for requests and tokens per minute, one per provider
+  (model + api_base), shared by every client and thread that talks to it;
+- an in-flight semaphore: at most llm.concurrency requests open at once across the run's clients;
+- retries on 429/5xx/timeouts with exponential backoff and jitter, honouring Retry-After.
+
+Concurrency is a thread pool (`map_concurrent`): litellm's sync client is thread-safe and
+the work is I/O bound (waiting on HTTP), so threads overlap the waiting without an event
+loop; results keep input order, so outputs do not depend on completion order.
 """
 
 from __future__ import annotations
@@ -39,8 +51,145 @@ TRANSIENT = (
 )
 
 
-class LLMUnreachable(RuntimeError):
-    """The endpoint refused connections after every retry: the run cannot go on."""
+class LLMError(RuntimeError):
+    """The provider keeps failing (errors that outlast the retries, or that no retry can fix:
+    bad key, unknown model, bad request): the run cannot go on. One line, no secrets."""
+
+
+class LLMUnreachable(LLMError):
+    """The endpoint refused connections after every retry."""
+
+
+# Errors a retry cannot fix. (A prompt too long for the model is the record's problem: ask()
+# turns ContextWindowExceededError into a rejection of that record.)
+PERMANENT = (
+    litellm.exceptions.AuthenticationError,
+    litellm.exceptions.PermissionDeniedError,
+    litellm.exceptions.NotFoundError,
+    litellm.exceptions.BadRequestError,
+)
+
+
+class BudgetExhausted(RuntimeError):
+    """The run's LLM budget (llm.budget_usd / llm.budget_tokens) is spent: no new call starts."""
+
+
+BUDGET_EXHAUSTED = "budget_exhausted"  # the rejection reason for records left undone
+
+
+class Budget:
+    """A run-wide spending cap, shared by every client of the run (thread-safe).
+
+    `check()` before a call raises BudgetExhausted once spent >= a limit; `charge()` after
+    it adds the real usage. Calls already in flight when the cap is reached still finish,
+    so spent can exceed a limit by at most (concurrency - 1) calls."""
+
+    def __init__(self, usd: float | None = None, tokens: int | None = None):
+        self.usd = None if usd is None else float(usd)
+        self.tokens = None if tokens is None else int(tokens)
+        self.spent_usd = 0.0
+        self.spent_tokens = 0
+        self.refused = 0  # calls that did not start because the budget was spent
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_params(cls, llm_params: dict) -> Budget:
+        return cls(llm_params.get("budget_usd"), llm_params.get("budget_tokens"))
+
+    @property
+    def limited(self) -> bool:
+        return self.usd is not None or self.tokens is not None
+
+    def exhausted(self) -> bool:
+        with self._lock:
+            return self._reached()
+
+    def _reached(self) -> bool:
+        return ((self.usd is not None and self.spent_usd >= self.usd)
+                or (self.tokens is not None and self.spent_tokens >= self.tokens))
+
+    def check(self) -> None:
+        with self._lock:
+            if self._reached():
+                self.refused += 1
+                raise BudgetExhausted(
+                    f"LLM budget spent: {self.spent_tokens} tokens / ${self.spent_usd:.6f} "
+                    f"(limits: tokens={self.tokens}, usd={self.usd})")
+
+    def charge(self, tokens: int, usd: float) -> None:
+        with self._lock:
+            self.spent_tokens += int(tokens)
+            self.spent_usd += float(usd)
+
+
+class RateLimiter:
+    """Token buckets for one provider: requests per minute and tokens per minute (None = no limit).
+
+    Both buckets start full and refill continuously. `acquire(tokens)` blocks until one
+    request and `tokens` tokens are available, then takes them; `correct(actual - estimate)`
+    settles the token bucket once the real usage is known. Thread-safe; `clock` and `sleep`
+    are injectable so a test can drive it without waiting."""
+
+    def __init__(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        self.rpm = float(requests_per_minute) if requests_per_minute else None
+        self.tpm = float(tokens_per_minute) if tokens_per_minute else None
+        self.clock, self.sleep = clock, sleep
+        self._requests = self.rpm or 0.0
+        self._tokens = self.tpm or 0.0
+        self._last = clock()
+        self._lock = threading.Lock()
+        self.waited_s = 0.0  # total time callers spent waiting here
+
+    @property
+    def limited(self) -> bool:
+        return self.rpm is not None or self.tpm is not None
+
+    def _refill(self) -> None:
+        now = self.clock()
+        elapsed = max(0.0, now - self._last)
+        self._last = now
+        if self.rpm:
+            self._requests = min(self.rpm, self._requests + elapsed * self.rpm / 60.0)
+        if self.tpm:
+            self._tokens = min(self.tpm, self._tokens + elapsed * self.tpm / 60.0)
+
+    def acquire(self, tokens: int = 0) -> float:
+        """Wait until the call may start; returns the seconds waited."""
+        if not self.limited:
+            return 0.0
+        tokens = min(float(tokens), self.tpm) if self.tpm else 0.0  # one huge call must still pass
+        waited = 0.0
+        while True:
+            with self._lock:
+                self._refill()
+                wait = 0.0
+                if self.rpm and self._requests < 1.0:
+                    wait = (1.0 - self._requests) * 60.0 / self.rpm
+                if self.tpm and self._tokens < tokens:
+                    wait = max(wait, (tokens - self._tokens) * 60.0 / self.tpm)
+                if wait <= 1e-9:
+                    if self.rpm:
+                        self._requests -= 1.0
+                    if self.tpm:
+                        self._tokens -= tokens
+                    self.waited_s += waited
+                    return waited
+            self.sleep(wait)
+            waited += wait
+
+    def correct(self, delta_tokens: int) -> None:
+        """Settle the token bucket: delta = real tokens - the estimate taken by acquire()."""
+        if not self.tpm or not delta_tokens:
+            return
+        with self._lock:
+            self._refill()
+            self._tokens = min(self.tpm, self._tokens - delta_tokens)
+
+
+def estimate_tokens(messages: list[dict], max_tokens: int) -> int:
+    """Before the call: ~4 characters per prompt token plus the whole completion allowance."""
+    return sum(len(str(m.get("content", ""))) for m in messages) // 4 + int(max_tokens)
 
 
 @dataclass
@@ -57,6 +206,7 @@ class Usage:
     cache_hits: int = 0
     failed_calls: int = 0
     retries: int = 0
+    budget_refused: int = 0  # calls not made because the run's budget was spent
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -77,8 +227,13 @@ class LLMClient:
     timeout_s: float = 120.0
     max_retries: int = 3
     backoff_s: float = 0.5
+    max_backoff_s: float = 30.0  # cap of one backoff delay (before jitter) and of Retry-After
     response_format: str = "auto"  # auto | json_object_schema | json_schema | json_object
     usage: dict[str, Usage] = field(default_factory=dict)  # per stage
+    budget: Budget | None = None  # shared by the run's clients (providers.LLMs)
+    limiter: RateLimiter | None = None  # shared by the clients of one provider
+    inflight: threading.Semaphore | None = None  # shared in-flight limit (llm.concurrency)
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)  # backoff waits (tests inject)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -107,16 +262,26 @@ class LLMClient:
                 usage.cache_hits += 1
             return _parse(cached["raw"], cached=True)
 
-        response = self._call_with_retries(request, usage)
+        if self.budget is not None:
+            try:
+                self.budget.check()
+            except BudgetExhausted:
+                with self._lock:
+                    usage.budget_refused += 1
+                raise
+        response = self._call_with_retries(request, usage, estimate_tokens(messages, self.max_tokens))
         raw = response.choices[0].message.content or ""
         tokens = getattr(response, "usage", None)
         prompt_tokens = int(getattr(tokens, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(tokens, "completion_tokens", 0) or 0)
+        cost = self._cost(response, prompt_tokens, completion_tokens)
         with self._lock:
             usage.calls += 1
             usage.prompt_tokens += prompt_tokens
             usage.completion_tokens += completion_tokens
-            usage.cost_usd += _cost(response)
+            usage.cost_usd += cost
+        if self.budget is not None:
+            self.budget.charge(prompt_tokens + completion_tokens, cost)
         self._cache_put(key, {"raw": raw, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
         return _parse(raw)
 
@@ -148,7 +313,34 @@ class LLMClient:
             return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
         return {"type": "json_object"}
 
-    def _call_with_retries(self, request: dict, usage: Usage) -> Any:
+    def _cost(self, response: Any, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD from litellm's offline price map for the declared model and the real usage;
+        0 for local and unknown models (the map has no price for them)."""
+        try:
+            prompt_usd, completion_usd = litellm.cost_per_token(
+                model=self.model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+            return float(prompt_usd) + float(completion_usd)
+        except Exception:
+            return _cost(response)
+
+    def _send(self, kwargs: dict, estimate: int) -> Any:
+        """One HTTP request: rate limit first, then at most `inflight` open at once."""
+        if self.limiter is not None:
+            waited = self.limiter.acquire(estimate)
+            if waited:
+                log.info("rate limit: waited %.1fs for %s", waited, self.api_base or self.model)
+        if self.inflight is not None:
+            with self.inflight:
+                response = litellm.completion(**kwargs)
+        else:
+            response = litellm.completion(**kwargs)
+        if self.limiter is not None:
+            tokens = getattr(response, "usage", None)
+            real = int(getattr(tokens, "prompt_tokens", 0) or 0) + int(getattr(tokens, "completion_tokens", 0) or 0)
+            self.limiter.correct(real - min(estimate, int(self.limiter.tpm or estimate)))
+        return response
+
+    def _call_with_retries(self, request: dict, usage: Usage, estimate: int = 0) -> Any:
         kwargs = dict(request, model=self.model, timeout=self.timeout_s, num_retries=0, max_retries=0)
         if self.api_base:
             kwargs["api_base"] = self.api_base
@@ -156,20 +348,29 @@ class LLMClient:
             kwargs["api_key"] = self.api_key
         for attempt in range(self.max_retries + 1):
             try:
-                return litellm.completion(**kwargs)
+                return self._send(kwargs, estimate)
+            except litellm.exceptions.ContextWindowExceededError:
+                raise
+            except PERMANENT as exc:
+                # The message may quote the request or part of a key: only the type and status go out.
+                status = getattr(exc, "status_code", "")
+                raise LLMError(f"LLM endpoint {self.api_base or self.model}: {type(exc).__name__} {status}".strip()
+                               + " (not retried: check the model name, key and request)") from None
             except TRANSIENT as exc:
                 last = attempt == self.max_retries
                 with self._lock:
                     usage.failed_calls += 1
                     usage.retries += 0 if last else 1
                 if last:
+                    endpoint = self.api_base or self.model
                     if _is_connection_error(exc):
-                        raise LLMUnreachable(f"LLM endpoint {self.api_base or self.model} unreachable "
+                        raise LLMUnreachable(f"LLM endpoint {endpoint} unreachable "
                                              f"after {self.max_retries + 1} attempts") from None
-                    raise
-                delay = _retry_after(exc) or self.backoff_s * (2**attempt) * (1 + random.random())
+                    raise LLMError(f"LLM endpoint {endpoint}: {type(exc).__name__} after {self.max_retries + 1} "
+                                   f"attempts (timeout_s={self.timeout_s})") from None
+                delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s, _retry_after(exc))
                 log.warning("LLM call failed (%s), retry %d in %.1fs", type(exc).__name__, attempt + 1, delay)
-                time.sleep(delay)
+                self.sleep(delay)
         raise AssertionError("unreachable")
 
     def _cache_path(self, key: str) -> Path | None:
@@ -221,14 +422,37 @@ def _parse(raw: str, cached: bool = False) -> Answer:
     return Answer(data, raw, None, cached)
 
 
+def backoff_delay(attempt: int, base_s: float, cap_s: float, retry_after: float | None = None,
+                  rand: Callable[[], float] = random.random) -> float:
+    """Seconds before retry `attempt` (0-based). The server's Retry-After wins (capped at
+    cap_s); otherwise exponential backoff base_s * 2**attempt, capped, times a jitter
+    factor in [1, 2) so that parallel callers do not retry in lockstep."""
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), cap_s)
+    return min(base_s * (2**attempt), cap_s) * (1.0 + rand())
+
+
 def _retry_after(exc: Exception) -> float | None:
+    """Seconds from a Retry-After (seconds or an HTTP date) or retry-after-ms header."""
     headers = getattr(exc, "litellm_response_headers", None) or getattr(
         getattr(exc, "response", None), "headers", None
     )
+    if headers is None:
+        return None
     try:
-        value = headers.get("retry-after") if headers is not None else None
-        return min(float(value), 60.0) if value is not None else None
-    except (TypeError, ValueError):
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return float(ms) / 1000.0
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, AttributeError):
         return None
 
 

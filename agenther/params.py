@@ -61,6 +61,10 @@ DEFAULTS: dict[str, Any] = {
         "concurrency": 2,
         "cache_dir": ".agenther-cache/llm",
         "context_tokens": 4096,
+        "requests_per_minute": None,  # per provider (model + api_base); None = unlimited
+        "tokens_per_minute": None,    # per provider, estimated before a call, settled after
+        "budget_usd": None,           # run-wide cap; None = none. Once spent, no new call starts
+        "budget_tokens": None,        # run-wide cap on prompt + completion tokens; None = none
     },
     # Read only by the Prefect flow (tasks/stages.py); how a run is orchestrated, not what it produces.
     "prefect": {
@@ -121,13 +125,22 @@ def _check(params: dict) -> None:
         raise ParamsError("verify.judges must name at least one judge")
     if int(params["relabel"]["max_attempts"]) < 1:
         raise ParamsError("relabel.max_attempts must be at least 1")
+    llm = params["llm"]
+    if int(llm["concurrency"]) < 1:
+        raise ParamsError(f"llm.concurrency must be at least 1, not {llm['concurrency']}")
+    for key in ("requests_per_minute", "tokens_per_minute", "budget_usd", "budget_tokens"):
+        value = llm.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+            raise ParamsError(f"llm.{key} must be a non-negative number or null, not {value!r}")
     from agenther.gates import gate_params  # here, not at import: gates imports this module
 
     gate_params(params)  # bad gate bounds fail before any stage runs
 
 
 # Settings that change how a run goes, not what it produces: left out of the lineage hash.
-RUNTIME_ONLY = {"llm": ("cache_dir", "concurrency", "timeout_s", "max_retries"),
+# (Rate limits only pace the calls; a budget decides which records are left undone, so it counts.)
+RUNTIME_ONLY = {"llm": ("cache_dir", "concurrency", "timeout_s", "max_retries", "requests_per_minute",
+                        "tokens_per_minute"),
                 "prefect": ("batch_size", "retries", "retry_backoff_s", "retry_jitter")}
 
 

@@ -4,10 +4,11 @@ any litellm model by configuration. The thin seam between the stages and the pro
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import ExitStack
 from pathlib import Path
 
-from agenther.llm import LLMClient, Usage
+from agenther.llm import Budget, LLMClient, RateLimiter, Usage
 
 LOCAL = "local"
 
@@ -16,12 +17,20 @@ class LLMs:
     """The relabeling model and the judge model, created on first use.
 
     With llm.model == "local" and no api_base, the project's own llama.cpp server is
-    started at the first call that needs it and stopped when the run ends."""
+    started at the first call that needs it and stopped when the run ends.
+
+    The clients share one Budget (llm.budget_usd / llm.budget_tokens), one in-flight
+    semaphore (llm.concurrency) and, per provider (model + api_base), one RateLimiter
+    (llm.requests_per_minute / llm.tokens_per_minute)."""
 
     def __init__(self, params: dict, clients: tuple[LLMClient, LLMClient | None] | None = None):
         self.params = params["llm"]
         self._stack = ExitStack()
         self._main, self._judge = clients if clients else (None, None)
+        given = self._main.budget if self._main is not None else None
+        self.budget = given if given is not None else Budget.from_params(self.params)
+        self.inflight = threading.BoundedSemaphore(max(1, int(self.params.get("concurrency") or 1)))
+        self._limiters: dict[tuple[str, str | None], RateLimiter] = {}
 
     @classmethod
     def from_params(cls, params: dict) -> LLMs:
@@ -81,6 +90,13 @@ class LLMs:
     def _declared(self, model: str) -> str:
         return f"local/{self.params['local_model']}" if model == LOCAL and not self.params.get("api_base") else model
 
+    def limiter(self, model: str, api_base: str | None) -> RateLimiter | None:
+        """The provider's rate limiter (one per model + api_base), or None without limits."""
+        rpm, tpm = self.params.get("requests_per_minute"), self.params.get("tokens_per_minute")
+        if not rpm and not tpm:
+            return None
+        return self._limiters.setdefault((model, api_base), RateLimiter(rpm, tpm))
+
     def _client(self, model: str) -> LLMClient:
         p = self.params
         common = {
@@ -88,16 +104,20 @@ class LLMs:
             "max_tokens": int(p["max_tokens"]),
             "timeout_s": float(p["timeout_s"]),
             "max_retries": int(p["max_retries"]),
+            "budget": self.budget,
+            "inflight": self.inflight,
         }
         if model == LOCAL and not p.get("api_base"):
             from agenther.local_model import LocalLLMServer
 
             server = self._stack.enter_context(LocalLLMServer(p["local_model"], n_ctx=max(4096, int(p["context_tokens"]) + 1024)))
             return LLMClient(model=server.model, api_base=server.api_base, api_key="local",
-                             identity=f"local/{p['local_model']}", **common)
+                             identity=f"local/{p['local_model']}",
+                             limiter=self.limiter(server.model, server.api_base), **common)
         if model == LOCAL:  # a llama.cpp (or other OpenAI-compatible) server the user runs
             model = "openai/local"
         api_key = os.environ.get("AGENTHER_LLM_API_KEY")
         if api_key is None and p.get("api_base") and model.startswith("openai/") and "OPENAI_API_KEY" not in os.environ:
             api_key = "none"  # OpenAI-compatible local servers want some key and ignore it
-        return LLMClient(model=model, api_base=p.get("api_base"), api_key=api_key, **common)
+        return LLMClient(model=model, api_base=p.get("api_base"), api_key=api_key,
+                         limiter=self.limiter(model, p.get("api_base")), **common)

@@ -3,7 +3,8 @@
 Each attempt must be valid JSON, carry a confidence at or above the threshold, and not
 restate the failed goal (small models often do). Attempt i samples at temperatures[i].
 A record with no passing attempt after max_attempts is rejected with the last reason:
-there is no "best attempt" fallback.
+there is no "best attempt" fallback. A record reached after the run's LLM budget is spent
+is rejected as `budget_exhausted` (left undone).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import polars as pl
 
 from agenther import schema
 from agenther.ask import ask
-from agenther.llm import LLMClient, map_concurrent
+from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.render import estimate_tokens, prompt_budget, render
 
 STAGE = "relabel"
@@ -84,6 +85,10 @@ def relabel_one(row: dict, params: dict, llm: LLMClient) -> tuple[dict | None, d
         asked = ask(llm, "relabel", SCHEMA, stage=STAGE, temperatures=[temperature], attempts=1,
                     first_seed=attempt, achievements=achievements,
                     transcript=transcript)
+        if asked.budget_exhausted:  # left undone, not judged: no further attempt can start
+            detail = "; ".join([*(f"attempt {i + 1}: {code} ({why})" for i, (code, why) in enumerate(failures)),
+                                asked.error or BUDGET_EXHAUSTED])
+            return None, schema.rejection(row["id"], STAGE, BUDGET_EXHAUSTED, detail)
         verdict = ("invalid_llm_answer", asked.error) if asked.data is None else gate(asked.data, row, p)
         if verdict is None:
             return row | {

@@ -14,7 +14,7 @@ import polars as pl
 
 import agenther
 from agenther import prompts, schema
-from agenther.llm import Usage
+from agenther.llm import BUDGET_EXHAUSTED, Usage
 from agenther.package import package, render_dataset_card, write_exports
 from agenther.params import params_hash
 from agenther.providers import LLMs
@@ -107,11 +107,33 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
             "exported_hindsight_samples": packaged.counts["hindsight_samples"],
         },
         "reconciliation": {"ok": all(checks.values()), "checks": checks},
-        "llm": {s: _rounded(u) for s, u in usage.items()} | {"total": _rounded(total)},
+        "llm": {s: _rounded(u) for s, u in usage.items()} | {"total": _rounded(total)}
+               | _accounting(params, total, rejected, accepted),
         "exports": {"files": digests, "sft": len(packaged.sft), "dpo": len(packaged.dpo),
                     "sharegpt": len(packaged.sharegpt)},
         "lineage": lineage,
         "notes": llms.notes(),
+    }
+
+
+def _accounting(params: dict, total: Usage, rejected: pl.DataFrame, accepted: int) -> dict:
+    """Budget and cost per accepted sample, from the stages' recorded usage and rejections,
+    so they hold when the stages ran in separate processes too."""
+    p = params["llm"]
+    tokens = total.prompt_tokens + total.completion_tokens
+    undone = rejected.filter((pl.col("reason") == BUDGET_EXHAUSTED)
+                             | pl.col("detail").str.starts_with(BUDGET_EXHAUSTED))  # extract: invalid_llm_answer
+    left = dict(sorted(Counter(undone["stage"].to_list()).items()))
+    limit = {"usd": p.get("budget_usd"), "tokens": p.get("budget_tokens")}
+    reached = ((limit["usd"] is not None and total.cost_usd >= float(limit["usd"]))
+               or (limit["tokens"] is not None and tokens >= int(limit["tokens"])))
+    return {
+        "budget": {"limit": limit, "spent": {"usd": round(total.cost_usd, 6), "tokens": tokens},
+                   "exhausted": bool(reached or left or total.budget_refused), "refused_calls": total.budget_refused,
+                   "records_left_undone": left},
+        "accepted_samples": accepted,
+        "cost_per_accepted_sample_usd": round(total.cost_usd / accepted, 6) if accepted else None,
+        "tokens_per_accepted_sample": round(tokens / accepted, 1) if accepted else None,
     }
 
 

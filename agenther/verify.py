@@ -8,6 +8,8 @@ Judges (params verify.judges):
   must point every requirement at the tool result that proves it.
 Policy `all`: one rejection is final (no fallback path accepts it; remaining judges are
 not even asked). Policy `majority`: strictly more than half must accept.
+A judge that cannot be asked because the run's LLM budget is spent ends the record's
+judging: it is not verified and is rejected as `budget_exhausted` (left undone).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import polars as pl
 from agenther import schema
 from agenther.ask import ask
 from agenther.grounding import ungrounded
-from agenther.llm import LLMClient, map_concurrent
+from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.render import prompt_budget, render
 
 STAGE = "verify"
@@ -103,6 +105,10 @@ JUDGES: dict[str, Callable[..., Judgement]] = {
 }
 
 
+def _undone(judgement: Judgement) -> bool:
+    return judgement["reason"].startswith(BUDGET_EXHAUSTED)
+
+
 def _invalid(judge: str, llm: LLMClient, error: str | None) -> Judgement:
     # A judge that cannot give a valid verdict has not accepted.
     return {"judge": judge, "model": llm.name, "accept": False, "confidence": 0.0, "reason": error or "no answer"}
@@ -129,9 +135,17 @@ def verify_one(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) ->
     judgements: list[Judgement] = []
     for name in names:
         judgements.append(JUDGES[name](row, params, llm, judge_llm))
+        if _undone(judgements[-1]):
+            return row | {"judgements": judgements, "verified": False}  # budget spent: left undone
         if policy == "all" and not judgements[-1]["accept"]:
             break  # final: no later judge can overturn it
     return row | {"judgements": judgements, "verified": decide(judgements, policy, len(names))}
+
+
+def _rejection_reason(judgements: list[Judgement]) -> str:
+    if any(_undone(j) for j in judgements):
+        return BUDGET_EXHAUSTED
+    return "rejected_by_" + "+".join(j["judge"] for j in judgements if not j["accept"])
 
 
 def verify(relabeled: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: LLMClient | None = None) -> schema.StageOutput:
@@ -143,7 +157,7 @@ def verify(relabeled: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: LLM
     rows = map_concurrent(lambda r: verify_one(r, params, llm, judge_llm), relabeled.to_dicts(),
                           int(params["llm"]["concurrency"]))
     rejected = [
-        schema.rejection(r["id"], STAGE, "rejected_by_" + "+".join(j["judge"] for j in r["judgements"] if not j["accept"]),
+        schema.rejection(r["id"], STAGE, _rejection_reason(r["judgements"]),
                          " | ".join(f"{j['judge']}: {j['reason']}" for j in r["judgements"] if not j["accept"]))
         for r in rows if not r["verified"]
     ]

@@ -215,13 +215,6 @@ PERSISTENT = {
     "401": (lambda request: Reply("invalid api key", status=401), {}),
     "400": (lambda request: Reply("model not loaded", status=400), {}),
 }
-CLI_BUG = ("agenther/cli.py main() catches only LLMUnreachable among provider errors: a timeout or 5xx that "
-           "outlasts the retries (litellm Timeout/InternalServerError re-raised at llm.py _call_with_retries "
-           "`raise`) and non-transient errors (AuthenticationError, BadRequestError) escape as a traceback "
-           "instead of exit 2 with one line")
-
-
-@pytest.mark.xfail(strict=True, reason=CLI_BUG)
 @pytest.mark.parametrize("name", list(PERSISTENT))
 def test_persistent_provider_errors_are_fatal_in_one_line(tmp_path, llm_server, capsys, name):
     brain, llm = PERSISTENT[name]

@@ -1,0 +1,241 @@
+"""LLM stage throughput: relabel + verify at several `llm.concurrency` values against a server
+that answers every call after a fixed latency; then warm reruns and compacted vs whole prompts.
+
+    .venv/bin/python bench/llm_throughput.py [--concurrency 1 8 64 128] [--serial-subset 24]
+                                             [--latency 0.2] [--in-process-server]
+
+Ingest, classify and extract run once on the tau-bench sample (data/raw/tau-bench/gpt-4o-airline.json,
+116 failures). Then, for every concurrency N, relabel + verify run on a copy of those tables with
+`llm.concurrency = N` and a fresh LLM cache (every call goes to the server), and once more on the
+same cache (the warm rerun: zero calls). The scripted server (tests/llm_server.py, the careful
+relabeler plus a trajectory judge that turns down about a third, as in prefect_overhead.py)
+sleeps `--latency` seconds in every answer. By default it runs in its own process, so its
+request parsing does not share this process's GIL with the client; `--in-process-server` puts it
+back in (as the tests do) to see what that costs.
+
+Concurrency 1 at 200 ms takes ~50 s on all candidates; it runs on the first `--serial-subset`
+candidates only (0 = all) and its records/s and calls/s are rates, so they compare directly.
+
+Last, the token bench: relabel + verify at the highest concurrency with compaction effectively
+off (`llm.context_tokens` huge) against the compacted run above; prompt tokens are the server's
+count (prompt chars / 4), divided by the samples the judges accepted.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the scripted LLM server the tests use
+
+import argparse  # noqa: E402
+import heapq  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+import zlib  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from http.server import ThreadingHTTPServer  # noqa: E402
+
+import polars as pl  # noqa: E402
+from llm_server import FakeLLMServer, Reply, careful_brain, prompt_kind  # noqa: E402
+
+from agenther import stages  # noqa: E402
+from agenther.params import load_params  # noqa: E402
+from agenther.providers import LLMs  # noqa: E402
+from agenther.stages import TABLES, run_stage  # noqa: E402
+
+TAU = ROOT / "data/raw/tau-bench/gpt-4o-airline.json"
+LATENCY = {"s": 0.2}
+
+
+def brain(request: dict) -> Reply:
+    # As in prefect_overhead.py: careful relabeler, trajectory judge rejects about a third.
+    if prompt_kind(request) == "judge_trajectory" and zlib.crc32(request["messages"][0]["content"].encode()) % 3 == 0:
+        reply: Reply | str = json.dumps({"satisfied": False, "consistent_with_user": True, "confidence": 0.9,
+                                         "reason": "no"})
+    else:
+        reply = careful_brain(request)
+    reply = Reply(reply) if isinstance(reply, str) else reply
+    reply.delay_s = LATENCY["s"]
+    return reply
+
+
+def _serve(conn, latency: float) -> None:  # the server process
+    LATENCY["s"] = latency
+    with FakeLLMServer(brain) as server:
+        conn.send(server.api_base)
+        conn.recv()  # until told to stop
+        conn.send(len(server.requests))
+
+
+@contextmanager
+def llm_server(latency: float, in_process: bool):
+    # socketserver listens with a backlog of 5: at 64-128 simultaneous connects (the test
+    # server answers HTTP/1.0, one connection per call) the kernel drops SYNs and the client
+    # retries them after 1 s. A real endpoint has a deep backlog; so does this one.
+    ThreadingHTTPServer.request_queue_size = 1024
+    if in_process:
+        LATENCY["s"] = latency
+        with FakeLLMServer(brain) as server:
+            yield server.api_base
+        return
+    parent, child = mp.get_context("fork").Pipe()
+    proc = mp.get_context("fork").Process(target=_serve, args=(child, latency), daemon=True)
+    proc.start()
+    try:
+        yield parent.recv()
+    finally:
+        parent.send("stop")
+        parent.recv()
+        proc.join(10)
+
+
+def params_for(api_base: str, cache: Path, concurrency: int, context_tokens: int | None = None) -> dict:
+    llm = {"model": "openai/local", "api_base": api_base, "cache_dir": str(cache), "concurrency": concurrency}
+    if context_tokens:
+        llm["context_tokens"] = context_tokens
+    return load_params(ROOT / "params.yaml", {"ingest": {"input": str(TAU), "format": "tau-bench"}, "llm": llm})
+
+
+# Time spent inside relabel() and verify() themselves (the LLM work), apart from the stage's
+# table I/O and Great Expectations gates around them.
+INNER: dict[str, float] = {}
+
+
+def _timed_inner(name: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            INNER[name] = INNER.get(name, 0.0) + time.perf_counter() - start
+    return wrapper
+
+
+stages.relabel = _timed_inner("relabel", stages.relabel)
+stages.verify = _timed_inner("verify", stages.verify)
+
+
+def relabel_verify(params: dict, base: Path, work: Path, subset: int | None) -> dict:
+    """Relabel + verify on a copy of the extracted tables; returns time, counts and usage."""
+    if not work.exists():
+        shutil.copytree(base, work)
+    if subset:
+        path = work / TABLES["extracted"]
+        pl.read_parquet(path).head(subset).write_parquet(path)
+    INNER.clear()
+    with LLMs.from_params(params) as llms:
+        start, cpu = time.perf_counter(), time.process_time()
+        run_stage("relabel", params, work, work, llms)
+        stats = run_stage("verify", params, work, work, llms)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        usage = llms.usage()
+    verified = pl.read_parquet(work / TABLES["verified"])
+    # Each record's chain of sequential calls: relabel attempts, then the LLM judges it reached.
+    relabeled = pl.read_parquet(work / TABLES["relabeled"])
+    attempts = dict(zip(relabeled["id"].to_list(), relabeled["relabel_attempts"].to_list(), strict=True))
+    relabel_chain = [attempts.get(i, int(params["relabel"]["max_attempts"]))
+                     for i in pl.read_parquet(work / TABLES["extracted"])["id"].to_list()]
+    verify_chain = [sum(j["judge"] != "grounding" for j in js) for js in verified["judgements"].to_list()]
+    return {"seconds": seconds, "inner": sum(INNER.values()), "records": pl.read_parquet(work / TABLES["extracted"]).height,
+            "relabeled": stats["in"], "accepted": int(verified["verified"].sum()) if verified.height else 0,
+            "calls": sum(u.calls for u in usage.values()), "hits": sum(u.cache_hits for u in usage.values()),
+            "prompt_tokens": sum(u.prompt_tokens for u in usage.values()),
+            "calls_by_stage": {s: u.calls for s, u in usage.items()}, "cpu": cpu,
+            "chains": (relabel_chain, verify_chain)}
+
+
+def makespan(chains: list[int], workers: int, latency: float) -> float:
+    """A thread pool's wall time when record i needs chains[i] sequential calls and nothing
+    else costs time (ThreadPoolExecutor.map: records start in order as workers free up)."""
+    free = [0.0] * min(workers, max(len(chains), 1))
+    for n in chains:
+        heapq.heappush(free, heapq.heappop(free) + n * latency)
+    return max(free)
+
+
+def ideal(r: dict, workers: int, latency: float) -> float:
+    # relabel must finish before verify starts (a stage barrier)
+    return makespan(r["chains"][0], workers, latency) + makespan(r["chains"][1], workers, latency)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 128])
+    parser.add_argument("--serial-subset", type=int, default=24,
+                        help="concurrency 1 runs on the first N extracted candidates (0 = all)")
+    parser.add_argument("--latency", type=float, default=0.2, help="seconds the server sleeps per answer")
+    parser.add_argument("--in-process-server", action="store_true")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="agenther-bench-llm-"))
+    rows = []
+    try:
+        with llm_server(args.latency, args.in_process_server) as api_base:
+            base = tmp / "base"
+            params = params_for(api_base, tmp / "cache-base", 1)
+            with LLMs.from_params(params) as llms:
+                for name in ("ingest", "classify", "extract"):
+                    run_stage(name, params, base, base, llms)
+            n = pl.read_parquet(base / TABLES["extracted"]).height
+            failures = int(pl.read_parquet(base / TABLES["classified"])["is_failure"].sum())
+            print(f"{failures} failures, {n} relabel candidates after extract; "
+                  f"server latency {args.latency * 1000:.0f} ms, "
+                  f"{'in-process' if args.in_process_server else 'separate-process'} server", flush=True)
+            # An unmeasured warm-up: litellm's first call pays imports and client set-up.
+            relabel_verify(params_for(api_base, tmp / "cache-warmup", 8), base, tmp / "warmup", 4)
+
+            for c in args.concurrency:
+                subset = args.serial_subset if c == 1 and args.serial_subset else None
+                params = params_for(api_base, tmp / f"cache-{c}", c)
+                cold = relabel_verify(params, base, tmp / f"work-{c}", subset)
+                warm = relabel_verify(params, base, tmp / f"work-{c}", subset)  # same cache, same tables
+                rows.append((c, cold, warm))
+                print(f"concurrency {c:4d}: {cold['records']:3d} records, {cold['calls']:3d} calls in "
+                      f"{cold['seconds']:6.2f} s (relabel()+verify() {cold['inner']:6.2f} s); warm rerun "
+                      f"{warm['seconds']:5.2f} s, {warm['calls']} calls, {warm['hits']} cache hits", flush=True)
+
+            top = max(args.concurrency)
+            whole = relabel_verify(params_for(api_base, tmp / "cache-whole", top, context_tokens=10**7), base,
+                                   tmp / "work-whole", None)
+            compact = next(cold for c, cold, _ in rows if c == top)
+            if compact["records"] != n:  # the top concurrency ran a subset: run the compacted side in full
+                compact = relabel_verify(params_for(api_base, tmp / "cache-compact", top), base, tmp / "work-compact", None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    base_rate = rows[0][1]["records"] / rows[0][1]["seconds"]
+    base_calls = rows[0][1]["calls"] / rows[0][1]["seconds"]
+    print(f"\nrelabel + verify, tau-bench ({n} candidates), {args.latency * 1000:.0f} ms per call, fresh cache each")
+    print("| concurrency | records | calls | time | CPU (client) | ideal | records/s | calls/s | vs 1 (records/s) "
+          "| vs 1 (calls/s) | warm rerun | warm calls | warm / cold |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for c, cold, warm in rows:
+        rate, calls = cold["records"] / cold["seconds"], cold["calls"] / cold["seconds"]
+        print(f"| {c} | {cold['records']} | {cold['calls']} | {cold['seconds']:.2f} s | {cold['cpu']:.2f} s "
+              f"| {ideal(cold, c, args.latency):.2f} s | {rate:.2f} | {calls:.1f} "
+              f"| {rate / base_rate:.1f}x | {calls / base_calls:.1f}x | {warm['seconds']:.2f} s | {warm['calls']} "
+              f"| {warm['seconds'] / cold['seconds'] * 100:.1f}% |")
+    c1 = rows[0][1]
+    print("\nideal: latency x the thread pool's makespan over each record's chain of sequential calls "
+          "(relabel attempts, then judges), relabel and verify one after the other; no CPU cost.")
+    print(f"client CPU per call at concurrency 1: {c1['cpu'] / max(c1['calls'], 1) * 1000:.1f} ms; "
+          f"wall per call: {c1['seconds'] / max(c1['calls'], 1) * 1000:.0f} ms")
+    chains = compact["chains"]
+    bound = ideal(compact, 10**6, args.latency)
+    print(f"longest chains: relabel {max(chains[0])} calls, verify {max(chains[1])} calls; "
+          f"unlimited workers: {bound:.2f} s for all {compact['records']} candidates"
+          + (f" = {compact['records'] / bound:.0f} records/s at most" if bound else ""))
+    print("\n| prompts | context_tokens | prompt tokens (relabel+verify) | calls | accepted | tokens / accepted sample |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, r, ctx in (("compacted", compact, "2048 (params.yaml)"), ("whole trajectory", whole, "10^7")):
+        per = r["prompt_tokens"] / r["accepted"] if r["accepted"] else float("nan")
+        print(f"| {label} | {ctx} | {r['prompt_tokens']} | {r['calls']} | {r['accepted']} | {per:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The non-LLM stages at scale: ingest, classify, extract, package on synthetic tau-bench logs.
+
+    .venv/bin/python bench/stages_scale.py [--sizes 1000 10000 30000] [--keep]
+
+For each size N the script writes a JSONL log of N tau-bench records derived from the 200 real
+ones (data/raw/tau-bench/gpt-4o-airline.json, cycled; copy k of a record has task_id
+original + 1000 * k, so ids are unique and each copy keeps its own trials; the trajectories
+themselves are byte-identical to the real ones). Generation is not timed. Then a fresh
+subprocess per size runs the stages as `agenther run` does (agenther.stages.run_stage, gates
+on, rule classify/extract), except that relabel and verify (the LLM stages, benched in
+llm_throughput.py) are replaced by empty outputs, so package exports the successes and the
+natural preference pairs. The child reports each stage's wall time and its peak RSS so far
+(getrusage ru_maxrss, which only grows: the peak after stage X is the peak of everything up
+to X). Prints records/s and MB/s (of the JSONL input) per stage and peak RSS per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TAU = ROOT / "data/raw/tau-bench/gpt-4o-airline.json"
+STAGES = ("ingest", "classify", "extract", "package")
+
+
+def generate(n: int, path: Path) -> None:
+    records = json.loads(TAU.read_text())
+    # Serialize each real record once; copies differ only in task_id (spliced in front).
+    bodies = [(r["task_id"], json.dumps({k: v for k, v in r.items() if k != "task_id"})) for r in records]
+    with path.open("w") as fh:
+        for i in range(n):
+            task_id, body = bodies[i % len(bodies)]
+            fh.write(f'{{"task_id": {task_id + 1000 * (i // len(bodies))}, {body[1:]}\n')
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def child(log: Path, work: Path) -> None:
+    from agenther import gates, schema
+    from agenther.llm import Usage
+    from agenther.params import load_params
+    from agenther.providers import LLMs
+    from agenther.stages import run_stage, save_filtered
+
+    params = load_params(ROOT / "params.yaml", {"ingest": {"input": str(log), "format": "tau-bench"}})
+    report = {"rss_after_imports_mb": peak_mb(), "stages": {}}
+    gate_s = [0.0]
+    check = gates.check
+
+    def timed_check(*a, **k):  # the Great Expectations gates each stage runs on its input tables
+        start = time.perf_counter()
+        try:
+            return check(*a, **k)
+        finally:
+            gate_s[0] += time.perf_counter() - start
+
+    gates.check = timed_check
+    with LLMs.from_params(params) as llms:
+        for name in STAGES:
+            if name == "package":  # the LLM stages, as if they had accepted nothing
+                for stage, kept in (("relabel", schema.RELABELED), ("verify", schema.VERIFIED)):
+                    empty = schema.StageOutput(schema.empty(kept), schema.empty(schema.REJECTION))
+                    save_filtered(stage, empty, work, 0, Usage())
+            start, gate_s[0] = time.perf_counter(), 0.0
+            result = run_stage(name, params, work, work / "out", llms)
+            report["stages"][name] = {"seconds": time.perf_counter() - start, "gates": gate_s[0],
+                                      "peak_rss_mb": peak_mb()}
+            if name == "ingest":
+                report["trajectories"] = result["trajectories"]
+    report["packaged"] = result["stages"]["package"]
+    print(json.dumps(report))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 30000])
+    parser.add_argument("--keep", action="store_true", help="keep the generated logs and work folders")
+    parser.add_argument("--child", nargs=2, metavar=("LOG", "WORK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(Path(args.child[0]), Path(args.child[1]))
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="agenther-bench-scale-"))
+    results = []
+    try:
+        for n in args.sizes:
+            log = tmp / f"tau-{n}.jsonl"
+            generate(n, log)
+            mb = log.stat().st_size / 1e6
+            print(f"{n} records, {mb:.0f} MB JSONL: running the stages in a fresh process ...", flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--child", str(log), str(tmp / f"work-{n}")],
+                                  capture_output=True, text=True, cwd=ROOT)
+            wall = time.perf_counter() - start
+            if proc.returncode:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                print(f"  size {n} failed (exit {proc.returncode}), wall {wall:.0f} s", flush=True)
+                continue
+            report = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append((n, mb, report))
+            print("  " + ", ".join(f"{s} {v['seconds']:.1f} s (peak {v['peak_rss_mb']:.0f} MB)"
+                                   for s, v in report["stages"].items()), flush=True)
+            if not args.keep:
+                log.unlink()
+                shutil.rmtree(tmp / f"work-{n}", ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    print("\n| records | input | stage | time | of which gates | records/s | MB/s | peak RSS so far |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n, mb, report in results:
+        for name, v in report["stages"].items():
+            print(f"| {n} | {mb:.0f} MB | {name} | {v['seconds']:.2f} s | {v['gates']:.2f} s | {n / v['seconds']:.0f} | "
+                  f"{mb / v['seconds']:.1f} | {v['peak_rss_mb']:.0f} MB |")
+        total = sum(v["seconds"] for v in report["stages"].values())
+        gate_total = sum(v["gates"] for v in report["stages"].values())
+        print(f"| {n} | {mb:.0f} MB | **all four** | {total:.2f} s | {gate_total:.2f} s | {n / total:.0f} | {mb / total:.1f} | "
+              f"{max(v['peak_rss_mb'] for v in report['stages'].values()):.0f} MB |")
+    print("\n| records | input MB | peak RSS | RSS after imports | peak / input |")
+    print("| --- | --- | --- | --- | --- |")
+    for n, mb, report in results:
+        peak = max(v["peak_rss_mb"] for v in report["stages"].values())
+        print(f"| {n} | {mb:.0f} | {peak:.0f} MB | {report['rss_after_imports_mb']:.0f} MB | {peak / mb:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
