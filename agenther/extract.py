@@ -90,7 +90,8 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
             asked = ask(llm, "extract", LLM_SCHEMA, stage=STAGE, temperatures=[0.0, 0.3], attempts=2,
                         transcript=render(row["messages"], budget_tokens=prompt_budget(params)))
             if asked.data is None:
-                return None, schema.rejection(row["id"], STAGE, "invalid_llm_answer", asked.error or "")
+                reason = "budget_exhausted" if asked.budget_exhausted else "invalid_llm_answer"
+                return None, schema.rejection(row["id"], STAGE, reason, asked.error or "")
             found = []
             for a in asked.data["achievements"]:
                 steps = valid_steps(a.get("steps") or [], row["messages"])
