@@ -53,7 +53,13 @@ TRANSIENT = (
 
 class LLMError(RuntimeError):
     """The provider keeps failing (errors that outlast the retries, or that no retry can fix:
-    bad key, unknown model, bad request): the run cannot go on. One line, no secrets."""
+    bad key, unknown model, bad request): the run cannot go on. One line, no secrets.
+    `transient`: the cause was a transient error (429/5xx/timeout) that outlasted the per-call
+    retries, so an orchestrator may retry later (a Prefect task retry); False otherwise."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class LLMUnreachable(LLMError):
@@ -367,7 +373,7 @@ class LLMClient:
                         raise LLMUnreachable(f"LLM endpoint {endpoint} unreachable "
                                              f"after {self.max_retries + 1} attempts") from None
                     raise LLMError(f"LLM endpoint {endpoint}: {type(exc).__name__} after {self.max_retries + 1} "
-                                   f"attempts (timeout_s={self.timeout_s})") from None
+                                   f"attempts (timeout_s={self.timeout_s})", transient=True) from None
                 delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s, _retry_after(exc))
                 log.warning("LLM call failed (%s), retry %d in %.1fs", type(exc).__name__, attempt + 1, delay)
                 self.sleep(delay)

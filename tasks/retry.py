@@ -2,7 +2,8 @@
 
 agenther.llm already retries each LLM call on 429/5xx/timeouts with backoff; a task retry is
 the second line, for an outage that outlasts those. Only transient errors are retried:
-- LLM provider: rate limits, 5xx, timeouts (litellm's exception classes, as agenther.llm.TRANSIENT);
+- LLM provider: rate limits, 5xx, timeouts (litellm's exception classes, as agenther.llm.TRANSIENT,
+  and agenther.llm.LLMError with `transient` set: those errors outlasted the per-call retries);
 - S3: throttling, 5xx, dropped or refused connections (botocore).
 Everything else fails the run at once: a bad input, a schema violation, a bug, and
 LLMUnreachable (the endpoint refused connections through every per-call retry: the server is
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agenther.llm import TRANSIENT, LLMUnreachable
+from agenther.llm import TRANSIENT, LLMError, LLMUnreachable
 
 S3_TRANSIENT_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
@@ -26,6 +27,8 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, TRANSIENT):
         return True
+    if isinstance(exc, LLMError):
+        return exc.transient
     try:  # botocore comes with boto3; keep this module importable without it
         from botocore.exceptions import (
             ClientError,
