@@ -221,6 +221,13 @@ class Usage:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
+    @staticmethod
+    def total(usages: Iterable[Usage]) -> Usage:
+        total = Usage()
+        for u in usages:
+            total.add(u)
+        return total
+
 
 @dataclass
 class LLMClient:
@@ -290,12 +297,6 @@ class LLMClient:
             self.budget.charge(prompt_tokens + completion_tokens, cost)
         self._cache_put(key, {"raw": raw, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
         return _parse(raw)
-
-    def total_usage(self) -> Usage:
-        total = Usage()
-        for u in self.usage.values():
-            total.add(u)
-        return total
 
     # -- internals --------------------------------------------------------------------------
     def _usage(self, stage: str) -> Usage:

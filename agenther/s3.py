@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -51,13 +52,15 @@ class S3Settings:
     __str__ = __repr__
 
 
-def s3_settings() -> S3Settings:
-    """From the environment: AGENTHER_S3_ENDPOINT (default the local SeaweedFS on :8333;
-    set it to "" for AWS S3), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION."""
-    endpoint = os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT).strip() or None
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return S3Settings(endpoint=endpoint, access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
-                      secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None, region=region)
+def s3_settings(env: Mapping[str, str] | None = None) -> S3Settings:
+    """From the environment (or `env`, e.g. a credentials.env file read as a dict):
+    AGENTHER_S3_ENDPOINT (default the local SeaweedFS on :8333; set it to "" for AWS S3),
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION."""
+    env = os.environ if env is None else env
+    endpoint = env.get(ENDPOINT_ENV, DEFAULT_ENDPOINT).strip() or None
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return S3Settings(endpoint=endpoint, access_key=env.get("AWS_ACCESS_KEY_ID") or None,
+                      secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None, region=region)
 
 
 def s3_client(settings: S3Settings | None = None, *, max_attempts: int = 5):

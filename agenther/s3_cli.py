@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 from agenther.s3 import (
-    S3Settings,
     SeaweedError,
     SeaweedFS,
     ensure_bucket,
@@ -29,6 +28,7 @@ from agenther.s3 import (
     random_secret_key,
     remove_grpc_sockets,
     s3_client,
+    s3_settings,
     stop_process,
 )
 
@@ -89,7 +89,7 @@ def start(root: Path, state: Path, port: int) -> int:
         (state / "weed.pid").write_text(f"{server.pid}\n")
         (state / "weed.ports.json").write_text(json.dumps(server.ports))  # for cleaning up at stop
         pid = server.pid
-    settings = S3Settings(creds["AGENTHER_S3_ENDPOINT"], creds["AWS_ACCESS_KEY_ID"], creds["AWS_SECRET_ACCESS_KEY"])
+    settings = s3_settings(creds)
     bucket = dvc_bucket(root)
     created = ensure_bucket(s3_client(settings), bucket)
     dvc_note = configure_dvc(root, creds, port)
@@ -122,8 +122,7 @@ def status(root: Path, state: Path, port: int) -> int:
         print("agenther s3: not running (bash scripts/s3.sh start)")
         return 1
     creds = read_env_file(state / "credentials.env")
-    settings = S3Settings(creds.get("AGENTHER_S3_ENDPOINT"), creds.get("AWS_ACCESS_KEY_ID"),
-                          creds.get("AWS_SECRET_ACCESS_KEY"))
+    settings = s3_settings(creds)
     try:
         buckets = [b["Name"] for b in s3_client(settings, max_attempts=1).list_buckets().get("Buckets", [])]
     except Exception as exc:  # status reports, it does not fail on a flaky answer

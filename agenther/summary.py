@@ -91,9 +91,7 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
             failures.height == packaged.counts["hindsight_samples"] + rejected.height,
     }
     usage = {s: _usage(read_stats(work, s)) for s in LLM_STAGES}
-    total = Usage()
-    for u in usage.values():
-        total.add(u)
+    total = Usage.total(usage.values())
     return {
         "input": {"path": str(params["ingest"]["input"]), "format": params["ingest"]["format"],
                   "limit": params["ingest"]["limit"]},

@@ -181,6 +181,12 @@ def evidence_steps(request: dict) -> list[int]:
     return [int(s) for s in re.findall(r"^\[(\d+)\] TOOL RESULT", user_text(request), re.M)]
 
 
+def careful_except(kind: str, answer: Callable[[dict], Reply | str]) -> Brain:
+    """careful_brain, but prompts of `kind` get `answer(request)`: the usual shape of a test
+    that scripts one misbehaving judge or relabeler."""
+    return lambda request: answer(request) if prompt_kind(request) == kind else careful_brain(request)
+
+
 def careful_brain(request: dict) -> Reply | str:
     kind = prompt_kind(request)
     if kind == "relabel":

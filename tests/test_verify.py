@@ -7,7 +7,7 @@ import json
 import polars as pl
 import pytest
 from conftest import TAU, make_params
-from llm_server import careful_brain, prompt_kind
+from llm_server import careful_except
 
 from agenther import schema
 from agenther.grounding import ungrounded
@@ -59,13 +59,8 @@ def _client(server, tmp_path) -> LLMClient:
 
 def test_trajectory_judge_rejection_is_final_under_all(tau, llm_server, tmp_path):
     # The trajectory judge rejects with full confidence; the evidence judge would accept.
-    def brain(request):
-        if prompt_kind(request) == "judge_trajectory":
-            return json.dumps({"satisfied": False, "consistent_with_user": True, "confidence": 0.99,
-                               "reason": "the flight was never booked"})
-        return careful_brain(request)
-
-    llm_server.brain = brain
+    llm_server.brain = careful_except("judge_trajectory", lambda r: json.dumps(
+        {"satisfied": False, "consistent_with_user": True, "confidence": 0.99, "reason": "the flight was never booked"}))
     params = make_params(tmp_path, llm_server)
     grounded = "I'm mia_li_3668. Book me a one-way economy flight from JFK to SEA on May 20."
     out = verify(_row(tau, FIRST, grounded), params, _client(llm_server, tmp_path))
@@ -80,12 +75,8 @@ def test_trajectory_judge_rejection_is_final_under_all(tau, llm_server, tmp_path
 def test_high_confidence_invalid_verdict_is_not_accepted_under_majority(tau, llm_server, tmp_path):
     # grounding rejects (invented ID) and the trajectory judge says not satisfied at 0.99:
     # the evidence judge alone accepting cannot carry a majority of three.
-    def brain(request):
-        if prompt_kind(request) == "judge_trajectory":
-            return json.dumps({"satisfied": False, "consistent_with_user": False, "confidence": 0.99, "reason": "no"})
-        return careful_brain(request)
-
-    llm_server.brain = brain
+    llm_server.brain = careful_except("judge_trajectory", lambda r: json.dumps(
+        {"satisfied": False, "consistent_with_user": False, "confidence": 0.99, "reason": "no"}))
     params = make_params(tmp_path, llm_server, verify={"policy": "majority"})
     invented = "I'm mia_li_3668. Change reservation QQ7777 to business class."
     out = verify(_row(tau, FIRST, invented), params, _client(llm_server, tmp_path))
@@ -97,12 +88,8 @@ def test_high_confidence_invalid_verdict_is_not_accepted_under_majority(tau, llm
 
 
 def test_majority_accepts_two_of_three(tau, llm_server, tmp_path):
-    def brain(request):
-        if prompt_kind(request) == "judge_evidence":
-            return json.dumps({"requirements": [], "all_met": False, "confidence": 0.9})
-        return careful_brain(request)
-
-    llm_server.brain = brain
+    llm_server.brain = careful_except("judge_evidence", lambda r: json.dumps(
+        {"requirements": [], "all_met": False, "confidence": 0.9}))
     params = make_params(tmp_path, llm_server, verify={"policy": "majority"})
     grounded = "I'm mia_li_3668. Book me a one-way economy flight from JFK to SEA on May 20."
     out = verify(_row(tau, FIRST, grounded), params, _client(llm_server, tmp_path))
@@ -111,13 +98,8 @@ def test_majority_accepts_two_of_three(tau, llm_server, tmp_path):
 
 
 def test_evidence_judge_sees_no_assistant_narration_and_low_confidence_rejects(tau, llm_server, tmp_path):
-    def brain(request):
-        if prompt_kind(request) == "judge_evidence":
-            return json.dumps({"requirements": [{"requirement": "x", "step": 7, "met": True}],
-                               "all_met": True, "confidence": 0.3})
-        return careful_brain(request)
-
-    llm_server.brain = brain
+    llm_server.brain = careful_except("judge_evidence", lambda r: json.dumps(
+        {"requirements": [{"requirement": "x", "step": 7, "met": True}], "all_met": True, "confidence": 0.3}))
     params = make_params(tmp_path, llm_server)
     grounded = "I'm mia_li_3668. Book me a one-way economy flight from JFK to SEA on May 20."
     out = verify(_row(tau, FIRST, grounded), params, _client(llm_server, tmp_path))
@@ -129,14 +111,12 @@ def test_evidence_judge_sees_no_assistant_narration_and_low_confidence_rejects(t
 
 def test_prompt_that_contradicts_the_user_is_rejected(tau, llm_server, tmp_path):
     # Multi-turn logs: the trajectory judge sees the user's turns and must flag a contradiction.
-    def brain(request):
-        if prompt_kind(request) == "judge_trajectory":
-            assert "] USER: " in request["messages"][0]["content"]  # the judge sees what the user said
-            return json.dumps({"satisfied": True, "consistent_with_user": False, "confidence": 0.95,
-                               "reason": "the user asked for economy"})
-        return careful_brain(request)
+    def contradicted(request):
+        assert "] USER: " in request["messages"][0]["content"]  # the judge sees what the user said
+        return json.dumps({"satisfied": True, "consistent_with_user": False, "confidence": 0.95,
+                           "reason": "the user asked for economy"})
 
-    llm_server.brain = brain
+    llm_server.brain = careful_except("judge_trajectory", contradicted)
     params = make_params(tmp_path, llm_server)
     prompt = "I'm mia_li_3668. Book me a one-way economy flight from JFK to SEA on May 20."
     out = verify(_row(tau, FIRST, prompt), params, _client(llm_server, tmp_path))
