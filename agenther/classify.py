@@ -19,7 +19,7 @@ import polars as pl
 
 from agenther import schema
 from agenther.ask import ask
-from agenther.llm import LLMClient, map_concurrent
+from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.render import prompt_budget, render, tool_calls
 
 READ_PREFIXES = ("get_", "search_", "list_", "find_", "lookup", "calculate", "think", "check_", "retrieve")
@@ -204,7 +204,12 @@ def classify(trajectories: pl.DataFrame, params: dict, llm: LLMClient | None = N
         recoverable = _recoverable(row["messages"])
         row_mode = "rule"
         if mode == "llm" and kind != schema.NOT_A_FAILURE and row["success"] is not True:
-            kind, severity, recoverable, reason, row_mode = _llm_classify(row, reason, params, llm)
+            said = _llm_classify(row, reason, params, llm)
+            if said is None:  # the budget was spent first: left undone; the rules' type and severity stand
+                reason = f"{BUDGET_EXHAUSTED}: not classified by the LLM (rules: {reason})"
+                recoverable, row_mode = False, "llm-budget"
+            else:
+                kind, severity, recoverable, reason, row_mode = said
         severity = round(min(1.0, max(0.0, float(severity))), 4)
         is_failure = kind != schema.NOT_A_FAILURE
         recoverable = bool(is_failure and recoverable and severity <= max_severity)
@@ -221,13 +226,16 @@ def classify(trajectories: pl.DataFrame, params: dict, llm: LLMClient | None = N
     return schema.frame(rows, schema.CLASSIFIED)
 
 
-def _llm_classify(row: dict, signals: str, params: dict, llm: LLMClient | None) -> tuple:
+def _llm_classify(row: dict, signals: str, params: dict, llm: LLMClient | None) -> tuple | None:
+    """(failure_type, severity, recoverable, reason, mode) from the LLM; None if the budget is spent."""
     if llm is None:
         raise ValueError("classify.mode is 'llm' but no LLM is configured")
     asked = ask(
         llm, "classify", LLM_SCHEMA, stage="classify", temperatures=[0.0], attempts=2,
         signals=signals, transcript=render(row["messages"], budget_tokens=prompt_budget(params)),
     )
+    if asked.budget_exhausted:
+        return None
     if asked.data is None or asked.data["failure_type"] not in (*schema.FAILURE_TYPES, schema.NOT_A_FAILURE):
         # Not recoverable: the record stops at extract with this reason, it does not vanish.
         return "incomplete", 1.0, False, f"llm classification failed: {asked.error or asked.data}", "llm-invalid"

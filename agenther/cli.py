@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 from agenther import s3_cli
 
@@ -71,6 +76,32 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "s3":
         return s3_cli.run(args)
+    with _sigterm_exits():
+        return _main(args)
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While a command runs, SIGTERM ends it like an exception: `with` blocks unwind, so the
+    local model server is stopped cleanly (it would also exit by itself once we are gone:
+    local_model.spawn_tied). Only where SIGTERM still has its default action (a caller's own
+    handler, e.g. an orchestrator's, is kept), and the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(args: argparse.Namespace) -> int:
     # Imported here so that `agenther --help` is instant (litellm and polars take seconds).
     from agenther.ingest import IngestError
     from agenther.llm import LLMError
@@ -103,18 +134,58 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stage(args: argparse.Namespace, params: dict) -> int:
-    from pathlib import Path
-
     from agenther.providers import LLMs
     from agenther.stages import run_stage
 
-    Path(args.work).mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     with LLMs.from_params(params) as llms:
-        result = run_stage(args.name, params, Path(args.work), Path(args.out), llms)
+        carried = carry_budget(llms, args.name, work)
+        result = run_stage(args.name, params, work, Path(args.out), llms)
+    if carried is not None:
+        _record_carried(work, args.name, carried)
+        result = result | {"budget_carried_in": carried}
     if args.name == "package":
         result = {"gates": result["gates"], "reconciled": result["reconciliation"]["ok"]}
     print(json.dumps({args.name: result}, sort_keys=True))
     return 0
+
+
+def carry_budget(llms, stage: str, work: Path) -> dict | None:
+    """Charge this process's budget with what the earlier LLM stages of `work` spent.
+
+    `agenther stage` (and so `dvc repro`) runs each stage in its own process with a fresh
+    Budget; without this, every stage could spend the whole llm.budget_* again. The earlier
+    stages' recorded usage (their NN_<stage>.json: real calls only, cache hits are free) is
+    charged before the first call, so the cap holds for the run as in `agenther run`, where
+    one process shares one Budget (which never calls this: no double counting).
+    Returns what was carried in, or None for stages that make no LLM call."""
+    from agenther.stages import read_stats
+    from agenther.summary import LLM_STAGES
+
+    if stage not in LLM_STAGES:
+        return None
+    tokens, usd, stages = 0, 0.0, []
+    for earlier in LLM_STAGES[:LLM_STAGES.index(stage)]:
+        try:
+            usage = read_stats(work, earlier).get("usage") or {}
+        except FileNotFoundError:
+            continue  # not run in this folder (the stage's own input check reports what is missing)
+        tokens += int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
+        usd += float(usage.get("cost_usd", 0.0))
+        stages.append(earlier)
+    llms.budget.charge(tokens, usd)
+    return {"from": stages, "tokens": tokens, "usd": round(usd, 6)}
+
+
+def _record_carried(work: Path, stage: str, carried: dict) -> None:
+    """Add what the stage's budget started from to its stats file (NN_<stage>.json)."""
+    from agenther.stages import STATS
+
+    path = work / STATS[stage]
+    stats = json.loads(path.read_text())
+    stats["budget_carried_in"] = carried
+    path.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import polars as pl
 from agenther import schema
 from agenther.ask import ask
 from agenther.classify import GIVE_UP, has_payload, is_error, is_write
-from agenther.llm import LLMClient, map_concurrent
+from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.render import prompt_budget, render, tool_calls
 
 STAGE = "extract"
@@ -81,6 +81,8 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
     failures = classified.filter(pl.col("is_failure")).to_dicts()
 
     def one(row: dict) -> tuple[dict | None, dict | None]:
+        if row["classify_mode"] == "llm-budget":  # classify never got an answer for it
+            return None, schema.rejection(row["id"], STAGE, BUDGET_EXHAUSTED, row["classify_reason"])
         if not row["recoverable"]:
             return None, schema.rejection(row["id"], STAGE, "not_recoverable",
                                           f"{row['failure_type']} (severity {row['severity']}): {row['classify_reason']}")
@@ -90,7 +92,7 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
             asked = ask(llm, "extract", LLM_SCHEMA, stage=STAGE, temperatures=[0.0, 0.3], attempts=2,
                         transcript=render(row["messages"], budget_tokens=prompt_budget(params)))
             if asked.data is None:
-                reason = "budget_exhausted" if asked.budget_exhausted else "invalid_llm_answer"
+                reason = BUDGET_EXHAUSTED if asked.budget_exhausted else "invalid_llm_answer"
                 return None, schema.rejection(row["id"], STAGE, reason, asked.error or "")
             found = []
             for a in asked.data["achievements"]:

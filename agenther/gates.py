@@ -147,7 +147,7 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
     in_set("failure_type", [*schema.FAILURE_TYPES, schema.NOT_A_FAILURE])
     if table == "classified":
         not_null("is_failure", "failure_type", "severity", "recoverable", "classify_mode")
-        in_set("classify_mode", list(MODES))
+        in_set("classify_mode", list(schema.CLASSIFY_MODES))
         if has("is_failure", "failure_type"):
             failures = df.filter(pl.col("is_failure") & pl.col("failure_type").is_not_null())
             if failures.height >= min_rows and float(g["max_failure_type_share"]) < 1.0:
@@ -257,40 +257,50 @@ def _gx() -> _GX:
     return _STATE["gx"]
 
 
-def _scalar_frame(df: pl.DataFrame, ok: set[str]) -> pl.DataFrame:
-    """GX handles scalars: a list column becomes its length; a mistyped one only keeps its name."""
+# Text columns whose values a suite checks (uniqueness, allowed sets); any other text column
+# is only checked for nulls, so the gate sees its length: the tools schemas, metadata and
+# goals of 100k trajectories would otherwise cost GB in pandas.
+VALUE_COLUMNS = {"id", "source_format", "failure_type", "classify_mode", "extract_mode"}
+
+
+def _scalar_frame(lf: pl.LazyFrame, columns: pl.Schema, ok: set[str]) -> pl.DataFrame:
+    """GX handles scalars: a list column becomes its length, so does a text column whose values
+    no expectation reads (VALUE_COLUMNS); a mistyped one only keeps its name. Collected with
+    the streaming engine from a lazy scan: only these small columns are ever in memory."""
     cols = []
-    for name, dtype in df.schema.items():
+    for name, dtype in columns.items():
         if isinstance(dtype, pl.List) and name in ok:
             cols.append(pl.col(name).list.len().cast(pl.Int64))
+        elif dtype == pl.String and name in ok and name not in VALUE_COLUMNS:
+            cols.append(pl.col(name).str.len_bytes().cast(pl.Int64))
         elif dtype.is_nested() or (name in CONTRACT_COLUMNS and name not in ok):
             cols.append(pl.lit(None, dtype=pl.Int64).alias(name))
         else:
             cols.append(pl.col(name))
-    return df.select(cols)
+    return lf.select(cols).collect(engine="streaming")
 
 
 
-def _sub_table(df: pl.DataFrame, batch: str, ok: set[str]) -> tuple[pl.DataFrame, list[str]]:
+def _sub_table(lf: pl.LazyFrame, scalars: pl.DataFrame, batch: str, ok: set[str]) -> tuple[pl.DataFrame, list[str]]:
     """The frame for a sub-batch and the column(s) that name its rows in messages."""
     if batch == "failure_type_shares":
-        failures = df.filter(pl.col("is_failure") & pl.col("failure_type").is_not_null())
+        failures = scalars.filter(pl.col("is_failure") & pl.col("failure_type").is_not_null())
         shares = (failures.group_by("failure_type").agg(pl.len().cast(pl.Int64).alias("failures"))
                   .with_columns((pl.col("failures") / failures.height).alias("share")).sort("failure_type"))
         return shares, ["failure_type"]
     # achievements, judgements: one row per list element, with its row's id; list fields as lengths
     index = ["id"] if "id" in ok else []  # a missing id is reported by the main batch
-    exploded = df.select(*index, batch).explode(batch).drop_nulls(batch).unnest(batch)
+    exploded = lf.select(*index, batch).explode(batch).drop_nulls(batch).unnest(batch).collect(engine="streaming")
     return exploded.with_columns(pl.col(c).list.len().cast(pl.Int64)
                                  for c, t in exploded.schema.items() if isinstance(t, pl.List)), index
 
 
-def _dtype_checks(df: pl.DataFrame, table: str) -> tuple[list[dict], set[str]]:
+def _dtype_checks(columns: pl.Schema, table: str) -> tuple[list[dict], set[str]]:
     entries, ok = [], set()
     for name, dtype in CONTRACTS[table].items():
-        if name not in df.columns:
+        if name not in columns:
             continue  # reported by expect_table_columns_to_match_set
-        observed = df.schema[name]
+        observed = columns[name]
         entries.append({"batch": table, "type": DTYPE_CHECK, "kwargs": {"column": name, "dtype": str(dtype)},
                         "success": observed == dtype, "observed": {"observed_value": str(observed)},
                         "why": "the contract dtype (agenther/schema.py)"})
@@ -332,9 +342,10 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else str(value)
 
 
-def check(df: pl.DataFrame, table: str, params: dict, results_dir: Path | None,
+def check(df: pl.DataFrame | pl.LazyFrame, table: str, params: dict, results_dir: Path | None,
           source: str | None = None) -> dict:
     """Validate `df` as `table`; write `results_dir/<table>.json`; raise GateFailed on failure.
+    `df` may be lazy (`pl.scan_parquet`): then only its scalar projection is ever collected.
     Returns the result: {table, success, rows, expectations: [{batch, type, kwargs, success, observed, why}]}."""
     if table not in CONTRACTS:
         raise ValueError(f"no gate for table {table!r}; gated tables: {', '.join(CONTRACTS)}")
@@ -342,22 +353,25 @@ def check(df: pl.DataFrame, table: str, params: dict, results_dir: Path | None,
 
     params = DEFAULTS | (params or {})  # a partial params dict gets the default sections
     g = gate_params(params)
+    lf = df.lazy()
+    columns = lf.collect_schema()
     with _LOCK:
         gx = _gx()
-        entries, ok = _dtype_checks(df, table)
-        suite = _suite(df, table, params, ok)
-        entries += _run(gx, table, suite.batches.get("main", []), _scalar_frame(df, ok), ["id"] if "id" in ok else [])
+        entries, ok = _dtype_checks(columns, table)
+        scalars = _scalar_frame(lf, columns, ok)
+        suite = _suite(scalars, table, params, ok)
+        entries += _run(gx, table, suite.batches.get("main", []), scalars, ["id"] if "id" in ok else [])
         for batch, expectations in suite.batches.items():
             if batch != "main":
-                sub, index = _sub_table(df, batch, ok)
+                sub, index = _sub_table(lf, scalars, batch, ok)
                 if sub.height:  # row checks on no rows pass: skip the ~20 ms
                     entries += _run(gx, f"{table}.{batch}", expectations, sub, index)
     result = {
         "table": table,
         "source": source,
         "success": all(e["success"] for e in entries),
-        "rows": df.height,
-        "distribution_checks": df.height >= int(g["min_rows_for_distribution"]),
+        "rows": scalars.height,
+        "distribution_checks": scalars.height >= int(g["min_rows_for_distribution"]),
         "statistics": {"evaluated": len(entries), "failed": sum(not e["success"] for e in entries)},
         "note": "list columns are validated as their lengths; batches '<table>.achievements' and "
                 "'<table>.judgements' are the exploded list elements, '<table>.failure_type_shares' the share "

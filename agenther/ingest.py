@@ -20,6 +20,9 @@ from agenther.adapters.common import Quarantined, UnreadableFile, excerpt, first
 from agenther.adapters.messages import MessagesMapping
 
 SUFFIXES = (".json", ".jsonl")
+# A trajectory bigger than this is quarantined (params ingest.max_trajectory_mb): no model
+# context holds it, and one 50 MB tool dump would otherwise flow into every export.
+DEFAULT_MAX_TRAJECTORY_MB = 8.0
 
 
 class IngestError(Exception):
@@ -28,7 +31,7 @@ class IngestError(Exception):
 
 @dataclass
 class IngestResult:
-    trajectories: pl.DataFrame  # schema.TRAJECTORY, sorted by id
+    trajectories: pl.DataFrame  # schema.TRAJECTORY, in reading order
     quarantine: pl.DataFrame  # schema.QUARANTINE
     records_in: int  # raw records seen: len(trajectories) + len(quarantine)
 
@@ -89,16 +92,20 @@ def _read_file(path: Path, fmt: str, mapping: MessagesMapping) -> Iterator[dict 
     return messages.read(path, mapping)
 
 
-def ingest(
+def read_logs(
     path: str | Path,
     fmt: str = "auto",
     mapping: MessagesMapping | None = None,
     limit: int | None = None,
-) -> IngestResult:
-    """Read a file or a folder (*.json / *.jsonl, recursive, sorted) into the canonical tables.
+    max_trajectory_mb: float | None = DEFAULT_MAX_TRAJECTORY_MB,
+) -> Iterator[dict | Quarantined]:
+    """Every raw record of a file or a folder (*.json / *.jsonl, recursive, sorted), in reading
+    order: a trajectory row (schema.TRAJECTORY) or a Quarantined row. One record at a time
+    (JSONL is read line by line), so a caller can write them out in batches.
 
     `limit` keeps the first N good trajectories in reading order and stops reading there.
-    A later record with an id already seen is quarantined as a duplicate.
+    A later record with an id already seen is quarantined as a duplicate; so is a trajectory
+    whose text (contents, tool arguments, tool schemas) exceeds `max_trajectory_mb`.
     """
     root, mapping = Path(path), mapping or MessagesMapping()
     if not root.exists():
@@ -111,37 +118,63 @@ def ingest(
     if not files:
         raise IngestError(f"{path}: no .json or .jsonl files under it")
 
-    rows: list[dict[str, Any]] = []
-    bad: list[dict[str, str]] = []
-    seen: dict[str, str] = {}
-    records_in = 0
+    max_chars = None if max_trajectory_mb is None else float(max_trajectory_mb) * 1e6
+    seen: dict[str, str] = {}  # id -> where (ids only: small next to the trajectories)
+    kept = 0
     for f in files:
-        if limit is not None and len(rows) >= limit:
+        if limit is not None and kept >= limit:
             break
         try:
             for item in _read_file(f, fmt, mapping):
-                records_in += 1
                 if isinstance(item, Quarantined):
-                    bad.append(item.row())
+                    yield item
                 elif item["id"] in seen:
                     reason = f"duplicate id {item['id']!r} (first seen at {seen[item['id']]})"
-                    bad.append(
-                        Quarantined(str(f), item["record_pointer"], reason, excerpt(item["goal"])).row()
-                    )
+                    yield Quarantined(str(f), item["record_pointer"], reason, excerpt(item["goal"]))
+                elif max_chars is not None and (size := trajectory_chars(item)) > max_chars:
+                    reason = (f"{item['record_pointer'] or 'record'}: trajectory text is {size / 1e6:.1f} MB, over "
+                              f"ingest.max_trajectory_mb = {max_trajectory_mb:g} (raise it to keep such records)")
+                    yield Quarantined(str(f), item["record_pointer"], reason, excerpt(item["goal"]))
                 else:
                     seen[item["id"]] = f"{f} {item['record_pointer']}".strip()
-                    rows.append(item)
-                    if limit is not None and len(rows) >= limit:
+                    kept += 1
+                    yield item
+                    if limit is not None and kept >= limit:
                         break
         except (IngestError, UnreadableFile) as exc:
             if root.is_file():
                 raise IngestError(str(exc)) from exc
             # Inside a folder one unreadable file must not sink the others.
-            records_in += 1
-            bad.append(Quarantined(str(f), "", str(exc), excerpt(f.read_bytes()[:400])).row())
+            with f.open("rb") as fh:
+                yield Quarantined(str(f), "", str(exc), excerpt(fh.read(400)))
 
-    trajectories = schema.frame(rows, schema.TRAJECTORY).sort("id")
-    return IngestResult(trajectories, schema.frame(bad, schema.QUARANTINE), records_in)
+
+def trajectory_chars(row: dict) -> int:
+    """The size of a trajectory's text: message contents, tool-call arguments, tool schemas."""
+    total = len(row.get("tools") or "")
+    for m in row["messages"]:
+        total += len(m.get("content") or "")
+        total += sum(len(c.get("arguments") or "") for c in m.get("tool_calls") or [])
+    return total
+
+
+def ingest(
+    path: str | Path,
+    fmt: str = "auto",
+    mapping: MessagesMapping | None = None,
+    limit: int | None = None,
+    max_trajectory_mb: float | None = DEFAULT_MAX_TRAJECTORY_MB,
+) -> IngestResult:
+    """`read_logs` collected into the canonical tables (rows in reading order)."""
+    rows: list[dict[str, Any]] = []
+    bad: list[dict[str, str]] = []
+    for item in read_logs(path, fmt, mapping, limit, max_trajectory_mb):
+        if isinstance(item, Quarantined):
+            bad.append(item.row())
+        else:
+            rows.append(item)
+    return IngestResult(schema.frame(rows, schema.TRAJECTORY), schema.frame(bad, schema.QUARANTINE),
+                        len(rows) + len(bad))
 
 
 def ingest_params(section: dict[str, Any]) -> IngestResult:
@@ -151,4 +184,5 @@ def ingest_params(section: dict[str, Any]) -> IngestResult:
         fmt=section.get("format") or "auto",
         mapping=MessagesMapping.from_params(section.get("messages")),
         limit=section.get("limit"),
+        max_trajectory_mb=section.get("max_trajectory_mb", DEFAULT_MAX_TRAJECTORY_MB),
     )

@@ -304,6 +304,20 @@ class LLMClient:
             return self.usage.setdefault(stage, Usage())
 
     def _response_format(self, schema: dict) -> dict:
+        kind = self._format_kind()
+        if kind == "json_object_schema":
+            return {"type": "json_object", "schema": schema}
+        if kind == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+        return {"type": "json_object"}
+
+    def _format_kind(self) -> str:
+        """The response_format kind for this client's model, resolved once (it depends only on
+        the model and api_base; litellm's capability lookup is not free on every call)."""
+        key = (self.response_format, self.model, self.api_base)
+        resolved = self.__dict__.get("_kind")
+        if resolved is not None and resolved[0] == key:
+            return resolved[1]
         kind = self.response_format
         if kind == "auto":
             # llama.cpp servers take a schema inside json_object (grammar-constrained) and
@@ -314,21 +328,29 @@ class LLMClient:
                 kind = "json_schema"
             else:
                 kind = "json_object"
-        if kind == "json_object_schema":
-            return {"type": "json_object", "schema": schema}
-        if kind == "json_schema":
-            return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
-        return {"type": "json_object"}
+        self.__dict__["_kind"] = (key, kind)
+        return kind
 
     def _cost(self, response: Any, prompt_tokens: int, completion_tokens: int) -> float:
         """USD from litellm's offline price map for the declared model and the real usage;
-        0 for local and unknown models (the map has no price for them)."""
-        try:
-            prompt_usd, completion_usd = litellm.cost_per_token(
-                model=self.model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-            return float(prompt_usd) + float(completion_usd)
-        except Exception:
-            return _cost(response)
+        0 for local and unknown models (the map has no price for them). The map is fixed for
+        the process, so a model found unpriced once is not looked up again (for an unknown
+        model both lookups fail through litellm's slow search of every provider's aliases)."""
+        unpriced = _UNPRICED
+        if self.model not in unpriced:
+            try:
+                prompt_usd, completion_usd = litellm.cost_per_token(
+                    model=self.model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+                return float(prompt_usd) + float(completion_usd)
+            except Exception:
+                unpriced.add(self.model)
+        answered_by = getattr(response, "model", None)
+        if answered_by in unpriced:
+            return 0.0
+        cost = _cost(response)
+        if not cost and isinstance(answered_by, str) and prompt_tokens + completion_tokens > 0:
+            unpriced.add(answered_by)
+        return cost
 
     def _send(self, kwargs: dict, estimate: int) -> Any:
         """One HTTP request: rate limit first, then at most `inflight` open at once."""
@@ -385,15 +407,22 @@ class LLMClient:
 
     def _cache_get(self, key: str) -> dict | None:
         path = self._cache_path(key)
-        if path is None or not path.exists():
+        if path is None:
             return None
         try:
-            entry = json.loads(path.read_text())
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("unreadable LLM cache entry %s (%s): treated as a miss", path.name, exc)
+            return None
+        try:
+            entry = json.loads(text)
             body = entry["body"]
             if entry["key"] != key or entry["sha256"] != _digest(body):
                 raise ValueError("checksum mismatch")
             return body
-        except (ValueError, KeyError, TypeError, OSError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             log.warning("corrupt LLM cache entry %s (%s): treated as a miss", path.name, exc)
             return None
 
@@ -401,10 +430,22 @@ class LLMClient:
         path = self._cache_path(key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = path.parent
+        if folder not in _MADE_DIRS:  # one mkdir per shard folder and process, not one per call
+            folder.mkdir(parents=True, exist_ok=True)
+            _MADE_DIRS.add(folder)
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "sha256": _digest(body), "body": body}, sort_keys=True))
+        try:
+            tmp.write_text(json.dumps({"key": key, "sha256": _digest(body), "body": body}, sort_keys=True))
+        except FileNotFoundError:  # the folder went away since (a test or a user cleaned the cache)
+            _MADE_DIRS.discard(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"key": key, "sha256": _digest(body), "body": body}, sort_keys=True))
         tmp.replace(path)  # atomic: a killed run never leaves half an entry
+
+
+_UNPRICED: set[str] = set()  # models litellm's offline price map has no price for
+_MADE_DIRS: set[Path] = set()  # cache shard folders this process has created or found
 
 
 def _is_connection_error(exc: Exception) -> bool:

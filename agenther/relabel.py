@@ -104,9 +104,14 @@ def relabel_one(row: dict, params: dict, llm: LLMClient) -> tuple[dict | None, d
     return None, schema.rejection(row["id"], STAGE, reason, detail)
 
 
-def relabel(extracted: pl.DataFrame, params: dict, llm: LLMClient) -> schema.StageOutput:
-    results = map_concurrent(lambda r: relabel_one(r, params, llm), extracted.to_dicts(),
-                             int(params["llm"]["concurrency"]))
+def relabel_output(results: list[tuple[dict | None, dict | None]]) -> schema.StageOutput:
+    """The stage's tables from relabel_one's results, in input order."""
     kept = [k for k, _ in results if k is not None]
     rejected = [r for _, r in results if r is not None]
     return schema.StageOutput(schema.frame(kept, schema.RELABELED), schema.frame(rejected, schema.REJECTION))
+
+
+def relabel(extracted: pl.DataFrame, params: dict, llm: LLMClient) -> schema.StageOutput:
+    results = map_concurrent(lambda r: relabel_one(r, params, llm), extracted.to_dicts(),
+                             int(params["llm"]["concurrency"]))
+    return relabel_output(results)

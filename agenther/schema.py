@@ -75,8 +75,11 @@ CLASSIFIED = TRAJECTORY | {
     "severity": pl.Float64,
     "recoverable": pl.Boolean,  # worth relabeling: something was verifiably achieved
     "classify_reason": pl.String,
-    "classify_mode": pl.String,  # rule | llm
+    "classify_mode": pl.String,  # CLASSIFY_MODES
 }
+# llm-invalid: the model's answer was unusable; llm-budget: the run's LLM budget was spent
+# first. Either way the failure is not recoverable and extract rejects it with the reason.
+CLASSIFY_MODES = ("rule", "llm", "llm-invalid", "llm-budget")
 
 ACHIEVEMENT = pl.Struct({"text": pl.String, "steps": pl.List(pl.Int64), "kind": pl.String})
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -15,33 +16,47 @@ import polars as pl
 import agenther
 from agenther import prompts, schema
 from agenther.llm import BUDGET_EXHAUSTED, Usage
-from agenther.package import package, render_dataset_card, write_exports
+from agenther.package import SortedJsonlSink, package_into, render_dataset_card
 from agenther.params import params_hash
 from agenther.providers import LLMs
-from agenther.stages import read_stats, read_table, write_table
+from agenther.stages import gate_table, read_stats, read_table, write_table
+from agenther.tables import batch_rows, iter_batches, scan_columns
 
 LLM_STAGES = ("classify", "extract", "relabel", "verify")
 
 
 def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
-    classified = read_table(work, "classified", schema.CLASSIFIED, params)
-    verified = read_table(work, "verified", schema.VERIFIED, params)
+    classified_path = gate_table(work, "classified", schema.CLASSIFIED, params)  # big: read in batches
+    verified = read_table(work, "verified", schema.VERIFIED, params)  # small: one row per judged relabel
     lineage = {
         "agenther_version": agenther.__version__,
         "params_hash": params_hash(params),
         "models": {"relabel": llms.main_name(), "judges": llms.judge_names(params)},
         "prompt_hashes": prompts.all_hashes(),
     }
-    packaged = package(verified.filter(pl.col("verified")), classified, params["package"], lineage)
-    out.mkdir(parents=True, exist_ok=True)
-    digests = write_exports(packaged, out)
+    size = batch_rows(params)
+    sink = SortedJsonlSink(out, size)
+    package_rejections, counts = package_into(
+        sink, verified.filter(pl.col("verified")),
+        lambda columns=None: iter_batches(classified_path, size, columns), params["package"], lineage, size)
+    digests = sink.close()
+    packaged = PackageCounts(package_rejections, counts, {name.removesuffix(".jsonl"): n for name, n in sink.rows.items()})
     rejected = pl.concat([read_table(work, f"{s}_rejected", schema.REJECTION, params) for s in ("extract", "relabel", "verify")]
-                         + [packaged.rejections])
+                         + [package_rejections])
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
+    classified = scan_columns(classified_path, ["is_failure", "recoverable", "failure_type", "source_format"])
     summary = summarize(params, work, classified, verified, packaged, rejected, lineage, digests, llms)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     (out / "dataset_card.md").write_text(render_dataset_card(summary))
     return summary
+
+
+@dataclass
+class PackageCounts:
+    """What the summary needs of the package stage (the rows themselves are in the files)."""
+    rejections: pl.DataFrame
+    counts: dict
+    exported: dict[str, int]  # sft / dpo / sharegpt -> rows
 
 
 def _by_reason(rejected: pl.DataFrame, stage: str) -> dict[str, int]:
@@ -52,7 +67,7 @@ def _usage(stats: dict) -> Usage:
     return Usage(**stats.get("usage", {}))
 
 
-def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.DataFrame, packaged,
+def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.DataFrame, packaged: PackageCounts,
               rejected: pl.DataFrame, lineage: dict, digests: dict, llms: LLMs) -> dict:
     ingest = read_stats(work, "ingest")
     stats = {s: read_stats(work, s) for s in ("extract", "relabel", "verify")}
@@ -107,8 +122,7 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
         "reconciliation": {"ok": all(checks.values()), "checks": checks},
         "llm": {s: _rounded(u) for s, u in usage.items()} | {"total": _rounded(total)}
                | _accounting(params, total, rejected, accepted),
-        "exports": {"files": digests, "sft": len(packaged.sft), "dpo": len(packaged.dpo),
-                    "sharegpt": len(packaged.sharegpt)},
+        "exports": {"files": digests, **packaged.exported},
         "lineage": lineage,
         "notes": llms.notes(),
     }
@@ -120,7 +134,7 @@ def _accounting(params: dict, total: Usage, rejected: pl.DataFrame, accepted: in
     p = params["llm"]
     tokens = total.prompt_tokens + total.completion_tokens
     undone = rejected.filter((pl.col("reason") == BUDGET_EXHAUSTED)
-                             | pl.col("detail").str.starts_with(BUDGET_EXHAUSTED))  # extract: invalid_llm_answer
+                             | pl.col("detail").str.starts_with(BUDGET_EXHAUSTED))
     left = dict(sorted(Counter(undone["stage"].to_list()).items()))
     limit = {"usd": p.get("budget_usd"), "tokens": p.get("budget_tokens")}
     reached = ((limit["usd"] is not None and total.cost_usd >= float(limit["usd"]))

@@ -14,6 +14,7 @@ judging: it is not verified and is rejected as `budget_exhausted` (left undone).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import polars as pl
@@ -22,6 +23,7 @@ from agenther import schema
 from agenther.ask import ask
 from agenther.grounding import ungrounded
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
+from agenther.relabel import relabel_one, relabel_output
 from agenther.render import prompt_budget, render
 
 STAGE = "verify"
@@ -148,17 +150,73 @@ def _rejection_reason(judgements: list[Judgement]) -> str:
     return "rejected_by_" + "+".join(j["judge"] for j in judgements if not j["accept"])
 
 
-def verify(relabeled: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: LLMClient | None = None) -> schema.StageOutput:
-    """Kept: every judged row with its judgements and `verified`; rejected: the unverified."""
+def check_judges(params: dict) -> None:
     unknown = [n for n in params["verify"]["judges"] if n not in JUDGES]
     if unknown:
         raise ValueError(f"unknown judge(s) {unknown}; known: {list(JUDGES)}")
-    judge_llm = judge_llm or llm
-    rows = map_concurrent(lambda r: verify_one(r, params, llm, judge_llm), relabeled.to_dicts(),
-                          int(params["llm"]["concurrency"]))
+
+
+def verify_output(rows: list[dict]) -> schema.StageOutput:
+    """Kept: every judged row (verify_one's results, in input order) with its judgements and
+    `verified`; rejected: the unverified."""
     rejected = [
         schema.rejection(r["id"], STAGE, _rejection_reason(r["judgements"]),
                          " | ".join(f"{j['judge']}: {j['reason']}" for j in r["judgements"] if not j["accept"]))
         for r in rows if not r["verified"]
     ]
     return schema.StageOutput(schema.frame(rows, schema.VERIFIED), schema.frame(rejected, schema.REJECTION))
+
+
+def verify(relabeled: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: LLMClient | None = None) -> schema.StageOutput:
+    """Kept: every judged row with its judgements and `verified`; rejected: the unverified."""
+    check_judges(params)
+    judge_llm = judge_llm or llm
+    rows = map_concurrent(lambda r: verify_one(r, params, llm, judge_llm), relabeled.to_dicts(),
+                          int(params["llm"]["concurrency"]))
+    return verify_output(rows)
+
+
+# -- relabel and verify fused: no barrier between the stages ----------------------------------
+def relabel_verify_one(row: dict, params: dict, llm: LLMClient,
+                       judge_llm: Callable[[], LLMClient]) -> tuple[dict | None, dict | None, dict | None]:
+    """relabel_one, then at once verify_one on the relabeled row: (kept, rejection, judged)."""
+    kept, rejected = relabel_one(row, params, llm)
+    return kept, rejected, None if kept is None else verify_one(kept, params, llm, judge_llm())
+
+
+def relabel_verify(extracted: pl.DataFrame, params: dict, llm: LLMClient,
+                   judge_llm: LLMClient | Callable[[], LLMClient] | None = None, workers: int | None = None
+                   ) -> tuple[schema.StageOutput, schema.StageOutput]:
+    """relabel() then verify() as one concurrent map over the records: each record is judged as
+    soon as its relabel passes, so no judge waits for the slowest relabel of the whole table
+    (the stage barrier). Same per-record functions, same prompts, same order: the two outputs
+    are the tables relabel() and then verify() on its kept rows give.
+
+    `judge_llm`: the evidence judge's client, or a function that makes it (called only once
+    a record reaches the judges, as verify() would not start a judge model for no record).
+    `workers`: records in progress at once (default llm.concurrency). More workers than
+    llm.concurrency only help when the clients share an in-flight limit of llm.concurrency
+    requests (LLMClient.inflight, as providers.LLMs gives them): then a record waiting for a
+    free request slot holds a thread, not a request, and a slot freed by a record that ended
+    early (rejected after one call) goes to the next record's call at once.
+    Only the order of the calls differs, so with an LLM budget that runs out the records left
+    undone can differ: the pipeline fuses only runs without a budget."""
+    check_judges(params)
+    judge = _once(judge_llm) if callable(judge_llm) else (lambda: judge_llm or llm)
+    results = map_concurrent(lambda r: relabel_verify_one(r, params, llm, judge), extracted.to_dicts(),
+                             int(workers or params["llm"]["concurrency"]))
+    return (relabel_output([(kept, rejected) for kept, rejected, _ in results]),
+            verify_output([judged for _, _, judged in results if judged is not None]))
+
+
+def _once(make: Callable[[], LLMClient]) -> Callable[[], LLMClient]:
+    """make() at the first call, from whichever thread comes first; the same client after."""
+    lock, made = threading.Lock(), []
+
+    def get() -> LLMClient:
+        if not made:
+            with lock:
+                if not made:
+                    made.append(make())
+        return made[0]
+    return get

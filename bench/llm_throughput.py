@@ -2,16 +2,24 @@
 that answers every call after a fixed latency; then warm reruns and compacted vs whole prompts.
 
     .venv/bin/python bench/llm_throughput.py [--concurrency 1 8 64 128] [--serial-subset 24]
-                                             [--latency 0.2] [--in-process-server]
+                                             [--latency 0.2] [--in-process-server] [--no-staged]
 
 Ingest, classify and extract run once on the tau-bench sample (data/raw/tau-bench/gpt-4o-airline.json,
-116 failures). Then, for every concurrency N, relabel + verify run on a copy of those tables with
-`llm.concurrency = N` and a fresh LLM cache (every call goes to the server), and once more on the
-same cache (the warm rerun: zero calls). The scripted server (tests/llm_server.py, the careful
-relabeler plus a trajectory judge that turns down about a third, as in prefect_overhead.py)
-sleeps `--latency` seconds in every answer. By default it runs in its own process, so its
-request parsing does not share this process's GIL with the client; `--in-process-server` puts it
-back in (as the tests do) to see what that costs.
+116 failures). Then, for every concurrency N, on copies of those tables with `llm.concurrency = N`
+and a fresh LLM cache each (every call goes to the server):
+- staged: `stage_relabel` then `stage_verify` (a barrier between them: how `agenther stage` and
+  `dvc repro` run them);
+- fused: `stage_relabel_verify` (how `agenther run` runs them: one concurrent map over the records,
+  each judged as soon as its relabel passes; two records per request slot, at most N requests open);
+- warm: fused again on the same work folder and cache: both stages are skipped by their stamps;
+- warm-cache: the same with the stamps deleted: tables, gates and stamps redone, every answer
+  read from the LLM cache (zero calls).
+Times are the stages' wall time (table reads and writes, Great Expectations gates, stamps included);
+"relabel_verify()" is the time inside the LLM work alone. The scripted server (tests/llm_server.py,
+the careful relabeler plus a trajectory judge that turns down about a third, as in
+prefect_overhead.py) sleeps `--latency` seconds in every answer. By default it runs in its own
+process, so its request parsing does not share this process's GIL with the client;
+`--in-process-server` puts it back in (as the tests do) to see what that costs.
 
 Concurrency 1 at 200 ms takes ~50 s on all candidates; it runs on the first `--serial-subset`
 candidates only (0 = all) and its records/s and calls/s are rates, so they compare directly.
@@ -44,9 +52,10 @@ import polars as pl  # noqa: E402
 from llm_server import FakeLLMServer, Reply, careful_brain, prompt_kind  # noqa: E402
 
 from agenther import stages  # noqa: E402
+from agenther import verify as verify_module  # noqa: E402
 from agenther.params import load_params  # noqa: E402
 from agenther.providers import LLMs  # noqa: E402
-from agenther.stages import TABLES, run_stage  # noqa: E402
+from agenther.stages import TABLES, run_stage, stage_relabel_verify  # noqa: E402
 
 TAU = ROOT / "data/raw/tau-bench/gpt-4o-airline.json"
 LATENCY = {"s": 0.2}
@@ -101,8 +110,8 @@ def params_for(api_base: str, cache: Path, concurrency: int, context_tokens: int
     return load_params(ROOT / "params.yaml", {"ingest": {"input": str(TAU), "format": "tau-bench"}, "llm": llm})
 
 
-# Time spent inside relabel() and verify() themselves (the LLM work), apart from the stage's
-# table I/O and Great Expectations gates around them.
+# Time spent inside relabel(), verify() and relabel_verify() themselves (the LLM work), apart
+# from the stage's table I/O, Great Expectations gates and stamps around them.
 INNER: dict[str, float] = {}
 
 
@@ -118,30 +127,43 @@ def _timed_inner(name: str, fn):
 
 stages.relabel = _timed_inner("relabel", stages.relabel)
 stages.verify = _timed_inner("verify", stages.verify)
+verify_module.relabel_verify = _timed_inner("relabel_verify", verify_module.relabel_verify)
+MODES = ("staged", "fused", "warm", "warm-cache")
 
 
-def relabel_verify(params: dict, base: Path, work: Path, subset: int | None) -> dict:
-    """Relabel + verify on a copy of the extracted tables; returns time, counts and usage."""
+def relabel_verify(params: dict, base: Path, work: Path, subset: int | None, mode: str) -> dict:
+    """Relabel + verify on a copy of the extracted tables; returns time, counts and usage.
+    staged: stage_relabel then stage_verify (a barrier between them, as `agenther stage` runs
+    them); fused: stage_relabel_verify (what `agenther run` runs); warm: fused again on the same
+    work folder (stages skipped by their stamps); warm-cache: the same without the stamps, so
+    every answer is read from the LLM cache and the tables, gates and stamps are redone."""
     if not work.exists():
         shutil.copytree(base, work)
-    if subset:
-        path = work / TABLES["extracted"]
-        pl.read_parquet(path).head(subset).write_parquet(path)
+        if subset:
+            path = work / TABLES["extracted"]
+            pl.read_parquet(path).head(subset).write_parquet(path)
+    if mode == "warm-cache":
+        shutil.rmtree(work / "stamps", ignore_errors=True)
     INNER.clear()
     with LLMs.from_params(params) as llms:
         start, cpu = time.perf_counter(), time.process_time()
-        run_stage("relabel", params, work, work, llms)
-        stats = run_stage("verify", params, work, work, llms)
+        if mode == "staged":
+            run_stage("relabel", params, work, work, llms)
+            stats = run_stage("verify", params, work, work, llms)
+        else:
+            stats = stage_relabel_verify(params, work, llms)["verify"]
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         usage = llms.usage()
     verified = pl.read_parquet(work / TABLES["verified"])
     # Each record's chain of sequential calls: relabel attempts, then the LLM judges it reached.
     relabeled = pl.read_parquet(work / TABLES["relabeled"])
     attempts = dict(zip(relabeled["id"].to_list(), relabeled["relabel_attempts"].to_list(), strict=True))
-    relabel_chain = [attempts.get(i, int(params["relabel"]["max_attempts"]))
-                     for i in pl.read_parquet(work / TABLES["extracted"])["id"].to_list()]
-    verify_chain = [sum(j["judge"] != "grounding" for j in js) for js in verified["judgements"].to_list()]
-    return {"seconds": seconds, "inner": sum(INNER.values()), "records": pl.read_parquet(work / TABLES["extracted"]).height,
+    ids = pl.read_parquet(work / TABLES["extracted"])["id"].to_list()
+    judged = {i: sum(j["judge"] != "grounding" for j in js)
+              for i, js in zip(verified["id"].to_list(), verified["judgements"].to_list(), strict=True)}
+    relabel_chain = [attempts.get(i, int(params["relabel"]["max_attempts"])) for i in ids]
+    verify_chain = [judged.get(i, 0) for i in ids]
+    return {"seconds": seconds, "inner": sum(INNER.values()), "records": len(ids),
             "relabeled": stats["in"], "accepted": int(verified["verified"].sum()) if verified.height else 0,
             "calls": sum(u.calls for u in usage.values()), "hits": sum(u.cache_hits for u in usage.values()),
             "prompt_tokens": sum(u.prompt_tokens for u in usage.values()),
@@ -158,9 +180,28 @@ def makespan(chains: list[int], workers: int, latency: float) -> float:
     return max(free)
 
 
-def ideal(r: dict, workers: int, latency: float) -> float:
-    # relabel must finish before verify starts (a stage barrier)
-    return makespan(r["chains"][0], workers, latency) + makespan(r["chains"][1], workers, latency)
+def makespan_slots(chains: list[int], slots: int, workers: int, latency: float) -> float:
+    """The same when `workers` threads take records in order but at most `slots` calls are open
+    at once (the in-flight limit; waiting calls get a slot first come, first served)."""
+    pending, active, rounds = list(chains), [], 0
+    while pending or active:
+        while len(active) < workers and pending:
+            active.append([pending.pop(0), rounds])  # [calls left, waiting since]
+        active.sort(key=lambda a: a[1])
+        for a in active[:slots]:
+            a[0], a[1] = a[0] - 1, rounds + 1
+        active = [a for a in active if a[0] > 0]
+        rounds += 1
+    return rounds * latency
+
+
+def ideal(r: dict, concurrency: int, latency: float, fused: bool = True) -> float:
+    relabel, verify = r["chains"]
+    if fused:  # one map: each record's relabel attempts, then its judges; 2 records per request slot
+        chains = [a + b for a, b in zip(relabel, verify, strict=True)]
+        return makespan_slots(chains, concurrency, 2 * concurrency if concurrency > 1 else 1, latency)
+    # staged: relabel must finish before verify starts (a stage barrier)
+    return makespan(relabel, concurrency, latency) + makespan([n for n in verify if n], concurrency, latency)
 
 
 def main() -> None:
@@ -170,6 +211,7 @@ def main() -> None:
                         help="concurrency 1 runs on the first N extracted candidates (0 = all)")
     parser.add_argument("--latency", type=float, default=0.2, help="seconds the server sleeps per answer")
     parser.add_argument("--in-process-server", action="store_true")
+    parser.add_argument("--no-staged", action="store_true", help="skip the staged (barrier) runs")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="agenther-bench-llm-"))
@@ -187,42 +229,61 @@ def main() -> None:
                   f"server latency {args.latency * 1000:.0f} ms, "
                   f"{'in-process' if args.in_process_server else 'separate-process'} server", flush=True)
             # An unmeasured warm-up: litellm's first call pays imports and client set-up.
-            relabel_verify(params_for(api_base, tmp / "cache-warmup", 8), base, tmp / "warmup", 4)
+            relabel_verify(params_for(api_base, tmp / "cache-warmup", 8), base, tmp / "warmup", 4, "fused")
 
             for c in args.concurrency:
                 subset = args.serial_subset if c == 1 and args.serial_subset else None
+                row = {"c": c}
+                if not args.no_staged:
+                    row["staged"] = relabel_verify(params_for(api_base, tmp / f"cache-s{c}", c), base,
+                                                   tmp / f"work-s{c}", subset, "staged")
                 params = params_for(api_base, tmp / f"cache-{c}", c)
-                cold = relabel_verify(params, base, tmp / f"work-{c}", subset)
-                warm = relabel_verify(params, base, tmp / f"work-{c}", subset)  # same cache, same tables
-                rows.append((c, cold, warm))
-                print(f"concurrency {c:4d}: {cold['records']:3d} records, {cold['calls']:3d} calls in "
-                      f"{cold['seconds']:6.2f} s (relabel()+verify() {cold['inner']:6.2f} s); warm rerun "
-                      f"{warm['seconds']:5.2f} s, {warm['calls']} calls, {warm['hits']} cache hits", flush=True)
+                for mode in ("fused", "warm", "warm-cache"):  # the same cache and work folder
+                    row[mode] = relabel_verify(params, base, tmp / f"work-{c}", subset, mode)
+                rows.append(row)
+                cold, warm, cached = row["fused"], row["warm"], row["warm-cache"]
+                staged = f"staged {row['staged']['seconds']:6.2f} s, " if "staged" in row else ""
+                print(f"concurrency {c:4d}: {cold['records']:3d} records, {cold['calls']:3d} calls; {staged}"
+                      f"fused {cold['seconds']:6.2f} s (relabel_verify() {cold['inner']:5.2f} s, CPU {cold['cpu']:5.2f} s); "
+                      f"warm rerun {warm['seconds']:5.3f} s ({warm['calls']} calls, {warm['hits']} hits), "
+                      f"from the LLM cache {cached['seconds']:5.2f} s ({cached['calls']} calls, {cached['hits']} hits)",
+                      flush=True)
 
             top = max(args.concurrency)
             whole = relabel_verify(params_for(api_base, tmp / "cache-whole", top, context_tokens=10**7), base,
-                                   tmp / "work-whole", None)
-            compact = next(cold for c, cold, _ in rows if c == top)
+                                   tmp / "work-whole", None, "fused")
+            compact = next(r["fused"] for r in rows if r["c"] == top)
             if compact["records"] != n:  # the top concurrency ran a subset: run the compacted side in full
-                compact = relabel_verify(params_for(api_base, tmp / "cache-compact", top), base, tmp / "work-compact", None)
+                compact = relabel_verify(params_for(api_base, tmp / "cache-compact", top), base, tmp / "work-compact",
+                                         None, "fused")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    base_rate = rows[0][1]["records"] / rows[0][1]["seconds"]
-    base_calls = rows[0][1]["calls"] / rows[0][1]["seconds"]
-    print(f"\nrelabel + verify, tau-bench ({n} candidates), {args.latency * 1000:.0f} ms per call, fresh cache each")
-    print("| concurrency | records | calls | time | CPU (client) | ideal | records/s | calls/s | vs 1 (records/s) "
-          "| vs 1 (calls/s) | warm rerun | warm calls | warm / cold |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for c, cold, warm in rows:
-        rate, calls = cold["records"] / cold["seconds"], cold["calls"] / cold["seconds"]
-        print(f"| {c} | {cold['records']} | {cold['calls']} | {cold['seconds']:.2f} s | {cold['cpu']:.2f} s "
-              f"| {ideal(cold, c, args.latency):.2f} s | {rate:.2f} | {calls:.1f} "
-              f"| {rate / base_rate:.1f}x | {calls / base_calls:.1f}x | {warm['seconds']:.2f} s | {warm['calls']} "
-              f"| {warm['seconds'] / cold['seconds'] * 100:.1f}% |")
-    c1 = rows[0][1]
+    def rate(r: dict, what: str = "records", inner: bool = False) -> float:
+        return r[what] / (r["inner"] if inner else r["seconds"])
+
+    one = rows[0]
+    print(f"\nrelabel + verify, tau-bench ({n} candidates), {args.latency * 1000:.0f} ms per call, fresh cache each; "
+          "vs 1: against the same path at concurrency 1")
+    print("| concurrency | records | calls | staged | fused | fused: relabel_verify() | CPU (fused) | ideal staged "
+          "| ideal fused | records/s (fused) | vs 1 (records/s) | vs 1 (calls/s) | vs 1 (inner) | vs 1 staged "
+          "| warm rerun | warm / cold | from LLM cache | cache / cold |")
+    print("| --- " * 18 + "|")
+    for row in rows:
+        c, cold, warm, cached = row["c"], row["fused"], row["warm"], row["warm-cache"]
+        st = row.get("staged")
+        staged_t = f"{st['seconds']:.2f} s" if st else "-"
+        staged_x = f"{rate(st) / rate(one['staged']):.1f}x" if st else "-"
+        print(f"| {c} | {cold['records']} | {cold['calls']} | {staged_t} | {cold['seconds']:.2f} s | {cold['inner']:.2f} s "
+              f"| {cold['cpu']:.2f} s | {ideal(cold, c, args.latency, fused=False):.2f} s "
+              f"| {ideal(cold, c, args.latency):.2f} s | {rate(cold):.2f} "
+              f"| {rate(cold) / rate(one['fused']):.1f}x | {rate(cold, 'calls') / rate(one['fused'], 'calls'):.1f}x "
+              f"| {rate(cold, inner=True) / rate(one['fused'], inner=True):.1f}x | {staged_x} "
+              f"| {warm['seconds'] * 1000:.0f} ms ({warm['calls']} calls) | {warm['seconds'] / cold['seconds'] * 100:.1f}% "
+              f"| {cached['seconds']:.2f} s ({cached['calls']} calls) | {cached['seconds'] / cold['seconds'] * 100:.0f}% |")
+    c1 = one["fused"]
     print("\nideal: latency x the thread pool's makespan over each record's chain of sequential calls "
-          "(relabel attempts, then judges), relabel and verify one after the other; no CPU cost.")
+          "(relabel attempts, then judges); staged: relabel and verify one after the other; no CPU cost.")
     print(f"client CPU per call at concurrency 1: {c1['cpu'] / max(c1['calls'], 1) * 1000:.1f} ms; "
           f"wall per call: {c1['seconds'] / max(c1['calls'], 1) * 1000:.0f} ms")
     chains = compact["chains"]

@@ -1,6 +1,6 @@
 """The non-LLM stages at scale: ingest, classify, extract, package on synthetic tau-bench logs.
 
-    .venv/bin/python bench/stages_scale.py [--sizes 1000 10000 30000] [--keep]
+    .venv/bin/python bench/stages_scale.py [--sizes 1000 10000 100000] [--batch-rows N] [--keep]
 
 For each size N the script writes a JSONL log of N tau-bench records derived from the 200 real
 ones (data/raw/tau-bench/gpt-4o-airline.json, cycled; copy k of a record has task_id
@@ -45,14 +45,17 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def child(log: Path, work: Path) -> None:
+def child(log: Path, work: Path, batch_rows: int | None) -> None:
     from agenther import gates, schema
     from agenther.llm import Usage
     from agenther.params import load_params
     from agenther.providers import LLMs
     from agenther.stages import run_stage, save_filtered
 
-    params = load_params(ROOT / "params.yaml", {"ingest": {"input": str(log), "format": "tau-bench"}})
+    overrides: dict = {"ingest": {"input": str(log), "format": "tau-bench"}}
+    if batch_rows:
+        overrides["io"] = {"batch_rows": batch_rows}
+    params = load_params(ROOT / "params.yaml", overrides)
     report = {"rss_after_imports_mb": peak_mb(), "stages": {}}
     gate_s = [0.0]
     check = gates.check
@@ -83,12 +86,13 @@ def child(log: Path, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 30000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--keep", action="store_true", help="keep the generated logs and work folders")
+    parser.add_argument("--batch-rows", type=int, help="io.batch_rows (default: params.yaml's)")
     parser.add_argument("--child", nargs=2, metavar=("LOG", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(Path(args.child[0]), Path(args.child[1]))
+        child(Path(args.child[0]), Path(args.child[1]), args.batch_rows)
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="agenther-bench-scale-"))
@@ -100,7 +104,8 @@ def main() -> None:
             mb = log.stat().st_size / 1e6
             print(f"{n} records, {mb:.0f} MB JSONL: running the stages in a fresh process ...", flush=True)
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--child", str(log), str(tmp / f"work-{n}")],
+            extra = ["--batch-rows", str(args.batch_rows)] if args.batch_rows else []
+            proc = subprocess.run([sys.executable, __file__, "--child", str(log), str(tmp / f"work-{n}"), *extra],
                                   capture_output=True, text=True, cwd=ROOT)
             wall = time.perf_counter() - start
             if proc.returncode:

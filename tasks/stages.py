@@ -1,10 +1,11 @@
 """The stages as Prefect tasks: thin wrappers around agenther's frame-level stage functions.
 
-Each stage reads its input table from the work folder (`agenther.stages.read_table`, where
-the data-quality gate runs), splits it into batches of `prefect.batch_size` rows, runs one
-task per batch (never one per trajectory: a task run costs milliseconds to tens of ms of API
-traffic), concatenates the batches and writes the stage's tables and stats under the names
-`agenther.stages` uses (TABLES/STATS), so `agenther.summary.package_run` works unchanged.
+Each stage gates its input table in the work folder (`agenther.stages.gate_table`), reads
+it in batches of `prefect.batch_size` rows, runs one task per batch (never one per
+trajectory: a task run costs milliseconds to tens of ms of API traffic) and appends each
+batch's result to the stage's tables as it comes, under the names `agenther.stages` uses
+(TABLES/STATS), so `agenther.summary.package_run` works unchanged and no stage holds a
+whole table (ingest does: its one task returns the tables).
 
 Batch tasks:
 - cache key: content of the batch + the stage's params + code and prompt versions (caching.py);
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -40,8 +41,17 @@ from agenther.ingest import IngestResult
 from agenther.llm import Usage
 from agenther.providers import LLMs
 from agenther.relabel import relabel as relabel_frame
-from agenther.stages import ingest_input, read_table, save_classified, save_filtered, save_ingest
+from agenther.stages import (
+    KEPT,
+    TABLES,
+    classify_stats,
+    filtered_stats,
+    gate_table,
+    ingest_input,
+    save_ingest,
+)
 from agenther.summary import package_run
+from agenther.tables import TableWriter, iter_batches
 from agenther.verify import verify as verify_frame
 from tasks.caching import files_digest, frame_digest, stage_key
 from tasks.retry import retry_if_transient
@@ -140,13 +150,13 @@ def configured(t: Task, params: dict) -> Task:
                           retry_jitter_factor=float(p["retry_jitter"]))
 
 
-def _run_batches(stage: str, t: Task, table: pl.DataFrame, params: dict, llms: LLMs) -> tuple[list[BatchResult], Usage]:
-    size = max(1, int(params["prefect"]["batch_size"]))
+def _run_batches(stage: str, t: Task, batches: Iterable[pl.DataFrame], params: dict, llms: LLMs,
+                 write: Callable[[BatchResult], None]) -> Usage:
+    """One task run per batch, in order; each result is written as it comes (never all held)."""
     t = configured(t, params)
-    results: list[BatchResult] = []
     usage = Usage()
-    for start in range(0, table.height, size):
-        batch = table.slice(start, size)
+    start = 0
+    for batch in batches:
         named = t.with_options(task_run_name=f"{stage}[{start}:{start + batch.height}]")
         state = named(batch, params, llms, return_state=True)
         result: BatchResult = state.result()  # raises the task's error once its retries are spent
@@ -154,13 +164,15 @@ def _run_batches(stage: str, t: Task, table: pl.DataFrame, params: dict, llms: L
         if state.name == "Cached":  # no call was made now: what it once cost is now a cache hit
             batch_usage = Usage(cache_hits=batch_usage.calls + batch_usage.cache_hits)
         usage.add(batch_usage)
-        results.append(result)
-    return results, usage
+        write(result)
+        start += batch.height
+    return usage
 
 
-def _concat(frames: list[pl.DataFrame | None], contract: dict) -> pl.DataFrame:
-    frames = [f for f in frames if f is not None and f.height]
-    return pl.concat(frames, how="vertical") if frames else schema.empty(contract)
+def _batches(work: Path, table: str, contract: dict, params: dict) -> Iterator[pl.DataFrame]:
+    """The input table, gated, in batches of `prefect.batch_size` rows (same bounds as slicing
+    the whole table, so batch cache keys do not depend on how the table is stored)."""
+    return iter_batches(gate_table(work, table, contract, params), max(1, int(params["prefect"]["batch_size"])))
 
 
 def ingest(params: dict, work: Path) -> dict:
@@ -168,33 +180,45 @@ def ingest(params: dict, work: Path) -> dict:
 
 
 def classify(params: dict, work: Path, llms: LLMs) -> dict:
-    trajectories = read_table(work, "trajectories", schema.TRAJECTORY, params)
-    results, usage = _run_batches("classify", classify_batch, trajectories, params, llms)
-    return save_classified(_concat([r.kept for r in results], schema.CLASSIFIED), work, trajectories.height, usage)
+    with TableWriter(Path(work) / TABLES["classified"], schema.CLASSIFIED) as out:
+        usage = _run_batches("classify", classify_batch, _batches(work, "trajectories", schema.TRAJECTORY, params),
+                             params, llms, lambda r: out.write(r.kept))
+    return classify_stats(work, out.rows, usage)
 
 
-def _filtering(stage: str, t: Task, table: pl.DataFrame, n_in: int, contract: dict,
-               params: dict, work: Path, llms: LLMs) -> dict:
-    results, usage = _run_batches(stage, t, table, params, llms)
-    out = schema.StageOutput(_concat([r.kept for r in results], contract),
-                             _concat([r.rejected for r in results], schema.REJECTION))
-    return save_filtered(stage, out, work, n_in, usage)
+def _filtering(stage: str, t: Task, source: str, contract: dict, params: dict, work: Path, llms: LLMs) -> dict:
+    n_in = 0
+
+    def write(result: BatchResult) -> None:
+        kept.write(result.kept)
+        rejected.write(result.rejected)
+
+    def counted(batches: Iterable[pl.DataFrame]) -> Iterator[pl.DataFrame]:
+        nonlocal n_in
+        for batch in batches:  # extract's input is the failures; the others' is every row
+            n_in += int(batch["is_failure"].sum()) if stage == "extract" else batch.height
+            yield batch
+
+    with (TableWriter(Path(work) / TABLES[KEPT[stage]], contract) as kept,
+          TableWriter(Path(work) / TABLES[f"{stage}_rejected"], schema.REJECTION) as rejected):
+        usage = _run_batches(stage, t, counted(_batches(work, source, CONTRACT_OF[source], params)),
+                             params, llms, write)
+    return filtered_stats(stage, work, n_in, kept.rows, rejected.rows, usage)
+
+
+CONTRACT_OF = {"classified": schema.CLASSIFIED, "extracted": schema.EXTRACTED, "relabeled": schema.RELABELED}
 
 
 def extract(params: dict, work: Path, llms: LLMs) -> dict:
-    classified = read_table(work, "classified", schema.CLASSIFIED, params)
-    n_failures = int(classified["is_failure"].sum()) if classified.height else 0
-    return _filtering("extract", extract_batch, classified, n_failures, schema.EXTRACTED, params, work, llms)
+    return _filtering("extract", extract_batch, "classified", schema.EXTRACTED, params, work, llms)
 
 
 def relabel(params: dict, work: Path, llms: LLMs) -> dict:
-    extracted = read_table(work, "extracted", schema.EXTRACTED, params)
-    return _filtering("relabel", relabel_batch, extracted, extracted.height, schema.RELABELED, params, work, llms)
+    return _filtering("relabel", relabel_batch, "extracted", schema.RELABELED, params, work, llms)
 
 
 def verify(params: dict, work: Path, llms: LLMs) -> dict:
-    relabeled = read_table(work, "relabeled", schema.RELABELED, params)
-    return _filtering("verify", verify_batch, relabeled, relabeled.height, schema.VERIFIED, params, work, llms)
+    return _filtering("verify", verify_batch, "relabeled", schema.VERIFIED, params, work, llms)
 
 
 def package(params: dict, work: Path, out: Path, llms: LLMs) -> dict:

@@ -342,10 +342,11 @@ def test_wrong_types_and_an_unreadable_file_in_a_folder_are_quarantined(tmp_path
     _accounted_once(tmp_path / "out", summary)
 
 
-def test_a_50mb_tool_result_does_not_crash_or_blow_memory(tmp_path, llm_server):
-    """One tau-bench record whose first tool result is 50 MB of text, among ordinary records."""
-    import resource
-
+@pytest.mark.parametrize("cap_mb", [None, 100])
+def test_a_50mb_tool_result_is_quarantined_or_compacted(tmp_path, llm_server, cap_mb):
+    """One tau-bench record whose first tool result is 50 MB of text, among ordinary records.
+    Default cap (ingest.max_trajectory_mb = 8): quarantined, named, the others go through.
+    Cap raised to 100: it goes through, memory stays bounded and no prompt carries the 50 MB."""
     records = _tau_records(4)
     big = json.loads(json.dumps(records[2]))  # a failure with 7 tool results
     tool = next(m for m in big["traj"] if m["role"] == "tool")
@@ -353,24 +354,32 @@ def test_a_50mb_tool_result_does_not_crash_or_blow_memory(tmp_path, llm_server):
     path = tmp_path / "big-airline.json"
     path.write_text(json.dumps([records[0], records[1], big, records[3]]))
     del big, tool
+    params = _params(tmp_path, llm_server.api_base)
+    if cap_mb is not None:
+        loaded = yaml.safe_load(Path(params).read_text())
+        Path(params).write_text(yaml.safe_dump(loaded | {"ingest": {"max_trajectory_mb": cap_mb}}))
     script = f"""
 import resource, sys, json
 from agenther.cli import main
-code = main(["run", "--input", {str(path)!r}, "--out", {str(tmp_path / 'out')!r},
-             "--params", {_params(tmp_path, llm_server.api_base)!r}])
+code = main(["run", "--input", {str(path)!r}, "--out", {str(tmp_path / 'out')!r}, "--params", {params!r}])
 print(json.dumps({{"code": code, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}),
       file=sys.stderr)
 """
     env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, timeout=180)
     result = json.loads(done.stderr.decode().strip().splitlines()[-1])
     print("50 MB record:", result)
     assert result["code"] == 0, done.stderr.decode()[-3000:]
     # Bounded memory: a few copies of the record at most, not one per prompt or judge.
     assert result["maxrss_mb"] < 1500, result
     summary = _summary(tmp_path)
-    assert summary["stages"]["ingest"]["in"] == 4
     _accounted_once(tmp_path / "out", summary)
-    # No prompt carried the 50 MB: transcripts are compacted.
-    assert max(len(json.dumps(r)) for r in llm_server.requests) < 100_000
-    del resource
+    quarantine = pl.read_parquet(tmp_path / "out" / "quarantine.parquet").to_dicts()
+    if cap_mb is None:
+        assert summary["stages"]["ingest"] == {"in": 4, "out": 3, "quarantined": 1}
+        (q,) = quarantine
+        assert q["record_pointer"] == "[2]" and "52.4 MB" in q["reason"] and "max_trajectory_mb = 8" in q["reason"]
+    else:
+        assert summary["stages"]["ingest"] == {"in": 4, "out": 4, "quarantined": 0} and not quarantine
+        # No prompt carried the 50 MB: transcripts are compacted.
+        assert llm_server.requests and max(len(json.dumps(r)) for r in llm_server.requests) < 100_000

@@ -21,11 +21,18 @@ def reconciles(result) -> bool:
     return result.records_in == result.trajectories.height + result.quarantine.height
 
 
+def _position(pointer: str) -> int:
+    digits = "".join(ch for ch in pointer if ch.isdigit())
+    return int(digits) if digits else -1
+
+
 def assert_tables(result) -> None:
     schema.validate_columns(result.trajectories, schema.TRAJECTORY, "trajectories")
     schema.validate_columns(result.quarantine, schema.QUARANTINE, "quarantine")
     assert result.trajectories.columns == list(schema.TRAJECTORY)
-    assert result.trajectories["id"].to_list() == sorted(result.trajectories["id"].to_list())
+    # Reading order: files sorted by path, records in file order (streamed, never sorted in memory).
+    order = [(f, _position(p)) for f, p in result.trajectories.select("source_file", "record_pointer").iter_rows()]
+    assert order == sorted(order)
     assert result.trajectories["id"].n_unique() == result.trajectories.height
     assert reconciles(result)
 

@@ -281,3 +281,47 @@ def test_verify_budget_refusal_is_a_budget_rejection(tmp_path, llm_server):
     reasons = set(out.rejected["reason"].to_list())
     assert out.rejected.height == relabeled.height and reasons <= {BUDGET_EXHAUSTED, "rejected_by_grounding"}
     assert BUDGET_EXHAUSTED in reasons or reasons == {"rejected_by_grounding"}
+
+
+# -- per-call work done once ----------------------------------------------------------------------
+def test_the_cache_survives_its_folder_being_removed_mid_run(llm_server, tmp_path):
+    """Shard folders are made once per process: a cache folder removed under a running client
+    (a user cleaning it) must be made again, not turn every write into an error."""
+    import shutil
+
+    llm_server.brain = lambda r: json.dumps({"ok": True})
+    client = _client(llm_server, tmp_path)
+    _ask(client, 1)
+    shutil.rmtree(tmp_path / "cache")
+    _ask(client, 1)  # a miss: the same shard folder, gone since the first write
+    _ask(client, 1)  # a hit again
+    assert (client.usage["t"].calls, client.usage["t"].cache_hits) == (2, 1)
+    assert len(llm_server.requests) == 2
+
+
+def test_response_format_follows_the_clients_settings(llm_server, tmp_path):
+    """The format kind is resolved once per client, but a changed setting is seen at once."""
+    llm_server.brain = lambda r: json.dumps({"ok": True})
+    client = _client(llm_server, tmp_path)
+    _ask(client, 1)
+    client.response_format = "json_schema"
+    _ask(client, 2)
+    client.response_format = "auto"
+    _ask(client, 3)
+    formats = [r["response_format"] for r in llm_server.requests]
+    assert formats[0] == {"type": "json_object", "schema": SCHEMA} == formats[2]
+    assert formats[1]["type"] == "json_schema" and formats[1]["json_schema"]["schema"] == SCHEMA
+
+
+def test_an_unpriced_model_costs_nothing_on_every_call_and_a_priced_one_keeps_its_price(llm_server, tmp_path):
+    llm_server.brain = lambda r: json.dumps({"ok": True})
+    local = _client(llm_server, tmp_path / "l", model="openai/local")
+    priced = _client(llm_server, tmp_path / "p", model="gpt-4o-mini")
+    for n in range(3):  # the unpriced lookup is remembered; prices are not
+        _ask(local, n)
+        _ask(priced, n)
+    assert local.usage["t"].cost_usd == 0.0
+    usage = priced.usage["t"]
+    expected = sum(litellm.cost_per_token(model="gpt-4o-mini", prompt_tokens=usage.prompt_tokens,
+                                          completion_tokens=usage.completion_tokens))
+    assert usage.calls == 3 and usage.cost_usd == pytest.approx(expected) and expected > 0

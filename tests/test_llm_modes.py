@@ -41,6 +41,11 @@ def test_llm_classify_invalid_answer_is_not_recoverable(llm_server, tmp_path):
     failures = out.filter(pl.col("is_failure"))
     assert not failures["recoverable"].any()
     assert all("llm classification failed" in r for r in failures["classify_reason"])
+    # ... and such rows pass the classified gate (they used to fail it: mode llm-invalid was unknown)
+    from agenther import gates
+
+    assert set(failures["classify_mode"]) == {"llm-invalid"}
+    assert gates.check(out, "classified", params, None)["success"]
 
 
 def test_llm_extract_keeps_only_achievements_with_real_evidence_steps(llm_server, tmp_path):
@@ -64,3 +69,26 @@ def test_llm_extract_keeps_only_achievements_with_real_evidence_steps(llm_server
     assert out.kept.height == len(rows)
     for achievements in out.kept["achievements"].to_list():
         assert [a["text"] for a in achievements] == ["looked something up"]
+
+
+def test_llm_classify_out_of_budget_is_left_undone_not_misjudged(llm_server, tmp_path):
+    """classify in LLM mode with a budget for 3 calls: the rest are `llm-budget`, pass the
+    classified gate, and extract rejects them as budget_exhausted (left undone in the summary)."""
+    from agenther.pipeline import run
+
+    def brain(request):
+        return json.dumps({"failure_type": "wrong_result", "severity": 0.3, "recoverable": True, "reason": "llm"})
+
+    llm_server.brain = brain
+    params = make_params(tmp_path, llm_server, classify={"mode": "llm"}, ingest={"input": str(TAU), "limit": 20},
+                         llm={"budget_tokens": 1})  # the first call spends it; calls in flight finish
+    params["llm"]["concurrency"] = 1
+    summary = run(params, tmp_path / "out")
+    classified = pl.read_parquet(tmp_path / "out" / "01_classified.parquet").filter(pl.col("is_failure"))
+    modes = classified["classify_mode"].to_list()
+    assert modes.count("llm") == 1 and modes.count("llm-budget") == len(modes) - 1 > 5
+    rejected = pl.read_parquet(tmp_path / "out" / "02_extract_rejected.parquet")
+    undone = rejected.filter(pl.col("reason") == "budget_exhausted")
+    assert undone.height == len(modes) - 1
+    assert summary["llm"]["budget"]["records_left_undone"]["extract"] == undone.height
+    assert summary["reconciliation"]["ok"], summary["reconciliation"]

@@ -1,0 +1,104 @@
+"""Stages that stream: the outputs must not depend on how many rows a batch holds.
+
+`io.batch_rows` bounds what ingest, classify, extract and package hold in memory (the
+memory itself is measured by bench/stages_scale.py). Here: tiny batches (many Parquet row
+groups, many package buckets, many sorted runs merged into each export) give exactly the
+outputs of one batch holding everything.
+"""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import TAU
+from test_package import LINEAGE, PARAMS, tau_inputs
+
+from agenther import schema
+from agenther.cli import main
+from agenther.package import EXPORT_FILES, SortedJsonlSink, package, write_exports
+from agenther.tables import TableWriter, iter_batches
+
+
+def test_package_in_tiny_batches_equals_one_batch():
+    verified, classified = tau_inputs(range(200), with_tools=True)
+    whole = package(verified, classified, PARAMS, LINEAGE, batch_rows=10_000)
+    tiny = package(verified, classified, PARAMS, LINEAGE, batch_rows=3)
+    assert whole.counts["dpo_natural"] > 10 and whole.counts["success_samples"] > 50  # pairs and successes to lose
+    assert tiny.counts == whole.counts
+    assert tiny.sft == whole.sft and tiny.dpo == whole.dpo and tiny.sharegpt == whole.sharegpt
+    assert tiny.rejections.equals(whole.rejections)
+
+
+def test_sorted_sink_merges_its_runs_into_the_files_write_exports_writes(tmp_path):
+    verified, classified = tau_inputs(range(60), with_tools=True)
+    packaged = package(verified, classified, PARAMS, LINEAGE)
+    expected = write_exports(packaged, tmp_path / "memory")
+
+    sink = SortedJsonlSink(tmp_path / "streamed", buffer_rows=4)
+    rows = {"sft.jsonl": packaged.sft, "dpo.jsonl": packaged.dpo, "sharegpt.jsonl": packaged.sharegpt}
+    for name in EXPORT_FILES:
+        for row in reversed(rows[name]):  # worst case: every run is in reverse order
+            sink.add(name, row)
+    assert len(sink.runs["sft.jsonl"]) == len(packaged.sft) // 4 >= 5
+    assert sink.close() == expected
+    for name in expected:
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == sorted(expected)  # runs cleaned up
+
+
+def test_table_writer_is_atomic_and_batches_read_back(tmp_path):
+    classified = tau_inputs(range(10))[1].head(10)
+    path = tmp_path / "t.parquet"
+    with TableWriter(path, schema.CLASSIFIED) as writer:
+        for start in range(0, 10, 3):
+            writer.write(classified.slice(start, 3))
+    assert pq.ParquetFile(path).metadata.num_row_groups == 4
+    assert pl.concat(list(iter_batches(path, 4))).equals(classified)
+    assert [b.height for b in iter_batches(path, 4)] == [4, 4, 2]
+
+    with pytest.raises(RuntimeError), TableWriter(path, schema.CLASSIFIED) as writer:
+        writer.write(classified.head(2))
+        raise RuntimeError("killed mid-stage")
+    assert pl.read_parquet(path).equals(classified)  # the old table stands, no temp file left
+    assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+    with TableWriter(tmp_path / "empty.parquet", schema.CLASSIFIED):
+        pass
+    assert pl.read_parquet(tmp_path / "empty.parquet").schema == schema.empty(schema.CLASSIFIED).schema
+
+
+def test_table_writer_rejects_a_batch_that_breaks_the_contract(tmp_path):
+    _, classified = tau_inputs(range(2))
+    with pytest.raises(schema.SchemaError, match="severity"), TableWriter(tmp_path / "t.parquet", schema.CLASSIFIED) as w:
+        w.write(classified.with_columns(pl.col("severity").cast(pl.String)))
+    assert not list(tmp_path.iterdir())
+
+
+def _run(tmp_path, server, out: str, batch_rows: int) -> None:
+    params = {"llm": {"model": "openai/local", "api_base": server.api_base, "cache_dir": str(tmp_path / "cache"),
+                      "concurrency": 4}, "io": {"batch_rows": batch_rows}}
+    path = tmp_path / f"params-{out}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert main(["run", "--input", str(TAU), "--out", str(tmp_path / out), "--limit", "120",
+                 "--params", str(path)]) == 0
+
+
+def test_a_run_in_batches_of_7_rows_gives_the_same_dataset(tmp_path, llm_server):
+    _run(tmp_path, llm_server, "whole", 100_000)
+    calls = len(llm_server.requests)
+    _run(tmp_path, llm_server, "batched", 7)
+    assert len(llm_server.requests) == calls  # same prompts: every answer came from the cache
+    whole, batched = tmp_path / "whole", tmp_path / "batched"
+    assert pq.ParquetFile(batched / "01_classified.parquet").metadata.num_row_groups == 120 // 7 + 1
+    for name in ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "dataset_info.json"):
+        assert (whole / name).read_bytes() == (batched / name).read_bytes(), name
+    for name in ("00_trajectories.parquet", "01_classified.parquet", "02_extracted.parquet", "04_verified.parquet",
+                 "quarantine.parquet", "rejected.parquet"):
+        assert pl.read_parquet(whole / name).equals(pl.read_parquet(batched / name)), name
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, batched))
+    assert a["reconciliation"]["ok"] and b["stages"] == a["stages"] and b["exports"] == a["exports"]
+    assert a["exports"]["dpo"] > 0 and a["stages"]["package"]["success_samples"] > 0
