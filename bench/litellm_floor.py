@@ -16,42 +16,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import argparse  # noqa: E402
-import multiprocessing as mp  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from http.server import ThreadingHTTPServer  # noqa: E402
 
-from llm_server import FakeLLMServer, Reply  # noqa: E402
+from llm_server import Reply  # noqa: E402
+from llm_throughput import LATENCY, llm_server  # noqa: E402  (its server process, backlog 1024)
 
 from agenther.llm import litellm  # noqa: E402  (imported by agenther: offline price map, quiet)
 
 PROMPT = [{"role": "user", "content": "Write the request this run satisfies. " + "x" * 2000}]
 
 
-def _serve(conn, latency: float) -> None:
-    def brain(request: dict) -> Reply:
-        return Reply('{"hindsight_prompt": "p", "confidence": 0.9}', delay_s=latency)
-
-    with FakeLLMServer(brain) as server:
-        conn.send(server.api_base)
-        conn.recv()
-
-
-@contextmanager
-def server(latency: float):
-    ThreadingHTTPServer.request_queue_size = 1024  # as in llm_throughput.py
-    parent, child = mp.get_context("fork").Pipe()
-    proc = mp.get_context("fork").Process(target=_serve, args=(child, latency), daemon=True)
-    proc.start()
-    try:
-        yield parent.recv()
-    finally:
-        parent.send("stop")
-        proc.join(10)
+def floor_brain(request: dict) -> Reply:
+    return Reply('{"hindsight_prompt": "p", "confidence": 0.9}', delay_s=LATENCY["s"])
 
 
 def call(api_base: str, i: int) -> None:
@@ -76,7 +57,7 @@ def main() -> None:
     parser.add_argument("--serial-calls", type=int, default=24, help="calls at concurrency 1 (a rate: compares)")
     args = parser.parse_args()
     rows = []
-    with server(args.latency) as api_base:
+    with llm_server(args.latency, False, floor_brain) as api_base:
         call(api_base, -1)  # warm-up: imports, client set-up
         for c in args.concurrency:
             n = args.serial_calls if c == 1 else args.calls

@@ -73,27 +73,28 @@ def brain(request: dict) -> Reply:
     return reply
 
 
-def _serve(conn, latency: float) -> None:  # the server process
+def _serve(conn, latency: float, answer=brain) -> None:  # the server process
     LATENCY["s"] = latency
-    with FakeLLMServer(brain) as server:
+    with FakeLLMServer(answer) as server:
         conn.send(server.api_base)
         conn.recv()  # until told to stop
         conn.send(len(server.requests))
 
 
 @contextmanager
-def llm_server(latency: float, in_process: bool):
+def llm_server(latency: float, in_process: bool, answer=brain):
+    """The scripted server's api_base; `answer(request)` gives each Reply (delayed by `latency`)."""
     # socketserver listens with a backlog of 5: at 64-128 simultaneous connects (the test
     # server answers HTTP/1.0, one connection per call) the kernel drops SYNs and the client
     # retries them after 1 s. A real endpoint has a deep backlog; so does this one.
     ThreadingHTTPServer.request_queue_size = 1024
     if in_process:
         LATENCY["s"] = latency
-        with FakeLLMServer(brain) as server:
+        with FakeLLMServer(answer) as server:
             yield server.api_base
         return
     parent, child = mp.get_context("fork").Pipe()
-    proc = mp.get_context("fork").Process(target=_serve, args=(child, latency), daemon=True)
+    proc = mp.get_context("fork").Process(target=_serve, args=(child, latency, answer), daemon=True)
     proc.start()
     try:
         yield parent.recv()
