@@ -18,11 +18,11 @@ from agenther import gates, schema
 from agenther.adapters.common import Quarantined
 from agenther.classify import classify
 from agenther.extract import extract
-from agenther.ingest import IngestResult, MessagesMapping, ingest_params, read_logs
+from agenther.ingest import MessagesMapping, read_logs
 from agenther.llm import Usage
 from agenther.providers import LLMs
 from agenther.relabel import relabel
-from agenther.tables import TableWriter, batch_rows, iter_batches
+from agenther.tables import TableWriter, batch_rows, file_digest, iter_batches
 from agenther.verify import verify
 
 STAGES = ("ingest", "classify", "extract", "relabel", "verify", "package")
@@ -96,13 +96,7 @@ def _usage(llms: LLMs, stage: str) -> Usage:
     return llms.usage().get(stage, Usage())
 
 
-# -- writing a stage's results: shared with the Prefect tasks, which compute them in batches --
-def save_ingest(result: IngestResult, work: Path) -> dict:
-    write_table(result.trajectories, Path(work) / TABLES["trajectories"])
-    write_table(result.quarantine, Path(work) / TABLES["quarantine"])
-    return ingest_stats(work, result.records_in, result.trajectories.height, result.quarantine.height)
-
-
+# -- a stage's stats: shared with the Prefect tasks, which compute the stages in batches --------
 def ingest_stats(work: Path, records_in: int, trajectories: int, quarantined: int) -> dict:
     stats = {"records_in": records_in, "trajectories": trajectories, "quarantined": quarantined}
     _write_stats(work, "ingest", stats)
@@ -128,10 +122,6 @@ def filtered_stats(stage: str, work: Path, n_in: int, n_out: int, n_rejected: in
 
 
 # -- the stages, file to file: the non-LLM-bound ones stream batch by batch -------------------------
-def ingest_input(params: dict) -> IngestResult:
-    return ingest_params(params["ingest"])
-
-
 def stage_ingest(params: dict, work: Path) -> dict:
     p = params["ingest"]
     logs = read_logs(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p.get("messages") or {}),
@@ -287,13 +277,6 @@ def code_digest() -> str:
     return _CODE_DIGEST[0]
 
 
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _stamp_path(work: Path, stage: str) -> Path:
     return Path(work) / "stamps" / f"{stage}.json"
 
@@ -303,7 +286,7 @@ def _stamp(stage: str, params: dict, work: Path) -> dict:
 
     return {"stage": stage, "code": code_digest(),
             "params": hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest(),
-            "input": _file_digest(Path(work) / TABLES[STAMPED[stage][0]])}
+            "input": file_digest(Path(work) / TABLES[STAMPED[stage][0]])}
 
 
 def unstamp(work: Path, *stages: str) -> None:
@@ -321,7 +304,7 @@ def stamp_stage(stage: str, params: dict, work: Path) -> None:
     if (rejected == BUDGET_EXHAUSTED).any():
         return
     entry = {"stamp": _stamp(stage, params, work),
-             "outputs": {name: _file_digest(work / TABLES[name]) for name in STAMPED[stage][1]},
+             "outputs": {name: file_digest(work / TABLES[name]) for name in STAMPED[stage][1]},
              "stats": read_stats(work, stage)}
     path = _stamp_path(work, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -338,7 +321,7 @@ def unchanged_stage(stage: str, params: dict, work: Path) -> dict | None:
         saved = json.loads(_stamp_path(work, stage).read_text())
         if saved["stamp"] != _stamp(stage, params, work):
             return None
-        if any(_file_digest(work / TABLES[name]) != digest for name, digest in saved["outputs"].items()):
+        if any(file_digest(work / TABLES[name]) != digest for name, digest in saved["outputs"].items()):
             return None
         stats = {key: saved["stats"][key] for key in ("in", "out", "rejected")}
     except (OSError, ValueError, KeyError, TypeError):  # no stamp, no input or output table, a bad stamp

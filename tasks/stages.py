@@ -5,7 +5,8 @@ it in batches of `prefect.batch_size` rows, runs one task per batch (never one p
 trajectory: a task run costs milliseconds to tens of ms of API traffic) and appends each
 batch's result to the stage's tables as it comes, under the names `agenther.stages` uses
 (TABLES/STATS), so `agenther.summary.package_run` works unchanged and no stage holds a
-whole table (ingest does: its one task returns the tables).
+whole table. Ingest is one task that streams the logs into the tables; its cached result is
+their digests, and a cache hit copies them from the folder they were written to.
 
 Batch tasks:
 - cache key: content of the batch + the stage's params + code and prompt versions (caching.py);
@@ -21,6 +22,7 @@ flight inside a batch, and running batches side by side would multiply that boun
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,7 +39,6 @@ from prefect.tasks import exponential_backoff
 from agenther import schema
 from agenther.classify import classify as classify_frame
 from agenther.extract import extract as extract_frame
-from agenther.ingest import IngestResult
 from agenther.llm import Usage
 from agenther.providers import LLMs
 from agenther.relabel import relabel as relabel_frame
@@ -47,11 +48,11 @@ from agenther.stages import (
     classify_stats,
     filtered_stats,
     gate_table,
-    ingest_input,
-    save_ingest,
+    ingest_stats,
+    stage_ingest,
 )
 from agenther.summary import package_run
-from agenther.tables import TableWriter, iter_batches
+from agenther.tables import TableWriter, file_digest, iter_batches
 from agenther.verify import verify as verify_frame
 from tasks.caching import files_digest, frame_digest, stage_key
 from tasks.retry import retry_if_transient
@@ -97,8 +98,33 @@ def _usage(view: LLMs | None, stage: str) -> dict[str, Any]:
 
 # -- the tasks: one call into agenther each -----------------------------------------------------
 @task(name="ingest", task_run_name="ingest", cache_key_fn=_ingest_key, **CACHED, **RETRY)
-def ingest_task(params: dict) -> IngestResult:
-    return ingest_input(params)
+def ingest_task(params: dict, work: str) -> dict:
+    """Streams the logs into the work folder's tables (agenther.stages.stage_ingest); the
+    result (kept by Prefect) is small: the stats, where the tables were written and their digests."""
+    stats = stage_ingest(params, Path(work))
+    return {"work": work, "stats": stats, "digests": _table_digests(Path(work))}
+
+
+INGEST_TABLES = ("trajectories", "quarantine")
+
+
+def _table_digests(work: Path) -> dict[str, str]:
+    return {name: file_digest(work / TABLES[name]) for name in INGEST_TABLES}
+
+
+def _restore_ingest(result: dict, work: Path) -> bool:
+    """Make `work` hold the tables a (possibly cached) ingest result describes: already there,
+    or copied from the folder the result was written to. False if neither has them any more."""
+    for name in INGEST_TABLES:
+        target, digest = work / TABLES[name], result["digests"][name]
+        if target.exists() and file_digest(target) == digest:
+            continue
+        source = Path(result["work"]) / TABLES[name]
+        if not source.exists() or file_digest(source) != digest:
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    return True
 
 
 @task(name="classify-batch", cache_key_fn=_batch_key("classify"), **CACHED, **RETRY)
@@ -176,7 +202,12 @@ def _batches(work: Path, table: str, contract: dict, params: dict) -> Iterator[p
 
 
 def ingest(params: dict, work: Path) -> dict:
-    return save_ingest(configured(ingest_task, params)(params), work)
+    t = configured(ingest_task, params)
+    result = t(params, str(work))
+    if not _restore_ingest(result, Path(work)):  # a cache hit whose tables are gone: ingest again
+        result = t.with_options(refresh_cache=True)(params, str(work))
+    stats = result["stats"]
+    return ingest_stats(Path(work), stats["records_in"], stats["trajectories"], stats["quarantined"])
 
 
 def classify(params: dict, work: Path, llms: LLMs) -> dict:

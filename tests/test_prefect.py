@@ -177,6 +177,30 @@ def test_changed_params_recompute_that_stage_and_content_addressing_spares_the_r
     assert len(fake_llm.requests) == calls
 
 
+def test_a_cached_ingest_copies_its_tables_and_ingests_again_once_they_are_gone(tmp_path, fake_llm):
+    """The ingest task's cached result is the tables' digests, not the tables (a 100k-record log
+    would make a GB-sized Prefect result): a hit copies them from the folder they were written
+    to; if that folder is gone the hit is refreshed, i.e. ingest runs again."""
+    # limit 5: no other test's batches, so its cached tasks cannot stand in for another test's
+    params = write_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache", ingest={"limit": 5})
+
+    def ingest_states(out: str) -> list[str]:
+        state = hindsight(params_file=str(params), out_dir=str(tmp_path / out), return_state=True)
+        assert state.is_completed(), state
+        runs = sorted(task_runs_of(state.state_details.flow_run_id), key=lambda r: r.expected_start_time)
+        return [r.state.name for r in runs if stage_of(r.name) == "ingest"]
+
+    assert ingest_states("a") == ["Completed"]
+    assert ingest_states("b") == ["Cached"]
+    for name in ("00_trajectories.parquet", "quarantine.parquet"):
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+    shutil.rmtree(tmp_path / "a")
+    shutil.rmtree(tmp_path / "b")
+    assert ingest_states("c") == ["Cached", "Completed"]
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["stages"]["ingest"]["in"] == 5 and summary["reconciliation"]["ok"]
+
+
 def test_transient_llm_faults_are_retried_by_the_task_and_the_run_succeeds(tmp_path, fake_llm):
     # Three 500s in a row: more than one call's own retries (llm.max_retries=1) absorb, so the
     # batch task fails once and its task-level retry (after a short backoff) gets through.
