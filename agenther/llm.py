@@ -19,6 +19,7 @@ loop; results keep input order, so outputs do not depend on completion order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -304,39 +305,19 @@ class LLMClient:
             return self.usage.setdefault(stage, Usage())
 
     def _response_format(self, schema: dict) -> dict:
-        kind = self._format_kind()
+        kind = format_kind(self.response_format, self.model, self.api_base)
         if kind == "json_object_schema":
             return {"type": "json_object", "schema": schema}
         if kind == "json_schema":
             return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
         return {"type": "json_object"}
 
-    def _format_kind(self) -> str:
-        """The response_format kind for this client's model, resolved once (it depends only on
-        the model and api_base; litellm's capability lookup is not free on every call)."""
-        key = (self.response_format, self.model, self.api_base)
-        resolved = self.__dict__.get("_kind")
-        if resolved is not None and resolved[0] == key:
-            return resolved[1]
-        kind = self.response_format
-        if kind == "auto":
-            # llama.cpp servers take a schema inside json_object (grammar-constrained) and
-            # reject json_schema; hosted providers that support json_schema get it.
-            if self.api_base and self.model.startswith("openai/"):
-                kind = "json_object_schema"
-            elif litellm.supports_response_schema(model=self.model):
-                kind = "json_schema"
-            else:
-                kind = "json_object"
-        self.__dict__["_kind"] = (key, kind)
-        return kind
-
     def _cost(self, response: Any, prompt_tokens: int, completion_tokens: int) -> float:
         """USD from litellm's offline price map for the declared model and the real usage;
         0 for local and unknown models (the map has no price for them). The map is fixed for
         the process, so a model found unpriced once is not looked up again (for an unknown
         model both lookups fail through litellm's slow search of every provider's aliases)."""
-        unpriced = _UNPRICED
+        unpriced = _UNPRICED  # module-wide: the price map is the same for every client
         if self.model not in unpriced:
             try:
                 prompt_usd, completion_usd = litellm.cost_per_token(
@@ -435,13 +416,28 @@ class LLMClient:
             folder.mkdir(parents=True, exist_ok=True)
             _MADE_DIRS.add(folder)
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        entry = json.dumps({"key": key, "sha256": _digest(body), "body": body}, sort_keys=True)
         try:
-            tmp.write_text(json.dumps({"key": key, "sha256": _digest(body), "body": body}, sort_keys=True))
+            tmp.write_text(entry)
         except FileNotFoundError:  # the folder went away since (a test or a user cleaned the cache)
-            _MADE_DIRS.discard(folder)
             folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"key": key, "sha256": _digest(body), "body": body}, sort_keys=True))
+            tmp.write_text(entry)
         tmp.replace(path)  # atomic: a killed run never leaves half an entry
+
+
+@functools.cache
+def format_kind(response_format: str, model: str, api_base: str | None) -> str:
+    """The response_format kind for a client's setting and model (cached: litellm's
+    capability lookup is not free, and the answer depends on these three only)."""
+    if response_format != "auto":
+        return response_format
+    # llama.cpp servers take a schema inside json_object (grammar-constrained) and
+    # reject json_schema; hosted providers that support json_schema get it.
+    if api_base and model.startswith("openai/"):
+        return "json_object_schema"
+    if litellm.supports_response_schema(model=model):
+        return "json_schema"
+    return "json_object"
 
 
 _UNPRICED: set[str] = set()  # models litellm's offline price map has no price for

@@ -558,9 +558,14 @@ def write_exports(packaged: Packaged, out_dir: Path) -> dict[str, str]:
         digests[name] = _write_atomic(
             out / name, "".join(exports.dumps(r) + "\n" for r in rows).encode("utf-8")
         )
-    info = json.dumps(exports.dataset_info(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    digests[DATASET_INFO] = _write_atomic(out / DATASET_INFO, info.encode("utf-8"))
+    digests[DATASET_INFO] = _write_dataset_info(out)
     return digests
+
+
+def _write_dataset_info(out: Path) -> str:
+    """LLaMA-Factory's dataset_info.json for the ShareGPT export; returns its sha256."""
+    info = json.dumps(exports.dataset_info(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return _write_atomic(out / DATASET_INFO, info.encode("utf-8"))
 
 
 class SortedJsonlSink:
@@ -600,8 +605,7 @@ class SortedJsonlSink:
                 runs = [_read_run(path) for path in self.runs[name]]
                 merged = heapq.merge(*runs, iter(sorted(self.buffers[name])), key=lambda kv: kv[0])
                 digests[name] = _write_lines_atomic(self.out / name, (line for _, line in merged))
-            info = json.dumps(exports.dataset_info(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-            digests[DATASET_INFO] = _write_atomic(self.out / DATASET_INFO, info.encode("utf-8"))
+            digests[DATASET_INFO] = _write_dataset_info(self.out)
         finally:
             self._tmp.cleanup()
         return digests

@@ -31,6 +31,7 @@ class LLMs:
         self.budget = given if given is not None else Budget.from_params(self.params)
         self.inflight = threading.BoundedSemaphore(max(1, int(self.params.get("concurrency") or 1)))
         self._limiters: dict[tuple[str, str | None], RateLimiter] = {}
+        self._made = threading.RLock()  # guards the lazy creation of the clients
 
     @classmethod
     def from_params(cls, params: dict) -> LLMs:
@@ -47,15 +48,17 @@ class LLMs:
         self._stack.close()
 
     def main(self) -> LLMClient:
-        if self._main is None:
-            self._main = self._client(self.params["model"])
-        return self._main
+        with self._made:  # callers may be pool threads: one client (one model server) per run
+            if self._main is None:
+                self._main = self._client(self.params["model"])
+            return self._main
 
     def judge(self) -> LLMClient:
-        if self._judge is None:
-            judge_model = self.params.get("judge_model")
-            self._judge = self._client(judge_model) if judge_model else self.main()
-        return self._judge
+        with self._made:
+            if self._judge is None:
+                judge_model = self.params.get("judge_model")
+                self._judge = self._client(judge_model) if judge_model else self.main()
+            return self._judge
 
     def main_name(self) -> str:
         return self._main.name if self._main else self._declared(self.params["model"])

@@ -14,7 +14,6 @@ judging: it is not verified and is rejected as `budget_exhausted` (left undone).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import polars as pl
@@ -184,16 +183,15 @@ def relabel_verify_one(row: dict, params: dict, llm: LLMClient,
     return kept, rejected, None if kept is None else verify_one(kept, params, llm, judge_llm())
 
 
-def relabel_verify(extracted: pl.DataFrame, params: dict, llm: LLMClient,
-                   judge_llm: LLMClient | Callable[[], LLMClient] | None = None, workers: int | None = None
-                   ) -> tuple[schema.StageOutput, schema.StageOutput]:
+def relabel_verify(extracted: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: Callable[[], LLMClient],
+                   workers: int | None = None) -> tuple[schema.StageOutput, schema.StageOutput]:
     """relabel() then verify() as one concurrent map over the records: each record is judged as
     soon as its relabel passes, so no judge waits for the slowest relabel of the whole table
     (the stage barrier). Same per-record functions, same prompts, same order: the two outputs
     are the tables relabel() and then verify() on its kept rows give.
 
-    `judge_llm`: the evidence judge's client, or a function that makes it (called only once
-    a record reaches the judges, as verify() would not start a judge model for no record).
+    `judge_llm`: gives the evidence judge's client when a record reaches the judges (LLMs.judge:
+    made once, thread-safe), so no judge model is started for a run whose relabels all fail.
     `workers`: records in progress at once (default llm.concurrency). More workers than
     llm.concurrency only help when the clients share an in-flight limit of llm.concurrency
     requests (LLMClient.inflight, as providers.LLMs gives them): then a record waiting for a
@@ -202,21 +200,7 @@ def relabel_verify(extracted: pl.DataFrame, params: dict, llm: LLMClient,
     Only the order of the calls differs, so with an LLM budget that runs out the records left
     undone can differ: the pipeline fuses only runs without a budget."""
     check_judges(params)
-    judge = _once(judge_llm) if callable(judge_llm) else (lambda: judge_llm or llm)
-    results = map_concurrent(lambda r: relabel_verify_one(r, params, llm, judge), extracted.to_dicts(),
+    results = map_concurrent(lambda r: relabel_verify_one(r, params, llm, judge_llm), extracted.to_dicts(),
                              int(workers or params["llm"]["concurrency"]))
     return (relabel_output([(kept, rejected) for kept, rejected, _ in results]),
             verify_output([judged for _, _, judged in results if judged is not None]))
-
-
-def _once(make: Callable[[], LLMClient]) -> Callable[[], LLMClient]:
-    """make() at the first call, from whichever thread comes first; the same client after."""
-    lock, made = threading.Lock(), []
-
-    def get() -> LLMClient:
-        if not made:
-            with lock:
-                if not made:
-                    made.append(make())
-        return made[0]
-    return get
