@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import litellm
-
 from agenther import prompts
-from agenther.llm import BUDGET_EXHAUSTED, BudgetExhausted, LLMClient, check_schema
+from agenther.llm import BUDGET_EXHAUSTED, BudgetExhausted, LLMClient, PromptTooLong, check_schema
 
 
 @dataclass
@@ -41,7 +39,7 @@ def ask(
             answer = llm.complete_json(messages, schema, temperature=temperature, stage=stage, seed=first_seed + i)
         except BudgetExhausted as exc:
             return Asked(None, f"{BUDGET_EXHAUSTED}: {exc}", i, budget_exhausted=True)
-        except litellm.exceptions.ContextWindowExceededError:
+        except PromptTooLong:
             return Asked(None, "the prompt exceeds the model's context window (lower llm.context_tokens)", i + 1)
         error = answer.error or (check_schema(answer.data, schema) if answer.data is not None else None)
         if error is None:

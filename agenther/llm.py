@@ -15,6 +15,11 @@ Around each real call (never around a cache hit), in this order:
 Concurrency is a thread pool (`map_concurrent`): litellm's sync client is thread-safe and
 the work is I/O bound (waiting on HTTP), so threads overlap the waiting without an event
 loop; results keep input order, so outputs do not depend on completion order.
+
+The HTTP call itself is `call_litellm`, the client's `transport`: in this process by default,
+or in worker processes (agenther/call_pool.py, llm.processes) when litellm's own CPU per call
+is what limits a run. Its answer (`Completion`) and failure (`CallFailed`) are plain values so
+that they cross a process boundary; everything above (cache, budget, limits, retries) stays here.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import litellm  # agenther/__init__.py has set LITELLM_LOCAL_MODEL_COST_MAP by now: no network at import
 
@@ -75,6 +81,57 @@ PERMANENT = (
     litellm.exceptions.NotFoundError,
     litellm.exceptions.BadRequestError,
 )
+
+
+class PromptTooLong(RuntimeError):
+    """The prompt does not fit the model's context window: the record's problem, not the run's
+    (ask() turns it into a rejection of that record)."""
+
+
+class CallFailed(Exception):
+    """Why one litellm call failed, reduced to what the retry loop needs. Plain values only,
+    so that it pickles across the pipe from a worker process.
+
+    kind: "prompt_too_long" | "permanent" (a retry cannot fix it) | "transient" (429/5xx/timeout/
+    connection) | "unexpected" (anything else a worker process caught)."""
+
+    def __init__(self, kind: str, name: str, status: int | None = None, retry_after: float | None = None,
+                 unreachable: bool = False, detail: str = ""):
+        super().__init__(kind, name, status, retry_after, unreachable, detail)
+        self.kind, self.name, self.status = kind, name, status
+        self.retry_after, self.unreachable, self.detail = retry_after, unreachable, detail
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One call's answer as plain values (it may come from a worker process)."""
+
+    content: str
+    prompt_tokens: int
+    completion_tokens: int
+    response_cost: float  # litellm's price for the answering model (0 when it has none)
+
+
+def call_litellm(kwargs: dict) -> Completion:
+    """One `litellm.completion(**kwargs)`: its answer as a Completion, its failure as CallFailed.
+    The one place a request leaves agenther, whether in this process or in a worker."""
+    try:
+        response = litellm.completion(**kwargs)
+    except litellm.exceptions.ContextWindowExceededError:  # a BadRequestError: before PERMANENT
+        raise CallFailed("prompt_too_long", "ContextWindowExceededError") from None
+    except PERMANENT as exc:
+        # The message may quote the request or part of a key: only the type and status go on.
+        raise CallFailed("permanent", type(exc).__name__, status=getattr(exc, "status_code", None)) from None
+    except TRANSIENT as exc:
+        raise CallFailed("transient", type(exc).__name__, retry_after=_retry_after(exc),
+                         unreachable=_is_connection_error(exc)) from None
+    tokens = getattr(response, "usage", None)
+    # litellm prices every answer while logging it; reading its figure costs no second lookup.
+    hidden = getattr(response, "_hidden_params", None) or {}
+    return Completion(content=response.choices[0].message.content or "",
+                      prompt_tokens=int(getattr(tokens, "prompt_tokens", 0) or 0),
+                      completion_tokens=int(getattr(tokens, "completion_tokens", 0) or 0),
+                      response_cost=float(hidden.get("response_cost") or 0.0))
 
 
 class BudgetExhausted(RuntimeError):
@@ -247,6 +304,7 @@ class LLMClient:
     budget: Budget | None = None  # shared by the run's clients (providers.LLMs)
     limiter: RateLimiter | None = None  # shared by the clients of one provider
     inflight: threading.Semaphore | None = None  # shared in-flight limit (llm.concurrency)
+    transport: Callable[[dict], Completion] = field(default=call_litellm, repr=False)  # or a CallPool's
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)  # backoff waits (tests inject)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -283,12 +341,10 @@ class LLMClient:
                 with self._lock:
                     usage.budget_refused += 1
                 raise
-        response = self._call_with_retries(request, usage, estimate_tokens(messages, self.max_tokens))
-        raw = response.choices[0].message.content or ""
-        tokens = getattr(response, "usage", None)
-        prompt_tokens = int(getattr(tokens, "prompt_tokens", 0) or 0)
-        completion_tokens = int(getattr(tokens, "completion_tokens", 0) or 0)
-        cost = self._cost(response, prompt_tokens, completion_tokens)
+        completion = self._call_with_retries(request, usage, estimate_tokens(messages, self.max_tokens))
+        raw = completion.content
+        prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
+        cost = self._cost(completion)
         with self._lock:
             usage.calls += 1
             usage.prompt_tokens += prompt_tokens
@@ -312,74 +368,63 @@ class LLMClient:
             return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
         return {"type": "json_object"}
 
-    def _cost(self, response: Any, prompt_tokens: int, completion_tokens: int) -> float:
-        """USD from litellm's offline price map for the declared model and the real usage;
-        0 for local and unknown models (the map has no price for them). The map is fixed for
-        the process, so a model found unpriced once is not looked up again (for an unknown
-        model both lookups fail through litellm's slow search of every provider's aliases)."""
-        unpriced = _UNPRICED  # module-wide: the price map is the same for every client
-        if self.model not in unpriced:
+    def _cost(self, completion: Completion) -> float:
+        """USD from litellm's offline price map for the declared model and the real usage, else
+        litellm's price for the model that answered; 0 for local and unknown models. The map is
+        fixed for the process, so a declared model found unpriced is not looked up again."""
+        if self.model not in _UNPRICED:  # module-wide: the price map is the same for every client
             try:
                 prompt_usd, completion_usd = litellm.cost_per_token(
-                    model=self.model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+                    model=self.model, prompt_tokens=completion.prompt_tokens,
+                    completion_tokens=completion.completion_tokens)
                 return float(prompt_usd) + float(completion_usd)
             except Exception:
-                unpriced.add(self.model)
-        answered_by = getattr(response, "model", None)
-        if answered_by in unpriced:
-            return 0.0
-        cost = _cost(response)
-        if not cost and isinstance(answered_by, str) and prompt_tokens + completion_tokens > 0:
-            unpriced.add(answered_by)
-        return cost
+                _UNPRICED.add(self.model)
+        return completion.response_cost
 
-    def _send(self, kwargs: dict, estimate: int) -> Any:
+    def _send(self, kwargs: dict, estimate: int) -> Completion:
         """One HTTP request: rate limit first, then at most `inflight` open at once."""
         if self.limiter is not None:
             waited = self.limiter.acquire(estimate)
             if waited:
                 log.info("rate limit: waited %.1fs for %s", waited, self.api_base or self.model)
-        if self.inflight is not None:
-            with self.inflight:
-                response = litellm.completion(**kwargs)
-        else:
-            response = litellm.completion(**kwargs)
+        with self.inflight if self.inflight is not None else nullcontext():
+            completion = self.transport(kwargs)
         if self.limiter is not None:
-            tokens = getattr(response, "usage", None)
-            real = int(getattr(tokens, "prompt_tokens", 0) or 0) + int(getattr(tokens, "completion_tokens", 0) or 0)
+            real = completion.prompt_tokens + completion.completion_tokens
             self.limiter.correct(real - min(estimate, int(self.limiter.tpm or estimate)))
-        return response
+        return completion
 
-    def _call_with_retries(self, request: dict, usage: Usage, estimate: int = 0) -> Any:
+    def _call_with_retries(self, request: dict, usage: Usage, estimate: int = 0) -> Completion:
         kwargs = dict(request, model=self.model, timeout=self.timeout_s, num_retries=0, max_retries=0)
         if self.api_base:
             kwargs["api_base"] = self.api_base
         if self.api_key:
             kwargs["api_key"] = self.api_key
+        endpoint = self.api_base or self.model
         for attempt in range(self.max_retries + 1):
             try:
                 return self._send(kwargs, estimate)
-            except litellm.exceptions.ContextWindowExceededError:
-                raise
-            except PERMANENT as exc:
-                # The message may quote the request or part of a key: only the type and status go out.
-                status = getattr(exc, "status_code", "")
-                raise LLMError(f"LLM endpoint {self.api_base or self.model}: {type(exc).__name__} {status}".strip()
-                               + " (not retried: check the model name, key and request)") from None
-            except TRANSIENT as exc:
+            except CallFailed as failed:
+                if failed.kind == "prompt_too_long":
+                    raise PromptTooLong(f"the prompt exceeds {self.name}'s context window") from None
+                if failed.kind == "permanent":
+                    raise LLMError(f"LLM endpoint {endpoint}: {failed.name} {failed.status or ''}".strip()
+                                   + " (not retried: check the model name, key and request)") from None
+                if failed.kind != "transient":
+                    raise LLMError(f"LLM call to {endpoint} failed: {failed.name}: {failed.detail}") from None
                 last = attempt == self.max_retries
                 with self._lock:
                     usage.failed_calls += 1
                     usage.retries += 0 if last else 1
                 if last:
-                    endpoint = self.api_base or self.model
-                    if _is_connection_error(exc):
+                    if failed.unreachable:
                         raise LLMUnreachable(f"LLM endpoint {endpoint} unreachable "
                                              f"after {self.max_retries + 1} attempts") from None
-                    raise LLMError(f"LLM endpoint {endpoint}: {type(exc).__name__} after {self.max_retries + 1} "
+                    raise LLMError(f"LLM endpoint {endpoint}: {failed.name} after {self.max_retries + 1} "
                                    f"attempts (timeout_s={self.timeout_s})", transient=True) from None
-                delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s, _retry_after(exc))
-                log.warning("LLM call failed (%s), retry %d in %.1fs", type(exc).__name__, attempt + 1, delay)
+                delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s, failed.retry_after)
+                log.warning("LLM call failed (%s), retry %d in %.1fs", failed.name, attempt + 1, delay)
                 self.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -440,7 +485,7 @@ def format_kind(response_format: str, model: str, api_base: str | None) -> str:
     return "json_object"
 
 
-_UNPRICED: set[str] = set()  # models litellm's offline price map has no price for
+_UNPRICED: set[str] = set()  # declared models litellm's offline price map has no price for
 _MADE_DIRS: set[Path] = set()  # cache shard folders this process has created or found
 
 
@@ -498,13 +543,6 @@ def _retry_after(exc: Exception) -> float | None:
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError, AttributeError):
         return None
-
-
-def _cost(response: Any) -> float:
-    try:
-        return float(litellm.completion_cost(completion_response=response) or 0.0)
-    except Exception:  # local and unknown models have no price: they cost nothing here
-        return 0.0
 
 
 T = TypeVar("T")

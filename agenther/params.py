@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
         "timeout_s": 120,
         "max_retries": 3,
         "concurrency": 2,
+        "processes": 0,  # 0 = calls run in this process; N = in N worker processes (agenther/call_pool.py)
         "cache_dir": ".agenther-cache/llm",
         "context_tokens": 4096,
         "requests_per_minute": None,  # per provider (model + api_base); None = unlimited
@@ -132,6 +133,8 @@ def _check(params: dict) -> None:
     llm = params["llm"]
     if int(llm["concurrency"]) < 1:
         raise ParamsError(f"llm.concurrency must be at least 1, not {llm['concurrency']}")
+    if isinstance(llm["processes"], bool) or not isinstance(llm["processes"], int) or llm["processes"] < 0:
+        raise ParamsError(f"llm.processes must be a whole number >= 0, not {llm['processes']!r}")
     for key in ("requests_per_minute", "tokens_per_minute", "budget_usd", "budget_tokens"):
         value = llm.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
@@ -143,7 +146,7 @@ def _check(params: dict) -> None:
 
 # Settings that change how a run goes, not what it produces: left out of the lineage hash.
 # (Rate limits only pace the calls; a budget decides which records are left undone, so it counts.)
-RUNTIME_ONLY = {"llm": ("cache_dir", "concurrency", "timeout_s", "max_retries", "requests_per_minute",
+RUNTIME_ONLY = {"llm": ("cache_dir", "concurrency", "processes", "timeout_s", "max_retries", "requests_per_minute",
                         "tokens_per_minute"),
                 "io": ("batch_rows",),
                 "prefect": ("batch_size", "retries", "retry_backoff_s", "retry_jitter")}

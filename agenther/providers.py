@@ -8,7 +8,7 @@ import threading
 from contextlib import ExitStack
 from pathlib import Path
 
-from agenther.llm import Budget, LLMClient, RateLimiter, Usage
+from agenther.llm import Budget, LLMClient, RateLimiter, Usage, call_litellm
 
 LOCAL = "local"
 
@@ -21,7 +21,8 @@ class LLMs:
 
     The clients share one Budget (llm.budget_usd / llm.budget_tokens), one in-flight
     semaphore (llm.concurrency) and, per provider (model + api_base), one RateLimiter
-    (llm.requests_per_minute / llm.tokens_per_minute)."""
+    (llm.requests_per_minute / llm.tokens_per_minute), and send their calls from this process
+    or, with llm.processes > 0, through the process's pool of worker processes."""
 
     def __init__(self, params: dict, clients: tuple[LLMClient, LLMClient | None] | None = None):
         self.params = params["llm"]
@@ -32,6 +33,11 @@ class LLMs:
         self.inflight = threading.BoundedSemaphore(max(1, int(self.params.get("concurrency") or 1)))
         self._limiters: dict[tuple[str, str | None], RateLimiter] = {}
         self._made = threading.RLock()  # guards the lazy creation of the clients
+        self.transport = call_litellm
+        if int(self.params.get("processes") or 0) > 0:
+            from agenther.call_pool import pooled_transport
+
+            self.transport = pooled_transport(int(self.params["processes"]))
 
     @classmethod
     def from_params(cls, params: dict) -> LLMs:
@@ -109,6 +115,7 @@ class LLMs:
             "max_retries": int(p["max_retries"]),
             "budget": self.budget,
             "inflight": self.inflight,
+            "transport": self.transport,
         }
         if model == LOCAL and not p.get("api_base"):
             from agenther.local_model import LocalLLMServer

@@ -1,8 +1,9 @@
 """LLM stage throughput: relabel + verify at several `llm.concurrency` values against a server
 that answers every call after a fixed latency; then warm reruns and compacted vs whole prompts.
 
-    .venv/bin/python bench/llm_throughput.py [--concurrency 1 8 64 128] [--serial-subset 24]
-                                             [--latency 0.2] [--in-process-server] [--no-staged]
+    .venv/bin/python bench/llm_throughput.py [--concurrency 1 8 64 128] [--processes 0 2]
+                                             [--serial-subset 24] [--latency 0.2]
+                                             [--in-process-server] [--no-staged]
 
 Ingest, classify and extract run once on the tau-bench sample (data/raw/tau-bench/gpt-4o-airline.json,
 116 failures). Then, for every concurrency N, on copies of those tables with `llm.concurrency = N`
@@ -20,6 +21,11 @@ the careful relabeler plus a trajectory judge that turns down about a third, as 
 prefect_overhead.py) sleeps `--latency` seconds in every answer. By default it runs in its own
 process, so its request parsing does not share this process's GIL with the client;
 `--in-process-server` puts it back in (as the tests do) to see what that costs.
+
+Every concurrency runs once per `--processes` value (llm.processes: 0 = the calls run in this
+process, N = in N worker processes, agenther/call_pool.py); "vs 1" compares with concurrency 1 of
+the first value. A pool's start (workers importing litellm) happens in the unmeasured warm-up,
+as it does once per process in a real run; it is printed apart. "CPU" is this process's only.
 
 Concurrency 1 at 200 ms takes ~50 s on all candidates; it runs on the first `--serial-subset`
 candidates only (0 = all) and its records/s and calls/s are rates, so they compare directly.
@@ -104,8 +110,10 @@ def llm_server(latency: float, in_process: bool, answer=brain):
         proc.join(10)
 
 
-def params_for(api_base: str, cache: Path, concurrency: int, context_tokens: int | None = None) -> dict:
-    llm = {"model": "openai/local", "api_base": api_base, "cache_dir": str(cache), "concurrency": concurrency}
+def params_for(api_base: str, cache: Path, concurrency: int, context_tokens: int | None = None,
+               processes: int = 0) -> dict:
+    llm = {"model": "openai/local", "api_base": api_base, "cache_dir": str(cache), "concurrency": concurrency,
+           "processes": processes}
     if context_tokens:
         llm["context_tokens"] = context_tokens
     return load_params(ROOT / "params.yaml", {"ingest": {"input": str(TAU), "format": "tau-bench"}, "llm": llm})
@@ -208,6 +216,8 @@ def ideal(r: dict, concurrency: int, latency: float, fused: bool = True) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 128])
+    parser.add_argument("--processes", type=int, nargs="+", default=[0, 2],
+                        help="llm.processes values to run every concurrency with")
     parser.add_argument("--serial-subset", type=int, default=24,
                         help="concurrency 1 runs on the first N extracted candidates (0 = all)")
     parser.add_argument("--latency", type=float, default=0.2, help="seconds the server sleeps per answer")
@@ -229,31 +239,37 @@ def main() -> None:
             print(f"{failures} failures, {n} relabel candidates after extract; "
                   f"server latency {args.latency * 1000:.0f} ms, "
                   f"{'in-process' if args.in_process_server else 'separate-process'} server", flush=True)
-            # An unmeasured warm-up: litellm's first call pays imports and client set-up.
-            relabel_verify(params_for(api_base, tmp / "cache-warmup", 8), base, tmp / "warmup", 4, "fused")
-
-            for c in args.concurrency:
-                subset = args.serial_subset if c == 1 and args.serial_subset else None
-                row = {"c": c}
-                if not args.no_staged:
-                    row["staged"] = relabel_verify(params_for(api_base, tmp / f"cache-s{c}", c), base,
-                                                   tmp / f"work-s{c}", subset, "staged")
-                params = params_for(api_base, tmp / f"cache-{c}", c)
-                for mode in ("fused", "warm", "warm-cache"):  # the same cache and work folder
-                    row[mode] = relabel_verify(params, base, tmp / f"work-{c}", subset, mode)
-                rows.append(row)
-                cold, warm, cached = row["fused"], row["warm"], row["warm-cache"]
-                staged = f"staged {row['staged']['seconds']:6.2f} s, " if "staged" in row else ""
-                print(f"concurrency {c:4d}: {cold['records']:3d} records, {cold['calls']:3d} calls; {staged}"
-                      f"fused {cold['seconds']:6.2f} s (relabel_verify() {cold['inner']:5.2f} s, CPU {cold['cpu']:5.2f} s); "
-                      f"warm rerun {warm['seconds']:5.3f} s ({warm['calls']} calls, {warm['hits']} hits), "
-                      f"from the LLM cache {cached['seconds']:5.2f} s ({cached['calls']} calls, {cached['hits']} hits)",
-                      flush=True)
+            for procs in args.processes:
+                # An unmeasured warm-up: litellm's first call pays imports and client set-up, and
+                # with processes > 0 it starts the pool (its workers import litellm).
+                started = time.perf_counter()
+                relabel_verify(params_for(api_base, tmp / f"cache-warmup-{procs}", 8, processes=procs), base,
+                               tmp / f"warmup-{procs}", 4, "fused")
+                print(f"processes {procs}: warm-up (4 records{', pool start' if procs else ''}) "
+                      f"{time.perf_counter() - started:.1f} s", flush=True)
+                for c in args.concurrency:
+                    subset = args.serial_subset if c == 1 and args.serial_subset else None
+                    row = {"c": c, "p": procs}
+                    if not args.no_staged:
+                        row["staged"] = relabel_verify(params_for(api_base, tmp / f"cache-s{c}-{procs}", c,
+                                                                  processes=procs), base,
+                                                       tmp / f"work-s{c}-{procs}", subset, "staged")
+                    params = params_for(api_base, tmp / f"cache-{c}-{procs}", c, processes=procs)
+                    for mode in ("fused", "warm", "warm-cache"):  # the same cache and work folder
+                        row[mode] = relabel_verify(params, base, tmp / f"work-{c}-{procs}", subset, mode)
+                    rows.append(row)
+                    cold, warm, cached = row["fused"], row["warm"], row["warm-cache"]
+                    staged = f"staged {row['staged']['seconds']:6.2f} s, " if "staged" in row else ""
+                    print(f"processes {procs}, concurrency {c:4d}: {cold['records']:3d} records, {cold['calls']:3d} "
+                          f"calls; {staged}fused {cold['seconds']:6.2f} s (relabel_verify() {cold['inner']:5.2f} s, "
+                          f"CPU {cold['cpu']:5.2f} s); warm rerun {warm['seconds']:5.3f} s ({warm['calls']} calls, "
+                          f"{warm['hits']} hits), from the LLM cache {cached['seconds']:5.2f} s ({cached['calls']} "
+                          f"calls, {cached['hits']} hits)", flush=True)
 
             top = max(args.concurrency)
             whole = relabel_verify(params_for(api_base, tmp / "cache-whole", top, context_tokens=10**7), base,
                                    tmp / "work-whole", None, "fused")
-            compact = next(r["fused"] for r in rows if r["c"] == top)
+            compact = next(r["fused"] for r in rows if r["c"] == top and r["p"] == args.processes[0])
             if compact["records"] != n:  # the top concurrency ran a subset: run the compacted side in full
                 compact = relabel_verify(params_for(api_base, tmp / "cache-compact", top), base, tmp / "work-compact",
                                          None, "fused")
@@ -266,16 +282,16 @@ def main() -> None:
     one = rows[0]
     print(f"\nrelabel + verify, tau-bench ({n} candidates), {args.latency * 1000:.0f} ms per call, fresh cache each; "
           "vs 1: against the same path at concurrency 1")
-    print("| concurrency | records | calls | staged | fused | fused: relabel_verify() | CPU (fused) | ideal staged "
+    print("| processes | concurrency | records | calls | staged | fused | fused: relabel_verify() | CPU (fused) | ideal staged "
           "| ideal fused | records/s (fused) | vs 1 (records/s) | vs 1 (calls/s) | vs 1 (inner) | vs 1 staged "
           "| warm rerun | warm / cold | from LLM cache | cache / cold |")
-    print("| --- " * 18 + "|")
+    print("| --- " * 19 + "|")
     for row in rows:
         c, cold, warm, cached = row["c"], row["fused"], row["warm"], row["warm-cache"]
         st = row.get("staged")
         staged_t = f"{st['seconds']:.2f} s" if st else "-"
         staged_x = f"{rate(st) / rate(one['staged']):.1f}x" if st else "-"
-        print(f"| {c} | {cold['records']} | {cold['calls']} | {staged_t} | {cold['seconds']:.2f} s | {cold['inner']:.2f} s "
+        print(f"| {row['p']} | {c} | {cold['records']} | {cold['calls']} | {staged_t} | {cold['seconds']:.2f} s | {cold['inner']:.2f} s "
               f"| {cold['cpu']:.2f} s | {ideal(cold, c, args.latency, fused=False):.2f} s "
               f"| {ideal(cold, c, args.latency):.2f} s | {rate(cold):.2f} "
               f"| {rate(cold) / rate(one['fused']):.1f}x | {rate(cold, 'calls') / rate(one['fused'], 'calls'):.1f}x "

@@ -81,13 +81,14 @@ BURSTS = {
 }
 
 
+@pytest.mark.parametrize("processes", [0, 2])  # calls from this process, or from worker processes
 @pytest.mark.parametrize("name", list(BURSTS))
-def test_transient_faults_are_retried_and_the_run_succeeds(tmp_path, llm_server, name):
+def test_transient_faults_are_retried_and_the_run_succeeds(tmp_path, llm_server, name, processes):
     faults = BURSTS[name]
     # At most max_retries faults in a row can hit one call (concurrency 2 spreads them), so
     # every call succeeds in the end; max_retries 4 covers the four-fault burst.
     llm_server.brain = _faults_first(faults)
-    assert _run(tmp_path, llm_server, max_retries=4) == 0
+    assert _run(tmp_path, llm_server, max_retries=4, processes=processes) == 0
     summary = _summary(tmp_path)
     assert summary["llm"]["total"]["retries"] == len(faults)
     assert summary["llm"]["total"]["failed_calls"] == len(faults)
@@ -215,13 +216,14 @@ PERSISTENT = {
     "401": (lambda request: Reply("invalid api key", status=401), {}),
     "400": (lambda request: Reply("model not loaded", status=400), {}),
 }
+@pytest.mark.parametrize("processes", [0, 2])
 @pytest.mark.parametrize("name", list(PERSISTENT))
-def test_persistent_provider_errors_are_fatal_in_one_line(tmp_path, llm_server, capsys, name):
+def test_persistent_provider_errors_are_fatal_in_one_line(tmp_path, llm_server, capsys, name, processes):
     brain, llm = PERSISTENT[name]
     llm_server.brain = brain
     started = time.monotonic()
     try:
-        code, err = _fatal(tmp_path, llm_server, capsys, **llm)
+        code, err = _fatal(tmp_path, llm_server, capsys, processes=processes, **llm)
     finally:
         assert time.monotonic() - started < 25  # never hangs, whatever the outcome
     assert code == 2 and len(err.splitlines()) == 1, err
@@ -239,14 +241,15 @@ def _body_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def test_sigkill_mid_relabel_then_rerun_reconciles_and_repeats_no_answered_call(tmp_path):
+@pytest.mark.parametrize("processes", [0, 2])  # with workers, they die with the killed run
+def test_sigkill_mid_relabel_then_rerun_reconciles_and_repeats_no_answered_call(tmp_path, processes):
     def slow_relabel(request):
         reply = careful_brain(request)
         return Reply(reply, delay_s=0.3) if prompt_kind(request) == "relabel" else reply
 
     out, cache = tmp_path / "out", tmp_path / "cache"
     with FakeLLMServer(slow_relabel) as server:
-        params = _params(tmp_path, server.api_base, max_retries=1)
+        params = _params(tmp_path, server.api_base, max_retries=1, processes=processes)
         cmd = [sys.executable, "-m", "agenther.cli", "run", "--input", str(TAU), "--out", str(out),
                "--limit", "16", "--params", params]
         env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", PYTHONPATH=str(ROOT))
@@ -258,8 +261,14 @@ def test_sigkill_mid_relabel_then_rerun_reconciles_and_repeats_no_answered_call(
                 assert time.monotonic() < deadline, "the run never reached relabel"
                 time.sleep(0.02)
             time.sleep(0.1)  # let the client write the cache entries of the answers it has
+            workers = _call_workers(proc.pid)
+            assert len(workers) == processes
             proc.send_signal(signal.SIGKILL)
             assert proc.wait(timeout=10) == -signal.SIGKILL
+            deadline = time.monotonic() + 10
+            while [w for w in workers if _running(w)]:  # the workers die with the run
+                assert time.monotonic() < deadline, "call workers outlived the killed run"
+                time.sleep(0.05)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -285,6 +294,27 @@ def test_sigkill_mid_relabel_then_rerun_reconciles_and_repeats_no_answered_call(
     assert summary["llm"]["relabel"]["cache_hits"] >= len(cached)
     # Everything the first run had not finished was asked now, so the union covers the whole run.
     assert len([b for b in second if prompt_kind(b) == "relabel"]) + len(cached) >= summary["gates"]["relabels_proposed"]
+
+
+def _call_workers(parent: int) -> list[int]:
+    """The pids of `parent`'s LLM call worker processes (agenther/call_pool.py)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"agenther.call_pool" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 # -- malformed inputs through the CLI ---------------------------------------------------------------
