@@ -18,10 +18,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
 from conftest import ROOT, TAU
 from llm_server import Reply, careful_brain, prompt_kind
-from test_faults import _running
+from test_faults import _params, _running
 
 from agenther.call_pool import CallPool, shared_pool
 from agenther.cli import main
@@ -30,10 +29,8 @@ from agenther.params import ParamsError, load_params
 
 
 def _run(tmp_path: Path, api_base: str, out: str, processes: int) -> dict:
-    params = tmp_path / f"params-{out}.yaml"
-    params.write_text(yaml.safe_dump({"llm": {"model": "openai/local", "api_base": api_base, "concurrency": 8,
-                                              "cache_dir": str(tmp_path / f"cache-{out}"), "processes": processes}}))
-    assert main(["run", "--input", str(TAU), "--out", str(tmp_path / out), "--limit", "12", "--params", str(params)]) == 0
+    params = _params(tmp_path, api_base, cache=f"cache-{out}", concurrency=8, processes=processes)
+    assert main(["run", "--input", str(TAU), "--out", str(tmp_path / out), "--limit", "12", "--params", params]) == 0
     return json.loads((tmp_path / out / "summary.json").read_text())
 
 
