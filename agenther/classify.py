@@ -21,9 +21,10 @@ from agenther import schema
 from agenther.ask import ask
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.render import prompt_budget, render, tool_calls
+from agenther.tools import Tools, is_error
 
-READ_PREFIXES = ("get_", "search_", "list_", "find_", "lookup", "calculate", "think", "check_", "retrieve")
-HANDOFF_TOOLS = ("transfer_to_human_agents",)
+_NAMES_ONLY = Tools()
+
 GIVE_UP = re.compile(r"\b(sorry|unable to|couldn't|could not|can't|cannot|not able to|failed to)\b", re.I)
 CLAIM_DONE = re.compile(
     r"\b(has been|have been|was|is now|successfully|I have|I've)\s+(successfully\s+)?"
@@ -33,21 +34,8 @@ CLAIM_DONE = re.compile(
 
 
 def is_write(tool_name: str) -> bool:
-    return not tool_name.lower().startswith(READ_PREFIXES) and tool_name not in HANDOFF_TOOLS
-
-
-def is_error(result: str | None) -> bool:
-    """A tool result that reports failure (tau-bench 'Error: ...', ToolBench {"error": "..."})."""
-    if result is None:
-        return True
-    text = result.strip()
-    if text.lower().startswith("error"):
-        return True
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(parsed, dict) and bool(parsed.get("error"))
+    """By the tool's name (classify reads no params): agenther.tools decides."""
+    return _NAMES_ONLY.is_write(tool_name)
 
 
 def canonical_call(name: str, arguments: dict) -> str:
@@ -120,7 +108,7 @@ def classify_toolbench(messages: list[dict], meta: dict, success: bool | None, f
     if success:
         return schema.NOT_A_FAILURE, 0.0, "win"
     calls = [c for c in tool_calls(messages) if c["name"] != "Finish"]
-    errors = sum(is_error(c["result"]) or not has_payload(c["result"]) for c in calls)
+    errors = sum(is_error(c["result"]) for c in calls)
     error_share = errors / len(calls) if calls else 1.0
     severity = round(0.4 + 0.6 * error_share, 4)
     if meta.get("finish_type") == "give_up":
@@ -134,7 +122,7 @@ def classify_toolbench(messages: list[dict], meta: dict, success: bool | None, f
 def classify_generic(messages: list[dict], success: bool | None, final: str) -> tuple[str, float, str]:
     if success:
         return schema.NOT_A_FAILURE, 0.0, "log marks success"
-    calls = tool_calls(messages)
+    calls = [c for c in tool_calls(messages) if c["name"] != "Finish"]  # the final answer is no tool use
     errors = sum(is_error(c["result"]) for c in calls)
     cue_give_up = bool(GIVE_UP.search(final or ""))
     if success is None and not (cue_give_up or (calls and errors == len(calls))):
@@ -153,22 +141,9 @@ def _claims_done(messages: list[dict]) -> bool:
     return any(m["role"] == "assistant" and CLAIM_DONE.search(m.get("content") or "") for m in messages)
 
 
-def has_payload(result: str | None) -> bool:
-    """The tool returned something (ToolBench wraps results as {"error": "", "response": ...})."""
-    if not result or not result.strip():
-        return False
-    try:
-        parsed = json.loads(result)
-    except json.JSONDecodeError:
-        return True
-    if isinstance(parsed, dict) and "response" in parsed:
-        return bool(parsed["response"])
-    return parsed not in (None, "", [], {})
-
-
 def _recoverable(messages: list[dict]) -> bool:
     """Something verifiable happened: at least one tool call returned a usable result."""
-    return any(not is_error(c["result"]) and has_payload(c["result"]) and c["name"] != "Finish"
+    return any(not is_error(c["result"]) and c["name"] != "Finish"
                for c in tool_calls(messages))
 
 

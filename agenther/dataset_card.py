@@ -29,20 +29,36 @@ and tool results are kept as structure in every export."""
 
 METHOD = """\
 1. **classify**: failure or not, which kind, how severe (0 = near miss .. 1 = nothing done).
-2. **extract**: what the run verifiably achieved, each achievement pointing at its steps.
-3. **relabel**: an LLM writes the hindsight prompt; attempts under the confidence threshold
-   are retried, then dropped.
-4. **verify**: judges check the prompt against the trajectory; a judge's rejection is final.
-   A deterministic grounding check requires every number, ID and date of the prompt to occur
-   in the run.
-5. **package**: exact and near-duplicate prompts removed (Jaccard of word 3-grams), samples
-   weighted, every exported row validated against its trainer's format."""
+2. **extract**: the achieved goal, computed from what the run did: the write calls that
+   succeeded (with their arguments) and the facts the agent reported from read results, each
+   pointing at its steps. An error result is never an achievement, nor is a write the agent was
+   not allowed to make (where the log has ground truth). The sample is the run cut after the
+   last step that evidences the goal; a turn inside it that asks for or attempts something the
+   goal does not contain cuts it shorter, or rejects the record.
+3. **relabel**: an LLM puts the computed goal into the words of a user's request; it never sees
+   the failed goal or the transcript. Attempts that fail a check (confidence, coverage,
+   grounding, pasting the record) are retried with the reason, then dropped.
+4. **verify**: judges check the prompt against the sample; a judge's rejection is final.
+   Deterministic first: coverage (the prompt asks for every write the sample trains on, and
+   the sample meets every requirement of the prompt) and grounding (every number, ID, date and
+   name of the prompt occurs in the sample); then policy (the writes break no rule the agent
+   was given), and LLM judges of the whole sample and of its tool evidence.
+5. **package**: exact and near-duplicate prompts removed, samples weighted, every exported
+   row validated against its trainer's format."""
 
 WEIGHTS = """\
 Each row has `weight`. Hindsight samples: `max(min_weight, 1 - weight_alpha * severity)`:
 a near miss (severity 0) weighs 1, a run that did little of its original goal weighs less.
 Original successes and natural preference pairs weigh 1. Trainers do not read `weight` on
-their own: use it as a sample weight, to filter, or to resample."""
+their own: use it as a sample weight, to filter, or to resample.
+
+Per message: in a hindsight sample, assistant turns that do not contribute to its goal (calls
+that failed, repeats of an earlier call, reads nothing later uses) stay as context but are not
+to be trained on. In `sft.jsonl` each assistant message of a hindsight sample carries OpenAI's
+`weight`: 1 = train on it, 0 = context only (OpenAI fine-tuning reads it). In `sharegpt.jsonl`
+the same is `metadata.turn_weights`, one 0/1 per `conversations` entry. TRL and LLaMA-Factory
+do not read per-turn weights: mask those turns' tokens out of the loss yourself, or keep only
+rows whose weights are all 1."""
 
 LIMITATIONS = """\
 - The default relabeling model is a small local model: its prompts are plainer and sometimes
@@ -50,8 +66,11 @@ LIMITATIONS = """\
   that share a model with the relabeler are not independent.
 - The grounding check is lexical: it catches invented numbers, IDs and dates, not a wrong
   paraphrase.
-- Multi-turn logs (simulated users) keep their later user turns; a preference pair's chosen
-  and rejected continuations include them, and DPO scores those tokens too.
+- Multi-turn logs (simulated users) keep the later user turns inside the sample (each checked
+  not to ask for anything the sample does not do); a preference pair's chosen and rejected
+  continuations include them, and DPO scores those tokens too.
+- Which tools change state is decided from their names and schemas unless params list them
+  (`tools.writes` / `tools.reads`); a write tool named like a read would escape the coverage check.
 - Natural pairs: when two trials open with differently worded user turns, the prompt is the
   success's opening (`metadata.prompt_shared` is false).
 - Hindsight pairs: the rejected run is one of the same task that lacks some of the chosen

@@ -47,6 +47,8 @@ def openai_message(message: dict) -> dict:
         return {"role": role, "content": content or ""}
     calls = message.get("tool_calls") or []
     out: dict = {"role": "assistant", "content": (content or None) if calls else (content or "")}
+    if message.get("weight") is not None:  # 0: context only, not trained on (hindsight samples)
+        out["weight"] = int(message["weight"])
     if calls:
         out["tool_calls"] = [
             {
@@ -163,7 +165,7 @@ def sharegpt_row(messages: list[dict], tools: list[dict] | None, weight: float, 
     while start < len(messages) and messages[start]["role"] == "system":
         system_parts.append(messages[start].get("content") or "")
         start += 1
-    turns: list[list] = []  # [tag, value]
+    turns: list[list] = []  # [tag, value, weight]: weight of a model turn (None: not given)
     dropped_text = 0
     pending_results: list[str] = []
 
@@ -174,7 +176,7 @@ def sharegpt_row(messages: list[dict], tools: list[dict] | None, weight: float, 
                 if len(pending_results) == 1
                 else json.dumps(pending_results, ensure_ascii=False)
             )
-            turns.append(["observation", value])
+            turns.append(["observation", value, None])
             pending_results.clear()
 
     for message in messages[start:]:
@@ -184,38 +186,48 @@ def sharegpt_row(messages: list[dict], tools: list[dict] | None, weight: float, 
             continue
         flush_results()
         if role == "user":
-            turns.append(["human", message.get("content") or ""])
+            turns.append(["human", message.get("content") or "", None])
         elif role == "assistant" and message.get("tool_calls"):
             dropped_text += bool((message.get("content") or "").strip())
-            turns.append(["function_call", _call_value(message["tool_calls"])])
+            turns.append(["function_call", _call_value(message["tool_calls"]), message.get("weight")])
         elif role == "assistant":
-            turns.append(["gpt", message.get("content") or ""])
+            turns.append(["gpt", message.get("content") or "", message.get("weight")])
         else:
             raise ValueError(f"a {role} turn after the conversation started has no sharegpt equivalent")
     flush_results()
 
     merged: list[list] = []
-    for tag, value in turns:
+    for tag, value, w in turns:
         prev = merged[-1] if merged else None
         if prev is None or _SLOT[prev[0]] != _SLOT[tag]:
-            merged.append([tag, value])
-        elif prev[0] == tag and tag in ("human", "gpt"):
+            merged.append([tag, value, w])
+            continue
+        if prev[0] == tag and tag in ("human", "gpt"):
             prev[1] = f"{prev[1]}\n\n{value}"
         elif prev[0] == "gpt" and tag == "function_call":
             dropped_text += bool(prev[1].strip())
-            merged[-1] = [tag, value]
+            prev[:] = [tag, value, w]  # the call replaces the text, with its weight
+            continue
         elif prev[0] == tag == "function_call":  # two call turns without results between: one parallel call
             calls = [json.loads(prev[1]), json.loads(value)]
             flat = [c for part in calls for c in (part if isinstance(part, list) else [part])]
             prev[1] = json.dumps(flat, ensure_ascii=False)
         else:
             raise ValueError(f"{prev[0]} followed by {tag} cannot be made to alternate")
+        if w is not None:  # a merged model turn trains only if all of its parts do
+            prev[2] = w if prev[2] is None else min(prev[2], w)
 
+    extra = {"assistant_text_dropped": dropped_text}
+    if any(w is not None for _, _, w in merged):
+        # One 0/1 per `conversations` entry: 1 = a model turn to train on (LLaMA-Factory reads no
+        # per-turn weight: see the dataset card for how to apply it).
+        extra["turn_weights"] = [int(w if w is not None else tag in ("gpt", "function_call"))
+                                 if tag in ("gpt", "function_call") else 0 for tag, _, w in merged]
     row: dict = {
-        "conversations": [{"from": tag, "value": value} for tag, value in merged],
+        "conversations": [{"from": tag, "value": value} for tag, value, _ in merged],
         "system": "\n\n".join(system_parts),
         "weight": weight,
-        "metadata": metadata | {"assistant_text_dropped": dropped_text},
+        "metadata": metadata | extra,
     }
     tools_text = sharegpt_tools(tools)
     if tools_text is not None:

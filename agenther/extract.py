@@ -1,24 +1,24 @@
-"""Stage 2: what a failed run actually achieved, each achievement pointing at its evidence.
+"""Stage 2: what a failed run actually achieved, computed from what it did (agenther.goal).
 
-Evidence is what the trajectory shows (tool calls and their results, the answer given),
-never the original goal. Rule mode lists the tool calls that succeeded; LLM mode asks
-the model and keeps only achievements whose cited steps exist and carry evidence.
+The achieved goal is the run's successful writes (not errors, not writes the agent was not
+allowed to make) and the facts it reported, each pointing at its steps, with the sample that
+proves it. Rule mode lists the goal's actions and facts as achievements; LLM mode lets the model
+describe them (achievements whose cited steps do not exist or carry no evidence are dropped), and
+for a run with no structured evidence its described achievements become the goal's facts. A
+failure with no goal, or whose turns contradict its goal, is rejected with the reason.
 """
 
 from __future__ import annotations
-
-import json
 
 import polars as pl
 
 from agenther import schema
 from agenther.ask import ask
-from agenther.classify import GIVE_UP, has_payload, is_error, is_write
+from agenther.goal import Fact, NoGoal, achieved_goal, goal_achievements, goal_from_facts
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
-from agenther.render import prompt_budget, render, tool_calls
+from agenther.render import prompt_budget, render
 
 STAGE = "extract"
-ARG_CHARS = 160
 
 LLM_SCHEMA = {
     "type": "object",
@@ -40,35 +40,6 @@ LLM_SCHEMA = {
 }
 
 
-def rule_achievements(messages: list[dict]) -> list[dict]:
-    achievements = []
-    for call in tool_calls(messages):
-        if call["name"] == "Finish" or is_error(call["result"]) or not has_payload(call["result"]):
-            continue
-        args = json.dumps(call["arguments"], sort_keys=True, ensure_ascii=False)
-        if len(args) > ARG_CHARS:
-            args = args[:ARG_CHARS] + "…"
-        steps = [call["step"], call["result_step"]]
-        if is_write(call["name"]):
-            achievements.append({"text": f"{call['name']} succeeded with {args}", "steps": steps, "kind": "action"})
-        else:
-            achievements.append({"text": f"{call['name']} returned data for {args}", "steps": steps,
-                                 "kind": "information"})
-    last = _last_answer(messages)
-    if last is not None and not GIVE_UP.search(messages[last]["content"]):
-        text = messages[last]["content"].strip().replace("\n", " ")
-        achievements.append({"text": f"told the user: {text[:200]}", "steps": [last], "kind": "answer"})
-    return achievements
-
-
-def _last_answer(messages: list[dict]) -> int | None:
-    for i in range(len(messages) - 1, -1, -1):
-        m = messages[i]
-        if m["role"] == "assistant" and (m.get("content") or "").strip() and not m.get("tool_calls"):
-            return i
-    return None
-
-
 def valid_steps(steps: list, messages: list[dict]) -> list[int]:
     """Cited steps that exist and can carry evidence (tool calls, tool results, assistant answers)."""
     ok = {s for s in steps if isinstance(s, int) and not isinstance(s, bool) and 0 <= s < len(messages)}
@@ -86,6 +57,8 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
         if not row["recoverable"]:
             return None, schema.rejection(row["id"], STAGE, "not_recoverable",
                                           f"{row['failure_type']} (severity {row['severity']}): {row['classify_reason']}")
+        goal = achieved_goal(row, params)
+        found = goal_achievements(goal) if not isinstance(goal, NoGoal) else []
         if mode == "llm":
             if llm is None:
                 raise ValueError("extract.mode is 'llm' but no LLM is configured")
@@ -99,12 +72,17 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
                 steps = valid_steps(a.get("steps") or [], row["messages"])
                 if steps and isinstance(a.get("text"), str) and a["text"].strip():
                     found.append({"text": a["text"].strip(), "steps": steps, "kind": a.get("kind") or "action"})
-        else:
-            found = rule_achievements(row["messages"])
+            if isinstance(goal, NoGoal) and goal.reason == "no_evidenced_achievement":
+                # No structured evidence: what the model saw becomes facts (never actions: a write
+                # is an achievement only when the run's own calls show it).
+                goal = goal_from_facts(row, params, [Fact(text=a["text"], values=[], steps=a["steps"])
+                                                     for a in found if a["kind"] != "action"])
+        if isinstance(goal, NoGoal):
+            return None, schema.rejection(row["id"], STAGE, goal.reason, goal.detail)
         if not found:
             return None, schema.rejection(row["id"], STAGE, "no_evidenced_achievement",
                                           "no achievement with evidence in the trajectory")
-        return row | {"achievements": found, "extract_mode": mode}, None
+        return row | {"achievements": found, "extract_mode": mode, "achieved_goal": goal.model_dump_json()}, None
 
     results = map_concurrent(one, failures, int(params["llm"]["concurrency"]) if mode == "llm" else 1)
     kept = [k for k, _ in results if k is not None]

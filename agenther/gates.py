@@ -163,7 +163,7 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
     in_set("is_failure", [True], "only failures are carried past classify")
     in_set("recoverable", [True], "only recoverable failures are carried past classify")
     if table == "extracted":
-        not_null("achievements", "extract_mode")
+        not_null("achievements", "extract_mode", "achieved_goal")
         in_set("extract_mode", list(MODES))
         between("achievements", 1, None, "extract keeps a failure only with an evidenced achievement")
         if has("achievements"):

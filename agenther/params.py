@@ -28,9 +28,13 @@ DEFAULTS: dict[str, Any] = {
     },
     "verify": {
         "policy": "all",
-        "judges": ["grounding", "trajectory", "evidence"],
+        "judges": ["coverage", "grounding", "policy", "trajectory", "evidence"],
         "judge_confidence_threshold": 0.6,
+        "transcript_tokens": 900,  # the sample as an LLM judge reads it, compacted to about this
     },
+    # Which tools change state (agenther/tools.py): by default from each tool's name and schema
+    # description; these lists always win. `requests`: tool -> the words that ask for it.
+    "tools": {"writes": [], "reads": [], "handoffs": [], "requests": {}, "default_kind": "read"},
     "package": {
         "weight_alpha": 0.5,
         "min_weight": 0.2,
@@ -81,7 +85,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-OPEN_SECTIONS = {"ingest.messages"}
+OPEN_SECTIONS = {"ingest.messages", "tools.requests"}
 
 
 class ParamsError(ValueError):
@@ -126,6 +130,8 @@ def _check(params: dict) -> None:
     threshold = params["relabel"]["confidence_threshold"]
     if not 0.0 <= float(threshold) <= 1.0:
         raise ParamsError(f"relabel.confidence_threshold must be within [0, 1], not {threshold}")
+    if params["tools"]["default_kind"] not in ("read", "write"):
+        raise ParamsError(f"tools.default_kind must be 'read' or 'write', not {params['tools']['default_kind']!r}")
     if not params["verify"]["judges"]:
         raise ParamsError("verify.judges must name at least one judge")
     if int(params["relabel"]["max_attempts"]) < 1:

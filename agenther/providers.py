@@ -72,7 +72,9 @@ class LLMs:
     def judge_names(self, params: dict) -> list[str]:
         judge = self._judge.name if self._judge else self._declared(self.params.get("judge_model") or
                                                                      self.params["model"])
-        names = {"grounding": "rules", "trajectory": self.main_name(), "evidence": judge}
+        # policy asks the judge model only where the log has no ground truth; by rules otherwise
+        names = {"coverage": "rules", "grounding": "rules", "policy": judge, "trajectory": self.main_name(),
+                 "evidence": judge}
         return [names[j] for j in params["verify"]["judges"]]
 
     def usage(self) -> dict[str, Usage]:
@@ -92,7 +94,8 @@ class LLMs:
             )
         if not self.params.get("judge_model"):
             notes.append("Judges share the relabeling model (different prompts and evidence, plus the "
-                         "deterministic grounding judge); set llm.judge_model for a different judge model.")
+                         "deterministic coverage and grounding judges); set llm.judge_model for a different "
+                         "judge model.")
         return notes
 
     # -- internals --------------------------------------------------------------------------

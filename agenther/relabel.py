@@ -1,10 +1,17 @@
-"""Stage 3: an LLM proposes the hindsight prompt a failed run fully satisfies, behind a gate.
+"""Stage 3: an LLM puts the computed achieved goal into the words of a user's request, behind a gate.
 
-Each attempt must be valid JSON, carry a confidence at or above the threshold, and not
-restate the failed goal (small models often do). Attempt i samples at temperatures[i].
-A record with no passing attempt after max_attempts is rejected with the last reason:
-there is no "best attempt" fallback. A record reached after the run's LLM budget is spent
-is rejected as `budget_exhausted` (left undone).
+The relabeler sees the achieved goal (agenther.goal: the writes that succeeded, the facts the
+agent reported) and the user's own later turns inside the sample: short and structured, never
+the whole transcript, never the failed goal (small models echo what they are shown). Its
+prompt puts the fixed instructions first so llama.cpp's prompt cache and providers' prefix
+caches reuse them across calls.
+
+Each attempt must be valid JSON, carry a confidence at or above the threshold, not restate the
+failed goal, not paste tool names or JSON, and pass the deterministic judges: coverage both ways
+(agenther.coverage) and grounding. A failed check is told to the next attempt as its reason
+(attempt i samples at temperatures[i]). A record with no passing attempt after max_attempts is
+rejected with the last reason: there is no "best attempt" fallback. A record reached after the
+run's LLM budget is spent is rejected as `budget_exhausted` (left undone).
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ from difflib import SequenceMatcher
 
 import polars as pl
 
-from agenther import schema
+from agenther import coverage, schema
 from agenther.ask import ask
+from agenther.goal import AchievedGoal, describe_goal
+from agenther.grounding import ungrounded
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
-from agenther.render import estimate_tokens, prompt_budget, render
+from agenther.render import defuse
 
 STAGE = "relabel"
 SCHEMA = {
@@ -25,10 +34,13 @@ SCHEMA = {
     "properties": {
         "hindsight_prompt": {"type": "string"},
         "confidence": {"type": "number"},
-        "rationale": {"type": "string"},
     },
-    "required": ["hindsight_prompt", "confidence", "rationale"],
+    "required": ["hindsight_prompt", "confidence"],
 }
+USER_WORDS = 4  # the user's own turns shown to the relabeler, at most (the last ones: they confirm)
+USER_CHARS = 120
+FACTS = 3  # facts shown to the relabeler, at most (the last ones: the final report)
+FACT_CHARS = 160
 
 
 def _plain(text: str) -> str:
@@ -39,68 +51,92 @@ def similarity(a: str, b: str) -> float:
     return SequenceMatcher(None, _plain(a), _plain(b)).ratio()
 
 
-MAX_ACHIEVEMENTS = 12  # the prompt lists at most this many (actions first): small contexts fill fast
+def goal_of(row: dict) -> AchievedGoal:
+    return AchievedGoal.model_validate_json(row["achieved_goal"])
 
 
-def describe_achievements(achievements: list[dict]) -> str:
-    ranked = sorted(achievements, key=lambda a: a["kind"] != "action")[:MAX_ACHIEVEMENTS]
-    return "\n".join(f"- {a['text']} (steps {', '.join(map(str, a['steps']))})" for a in ranked)
+def user_words(goal: AchievedGoal) -> str:
+    said = [w for w in goal.user_words if w.strip()][-USER_WORDS:]
+    if not said:
+        return "(nothing)"
+    return "\n".join(f'- "{defuse(" ".join(w.split())[:USER_CHARS])}"' for w in said)
 
 
-def copies_achievement(prompt: str, achievements: list[dict]) -> bool:
-    """Small models paste the achievement list back ("update reservation flights succeeded
-    with {...}"): that is a log line, not a request a user would make."""
-    plain = _plain(prompt)
-    return "{" in prompt or any(_plain(a["text"])[:30] in plain for a in achievements if len(a["text"]) >= 30)
+def pastes_log(prompt: str, goal: AchievedGoal, record: str) -> bool:
+    """Small models paste the record back (a line of it, JSON, tool names such as
+    update_reservation_flights or "update reservation flights"): a log line, not a request a user
+    would make. Two-word names ("cancel reservation") are plain English and allowed."""
+    low, plain = prompt.lower(), _plain(prompt)
+    names = {a.tool.lower() for a in goal.actions}
+    spaced = {n.replace("_", " ") for n in names if n.count("_") >= 2}
+    lines = [_plain(line.lstrip("- ").strip('"')) for line in record.splitlines() if line.startswith("- ")]
+    return ("{" in prompt or any(n in low for n in names | spaced)
+            or any(len(line.split()) >= 3 and line[:40] in plain for line in lines))
 
 
 def gate(answer: dict, row: dict, params: dict) -> tuple[str, str] | None:
     """None when the attempt passes; otherwise (reason code, detail)."""
+    p = params["relabel"]
     prompt = answer["hindsight_prompt"].strip()
     confidence = answer["confidence"]
     if len(prompt.split()) < 3:
         return "empty_prompt", f"hindsight prompt too short: {prompt!r}"
-    if copies_achievement(prompt, row["achievements"]):
-        return "copies_achievement", f"the prompt pastes the achievement list: {prompt[:80]!r}"
+    goal = goal_of(row)
+    if pastes_log(prompt, goal, describe_goal(goal, FACTS, FACT_CHARS)):
+        return "copies_achievement", f"the prompt pastes the record instead of asking: {prompt[:80]!r}"
     if not 0.0 <= confidence <= 1.0:
         return "invalid_llm_answer", f"confidence {confidence} outside [0, 1]"
     sim = similarity(prompt, row["goal"] or "")
-    if sim > float(params["max_goal_similarity"]):
+    if sim > float(p["max_goal_similarity"]):
         return "repeats_goal", f"similarity {sim:.2f} to the failed goal"
-    if confidence < float(params["confidence_threshold"]):
-        return "low_confidence", f"confidence {confidence:.2f} < {params['confidence_threshold']}"
+    missed = coverage.misses(prompt, goal, row, params)
+    if missed:
+        return missed[0][0], "; ".join(detail for _, detail in missed)
+    absent = ungrounded(prompt, row["messages"][: goal.sample_end])
+    if absent:
+        return "ungrounded", "not in the sample: " + ", ".join(absent)
+    if confidence < float(p["confidence_threshold"]):
+        return "low_confidence", f"confidence {confidence:.2f} < {p['confidence_threshold']}"
     return None
+
+
+def feedback(failures: list[tuple[str, str, str]]) -> str:
+    """What the next attempt is told about the previous one (empty for the first attempt)."""
+    if not failures:
+        return ""
+    prompt, code, why = failures[-1]
+    return (f'\nYOUR PREVIOUS ANSWER "{defuse(prompt[:300])}" WAS REJECTED ({code}): {defuse(why[:400])}\n'
+            "Write a corrected request.")
 
 
 def relabel_one(row: dict, params: dict, llm: LLMClient) -> tuple[dict | None, dict | None]:
     p = params["relabel"]
-    evidence = {s for a in row["achievements"] for s in a["steps"]}
-    achievements = describe_achievements(row["achievements"])
-    budget = max(256, prompt_budget(params) - estimate_tokens(achievements))
-    transcript = render(row["messages"], keep=evidence, budget_tokens=budget)
+    goal = goal_of(row)
+    record = describe_goal(goal, FACTS, FACT_CHARS)  # what the relabeler reads (gate() checks against it)
+    said = user_words(goal)
     temperatures = [float(t) for t in p["temperatures"]]
-    failures = []
+    failures: list[tuple[str, str, str]] = []  # (prompt, code, why) of each failed attempt
     for attempt in range(int(p["max_attempts"])):
         temperature = temperatures[min(attempt, len(temperatures) - 1)]
         asked = ask(llm, "relabel", SCHEMA, stage=STAGE, temperatures=[temperature], attempts=1,
-                    first_seed=attempt, achievements=achievements,
-                    transcript=transcript)
+                    first_seed=attempt, record=defuse(record), user_words=said, feedback=feedback(failures))
         if asked.budget_exhausted:  # left undone, not judged: no further attempt can start
-            detail = "; ".join([*(f"attempt {i + 1}: {code} ({why})" for i, (code, why) in enumerate(failures)),
+            detail = "; ".join([*(f"attempt {i + 1}: {code} ({why})" for i, (_, code, why) in enumerate(failures)),
                                 asked.error or BUDGET_EXHAUSTED])
             return None, schema.rejection(row["id"], STAGE, BUDGET_EXHAUSTED, detail)
-        verdict = ("invalid_llm_answer", asked.error) if asked.data is None else gate(asked.data, row, p)
+        verdict = ("invalid_llm_answer", asked.error or "") if asked.data is None else gate(asked.data, row, params)
         if verdict is None:
             return row | {
                 "hindsight_prompt": asked.data["hindsight_prompt"].strip(),
                 "relabel_confidence": float(asked.data["confidence"]),
                 "relabel_attempts": attempt + 1,
-                "relabel_rationale": str(asked.data["rationale"]),
+                "relabel_rationale": str(asked.data.get("rationale") or ""),
                 "relabel_model": llm.name,
             }, None
-        failures.append(verdict)
-    reason = failures[-1][0]
-    detail = "; ".join(f"attempt {i + 1}: {code} ({why})" for i, (code, why) in enumerate(failures))
+        said_prompt = (asked.data or {}).get("hindsight_prompt") or ""
+        failures.append((said_prompt if isinstance(said_prompt, str) else "", *verdict))
+    reason = failures[-1][1]
+    detail = "; ".join(f"attempt {i + 1}: {code} ({why})" for i, (_, code, why) in enumerate(failures))
     return None, schema.rejection(row["id"], STAGE, reason, detail)
 
 

@@ -86,6 +86,9 @@ ACHIEVEMENT = pl.Struct({"text": pl.String, "steps": pl.List(pl.Int64), "kind": 
 EXTRACTED = CLASSIFIED | {
     "achievements": pl.List(ACHIEVEMENT),  # steps index into `messages`
     "extract_mode": pl.String,
+    # JSON of goal.AchievedGoal: the writes that succeeded, the facts reported, the sample's cut
+    # (messages[:sample_end]) and which of its assistant turns train (train_steps).
+    "achieved_goal": pl.String,
 }
 
 RELABELED = EXTRACTED | {

@@ -1,11 +1,17 @@
-"""Stage 4: independent judges decide whether a run fully satisfies its hindsight prompt.
+"""Stage 4: independent judges decide whether a sample fully satisfies its hindsight prompt.
 
-Judges (params verify.judges):
-- grounding: deterministic; every number, ID, date and name in the prompt occurs in the run;
-- trajectory: an LLM reads the whole (compacted) run and the prompt, never the relabeler's
+Every judge sees the sample (the run cut after what proves its goal, agenther.goal), not the
+whole run. Judges (params verify.judges), deterministic ones first so a rejection costs no call:
+- coverage: deterministic; the prompt asks for every write the sample trains on and the sample
+  meets every requirement of the prompt (agenther.coverage);
+- grounding: deterministic; every number, ID, date and name in the prompt occurs in the sample;
+- policy: the sample's writes break no rule the agent was given. Where the log carries ground
+  truth, extract has already kept every write the correct run would not make out of the goal;
+  elsewhere an LLM reads the agent's rules (its system prompt) and the sample's writes;
+- trajectory: an LLM reads the (compacted) sample and the prompt, never the relabeler's
   rationale or confidence, and checks agreement with what the user said;
-- evidence: an LLM (judge_model) sees only tool calls and tool results, no narration, and
-  must point every requirement at the tool result that proves it.
+- evidence: an LLM (judge_model) sees only the sample's tool calls and tool results, no
+  narration, and must point every requirement at the tool result that proves it.
 Policy `all`: one rejection is final (no fallback path accepts it; remaining judges are
 not even asked). Policy `majority`: strictly more than half must accept.
 A judge that cannot be asked because the run's LLM budget is spent ends the record's
@@ -14,19 +20,31 @@ judging: it is not verified and is rejected as `budget_exhausted` (left undone).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import polars as pl
 
-from agenther import schema
+from agenther import coverage, schema
 from agenther.ask import ask
+from agenther.goal import describe_action
 from agenther.grounding import ungrounded
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
-from agenther.relabel import relabel_one, relabel_output
-from agenther.render import prompt_budget, render
+from agenther.relabel import goal_of, relabel_one, relabel_output
+from agenther.render import defuse, render
 
 STAGE = "verify"
-JUDGE_NAMES = ("grounding", "trajectory", "evidence")
+JUDGE_NAMES = ("coverage", "grounding", "policy", "trajectory", "evidence")
+POLICY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "violations": {"type": "array", "items": {"type": "string"}},
+        "allowed": {"type": "boolean"},
+        "confidence": {"type": "number"},
+    },
+    "required": ["violations", "allowed", "confidence"],
+}
+RULES_CHARS = 6000  # of the agent's system prompt shown to the policy judge
 
 TRAJECTORY_SCHEMA = {
     "type": "object",
@@ -62,16 +80,68 @@ EVIDENCE_SCHEMA = {
 Judgement = dict  # schema.JUDGEMENT: judge, model, accept, confidence, reason
 
 
+def sample_messages(row: dict) -> list[dict]:
+    """The sample: the run cut after the last step that evidences its goal."""
+    return row["messages"][: goal_of(row).sample_end]
+
+
+def sample_view(row: dict) -> list[dict]:
+    """The sample as the judges read it: the request is given apart, so the first user turn
+    (the failed goal, which the prompt replaces) is left out."""
+    messages = sample_messages(row)
+    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    return messages if first is None else [*messages[:first], *messages[first + 1 :]]
+
+
+def _transcript_tokens(params: dict) -> int:
+    return int(params["verify"]["transcript_tokens"])
+
+
+def judge_coverage(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+    missed = coverage.misses(row["hindsight_prompt"], goal_of(row), row, params)
+    reason = ("the prompt asks for every write of the sample, and the sample meets every requirement"
+              if not missed else "; ".join(f"{code}: {detail}" for code, detail in missed))
+    return {"judge": "coverage", "model": "rules", "accept": not missed, "confidence": 1.0, "reason": reason}
+
+
 def judge_grounding(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    missing = ungrounded(row["hindsight_prompt"], row["messages"])
-    reason = "every detail occurs in the trajectory" if not missing else "not in the trajectory: " + ", ".join(missing)
+    missing = ungrounded(row["hindsight_prompt"], sample_messages(row))
+    reason = "every detail occurs in the sample" if not missing else "not in the sample: " + ", ".join(missing)
     return {"judge": "grounding", "model": "rules", "accept": not missing, "confidence": 1.0, "reason": reason}
 
 
+def judge_policy(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+    goal = goal_of(row)
+    meta = json.loads(row.get("metadata") or "{}")
+    if not goal.actions:
+        return _ruled("policy", "the sample changes no state")
+    if isinstance(meta.get("gt_actions"), list):
+        return _ruled("policy", "ground truth: writes the correct run does not make were kept out of the goal")
+    rules = next((m.get("content") or "" for m in row["messages"] if m["role"] == "system"), "").strip()
+    if not rules:
+        return _ruled("policy", "the agent was given no rules (no system prompt)")
+    actions = "\n".join(f"- step {a.call_step}: {describe_action(a)}" for a in goal.actions)
+    asked = ask(judge_llm, "judge_policy", POLICY_SCHEMA, stage=STAGE, temperatures=[0.0], attempts=2,
+                rules=defuse(rules[:RULES_CHARS]), actions=defuse(actions))
+    if asked.data is None:
+        return _invalid("policy", judge_llm, asked.error)
+    d = asked.data
+    confidence = _confidence(d["confidence"])
+    violations = [str(v) for v in d["violations"] if str(v).strip()] if isinstance(d["violations"], list) else []
+    accept = bool(d["allowed"]) and not violations and confidence >= _threshold(params)
+    reason = ("no rule broken" if accept else
+              "policy_violation: " + ("; ".join(violations) or f"allowed={d['allowed']}, confidence {confidence}"))
+    return {"judge": "policy", "model": judge_llm.name, "accept": accept, "confidence": confidence, "reason": reason}
+
+
+def _ruled(judge: str, reason: str) -> Judgement:
+    return {"judge": judge, "model": "rules", "accept": True, "confidence": 1.0, "reason": reason}
+
+
 def judge_trajectory(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    transcript = render(row["messages"], budget_tokens=prompt_budget(params))
+    transcript = render(sample_view(row), budget_tokens=_transcript_tokens(params))
     asked = ask(llm, "judge_trajectory", TRAJECTORY_SCHEMA, stage=STAGE, temperatures=[0.0], attempts=2,
-                request=row["hindsight_prompt"], transcript=transcript)
+                request=defuse(row["hindsight_prompt"]), transcript=transcript)
     if asked.data is None:
         return _invalid("trajectory", llm, asked.error)
     d = asked.data
@@ -82,16 +152,18 @@ def judge_trajectory(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClie
 
 
 def judge_evidence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    transcript = render(row["messages"], roles=("tool",), budget_tokens=prompt_budget(params))
+    messages = sample_messages(row)
+    transcript = render(messages, roles=("tool",), budget_tokens=_transcript_tokens(params))
     asked = ask(judge_llm, "judge_evidence", EVIDENCE_SCHEMA, stage=STAGE, temperatures=[0.0], attempts=2,
-                request=row["hindsight_prompt"], transcript=transcript)
+                request=defuse(row["hindsight_prompt"]), transcript=transcript)
     if asked.data is None:
         return _invalid("evidence", judge_llm, asked.error)
     d = asked.data
-    requirements = d["requirements"]
-    tool_steps = {i for i, m in enumerate(row["messages"]) if m["role"] == "tool"}
-    unproven = [r.get("requirement") for r in requirements
-                if not (r.get("met") and isinstance(r.get("step"), int) and r["step"] in tool_steps)]
+    requirements = d["requirements"] if isinstance(d["requirements"], list) else []
+    tool_steps = {i for i, m in enumerate(messages) if m["role"] == "tool"}
+    unproven = [r.get("requirement") if isinstance(r, dict) else r for r in requirements
+                if not (isinstance(r, dict) and r.get("met") and isinstance(r.get("step"), int)
+                        and r["step"] in tool_steps)]
     confidence = _confidence(d["confidence"])
     accept = bool(d["all_met"]) and bool(requirements) and not unproven and confidence >= _threshold(params)
     reason = (f"{len(requirements) - len(unproven)}/{len(requirements)} requirements proven by a tool result"
@@ -100,7 +172,9 @@ def judge_evidence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient
 
 
 JUDGES: dict[str, Callable[..., Judgement]] = {
+    "coverage": judge_coverage,
     "grounding": judge_grounding,
+    "policy": judge_policy,
     "trajectory": judge_trajectory,
     "evidence": judge_evidence,
 }

@@ -33,3 +33,12 @@ def make_params(tmp_path: Path, server: FakeLLMServer | None = None, **sections:
     for name, values in sections.items():
         overrides[name] = overrides.get(name, {}) | values
     return load_params(None, overrides)
+
+
+def whole_run_goal(messages: list[dict]) -> str:
+    """An achieved goal (JSON) whose sample is the whole run, every assistant turn training: for
+    tests of what packaging and judging do with a goal, not of how extract computes one."""
+    from agenther.goal import AchievedGoal
+
+    train = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return AchievedGoal(sample_end=len(messages), train_steps=train).model_dump_json()

@@ -144,6 +144,7 @@ KINDS = {
     "You write hindsight goals": "relabel",
     "strict reviewer of training data": "judge_trajectory",
     "Check a claim against tool evidence": "judge_evidence",
+    "You audit an AI agent's actions against the rules": "judge_policy",
     "List what this AI agent run actually achieved": "extract",
     "Classify this AI agent run": "classify",
 }
@@ -158,23 +159,35 @@ def user_text(request: dict) -> str:
     return request["messages"][0]["content"]
 
 
-ACTION = re.compile(r"^- (\w+) (?:succeeded with|returned data for) (\{.*?\}) \(steps ([\d, ]+)\)$", re.M)
+DONE_LINE = re.compile(r"^- ([a-z0-9 ]+?)(?:: (.*))?$")
+
+
+def record_of(request: dict) -> tuple[list[tuple[str, str]], list[str]]:
+    """The relabel prompt's record: ([(tool words, argument text) of each DONE line], [facts told])."""
+    text = user_text(request).partition("RECORD:\n<<<\n")[2].split("\n>>>", 1)[0]
+    done_part, _, told_part = text.partition("TOLD THE USER:\n")
+    actions = [(m.group(1), m.group(2) or "") for line in done_part.splitlines()
+               if (m := DONE_LINE.match(line)) and line != "- (no change of state)"]
+    facts = [line[3:].rstrip('"') for line in told_part.splitlines() if line.startswith('- "')]
+    return actions, facts
 
 
 def grounded_relabel(request: dict, confidence: float = 0.9) -> str:
-    """A hindsight prompt built only from the first achievement's tool name and arguments,
-    so that every detail in it occurs in the trajectory."""
-    text = user_text(request)
-    m = ACTION.search(text)
-    if not m:
-        return json.dumps({"hindsight_prompt": "Tell me what you found.", "confidence": 0.2, "rationale": "none"})
-    name, args = m.group(1), m.group(2).rstrip("…")
-    try:
-        pairs = [f"{k} {v}" for k, v in json.loads(args).items() if isinstance(v, str | int)][:2]
-    except json.JSONDecodeError:
-        pairs = []
-    prompt = f"Please use {name.replace('_', ' ')}" + (" for " + " and ".join(pairs) if pairs else "") + "."
-    return json.dumps({"hindsight_prompt": prompt, "confidence": confidence, "rationale": f"from {name}"})
+    """What a careful relabeler writes: each change of the record asked for in its own words with
+    every detail, or (no change) a question about what the agent reported."""
+    actions, facts = record_of(request)
+    asks = []
+    for tool, args in actions:
+        verb, *rest = tool.split()
+        asks.append(f"{verb} the {' '.join(reversed(rest))} with {args}" if args else f"{verb} the {' '.join(rest)}")
+    if asks:
+        prompt = "Please " + ", and ".join(asks) + "."
+    elif facts:  # ask about the details the agent reported: its names and numbers
+        details = re.findall(r"(?<=\s)[A-Z][a-z]+|\b[A-Z0-9]*\d[A-Z0-9]*\b", facts[-1])
+        prompt = "Can you tell me about " + " and ".join(dict.fromkeys(details[:3]) or ["my trip"]) + "?"
+    else:
+        return json.dumps({"hindsight_prompt": "Tell me what you found.", "confidence": 0.2})
+    return json.dumps({"hindsight_prompt": prompt, "confidence": confidence})
 
 
 def evidence_steps(request: dict) -> list[int]:
@@ -191,7 +204,14 @@ def careful_brain(request: dict) -> Reply | str:
     kind = prompt_kind(request)
     if kind == "relabel":
         return grounded_relabel(request)
+    if kind == "judge_policy":
+        return json.dumps({"violations": [], "allowed": True, "confidence": 0.9})
     if kind == "judge_trajectory":
+        if "REQUEST:\nCan you tell me about" in user_text(request):
+            # A careful judge finds the scripted relabeler's questions about a report too vague
+            # (so the scripted world has judge rejections, as a real one has).
+            return json.dumps({"satisfied": False, "consistent_with_user": True, "confidence": 0.8,
+                               "reason": "the request is vaguer than what the run reported"})
         return json.dumps({"satisfied": True, "consistent_with_user": True, "confidence": 0.9, "reason": "done"})
     if kind == "judge_evidence":
         steps = evidence_steps(request)

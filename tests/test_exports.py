@@ -45,7 +45,10 @@ def test_every_sft_row_is_an_openai_chat_row_with_tool_calls_kept(packaged):
         validate_sft(row)
         issued: set[str] = set()
         for m in row["messages"]:
-            assert set(m) <= {"role", "content", "tool_calls", "tool_call_id"}
+            assert set(m) <= {"role", "content", "tool_calls", "tool_call_id", "weight"}
+            # OpenAI's per-message weight: 0 or 1, on assistant turns only, on hindsight samples only
+            assert "weight" not in m or (m["role"] == "assistant" and m["weight"] in (0, 1)
+                                         and row["metadata"]["kind"] == "hindsight")
             for c in m.get("tool_calls") or []:
                 assert c["type"] == "function" and isinstance(c["function"]["arguments"], str)
                 issued.add(c["id"])

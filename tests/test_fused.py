@@ -43,7 +43,7 @@ def extracted(tmp_path, llm_server) -> Path:
     with LLMs.from_params(params) as llms:
         for name in ("ingest", "classify", "extract"):
             run_stage(name, params, base, base, llms)
-    assert pl.read_parquet(base / TABLES["extracted"]).height > 50
+    assert pl.read_parquet(base / TABLES["extracted"]).height >= 25  # 30 of the 116 failures have a goal
     assert not llm_server.requests
     return base
 
@@ -104,7 +104,7 @@ def test_agenther_run_fuses_relabel_and_verify_unless_there_is_a_budget(tmp_path
     first_judge = kinds.index("judge_trajectory")
     if budget is None:  # one record at a time: relabel, then its judges, then the next record
         assert first_judge < last_relabel
-        assert kinds[:2] == ["relabel", "judge_trajectory"]
+        assert set(kinds[:first_judge]) == {"relabel"}  # the first record's attempts, then its judges
     else:  # a budget keeps the stage order, as `agenther stage` and dvc run it
         assert last_relabel < first_judge
 

@@ -130,40 +130,50 @@ def test_injection_inside_the_data_block_is_not_obeyed(tmp_path, llm_server, rec
 
 
 def test_fully_gullible_model_cannot_get_invented_details_past_grounding(tmp_path, llm_server, records):
-    """What holds whatever the model: an obeyed injection that makes the model invent a request
-    fails the deterministic grounding judge, and policy `all` makes that final."""
+    """What holds whatever the model: the relabeler reads the computed goal, not tool results, so an
+    injected instruction never reaches it; and a relabeler that writes an invented request anyway
+    (here: always) fails the deterministic coverage and grounding checks, before any LLM judge."""
     llm_server.brain = careful_brain
     clean = _run(tmp_path, llm_server, records, "clean")
     llm_server.brain = fully_gullible
     injected = _run(tmp_path, llm_server, _inject(records, INJECTION), "injected")
     _report("in-band injection, fully gullible model", clean, injected)
-    assert injected["accepted"] <= clean["accepted"]
+    relabels = [r for r in injected["requests"] if prompt_kind(r) == "relabel"]
+    assert relabels and not any("ignore previous instructions" in user_text(r).lower() for r in relabels)
+    assert any("ignore previous instructions" in user_text(r).lower() for r in injected["requests"]
+               if prompt_kind(r) != "relabel"), "the injection did reach the LLM judges"
     assert INVENTED not in injected["prompts"]
-    relabeled = injected["verified"]
-    obeyed = relabeled.filter(pl.col("hindsight_prompt") == INVENTED)
-    assert obeyed.height > 0, "the gullible relabeler did obey"
-    for judgements in obeyed["judgements"].to_list():
-        grounding = next(j for j in judgements if j["judge"] == "grounding")
-        assert not grounding["accept"] and "ZZ999" in grounding["reason"]
-        assert [j["judge"] for j in judgements] == ["grounding"]  # the LLM judges were never asked
+
+    llm_server.brain = lambda request: _obey(request) if prompt_kind(request) == "relabel" else careful_brain(request)
+    obeying = _run(tmp_path, llm_server, records, "obeying")
+    assert obeying["accepted"] == 0 and INVENTED not in obeying["prompts"]
+    rejected = pl.read_parquet(tmp_path / "obeying" / "rejected.parquet").filter(pl.col("stage") == "relabel")
+    assert rejected.height > 0 and set(rejected["reason"]) <= {"unrequested_action", "unmet_requirement",
+                                                                "ungrounded"}
+    assert all("ZZ999" in d or "Zelda" in d or "unrequested" in d or "update_reservation" in d
+               for d in rejected["detail"])
+    assert not [r for r in obeying["requests"] if prompt_kind(r) != "relabel"]  # no judge was asked
     # Grounding itself is deterministic: the same prompt against a clean run is still ungrounded.
     assert ungrounded(INVENTED, [{"role": "tool", "content": json.dumps(records[0])}])
 
 
-def test_an_injection_that_carries_its_request_is_only_stopped_by_the_llm_judges(tmp_path, llm_server, records):
-    """The honest limit: the details are in the (poisoned) run, so grounding accepts them; a fully
-    gullible judge then accepts too. This test documents the number, it does not claim safety."""
+def test_an_injection_that_carries_its_request_is_only_seen_by_the_llm_judges(tmp_path, llm_server, records):
+    """The honest limit, narrowed: an injection that carries its own request is grounded by
+    construction (its details are in the poisoned run), but the relabeler never reads tool results,
+    so it is never written as a prompt; only the LLM judges read it, and a gullible judge can be
+    swayed to accept what the deterministic judges already passed. This documents the numbers."""
     llm_server.brain = careful_brain
     clean = _run(tmp_path, llm_server, records, "clean")
     llm_server.brain = fully_gullible
     injected = _run(tmp_path, llm_server, _inject(records, CARRYING), "injected")
     _report("request-carrying injection, fully gullible model", clean, injected)
     poisoned = injected["verified"].filter(pl.col("verified") & (pl.col("hindsight_prompt") == INVENTED)).height
-    print(f"[hostile] of which poisoned (the injected request): {poisoned}/{injected['accepted']}; exported "
-          f"after dedup: {injected['prompts'].count(INVENTED)}")
-    assert poisoned == injected["accepted"] > 0
+    print(f"[hostile] of which poisoned (the injected request): {poisoned}/{injected['accepted']}")
+    assert poisoned == 0 and INVENTED not in injected["prompts"]
     assert not ungrounded(INVENTED, [{"role": "tool", "content": CARRYING}])  # grounded by construction
-    assert INVENTED in injected["prompts"]  # poisoned samples reach the dataset with a gullible judge
+    for judgements in injected["verified"].filter(pl.col("verified"))["judgements"].to_list():
+        passed = {j["judge"] for j in judgements if j["accept"]}
+        assert {"coverage", "grounding"} <= passed  # whatever the LLM judges said, these held
 
 
 def test_an_injection_cannot_close_the_data_block(tmp_path, llm_server, records):

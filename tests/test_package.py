@@ -14,6 +14,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import whole_run_goal
 
 from agenther import schema
 from agenther.dedup import dedup_prompts, jaccard, normalize_prompt, shingles
@@ -127,6 +128,7 @@ def verified_row(
         "severity": row["severity"] if severity is None else severity,
         "achievements": [],
         "extract_mode": "rule",
+        "achieved_goal": whole_run_goal(row["messages"]),
         "hindsight_prompt": hindsight_prompt(row) if prompt is None else prompt,
         "relabel_confidence": confidence,
         "relabel_attempts": 1,

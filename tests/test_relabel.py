@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 
+import polars as pl
 import pytest
 from conftest import TAU, make_params
-from llm_server import grounded_relabel, prompt_kind
+from llm_server import grounded_relabel, prompt_kind, user_text
 
 from agenther.classify import classify
 from agenther.extract import extract
+from agenther.goal import describe_goal
 from agenther.ingest import ingest
 from agenther.llm import LLMClient
-from agenther.relabel import relabel
+from agenther.relabel import goal_of, relabel
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,36 @@ def _run(candidates, server, tmp_path, **relabel_params):
     params = make_params(tmp_path, server, relabel=relabel_params)
     client = LLMClient(model="openai/local", api_base=server.api_base, api_key="x", cache_dir=tmp_path / "c")
     return relabel(candidates, params, client)
+
+
+def test_the_relabeler_sees_the_goal_not_the_transcript(candidates, llm_server, tmp_path):
+    _run(candidates, llm_server, tmp_path)
+    texts = [user_text(r) for r in llm_server.prompts_of("relabel")]
+    assert len(texts) == candidates.height
+    for row in candidates.iter_rows(named=True):
+        text = next(t for t in texts if describe_goal(goal_of(row), 3, 160) in t)  # the computed goal
+        assert row["goal"].strip() not in text  # the failed goal is never shown (small models echo it)
+        assert "TOOL RESULT" not in text and "[1] USER" not in text  # no transcript
+        # the fixed instructions come first, so a prefix cache reuses them across records
+        assert text.index("Return JSON") < text.index("RECORD:")
+
+
+def test_a_coverage_miss_is_fed_back_and_fixed_on_the_next_attempt(candidates, llm_server, tmp_path):
+    def brain(request):
+        if "WAS REJECTED" in user_text(request):
+            return grounded_relabel(request)
+        return json.dumps({"hindsight_prompt": "Please help me with my trip plans today.", "confidence": 0.9})
+
+    llm_server.brain = brain
+    out = _run(candidates, llm_server, tmp_path, max_attempts=2)
+    assert out.kept.height == 3
+    # a vague request covers no write: every candidate with writes needed the second attempt
+    with_writes = [r["id"] for r in candidates.iter_rows(named=True) if goal_of(r).actions]
+    assert len(with_writes) >= 2
+    assert out.kept.filter(pl.col("id").is_in(with_writes))["relabel_attempts"].to_list() == [2] * len(with_writes)
+    retries = [r for r in llm_server.prompts_of("relabel") if "WAS REJECTED" in user_text(r)]
+    assert len(retries) == len(with_writes) and all("unrequested_action" in user_text(r) or "unmet_requirement" in user_text(r)
+                                     for r in retries)
 
 
 def test_low_confidence_is_retried_then_rejected(candidates, llm_server, tmp_path):
@@ -52,14 +84,13 @@ def test_passes_the_gate_on_a_later_attempt(candidates, llm_server, tmp_path):
 
 
 def test_restating_the_failed_goal_is_rejected(candidates, llm_server, tmp_path):
-    goals = {}
-    for row in candidates.iter_rows(named=True):
-        goals[row["id"]] = row["goal"]
+    # The relabeler never sees the failed goal; this one knows it anyway (as a model that saw the
+    # task elsewhere would) and hands it back with high confidence.
+    goals = {describe_goal(goal_of(row), 3, 160).split("\n")[1]: row["goal"] for row in candidates.iter_rows(named=True)}
 
     def brain(request):
-        # A naive relabeler: hands the original goal back with high confidence.
         text = request["messages"][0]["content"]
-        goal = next(g for g in goals.values() if g.strip() in text)
+        goal = next(g for line, g in goals.items() if line in text)
         return json.dumps({"hindsight_prompt": goal, "confidence": 0.99, "rationale": "same"})
 
     llm_server.brain = brain
@@ -78,10 +109,9 @@ def test_invalid_answers_are_rejected_with_the_reason(candidates, llm_server, tm
 
 def test_pasting_the_achievement_list_back_is_rejected(candidates, llm_server, tmp_path):
     def brain(request):
-        # What small models really did on these logs: echo an achievement line as the "request".
-        achievements = request["messages"][0]["content"].split("ACHIEVEMENTS:\n", 1)[1]
-        line = achievements.splitlines()[0]
-        echo = line[2:].split(" (steps")[0].replace("_", " ").split("{")[0].strip()
+        # What small models really did on these logs: echo a record line as the "request".
+        record = user_text(request).split("DONE:\n", 1)[1]
+        echo = record.splitlines()[0][2:].strip()
         return json.dumps({"hindsight_prompt": echo.capitalize(), "confidence": 0.95, "rationale": "r"})
 
     llm_server.brain = brain

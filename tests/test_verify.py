@@ -6,7 +6,7 @@ import json
 
 import polars as pl
 import pytest
-from conftest import TAU, make_params
+from conftest import TAU, make_params, whole_run_goal
 from llm_server import careful_except
 
 from agenther import schema
@@ -25,6 +25,7 @@ def _row(tau: pl.DataFrame, trajectory_id: str, prompt: str) -> pl.DataFrame:
     row = tau.filter(pl.col("id") == trajectory_id).to_dicts()[0]
     row |= {"is_failure": True, "failure_type": "incomplete", "severity": 0.5, "recoverable": True,
             "classify_reason": "", "classify_mode": "rule", "achievements": [], "extract_mode": "rule",
+            "achieved_goal": whole_run_goal(row["messages"]),
             "hindsight_prompt": prompt, "relabel_confidence": 0.9, "relabel_attempts": 1,
             "relabel_rationale": "SECRET-RATIONALE", "relabel_model": "test"}
     return schema.frame([row], schema.RELABELED)
@@ -53,6 +54,9 @@ def test_grounding_rejects_invented_details(tau, invented):
     assert missing, f"grounding accepted an invented detail: {invented}"
 
 
+LLM_JUDGES = {"judges": ["grounding", "trajectory", "evidence"]}  # the judges these mechanics tests are about
+
+
 def _client(server, tmp_path) -> LLMClient:
     return LLMClient(model="openai/local", api_base=server.api_base, api_key="x", cache_dir=tmp_path / "c")
 
@@ -61,7 +65,7 @@ def test_trajectory_judge_rejection_is_final_under_all(tau, llm_server, tmp_path
     # The trajectory judge rejects with full confidence; the evidence judge would accept.
     llm_server.brain = careful_except("judge_trajectory", lambda r: json.dumps(
         {"satisfied": False, "consistent_with_user": True, "confidence": 0.99, "reason": "the flight was never booked"}))
-    params = make_params(tmp_path, llm_server)
+    params = make_params(tmp_path, llm_server, verify=LLM_JUDGES)
     grounded = "I'm mia_li_3668. Book me a one-way economy flight from JFK to SEA on May 20."
     out = verify(_row(tau, FIRST, grounded), params, _client(llm_server, tmp_path))
     assert out.kept["verified"].to_list() == [False]
@@ -77,7 +81,7 @@ def test_high_confidence_invalid_verdict_is_not_accepted_under_majority(tau, llm
     # the evidence judge alone accepting cannot carry a majority of three.
     llm_server.brain = careful_except("judge_trajectory", lambda r: json.dumps(
         {"satisfied": False, "consistent_with_user": False, "confidence": 0.99, "reason": "no"}))
-    params = make_params(tmp_path, llm_server, verify={"policy": "majority"})
+    params = make_params(tmp_path, llm_server, verify={"policy": "majority"} | LLM_JUDGES)
     invented = "I'm mia_li_3668. Change reservation QQ7777 to business class."
     out = verify(_row(tau, FIRST, invented), params, _client(llm_server, tmp_path))
     judgements = out.kept["judgements"].to_list()[0]
@@ -90,7 +94,7 @@ def test_high_confidence_invalid_verdict_is_not_accepted_under_majority(tau, llm
 def test_majority_accepts_two_of_three(tau, llm_server, tmp_path):
     llm_server.brain = careful_except("judge_evidence", lambda r: json.dumps(
         {"requirements": [], "all_met": False, "confidence": 0.9}))
-    params = make_params(tmp_path, llm_server, verify={"policy": "majority"})
+    params = make_params(tmp_path, llm_server, verify={"policy": "majority"} | LLM_JUDGES)
     grounded = "I'm mia_li_3668. Book me a one-way economy flight from JFK to SEA on May 20."
     out = verify(_row(tau, FIRST, grounded), params, _client(llm_server, tmp_path))
     assert [j["accept"] for j in out.kept["judgements"].to_list()[0]] == [True, True, False]
@@ -100,7 +104,7 @@ def test_majority_accepts_two_of_three(tau, llm_server, tmp_path):
 def test_evidence_judge_sees_no_assistant_narration_and_low_confidence_rejects(tau, llm_server, tmp_path):
     llm_server.brain = careful_except("judge_evidence", lambda r: json.dumps(
         {"requirements": [{"requirement": "x", "step": 7, "met": True}], "all_met": True, "confidence": 0.3}))
-    params = make_params(tmp_path, llm_server)
+    params = make_params(tmp_path, llm_server, verify=LLM_JUDGES)
     grounded = "I'm mia_li_3668. Book me a one-way economy flight from JFK to SEA on May 20."
     out = verify(_row(tau, FIRST, grounded), params, _client(llm_server, tmp_path))
     assert out.kept["verified"].to_list() == [False]
@@ -117,7 +121,7 @@ def test_prompt_that_contradicts_the_user_is_rejected(tau, llm_server, tmp_path)
                            "reason": "the user asked for economy"})
 
     llm_server.brain = careful_except("judge_trajectory", contradicted)
-    params = make_params(tmp_path, llm_server)
+    params = make_params(tmp_path, llm_server, verify=LLM_JUDGES)
     prompt = "I'm mia_li_3668. Book me a one-way economy flight from JFK to SEA on May 20."
     out = verify(_row(tau, FIRST, prompt), params, _client(llm_server, tmp_path))
     assert out.kept["verified"].to_list() == [False]

@@ -3,7 +3,8 @@
 Where each field lives is configured by `MessagesMapping` (params.yaml `ingest.messages`).
 Two turn styles are understood: OpenAI ({role, content, tool_calls, tool_call_id, name}) and
 ShareGPT ({from, value}, with `function_call` turns holding JSON {name, arguments} and
-`observation` turns holding tool results).
+`observation` turns holding tool results). Actions written as text by ReAct-style agents
+("Action: search[...]" + "Observation: ...") become tool calls too (see text_actions.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from agenther.adapters.common import (
     to_json,
     type_name,
 )
+from agenther.adapters.text_actions import parse_text_actions
 
 FORMAT = "messages"
 
@@ -116,8 +118,8 @@ def convert(record: Any, path: Path, pointer: str, mapping: MessagesMapping) -> 
     if not isinstance(record, dict):
         raise RecordError(f"record is not an object (got {type_name(record)})")
     turns, where, role_key, content_key = _turns(record, mapping)
-    messages = canonical_messages(
-        turns, where, mapping.roles, role_key, content_key, call_roles=("function_call",)
+    messages = parse_text_actions(
+        canonical_messages(turns, where, mapping.roles, role_key, content_key, call_roles=("function_call",))
     )
 
     goal = _optional(record, mapping.goal_path)
@@ -151,11 +153,30 @@ def convert(record: Any, path: Path, pointer: str, mapping: MessagesMapping) -> 
         "goal": goal,
         "messages": messages,
         "tools": _tools(record, mapping.tools_path),
-        "final_answer": last_assistant_text(messages),
+        "final_answer": _final_answer(messages),
         "success": success,
         "reward": None if reward is None else float(reward),
         "metadata": to_json({"benchmark": None, "style": "openai" if role_key == "role" else "sharegpt"}),
     }
+
+
+def _final_answer(messages: list[dict]) -> str | None:
+    """The answer of the last text action Finish[answer] (parse_text_actions writes {"input": ...}),
+    else the last assistant text."""
+    for m in reversed(messages):
+        if m["role"] != "assistant":
+            continue
+        finish = next((c for c in reversed(m["tool_calls"]) if c["name"] == "Finish"), None)
+        if finish is not None:
+            try:
+                answer = json.loads(finish["arguments"]).get("input")
+            except (ValueError, RecursionError, AttributeError):
+                answer = None
+            if isinstance(answer, str) and answer.strip():
+                return answer
+        if m["content"]:
+            break
+    return last_assistant_text(messages)
 
 
 def _tools(record: dict, tools_path: str | None) -> str | None:

@@ -6,7 +6,9 @@ so the work here is validation plus lifting the ground truth out of `info` into 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +89,23 @@ def convert(record: Any, path: Path, pointer: str) -> dict:
         "task_key": f"{FORMAT}/{stem}/task{task_id}",
         "goal": goal,
         "messages": messages,
-        "tools": None,  # the logs do not ship the tool schemas
+        "tools": domain_tools(metadata["domain"]),  # the logs do not ship them: the benchmark's own
         "final_answer": last_assistant_text(messages),
         "success": float(reward) >= 1.0,
         "reward": float(reward),
         "metadata": to_json(metadata),
     }
+
+
+# The schemas the tau-bench agent was given, per domain (MIT; see the .LICENSE.md beside them).
+TOOLS_FILES = {"airline": Path(__file__).with_name("tau_bench_airline_tools.json")}
+
+
+@cache
+def domain_tools(domain: str | None) -> str | None:
+    """The domain's tool schemas as canonical JSON text, or None for a domain we do not ship."""
+    path = TOOLS_FILES.get(domain or "")
+    return None if path is None else to_json(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _domain(stem: str, messages: list[dict]) -> str | None:

@@ -1,0 +1,461 @@
+"""The achieved goal of a failed run, computed from what it did, and the sample that proves it.
+
+Hindsight Experience Replay works because the achieved goal is a function of what happened.
+For a tool-using agent that is:
+- actions: the write calls that succeeded (tool, arguments, call and result steps). An error
+  result is never an achievement, and neither is a write the agent was not allowed to make:
+  where the log carries ground truth (tau-bench's expected actions), a write of a kind the
+  correct run never makes (or, in a run classified constraint_violation, any write the correct
+  run does not make) is a violation, and the sample ends before the first violation;
+- facts: values that successful read results returned and the agent then told the user,
+  each pointing at the report and the results it rests on.
+
+The sample is the run cut after the last step that evidences the goal (keeping the assistant's
+report right after it). A turn inside the sample that asks for, or attempts, a write the goal
+does not contain contradicts the hindsight prompt: the sample is then cut before that turn
+(a shorter prefix with its own, smaller goal), and a record with nothing left is rejected.
+Assistant turns that do not contribute (failed calls, repeated calls, reads nothing uses)
+stay as context with weight 0; `train_steps` are the assistant turns that train.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Any
+
+from pydantic import BaseModel
+
+from agenther.grounding import ISO_DATE, occurs
+from agenther.render import tool_calls
+from agenther.tools import Tools, is_error, words
+
+MAX_FACTS = 6
+REPORT_CHARS = 300
+ID_LIKE = re.compile(r"^(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9][\w-]{2,}$")  # HAT050, MZDDS4, credit_card_7
+# Arguments that identify what a write acts on must be asked for; these keys follow from the
+# user's account instead (a natural request says "with my credit card", not its id).
+EXEMPT_KEYS = re.compile(r"payment|dob|birth|email|address|phone|zip|user_?id", re.I)
+
+
+class Action(BaseModel):
+    tool: str
+    arguments: dict[str, Any]
+    call_step: int
+    result_step: int
+
+
+class Fact(BaseModel):
+    text: str  # what the agent told the user (cut to REPORT_CHARS)
+    values: list[str]  # the values from read results that the report states
+    steps: list[int]  # the report's step, then the result steps it rests on
+
+
+class Excluded(BaseModel):
+    tool: str
+    call_step: int
+    reason: str  # error_result | not_allowed
+
+
+class AchievedGoal(BaseModel):
+    actions: list[Action] = []
+    facts: list[Fact] = []
+    excluded: list[Excluded] = []
+    sample_end: int  # the sample is messages[:sample_end]
+    train_steps: list[int] = []  # assistant steps of the sample with weight 1 (the others: 0)
+    user_words: list[str] = []  # the user's turns inside the sample, after the first
+
+    def evidence_steps(self) -> set[int]:
+        steps = {s for a in self.actions for s in (a.call_step, a.result_step)}
+        return steps | {s for f in self.facts for s in f.steps}
+
+
+class NoGoal(BaseModel):
+    reason: str  # no_evidenced_achievement | turn_conflict | no_user_turn
+    detail: str
+
+
+def first_user_index(messages: list[dict]) -> int | None:
+    return next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+
+
+def achieved_goal(row: dict, params: dict | None = None) -> AchievedGoal | NoGoal:
+    """The row's achieved goal and sample, or why it has none (see the module docstring)."""
+    messages = row["messages"]
+    first_user = first_user_index(messages)
+    if first_user is None:
+        return NoGoal(reason="no_user_turn", detail="the trajectory has no user turn to relabel")
+    tools = Tools.of(row.get("tools"), params)
+    calls = tool_calls(messages)
+    meta = json.loads(row.get("metadata") or "{}")
+    violations = not_allowed(calls, tools, meta, row.get("failure_type"))
+    end = min([len(messages), *violations])
+    conflicts: list[str] = []
+    while True:
+        goal = _goal_before(messages, calls, tools, end, violations)
+        if not goal.actions and not goal.facts:
+            if conflicts:
+                return NoGoal(reason="turn_conflict", detail="; ".join(conflicts))
+            why = "no successful write or reported fact"
+            if violations:
+                why += " before the first write the agent was not allowed to make: " + "; ".join(
+                    violations.values()
+                )
+            return NoGoal(reason="no_evidenced_achievement", detail=why)
+        conflict = first_conflict(messages, goal, tools, calls, first_user)
+        if conflict is None:
+            return goal
+        step, why = conflict
+        conflicts.append(f"step {step} {why}")
+        end = step  # the prefix before the contradicting turn, with the goal it reaches
+
+
+def not_allowed(calls: list[dict], tools: Tools, meta: dict, failure_type: str | None) -> dict[int, str]:
+    """call step -> why: the successful writes that are violations by the log's ground truth."""
+    gt = meta.get("gt_actions")
+    if not isinstance(gt, list):
+        return {}
+    expected = Counter(
+        _canonical(a.get("name"), a.get("kwargs") or {}) for a in gt if tools.is_write(a.get("name", ""))
+    )
+    kinds = {a.get("name") for a in gt if tools.is_write(a.get("name", ""))}
+    out: dict[int, str] = {}
+    for c in calls:
+        if not tools.is_write(c["name"]) or is_error(c["result"]):
+            continue
+        key = _canonical(c["name"], c["arguments"])
+        if c["name"] not in kinds:
+            out.setdefault(c["step"], f"step {c['step']} {c['name']}: the correct run makes no {c['name']}")
+        elif expected[key] > 0:
+            expected[key] -= 1
+        elif failure_type == "constraint_violation":
+            out.setdefault(
+                c["step"],
+                f"step {c['step']} {c['name']}: a write the correct run does not make "
+                "in a run that broke a constraint",
+            )
+    return out
+
+
+def _canonical(name: str | None, arguments: dict) -> str:
+    return f"{name}({json.dumps(arguments, sort_keys=True, separators=(',', ':'))})"
+
+
+def _goal_before(
+    messages: list[dict], calls: list[dict], tools: Tools, end: int, violations: dict[int, str]
+) -> AchievedGoal:
+    actions, excluded = [], []
+    for c in calls:
+        if not tools.is_write(c["name"]):
+            continue
+        if c["step"] in violations:
+            excluded.append(Excluded(tool=c["name"], call_step=c["step"], reason="not_allowed"))
+        elif is_error(c["result"]) or c["result_step"] is None:
+            excluded.append(Excluded(tool=c["name"], call_step=c["step"], reason="error_result"))
+        elif c["result_step"] < end:
+            actions.append(
+                Action(tool=c["name"], arguments=c["arguments"], call_step=c["step"], result_step=c["result_step"])
+            )
+    return _with_sample(messages, calls, tools, actions, _facts(messages, calls, tools, end), excluded, end)
+
+
+def _with_sample(messages: list[dict], calls: list[dict], tools: Tools, actions: list[Action], facts: list[Fact],
+                 excluded: list[Excluded], end: int) -> AchievedGoal:
+    """The goal with its sample: cut after the last evidencing step (and the report after it)."""
+    last = max([a.result_step for a in actions] + [f.steps[0] for f in facts], default=-1)
+    sample_end = min(end, last + 1)
+    if sample_end < end and _is_report(messages[sample_end]):
+        sample_end += 1  # the assistant's report of what was done
+    while sample_end > 0 and messages[sample_end - 1]["role"] != "assistant":
+        sample_end -= 1  # a sample ends where the model last spoke
+    first_user = first_user_index(messages) or 0
+    goal = AchievedGoal(
+        actions=actions, facts=facts, excluded=excluded, sample_end=sample_end,
+        user_words=[(messages[i].get("content") or "").strip()
+                    for i in range(first_user + 1, sample_end) if messages[i]["role"] == "user"],
+    )
+    goal.train_steps = _train_steps(messages, calls, tools, goal)
+    return goal
+
+
+def goal_from_facts(row: dict, params: dict | None, facts: list[Fact]) -> AchievedGoal | NoGoal:
+    """A goal of facts only (LLM-mode extraction of a run with no structured evidence), with its
+    sample; rejected like any goal when a turn inside the sample contradicts it."""
+    messages = row["messages"]
+    first_user = first_user_index(messages)
+    if first_user is None or not facts:
+        return NoGoal(reason="no_evidenced_achievement", detail="no achievement with evidence in the trajectory")
+    tools = Tools.of(row.get("tools"), params)
+    calls = tool_calls(messages)
+    goal = _with_sample(messages, calls, tools, [], facts, [], len(messages))
+    conflict = first_conflict(messages, goal, tools, calls, first_user)
+    if conflict is not None:
+        return NoGoal(reason="turn_conflict", detail=f"step {conflict[0]} {conflict[1]}")
+    return goal
+
+
+def _is_report(message: dict) -> bool:
+    return (
+        message["role"] == "assistant"
+        and not message.get("tool_calls")
+        and bool((message.get("content") or "").strip())
+    )
+
+
+# -- facts: what read results returned and the agent told the user ------------------------------
+def result_values(result: str | None) -> set[str]:
+    """Specific values in a tool result: IDs, dates, numbers of 2+ digits, short phrases."""
+    out: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, bool) or value is None:
+            return
+        elif isinstance(value, int | float):
+            if len(str(abs(int(value)))) >= 2:
+                out.add(str(value).removesuffix(".0"))
+        elif isinstance(value, str):
+            text = value.strip()
+            if text[:1] in "[{":
+                try:
+                    return walk(json.loads(text))
+                except json.JSONDecodeError:
+                    pass
+            if (
+                ID_LIKE.match(text)
+                or ISO_DATE.fullmatch(text)
+                or (2 <= len(text.split()) <= 12 and len(text) <= 120)
+            ):
+                out.add(text)
+            elif len(text) > 120:
+                out.update(t for t in re.findall(r"[\w-]+", text) if ID_LIKE.match(t))
+
+    if result:
+        try:
+            walk(json.loads(result))
+        except json.JSONDecodeError:
+            walk(result)
+    return out
+
+
+def _facts(messages: list[dict], calls: list[dict], tools: Tools, end: int) -> list[Fact]:
+    reads = [
+        c
+        for c in calls
+        if tools.kind(c["name"]) == "read"
+        and c["name"] != "Finish"
+        and c["result_step"] is not None
+        and not is_error(c["result"])
+    ]
+    facts = []
+    for step, text in _reports(messages, calls, end):
+        low = text.lower()
+        values, steps = [], []
+        for c in reads:
+            if c["result_step"] >= step:
+                continue
+            said = sorted(v for v in result_values(c["result"]) if _said(v, low))
+            if said:
+                values += [v for v in said if v not in values]
+                steps.append(c["result_step"])
+        if values:
+            facts.append(
+                Fact(
+                    text=" ".join(text.split())[:REPORT_CHARS],
+                    values=values[:12],
+                    steps=[step, *sorted(set(steps))],
+                )
+            )
+    return facts[-MAX_FACTS:]
+
+
+def _reports(messages: list[dict], calls: list[dict], end: int) -> list[tuple[int, str]]:
+    """(step, text) of what the agent told the user before `end`: its text turns, and the final
+    answer of a Finish call (ToolBench, ReAct)."""
+    out = [(i, m["content"]) for i, m in enumerate(messages[:end]) if _is_report(m)]
+    for c in calls:
+        if (
+            c["name"] == "Finish"
+            and c["step"] < end
+            and c["arguments"].get("return_type") != "give_up_and_restart"
+        ):
+            answer = c["arguments"].get("final_answer") or c["arguments"].get("input")
+            if isinstance(answer, str) and answer.strip():
+                out.append((c["step"], answer))
+    return sorted(out)
+
+
+def _said(value: str, low_text: str) -> bool:
+    v = value.lower()
+    if len(v) < 2:
+        return False
+    return re.search(rf"(?<![\w]){re.escape(v)}(?![\w])", low_text) is not None
+
+
+# -- which assistant turns train ---------------------------------------------------------------
+def identifying_values(arguments: dict) -> list[str]:
+    """The values that say what a write acts on: IDs, dates, amounts, enum-like words, names;
+    not the ones that follow from the user's account (EXEMPT_KEYS)."""
+    out: list[str] = []
+
+    def walk(key: str, value: Any) -> None:
+        if EXEMPT_KEYS.search(key):
+            return
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(k, v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(key, v)
+        elif isinstance(value, bool) or value is None:
+            return
+        elif isinstance(value, int | float):
+            out.append(str(value).removesuffix(".0"))
+        elif isinstance(value, str) and value.strip():
+            out.append(value.strip())
+
+    for k, v in arguments.items():
+        walk(k, v)
+    return out
+
+
+def _train_steps(messages: list[dict], calls: list[dict], tools: Tools, goal: AchievedGoal) -> list[int]:
+    action_steps = {a.call_step for a in goal.actions}
+    fact_results = {s for f in goal.facts for s in f.steps[1:]}
+    needed = [v.lower() for a in goal.actions for v in identifying_values(a.arguments) if len(v) >= 3]
+    needed += [v.lower() for f in goal.facts for v in f.values]
+    by_step: dict[int, list[dict]] = {}
+    for c in calls:
+        by_step.setdefault(c["step"], []).append(c)
+    seen: set[str] = set()
+    train = []
+    for i in range(goal.sample_end):
+        m = messages[i]
+        if m["role"] != "assistant":
+            continue
+        if not m.get("tool_calls"):
+            train.append(i)
+            continue
+        useful = False
+        for c in by_step.get(i, []):
+            key = _canonical(c["name"], c["arguments"])
+            repeated, failed = key in seen, is_error(c["result"]) or c["result_step"] is None
+            seen.add(key)
+            if repeated or failed:
+                continue
+            if i in action_steps or c["result_step"] in fact_results or c["name"] == "Finish":
+                useful = True
+            elif tools.kind(c["name"]) == "read":
+                result = (c["result"] or "").lower()
+                useful = useful or any(v in result for v in needed)
+        if useful:
+            train.append(i)
+    return train
+
+
+# -- turns that contradict the goal ------------------------------------------------------------
+def first_conflict(
+    messages: list[dict], goal: AchievedGoal, tools: Tools, calls: list[dict], first_user: int
+) -> tuple[int, str] | None:
+    """(step, why) of the first turn inside the sample, after the first user turn, that asks for
+    or attempts a write the goal does not contain, or (a user turn) names an ID or date that no
+    call of the sample uses, or a value of an achieved write's enum parameter other than the one used."""
+    done = {a.tool for a in goal.actions}
+    known = tools.write_names(c["name"] for c in calls)
+    others = [w for w in known if w not in done]
+    used = "\n".join(
+        f"{c['name']} {json.dumps(c['arguments'])}" for c in calls if c["step"] < goal.sample_end
+    ).lower()
+    for i in range(first_user + 1, goal.sample_end):
+        m = messages[i]
+        text = m.get("content") or ""
+        if m["role"] == "assistant":
+            for c in m.get("tool_calls") or []:
+                if c["name"] in others:
+                    return i, f"attempts {c['name']}, which the goal does not contain"
+        if m["role"] not in ("user", "assistant") or not text.strip():
+            continue
+        who = "the user asks for" if m["role"] == "user" else "the assistant speaks of"
+        for w in others:
+            if tools.requested(w, text, known):
+                return i, f"{who} {w}, which the goal does not contain: {text.strip()[:120]!r}"
+        if m["role"] == "user":
+            for kind, value in _user_details(text):
+                if not occurs(kind, value, used):
+                    return i, f"the user names {value!r}, which no call of the sample uses"
+            wrong = _other_enum_value(text, goal, tools)
+            if wrong:
+                return i, wrong
+    return None
+
+
+def _user_details(text: str) -> list[tuple[str, str]]:
+    from agenther.grounding import facts
+
+    # IDs with a capital letter (reservations, flights, orders) and dates; not account handles
+    # such as user ids ("raj_brown_5782"), which a user gives whether or not a call needs them.
+    return [(k, v) for k, v in facts(text) if k == "date" or (k == "id" and v != v.lower())]
+
+
+def _other_enum_value(text: str, goal: AchievedGoal, tools: Tools) -> str | None:
+    """A user turn that names another value of an enum parameter than the achieved write used
+    (asked for economy, the run booked business)."""
+    low = " ".join(words(text))
+    for a in goal.actions:
+        props = ((tools.schemas.get(a.tool) or {}).get("parameters") or {}).get("properties") or {}
+        for key, value in a.arguments.items():
+            enum = (props.get(key) or {}).get("enum")
+            if not isinstance(enum, list) or not isinstance(value, str) or value not in enum:
+                continue
+            mine = " ".join(words(value))
+            if re.search(rf"\b{re.escape(mine)}\b", low):
+                continue
+            for other in enum:
+                phrase = " ".join(words(str(other)))
+                if other != value and phrase and re.search(rf"\b{re.escape(phrase)}\b", low):
+                    return f"the user asks for {key} {other!r}; the run's {a.tool} used {value!r}"
+    return None
+
+
+# -- the goal as words: for the relabeler, the review sheet and the `achievements` column ----------
+def describe_value(value: Any) -> str:
+    """Arguments in a form a person reads: lists of objects as "a b; c d", no JSON braces."""
+    if isinstance(value, dict):
+        return " ".join(describe_value(v) for v in value.values() if v not in (None, "", [], {}))
+    if isinstance(value, list):
+        return "; ".join(describe_value(v) for v in value)
+    return str(value)
+
+
+def describe_action(action: Action) -> str:
+    args = ", ".join(f"{k.replace('_', ' ')} {describe_value(v)}" for k, v in action.arguments.items()
+                     if v not in (None, "", [], {}))
+    return f"{action.tool.replace('_', ' ')}: {args}" if args else action.tool.replace("_", " ")
+
+
+def describe_goal(goal: AchievedGoal, max_facts: int = MAX_FACTS, max_chars: int = 220) -> str:
+    """The goal as the relabeler reads it: every action, the last `max_facts` facts."""
+    lines = [f"- {describe_action(a)}" for a in goal.actions]
+    if not lines:
+        lines = ["- (no change of state)"]
+    facts = [f'- "{_cut(f.text, max_chars)}"' for f in goal.facts[-max_facts:]] if max_facts else []
+    return "DONE:\n" + "\n".join(lines) + ("\nTOLD THE USER:\n" + "\n".join(facts) if facts else "")
+
+
+def goal_achievements(goal: AchievedGoal) -> list[dict]:
+    """schema.ACHIEVEMENT rows of a goal: its actions, then its facts."""
+    return [
+        *({"text": describe_action(a), "steps": [a.call_step, a.result_step], "kind": "action"} for a in goal.actions),
+        *({"text": f"told the user: {_cut(f.text, 200)}", "steps": f.steps, "kind": "information"}
+          for f in goal.facts),
+    ]
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"

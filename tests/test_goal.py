@@ -1,0 +1,271 @@
+"""Hindsight samples that are right by construction, on real records of the shipped logs:
+the achieved goal computed from what the run did, the sample cut to what proves it, coverage
+both ways, no sample that trains on a broken rule, and per-message weights in the exports."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from conftest import TAU, TOOLBENCH, make_params
+from llm_server import careful_except
+
+from agenther import coverage
+from agenther.classify import classify
+from agenther.cli import main
+from agenther.extract import extract
+from agenther.goal import AchievedGoal, NoGoal, achieved_goal
+from agenther.ingest import MessagesMapping, ingest
+from agenther.tools import Tools, is_error
+
+REACT = Path(__file__).parent / "fixtures" / "react_webshop.jsonl"
+TASK47 = "tau-bench/gpt-4o-airline/task47-trial0"  # cancelled MZDDS4, which the policy forbids
+WRONG_FLIGHTS = "tau-bench/gpt-4o-airline/task0-trial2"  # booked, with other flights than the task's
+TWO_CANCELS = "tau-bench/gpt-4o-airline/task28-trial1"  # cancelled 8C8K4E and LU15PA
+
+
+@cache
+def tau_classified() -> pl.DataFrame:
+    params = make_params(Path("/tmp"))
+    return classify(ingest(TAU).trajectories, params)
+
+
+def tau_row(trajectory_id: str) -> dict:
+    return tau_classified().filter(pl.col("id") == trajectory_id).to_dicts()[0]
+
+
+@cache
+def tau_extracted() -> pl.DataFrame:
+    params = make_params(Path("/tmp"))
+    return extract(tau_classified(), params).kept
+
+
+def goal_of(row: dict) -> AchievedGoal:
+    goal = achieved_goal(row, make_params(Path("/tmp")))
+    assert isinstance(goal, AchievedGoal), goal
+    return goal
+
+
+# -- tools and errors -------------------------------------------------------------------------------
+def test_airline_schemas_tell_writes_from_reads():
+    tools = Tools.of(tau_row(TASK47)["tools"])
+    writes = {n for n in tools.schemas if tools.kind(n) == "write"}
+    assert writes == {"book_reservation", "cancel_reservation", "send_certificate", "update_reservation_baggages",
+                      "update_reservation_flights", "update_reservation_passengers"}
+    assert tools.kind("transfer_to_human_agents") == "handoff"
+    assert tools.kind("think") == tools.kind("calculate") == tools.kind("search_direct_flight") == "read"
+
+
+def test_params_override_a_tool_kind():
+    params = make_params(Path("/tmp"), tools={"writes": ["think"], "reads": ["cancel_reservation"]})
+    tools = Tools.of(tau_row(TASK47)["tools"], params)
+    assert tools.kind("think") == "write" and tools.kind("cancel_reservation") == "read"
+
+
+@pytest.mark.parametrize("result", [
+    '{"error": "", "response": "{\\"status\\":\\"401\\",\\"msg\\":\\"Authentication required\\"}"}',
+    "Error: reservation not found", "HTTP 503 Service Unavailable", "", "   ", None, "[]", "{}",
+    '{"message": "Item not found"}', '{"status_code": 404, "detail": "missing"}', "Request failed: timed out",
+    '{"error": "No such function name: authenticate", "response": ""}',
+])
+def test_error_results_are_errors(result):
+    assert is_error(result)
+
+
+@pytest.mark.parametrize("result", [
+    '{"reservation_id": "MZDDS4", "status": "cancelled"}', "available", "1305.0",
+    '{"error": "", "response": "[{\\"title\\": \\"Le Monde\\"}]"}',
+    "Flight HAT050 departs at 06:00; note: seats not found in row 12 are sold as a block of 3 " * 3,
+])
+def test_real_results_are_not_errors(result):
+    assert not is_error(result)
+
+
+def test_an_error_result_never_becomes_an_achievement():
+    """The ToolBench record whose news API answered 401 Authentication required."""
+    params = make_params(Path("/tmp"))
+    rows = classify(ingest(TOOLBENCH).trajectories, params).to_dicts()
+    row = next(r for r in rows if "69_ChatGPT_DFS_woFilter_w2" in r["id"])
+    step_401 = next(i for i, m in enumerate(row["messages"]) if "Authentication required" in (m["content"] or ""))
+    goal = achieved_goal(row, params)
+    if isinstance(goal, AchievedGoal):
+        assert step_401 not in goal.evidence_steps()
+        assert all(a.result_step != step_401 for a in goal.actions)
+    kept = extract(classify(ingest(TOOLBENCH).trajectories, params), params).kept
+    for r in kept.filter(pl.col("id") == row["id"]).to_dicts():
+        assert all(step_401 not in a["steps"] for a in r["achievements"])
+
+
+# -- the rule the agent broke ----------------------------------------------------------------------
+def test_a_forbidden_write_is_no_achievement_and_no_sample_contains_it():
+    row = tau_row(TASK47)
+    cancel_step = next(i for i, m in enumerate(row["messages"])
+                       for c in m["tool_calls"] or [] if c["name"] == "cancel_reservation")
+    goal = achieved_goal(row, make_params(Path("/tmp")))
+    if isinstance(goal, AchievedGoal):
+        assert goal.sample_end <= cancel_step and not goal.actions
+    else:
+        assert goal.reason in ("turn_conflict", "no_evidenced_achievement")
+
+
+def test_task47_yields_no_sample_that_trains_on_the_cancellation_whatever_the_relabeler_says(tmp_path, llm_server):
+    records = [r for r in json.loads(TAU.read_text()) if r["task_id"] in (0, 47)]
+    path = tmp_path / "tasks" / "gpt-4o-airline.json"  # the shipped file's name: the same record ids
+    path.parent.mkdir()
+    path.write_text(json.dumps(records))
+    # A relabeler that always asks for exactly the violation, and judges that accept everything.
+    llm_server.brain = careful_except("relabel", lambda r: json.dumps(
+        {"hindsight_prompt": "Please cancel my reservation MZDDS4 because my plans changed.", "confidence": 1.0}))
+    assert _run(tmp_path, llm_server, path) == 0
+    sft = _lines(tmp_path / "out" / "sft.jsonl")
+    for row in sft:
+        if row["metadata"]["kind"] == "hindsight":
+            calls = [c["function"]["name"] for m in row["messages"] for c in m.get("tool_calls") or []]
+            assert "cancel_reservation" not in calls, row["metadata"]["trajectory_id"]
+    rejected = pl.read_parquet(tmp_path / "out" / "rejected.parquet")
+    assert TASK47 in rejected["id"].to_list()
+
+
+def test_a_wrong_flight_booking_is_still_a_hindsight_goal():
+    goal = goal_of(tau_row(WRONG_FLIGHTS))
+    assert [a.tool for a in goal.actions] == ["book_reservation"]
+    assert not any(e.reason == "not_allowed" for e in goal.excluded)
+
+
+# -- coverage both ways ----------------------------------------------------------------------------
+def test_coverage_rejects_a_prompt_that_omits_a_write_and_accepts_one_that_covers_them():
+    row = tau_row(TWO_CANCELS)
+    goal = goal_of(row)
+    assert sorted(a.arguments["reservation_id"] for a in goal.actions if a.tool == "cancel_reservation")[:2] == [
+        "8C8K4E", "LU15PA"]
+    ids = [a.arguments["reservation_id"] for a in goal.actions]
+    both = f"Please cancel my reservations {', '.join(ids[:-1])} and {ids[-1]}."
+    assert coverage.misses(both, goal, row) == []
+    one = f"Please cancel my reservation {ids[0]}."
+    found = coverage.misses(one, goal, row)
+    assert found and {code for code, _ in found} == {"unrequested_action"}
+    assert any(ids[-1] in detail for _, detail in found)
+
+
+def test_coverage_rejects_a_prompt_that_asks_for_more_than_the_sample_does():
+    row = tau_row(TWO_CANCELS)
+    goal = goal_of(row)
+    ids = " and ".join(a.arguments["reservation_id"] for a in goal.actions)
+    found = coverage.misses(f"Please cancel my reservations {ids}, and add two checked bags to them.", goal, row)
+    assert ("unmet_requirement" in {code for code, _ in found}
+            and any("update_reservation_baggages" in d for _, d in found))
+    found = coverage.misses(f"Please cancel my reservations {ids} and Z9Z9Z9.", goal, row)
+    assert any(code == "unmet_requirement" and "Z9Z9Z9" in detail for code, detail in found)
+
+
+def test_coverage_wants_a_booking_named_with_its_flights_and_dates():
+    row = tau_row(WRONG_FLIGHTS)
+    goal = goal_of(row)
+    vague = "Please book me a one-way economy flight from JFK to SEA."
+    assert any(code == "unrequested_action" for code, _ in coverage.misses(vague, goal, row))
+
+
+# -- the sample is what the run proves -------------------------------------------------------------
+REQUEST_WORDS = {  # an independent lexicon: a user turn with these words asks for that write
+    "cancel_reservation": ("cancel",),
+    "book_reservation": ("book a", "book me", "book the", "reserve"),
+    "update_reservation_baggages": ("bag",),
+    "send_certificate": ("compensation", "compensate"),  # not "certificate": users pay with them
+}
+
+
+def test_no_user_turn_in_a_sample_asks_for_something_the_sample_does_not_do():
+    extracted = tau_extracted()
+    assert extracted.height >= 15
+    multi_turn = 0
+    for row in extracted.to_dicts():
+        goal = AchievedGoal.model_validate_json(row["achieved_goal"])
+        done = {a.tool for a in goal.actions}
+        first = next(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
+        later = [m["content"].lower() for m in row["messages"][first + 1 : goal.sample_end] if m["role"] == "user"]
+        multi_turn += bool(later)
+        for text in later:
+            for tool, cues in REQUEST_WORDS.items():
+                if any(cue in text for cue in cues):
+                    assert tool in done, (row["id"], text)
+        assert goal.sample_end <= len(row["messages"])
+        assert row["messages"][goal.sample_end - 1]["role"] == "assistant"
+        for a in goal.actions:  # the sample holds every write it trains on
+            assert a.call_step < goal.sample_end and a.call_step in goal.train_steps
+    assert multi_turn >= 10
+
+
+def test_a_user_turn_asking_for_another_change_cuts_the_sample_before_it():
+    row = tau_row("tau-bench/gpt-4o-airline/task23-trial0")
+    asks = next(i for i, m in enumerate(row["messages"])
+                if m["role"] == "user" and "change my flight" in (m["content"] or ""))
+    goal = achieved_goal(row, make_params(Path("/tmp")))
+    assert isinstance(goal, NoGoal) or goal.sample_end <= asks
+
+
+def test_failed_and_repeated_calls_stay_as_context_with_weight_zero():
+    params = make_params(Path("/tmp"))
+    zero_weighted = 0
+    for row in tau_extracted().to_dicts():
+        goal = AchievedGoal.model_validate_json(row["achieved_goal"])
+        for i, m in enumerate(row["messages"][: goal.sample_end]):
+            if m["role"] != "assistant" or not m["tool_calls"]:
+                continue
+            results = [r for r in row["messages"] if r["role"] == "tool"
+                       and r["tool_call_id"] in {c["id"] for c in m["tool_calls"]}]
+            if results and all(is_error(r["content"]) for r in results):
+                assert i not in goal.train_steps, (row["id"], i)
+                zero_weighted += 1
+        assert {a.call_step for a in goal.actions} <= set(goal.train_steps)
+    assert params and zero_weighted >= 1
+
+
+# -- exports and plain-text logs -------------------------------------------------------------------
+def test_per_message_weights_appear_in_the_exports(tmp_path, llm_server):
+    records = json.loads(TAU.read_text())
+    path = tmp_path / "tau.json"
+    path.write_text(json.dumps(records[:120]))
+    assert _run(tmp_path, llm_server, path) == 0
+    sft = [r for r in _lines(tmp_path / "out" / "sft.jsonl") if r["metadata"]["kind"] == "hindsight"]
+    sharegpt = {r["metadata"]["sample_id"]: r for r in _lines(tmp_path / "out" / "sharegpt.jsonl")}
+    assert sft
+    weights = [m["weight"] for r in sft for m in r["messages"] if m["role"] == "assistant"]
+    assert set(weights) == {0, 1} and all(
+        "weight" not in m for r in sft for m in r["messages"] if m["role"] != "assistant")
+    for r in sft:
+        turns = sharegpt[r["metadata"]["sample_id"]]
+        assert len(turns["metadata"]["turn_weights"]) == len(turns["conversations"])
+        trained = [t for t, w in zip(turns["conversations"], turns["metadata"]["turn_weights"], strict=True) if w]
+        assert all(t["from"] in ("gpt", "function_call") for t in trained)
+    card = (tmp_path / "out" / "dataset_card.md").read_text()
+    assert "weight" in card and "sample_end" not in card
+
+
+def test_a_react_text_log_yields_a_rule_mode_candidate(tmp_path):
+    mapping = {"id_path": "id", "goal_path": "goal", "success_path": "success", "reward_path": "reward"}
+    params = make_params(tmp_path, ingest={"messages": mapping})
+    trajectories = ingest(REACT, fmt="messages", mapping=MessagesMapping.from_params(mapping)).trajectories
+    kept = extract(classify(trajectories, params), params).kept
+    assert params["extract"]["mode"] == "rule" and kept.height >= 1
+    actions = [a for r in kept.to_dicts() for a in r["achievements"] if a["kind"] == "action"]
+    assert actions, "a parsed text action that succeeded is an achievement in rule mode"
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _run(tmp_path: Path, server, path: Path) -> int:
+    params = {"llm": {"model": "openai/local", "api_base": server.api_base, "cache_dir": str(tmp_path / "cache"),
+                      "max_retries": 2, "timeout_s": 20, "concurrency": 4},
+              # the scripted judges accept every covered prompt: the rubber-stamp alarm would fire
+              "gates": {"acceptance_rate": [0.0, 1.0]}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    return main(["run", "--input", str(path), "--format", "tau-bench", "--out", str(tmp_path / "out"),
+                 "--params", str(params_file)])
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
