@@ -17,34 +17,75 @@ from __future__ import annotations
 
 import re
 
-from agenther.goal import AchievedGoal, identifying_values
+from agenther.goal import EXEMPT_KEYS, ID_LIKE, AchievedGoal, Action, evidence_messages, identifying_values
 from agenther.grounding import ISO_DATE, MONTHS, ungrounded
 from agenther.render import tool_calls
-from agenther.tools import Tools, words
+from agenther.tools import VERB_GROUPS, Tools, words
 
+# Words that ask for a change whatever the tool; not the everyday ones ("make sure", "set off", "new").
+ALL_WRITE_WORDS = frozenset().union(*VERB_GROUPS.values()) - frozenset(
+    [
+        "make",
+        "made",
+        "set",
+        "new",
+        "open",
+        "opened",
+        "include",
+        "included",
+        "give",
+        "gave",
+        "clear",
+        "cleared",
+        "issue",
+    ]
+)
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
 def misses(prompt: str, goal: AchievedGoal, row: dict, params: dict | None = None) -> list[tuple[str, str]]:
     """(reason, detail) of every way the prompt and the sample fail to cover each other."""
-    messages = row["messages"][: goal.sample_end]
+    messages = evidence_messages(row["messages"], goal)
     tools = Tools.of(row.get("tools"), params)
     known = tools.write_names(c["name"] for c in tool_calls(row["messages"]))
     done = {a.tool for a in goal.actions}
     request = "\n".join([prompt, *goal.user_words])
     found: list[tuple[str, str]] = []
+    calls = tool_calls(row["messages"])
     for a in goal.actions:
         if not tools.requested(a.tool, prompt, known):
             found.append(("unrequested_action", f"the prompt does not ask for {a.tool} (step {a.call_step})"))
             continue
-        missing = [v for v in _required(a.arguments) if not asked(v, request)]
+        missing = [v for v in unnamed(a, request, calls, tools)]
         if missing:
-            found.append(("unrequested_action",
-                          f"{a.tool} (step {a.call_step}) uses {', '.join(map(repr, missing))}, which the request "
-                          "does not name"))
+            found.append(
+                (
+                    "unrequested_action",
+                    f"{a.tool} (step {a.call_step}) uses {', '.join(map(repr, missing))}, which the request "
+                    "does not name",
+                )
+            )
     for w in known:
         if w not in done and tools.requested(w, prompt, known):
             found.append(("unmet_requirement", f"the prompt asks for {w}, which the sample does not do"))
+    asked_verbs = set(words(prompt)) & ALL_WRITE_WORDS
+    done_verbs = set().union(*(tools.request_words(a.tool, known)[0] for a in goal.actions))
+    if asked_verbs - done_verbs:  # a change the sample makes no write for (its tool may be unknown)
+        found.append(
+            (
+                "unmet_requirement",
+                f"the prompt asks to {', '.join(sorted(asked_verbs - done_verbs))}, "
+                "which no write of the sample does",
+            )
+        )
+    if not goal.actions and not _names_a_fact(request, goal):
+        found.append(
+            (
+                "unmet_requirement",
+                "the prompt names nothing the agent reported (no ID, name or value of "
+                "its answers): it may ask for anything",
+            )
+        )
     wrong = _other_enum_values(prompt, goal, tools)
     found += [("unmet_requirement", w) for w in wrong]
     absent = ungrounded(prompt, messages)
@@ -53,9 +94,65 @@ def misses(prompt: str, goal: AchievedGoal, row: dict, params: dict | None = Non
     return found
 
 
+def unnamed(action: Action, request: str, calls: list[dict], tools: Tools) -> list[str]:
+    """The identifying values of a write that the request neither names nor implies. The entity
+    it acts on (a non-account `*_id` argument: the reservation to cancel) must be named; any other
+    value may instead follow from a lookup the agent made, before the write, by IDs the request
+    names (the flights of reservation FQ8APE, from its details: the user need not list them)."""
+    looked_up = "\n".join(
+        (c["result"] or "")
+        for c in calls
+        if c["step"] < action.call_step
+        and tools.kind(c["name"]) == "read"
+        and c["result_step"] is not None
+        and (keys := [v for v in identifying_values(c["arguments"], exempt=False) if ID_LIKE.match(v)])
+        and all(asked(k, request) for k in keys)
+    ).lower()
+    primary = set(_required({k: v for k, v in action.arguments.items() if _is_key(k)}))
+    return [
+        v
+        for v in _required(action.arguments)
+        if not asked(v, request)
+        and (v in primary or not re.search(rf"(?<![\w]){re.escape(v.lower())}(?![\w])", looked_up))
+    ]
+
+
+def _is_key(name: str) -> bool:
+    return name.lower().endswith("id") and not EXEMPT_KEYS.search(name)
+
+
+def required_details(goal: AchievedGoal, row: dict, params: dict | None = None) -> list[str]:
+    """What a request for this goal must name (the coverage check's own list, shown to the relabeler):
+    the identifying values of every write that no lookup by its named IDs implies, in order, once;
+    for a goal of facts only, the values the agent reported (naming one is enough)."""
+    if not goal.actions:
+        return list(dict.fromkeys(v for f in goal.facts for v in f.values))
+    tools, calls = Tools.of(row.get("tools"), params), tool_calls(row["messages"])
+    keys = [v for a in goal.actions for k, v in a.arguments.items() if _is_key(k) and isinstance(v, str)]
+    request = "\n".join([*keys, *goal.user_words])
+    return list(
+        dict.fromkeys(
+            v
+            for a in goal.actions
+            for v in [
+                *_required({k: x for k, x in a.arguments.items() if _is_key(k)}),
+                *unnamed(a, request, calls, tools),
+            ]
+        )
+    )
+
+
+def _names_a_fact(text: str, goal: AchievedGoal) -> bool:
+    return any(asked(v, text) for f in goal.facts for v in f.values)
+
+
 def _required(arguments: dict) -> list[str]:
     """The identifying values a request must name: not zeros, not yes/no flags."""
-    return [v for v in identifying_values(arguments) if v not in ("0", "") and v.lower() not in ("no", "yes", "none")]
+    return [
+        v
+        for v in identifying_values(arguments)
+        if v not in ("0", "") and v.lower() not in ("no", "yes", "none")
+    ]
 
 
 def asked(value: str, text: str) -> bool:
@@ -67,7 +164,11 @@ def asked(value: str, text: str) -> bool:
         name = MONTHS[int(month) - 1]
         spoken = rf"\b{name[:3]}[a-z]*\.?\s+{int(day)}(st|nd|rd|th)?\b|\b{int(day)}(st|nd|rd|th)?\s+(of\s+)?{name[:3]}"
         return value in low or re.search(spoken, low) is not None or f"{int(month)}/{int(day)}" in low
-    if value.isdigit() and int(value) < len(NUMBER_WORDS) and re.search(rf"\b{NUMBER_WORDS[int(value)]}\b", low):
+    if (
+        value.isdigit()
+        and int(value) < len(NUMBER_WORDS)
+        and re.search(rf"\b{NUMBER_WORDS[int(value)]}\b", low)
+    ):
         return True
     phrase = " ".join(words(value)) if not re.search(r"\d", value) else value.lower()
     if not phrase:
@@ -88,7 +189,11 @@ def _other_enum_values(prompt: str, goal: AchievedGoal, tools: Tools) -> list[st
             mine = " ".join(words(str(value)))
             for other in enum:
                 phrase = " ".join(words(str(other)))
-                if (other != value and phrase and phrase not in mine
-                        and re.search(rf"\b{re.escape(phrase)}\b", low)):
+                if (
+                    other != value
+                    and phrase
+                    and phrase not in mine
+                    and re.search(rf"\b{re.escape(phrase)}\b", low)
+                ):
                     out.append(f"the prompt asks for {key} {other!r}; the sample's {a.tool} used {value!r}")
     return out

@@ -80,6 +80,23 @@ def first_user_index(messages: list[dict]) -> int | None:
     return next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
 
 
+def evidence_messages(messages: list[dict], goal: AchievedGoal) -> list[dict]:
+    """What a hindsight prompt's details may come from: the sample without its first user turn
+    (the failed goal, which the prompt replaces)."""
+    first = first_user_index(messages)
+    return [m for i, m in enumerate(messages[: goal.sample_end]) if i != first]
+
+
+def sample_messages(messages: list[dict], goal: AchievedGoal, prompt: str) -> list[dict]:
+    """The sample as trained on: the run cut at `sample_end`, its first user turn replaced by the
+    hindsight prompt (step numbers stay those of the run)."""
+    cut = messages[: goal.sample_end]
+    first = first_user_index(cut)
+    if first is None:
+        raise ValueError("the trajectory has no user turn to replace")
+    return [*cut[:first], {**cut[first], "content": prompt}, *cut[first + 1 :]]
+
+
 def achieved_goal(row: dict, params: dict | None = None) -> AchievedGoal | NoGoal:
     """The row's achieved goal and sample, or why it has none (see the module docstring)."""
     messages = row["messages"]
@@ -88,8 +105,11 @@ def achieved_goal(row: dict, params: dict | None = None) -> AchievedGoal | NoGoa
         return NoGoal(reason="no_user_turn", detail="the trajectory has no user turn to relabel")
     tools = Tools.of(row.get("tools"), params)
     calls = tool_calls(messages)
-    meta = json.loads(row.get("metadata") or "{}")
-    violations = not_allowed(calls, tools, meta, row.get("failure_type"))
+    try:
+        meta = json.loads(row.get("metadata") or "{}")
+    except json.JSONDecodeError:
+        meta = {}
+    violations = not_allowed(calls, tools, meta if isinstance(meta, dict) else {}, row.get("failure_type"))
     end = min([len(messages), *violations])
     conflicts: list[str] = []
     while True:
@@ -116,10 +136,10 @@ def not_allowed(calls: list[dict], tools: Tools, meta: dict, failure_type: str |
     gt = meta.get("gt_actions")
     if not isinstance(gt, list):
         return {}
-    expected = Counter(
-        _canonical(a.get("name"), a.get("kwargs") or {}) for a in gt if tools.is_write(a.get("name", ""))
-    )
-    kinds = {a.get("name") for a in gt if tools.is_write(a.get("name", ""))}
+    writes = [(str(a.get("name")), a.get("kwargs") if isinstance(a.get("kwargs"), dict) else {})
+              for a in gt if isinstance(a, dict) and tools.is_write(str(a.get("name")))]
+    expected = Counter(_canonical(name, kwargs) for name, kwargs in writes)
+    kinds = {name for name, _ in writes}
     out: dict[int, str] = {}
     for c in calls:
         if not tools.is_write(c["name"]) or is_error(c["result"]):
@@ -260,7 +280,9 @@ def _facts(messages: list[dict], calls: list[dict], tools: Tools, end: int) -> l
         for c in reads:
             if c["result_step"] >= step:
                 continue
-            said = sorted(v for v in result_values(c["result"]) if _said(v, low))
+            # IDs first: what a question about the report would name
+            said = sorted((v for v in result_values(c["result"]) if _said(v, low)),
+                          key=lambda v: (not ID_LIKE.match(v) or v.islower(), v))
             if said:
                 values += [v for v in said if v not in values]
                 steps.append(c["result_step"])
@@ -299,13 +321,13 @@ def _said(value: str, low_text: str) -> bool:
 
 
 # -- which assistant turns train ---------------------------------------------------------------
-def identifying_values(arguments: dict) -> list[str]:
+def identifying_values(arguments: dict, exempt: bool = True) -> list[str]:
     """The values that say what a write acts on: IDs, dates, amounts, enum-like words, names;
-    not the ones that follow from the user's account (EXEMPT_KEYS)."""
+    not the ones that follow from the user's account (EXEMPT_KEYS) unless `exempt` is False."""
     out: list[str] = []
 
     def walk(key: str, value: Any) -> None:
-        if EXEMPT_KEYS.search(key):
+        if exempt and EXEMPT_KEYS.search(key):
             return
         if isinstance(value, dict):
             for k, v in value.items():

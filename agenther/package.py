@@ -48,7 +48,7 @@ from agenther import exports, schema
 from agenther.dataset_card import render_dataset_card
 from agenther.dedup import dedup_prompts
 from agenther.export_schemas import validate_dpo, validate_sft
-from agenther.goal import AchievedGoal
+from agenther.goal import AchievedGoal, sample_messages
 from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter
 
 STAGE = "package"
@@ -100,22 +100,14 @@ def trim_trailing(messages: list[dict]) -> list[dict]:
     return list(messages[:end])
 
 
-def relabeled_messages(messages: list[dict], prompt: str) -> list[dict]:
-    i = first_user_index(messages)
-    if i is None:
-        raise ValueError("the trajectory has no user turn to replace")
-    return [*messages[:i], {**messages[i], "content": prompt}, *messages[i + 1 :]]
-
-
 def hindsight_messages(row: dict) -> list[dict]:
-    """The hindsight sample of an accepted relabel: the run cut at its goal's `sample_end`, the
-    first user turn replaced by the hindsight prompt, each assistant turn weighted 1 (trains) or
-    0 (context only), ending on an assistant turn."""
+    """The hindsight sample of an accepted relabel (goal.sample_messages), each assistant turn
+    weighted 1 (trains) or 0 (context only), ending on an assistant turn."""
     goal = AchievedGoal.model_validate_json(row["achieved_goal"])
     train = set(goal.train_steps)
-    cut = [{**m, "weight": int(i in train)} if m["role"] == "assistant" else m
-           for i, m in enumerate(row["messages"][: goal.sample_end])]
-    return trim_trailing(relabeled_messages(cut, row["hindsight_prompt"]))
+    sample = sample_messages(row["messages"], goal, row["hindsight_prompt"])
+    return trim_trailing([{**m, "weight": int(i in train)} if m["role"] == "assistant" else m
+                          for i, m in enumerate(sample)])
 
 
 def _canonical_args(arguments: str | None) -> str:

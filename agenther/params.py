@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
         "model": "local",
         "judge_model": None,
         "api_base": None,
-        "local_model": "qwen2.5-coder-0.5b",
+        "local_model": "qwen2.5-coder-1.5b",
         "max_tokens": 384,
         "timeout_s": 120,
         "max_retries": 3,

@@ -23,7 +23,7 @@ import polars as pl
 
 from agenther import coverage, schema
 from agenther.ask import ask
-from agenther.goal import AchievedGoal, describe_goal
+from agenther.goal import AchievedGoal, describe_goal, evidence_messages
 from agenther.grounding import ungrounded
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.render import defuse
@@ -37,10 +37,11 @@ SCHEMA = {
     },
     "required": ["hindsight_prompt", "confidence"],
 }
-USER_WORDS = 4  # the user's own turns shown to the relabeler, at most (the last ones: they confirm)
-USER_CHARS = 120
-FACTS = 3  # facts shown to the relabeler, at most (the last ones: the final report)
-FACT_CHARS = 160
+USER_WORDS = 3  # the user's own turns shown to the relabeler, at most (the last ones: they confirm)
+USER_CHARS = 110
+FACTS = 2  # facts shown to the relabeler, at most (the last ones: the final report)
+FACT_CHARS = 150
+MAX_DETAILS = 16
 
 
 def _plain(text: str) -> str:
@@ -74,6 +75,22 @@ def pastes_log(prompt: str, goal: AchievedGoal, record: str) -> bool:
             or any(len(line.split()) >= 3 and line[:40] in plain for line in lines))
 
 
+# The words of relabel.txt's example (a library loan): small models copy examples verbatim.
+EXAMPLE_WORDS = frozenset({"library", "loan", "renew", "l2291"})
+# A user's request says "my"; the agent says "your", and small models describe the record itself.
+AGENT_VOICE = re.compile(r"\b(your|you wish|you want|you would like|you'd like)\b", re.I)
+META = re.compile(r"\b((?i:assistant|agent|record|customer|the user|chatbot|conversation)|AI)\b")
+
+
+def not_the_users_voice(prompt: str) -> str | None:
+    """Why the prompt is not a user's request (it speaks as the agent, or about the record), or None."""
+    if META.search(prompt):
+        return f"the prompt speaks about the conversation, not as the user: {prompt[:80]!r}"
+    if AGENT_VOICE.search(prompt):
+        return f"the prompt speaks to the user, as the agent would: {prompt[:80]!r}"
+    return None
+
+
 def gate(answer: dict, row: dict, params: dict) -> tuple[str, str] | None:
     """None when the attempt passes; otherwise (reason code, detail)."""
     p = params["relabel"]
@@ -82,8 +99,14 @@ def gate(answer: dict, row: dict, params: dict) -> tuple[str, str] | None:
     if len(prompt.split()) < 3:
         return "empty_prompt", f"hindsight prompt too short: {prompt!r}"
     goal = goal_of(row)
-    if pastes_log(prompt, goal, describe_goal(goal, FACTS, FACT_CHARS)):
+    if pastes_log(prompt, goal, record_of(row, params)):
         return "copies_achievement", f"the prompt pastes the record instead of asking: {prompt[:80]!r}"
+    copied = EXAMPLE_WORDS.intersection(_plain(prompt).split())
+    if copied:
+        return "copies_example", f"the prompt copies the template's example ({', '.join(sorted(copied))}): {prompt[:80]!r}"
+    voice = not_the_users_voice(prompt)
+    if voice:
+        return "not_a_request", voice
     if not 0.0 <= confidence <= 1.0:
         return "invalid_llm_answer", f"confidence {confidence} outside [0, 1]"
     sim = similarity(prompt, row["goal"] or "")
@@ -92,7 +115,7 @@ def gate(answer: dict, row: dict, params: dict) -> tuple[str, str] | None:
     missed = coverage.misses(prompt, goal, row, params)
     if missed:
         return missed[0][0], "; ".join(detail for _, detail in missed)
-    absent = ungrounded(prompt, row["messages"][: goal.sample_end])
+    absent = ungrounded(prompt, evidence_messages(row["messages"], goal))
     if absent:
         return "ungrounded", "not in the sample: " + ", ".join(absent)
     if confidence < float(p["confidence_threshold"]):
@@ -109,17 +132,27 @@ def feedback(failures: list[tuple[str, str, str]]) -> str:
             "Write a corrected request.")
 
 
+def record_of(row: dict, params: dict) -> str:
+    """The record the relabeler reads: the goal, and the details its request must name (the
+    coverage check's own list: small models drop details unless told which)."""
+    goal = goal_of(row)
+    record = describe_goal(goal, FACTS, FACT_CHARS)
+    details = coverage.required_details(goal, row, params)
+    if details:
+        record += ("\nNAME ALL OF: " if goal.actions else "\nNAME ONE OR MORE OF: ") + ", ".join(details[:MAX_DETAILS])
+    return record
+
+
 def relabel_one(row: dict, params: dict, llm: LLMClient) -> tuple[dict | None, dict | None]:
     p = params["relabel"]
-    goal = goal_of(row)
-    record = describe_goal(goal, FACTS, FACT_CHARS)  # what the relabeler reads (gate() checks against it)
-    said = user_words(goal)
+    record = defuse(record_of(row, params))
+    said = user_words(goal_of(row))
     temperatures = [float(t) for t in p["temperatures"]]
     failures: list[tuple[str, str, str]] = []  # (prompt, code, why) of each failed attempt
     for attempt in range(int(p["max_attempts"])):
         temperature = temperatures[min(attempt, len(temperatures) - 1)]
         asked = ask(llm, "relabel", SCHEMA, stage=STAGE, temperatures=[temperature], attempts=1,
-                    first_seed=attempt, record=defuse(record), user_words=said, feedback=feedback(failures))
+                    first_seed=attempt, record=record, user_words=said, feedback=feedback(failures))
         if asked.budget_exhausted:  # left undone, not judged: no further attempt can start
             detail = "; ".join([*(f"attempt {i + 1}: {code} ({why})" for i, (_, code, why) in enumerate(failures)),
                                 asked.error or BUDGET_EXHAUSTED])

@@ -121,6 +121,8 @@ def tool_calls(messages: list[dict]) -> list[dict]:
                 args = json.loads(call.get("arguments") or "{}")
             except json.JSONDecodeError:
                 args = {"_raw": call.get("arguments")}
+            if not isinstance(args, dict):  # a JSON list or scalar: the one input
+                args = {"input": args}
             calls.append(
                 {
                     "step": i,

@@ -27,7 +27,7 @@ import polars as pl
 
 from agenther import coverage, schema
 from agenther.ask import ask
-from agenther.goal import describe_action
+from agenther.goal import describe_action, evidence_messages, sample_messages
 from agenther.grounding import ungrounded
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.relabel import goal_of, relabel_one, relabel_output
@@ -80,17 +80,10 @@ EVIDENCE_SCHEMA = {
 Judgement = dict  # schema.JUDGEMENT: judge, model, accept, confidence, reason
 
 
-def sample_messages(row: dict) -> list[dict]:
-    """The sample: the run cut after the last step that evidences its goal."""
-    return row["messages"][: goal_of(row).sample_end]
-
-
-def sample_view(row: dict) -> list[dict]:
-    """The sample as the judges read it: the request is given apart, so the first user turn
-    (the failed goal, which the prompt replaces) is left out."""
-    messages = sample_messages(row)
-    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-    return messages if first is None else [*messages[:first], *messages[first + 1 :]]
+def sample_of(row: dict) -> list[dict]:
+    """The sample as it will be trained on: the run cut after what proves its goal, the hindsight
+    prompt in place of the first user turn (goal.sample_messages)."""
+    return sample_messages(row["messages"], goal_of(row), row["hindsight_prompt"])
 
 
 def _transcript_tokens(params: dict) -> int:
@@ -105,7 +98,7 @@ def judge_coverage(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient
 
 
 def judge_grounding(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    missing = ungrounded(row["hindsight_prompt"], sample_messages(row))
+    missing = ungrounded(row["hindsight_prompt"], evidence_messages(row["messages"], goal_of(row)))
     reason = "every detail occurs in the sample" if not missing else "not in the sample: " + ", ".join(missing)
     return {"judge": "grounding", "model": "rules", "accept": not missing, "confidence": 1.0, "reason": reason}
 
@@ -139,7 +132,7 @@ def _ruled(judge: str, reason: str) -> Judgement:
 
 
 def judge_trajectory(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    transcript = render(sample_view(row), budget_tokens=_transcript_tokens(params))
+    transcript = render(sample_of(row), keep=goal_of(row).evidence_steps(), budget_tokens=_transcript_tokens(params))
     asked = ask(llm, "judge_trajectory", TRAJECTORY_SCHEMA, stage=STAGE, temperatures=[0.0], attempts=2,
                 request=defuse(row["hindsight_prompt"]), transcript=transcript)
     if asked.data is None:
@@ -152,8 +145,9 @@ def judge_trajectory(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClie
 
 
 def judge_evidence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    messages = sample_messages(row)
-    transcript = render(messages, roles=("tool",), budget_tokens=_transcript_tokens(params))
+    messages = sample_of(row)
+    transcript = render(messages, keep=goal_of(row).evidence_steps(), roles=("tool",),
+                        budget_tokens=_transcript_tokens(params))
     asked = ask(judge_llm, "judge_evidence", EVIDENCE_SCHEMA, stage=STAGE, temperatures=[0.0], attempts=2,
                 request=defuse(row["hindsight_prompt"]), transcript=transcript)
     if asked.data is None:

@@ -2,7 +2,7 @@
 # Set up (or bring up to date) the project's environment in .venv. Safe to re-run:
 # every step checks first and skips what is already done, so a second run takes seconds.
 #
-#   scripts/setup.sh [--model NAME ...]     NAME: qwen2.5-coder-0.5b (default) | smollm2-135m
+#   scripts/setup.sh [--model NAME ...]     NAME: qwen2.5-coder-1.5b (default) | qwen2.5-coder-0.5b | smollm2-135m
 #
 # Steps: .venv -> requirements.lock -> this project (editable, --no-deps) ->
 # llama-cpp-python[server] (compiled from the sdist on first run, ~4-6 min; pip caches the
@@ -29,7 +29,7 @@ while [[ $# -gt 0 ]]; do
         *) echo "setup: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-[[ ${#models[@]} -gt 0 ]] || models=("qwen2.5-coder-0.5b")
+[[ ${#models[@]} -gt 0 ]] || models=("qwen2.5-coder-1.5b")
 
 start=$SECONDS
 say() { echo "setup: $*"; }

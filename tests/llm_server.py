@@ -183,7 +183,7 @@ def grounded_relabel(request: dict, confidence: float = 0.9) -> str:
     if asks:
         prompt = "Please " + ", and ".join(asks) + "."
     elif facts:  # ask about the details the agent reported: its names and numbers
-        details = re.findall(r"(?<=\s)[A-Z][a-z]+|\b[A-Z0-9]*\d[A-Z0-9]*\b", facts[-1])
+        details = re.findall(r"\b(?=[A-Z0-9]*\d)(?=[A-Z0-9]*[A-Z])[A-Z0-9]{4,}\b", facts[-1])  # IDs: HAT084
         prompt = "Can you tell me about " + " and ".join(dict.fromkeys(details[:3]) or ["my trip"]) + "?"
     else:
         return json.dumps({"hindsight_prompt": "Tell me what you found.", "confidence": 0.2})

@@ -269,3 +269,21 @@ def _run(tmp_path: Path, server, path: Path) -> int:
 
 def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_odd_records_give_a_goal_or_a_reason_never_a_traceback():
+    base = tau_row(TWO_CANCELS)
+    odd_calls = [dict(m, tool_calls=[dict(c, arguments='["8C8K4E"]') for c in m["tool_calls"]])
+                 if m["tool_calls"] else m for m in base["messages"]]
+    variants = [
+        base | {"metadata": '{"gt_actions": [1, null, {"name": null}, {"name": "cancel_reservation", "kwargs": 3}]}'},
+        base | {"metadata": "not json", "tools": "[oops"},
+        base | {"messages": odd_calls},
+        base | {"messages": [m for m in base["messages"] if m["role"] != "user"]},
+        base | {"messages": [m | {"content": None} for m in base["messages"]]},
+    ]
+    for row in variants:
+        goal = achieved_goal(row, make_params(Path("/tmp")))
+        assert isinstance(goal, AchievedGoal | NoGoal)
+        if isinstance(goal, AchievedGoal):
+            assert coverage.misses("Please cancel 8C8K4E.", goal, row) is not None

@@ -1,4 +1,6 @@
-"""End to end through the real local model: llama.cpp serving SmolLM2-135M, started by agenther."""
+"""End to end through the real local models: llama.cpp serving SmolLM2-135M (fast, weak: the real
+path, whatever it answers) and the embedded default Qwen2.5-Coder-1.5B (real samples from real logs),
+each started by agenther."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from conftest import TAU
 
 from agenther.cli import main
 from agenther.export_schemas import validate_dpo, validate_sft, validate_sharegpt
+
+JUDGES = ["coverage", "grounding", "policy", "trajectory", "evidence"]
 
 
 def test_run_through_the_real_local_model(tmp_path):
@@ -33,8 +37,37 @@ def test_run_through_the_real_local_model(tmp_path):
     verified = pl.read_parquet(out / "04_verified.parquet")
     for row in verified.iter_rows(named=True):
         if row["verified"]:
-            assert all(j["accept"] for j in row["judgements"]) and len(row["judgements"]) == 3
+            assert all(j["accept"] for j in row["judgements"])
+            assert [j["judge"] for j in row["judgements"]] == JUDGES
     for name, validate in (("sft.jsonl", validate_sft), ("dpo.jsonl", validate_dpo),
                            ("sharegpt.jsonl", validate_sharegpt)):
         for line in (out / name).read_text().splitlines():
             validate(json.loads(line))
+
+
+# tau-bench runs whose achieved goals are short: a cancellation, a cabin change, a flight change.
+DEFAULT_MODEL_TASKS = (4, 22, 31)
+
+
+def test_the_embedded_default_model_yields_accepted_samples_from_real_logs(tmp_path):
+    records = [r for r in json.loads(TAU.read_text()) if r["task_id"] in DEFAULT_MODEL_TASKS]
+    logs = tmp_path / "logs" / "gpt-4o-airline.json"  # the shipped file's name: the same record ids
+    logs.parent.mkdir()
+    logs.write_text(json.dumps(records))
+    params = {"llm": {"cache_dir": str(tmp_path / "cache")}}  # everything else: the shipped params.yaml
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "out"
+    code = main(["run", "--input", str(logs), "--format", "tau-bench", "--out", str(out),
+                 "--params", str(tmp_path / "params.yaml")])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lineage"]["models"]["relabel"] == "local/qwen2.5-coder-1.5b"
+    assert summary["reconciliation"]["ok"], summary["reconciliation"]
+    verified = pl.read_parquet(out / "04_verified.parquet").filter(pl.col("verified"))
+    assert verified.height >= 1, pl.read_parquet(out / "rejected.parquet").to_dicts()
+    for row in verified.iter_rows(named=True):  # every judge was asked, and accepted
+        assert [j["judge"] for j in row["judgements"]] == JUDGES
+        assert all(j["accept"] for j in row["judgements"])
+    sft = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+    hindsight = [r for r in sft if r["metadata"]["kind"] == "hindsight"]
+    assert hindsight and all(validate_sft(r) is None for r in hindsight)

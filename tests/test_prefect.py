@@ -160,9 +160,12 @@ def test_flow_writes_outputs_and_identical_rerun_is_cached_with_zero_llm_calls(t
 
 
 def test_changed_params_recompute_that_stage_and_content_addressing_spares_the_rest(tmp_path, fake_llm):
-    params = write_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache", ingest={"limit": 12})
+    # limit 24: its relabel candidates (7) differ from those of the 20 records of the test above (6),
+    # so no batch of this test is a cache hit of another test's
+    params = write_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache", ingest={"limit": 24})
     assert hindsight(params_file=str(params), out_dir=str(tmp_path / "a"), return_state=True).is_completed()
     calls = len(fake_llm.requests)
+    assert calls > 0
     # relabel.confidence_threshold is in relabel's key: relabel runs again (its LLM answers come
     # from the response cache). The relabels all pass 0.8 as they passed 0.7, so verify's input
     # is byte-identical and verify stays a cache hit.
