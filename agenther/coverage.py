@@ -17,7 +17,15 @@ from __future__ import annotations
 
 import re
 
-from agenther.goal import EXEMPT_KEYS, ID_LIKE, AchievedGoal, Action, evidence_messages, identifying_values
+from agenther.goal import (
+    EXEMPT_KEYS,
+    ID_LIKE,
+    AchievedGoal,
+    Action,
+    evidence_messages,
+    identifying_values,
+    other_enum_values,
+)
 from agenther.grounding import ISO_DATE, MONTHS, ungrounded
 from agenther.render import tool_calls
 from agenther.tools import VERB_GROUPS, Tools, words
@@ -86,8 +94,7 @@ def misses(prompt: str, goal: AchievedGoal, row: dict, params: dict | None = Non
                 "its answers): it may ask for anything",
             )
         )
-    wrong = _other_enum_values(prompt, goal, tools)
-    found += [("unmet_requirement", w) for w in wrong]
+    found += [("unmet_requirement", "the prompt " + w) for w in other_enum_values(prompt, goal, tools)]
     absent = ungrounded(prompt, messages)
     if absent:
         found.append(("unmet_requirement", "the sample never mentions " + ", ".join(absent)))
@@ -175,25 +182,3 @@ def asked(value: str, text: str) -> bool:
         return True
     haystack = " ".join(words(low)) if phrase != value.lower() else low
     return re.search(rf"(?<![\w]){re.escape(phrase)}(?![\w])", haystack) is not None
-
-
-def _other_enum_values(prompt: str, goal: AchievedGoal, tools: Tools) -> list[str]:
-    low = " ".join(words(prompt))
-    out = []
-    for a in goal.actions:
-        props = ((tools.schemas.get(a.tool) or {}).get("parameters") or {}).get("properties") or {}
-        for key, value in a.arguments.items():
-            enum = (props.get(key) or {}).get("enum")
-            if not isinstance(enum, list) or value not in enum:
-                continue
-            mine = " ".join(words(str(value)))
-            for other in enum:
-                phrase = " ".join(words(str(other)))
-                if (
-                    other != value
-                    and phrase
-                    and phrase not in mine
-                    and re.search(rf"\b{re.escape(phrase)}\b", low)
-                ):
-                    out.append(f"the prompt asks for {key} {other!r}; the sample's {a.tool} used {value!r}")
-    return out

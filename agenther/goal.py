@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from agenther import grounding
 from agenther.grounding import ISO_DATE, occurs
 from agenther.render import tool_calls
 from agenther.tools import Tools, is_error, words
@@ -411,24 +412,24 @@ def first_conflict(
             for kind, value in _user_details(text):
                 if not occurs(kind, value, used):
                     return i, f"the user names {value!r}, which no call of the sample uses"
-            wrong = _other_enum_value(text, goal, tools)
+            wrong = other_enum_values(text, goal, tools)
             if wrong:
-                return i, wrong
+                return i, "the user " + wrong[0]
     return None
 
 
 def _user_details(text: str) -> list[tuple[str, str]]:
-    from agenther.grounding import facts
-
     # IDs with a capital letter (reservations, flights, orders) and dates; not account handles
     # such as user ids ("raj_brown_5782"), which a user gives whether or not a call needs them.
-    return [(k, v) for k, v in facts(text) if k == "date" or (k == "id" and v != v.lower())]
+    return [(k, v) for k, v in grounding.facts(text) if k == "date" or (k == "id" and v != v.lower())]
 
 
-def _other_enum_value(text: str, goal: AchievedGoal, tools: Tools) -> str | None:
-    """A user turn that names another value of an enum parameter than the achieved write used
-    (asked for economy, the run booked business)."""
+def other_enum_values(text: str, goal: AchievedGoal, tools: Tools) -> list[str]:
+    """Where `text` names another value of an enum parameter than the goal's write used, and not
+    the one used (asked for economy, the run booked business); "from basic economy to economy"
+    names the one used."""
     low = " ".join(words(text))
+    found = []
     for a in goal.actions:
         props = ((tools.schemas.get(a.tool) or {}).get("parameters") or {}).get("properties") or {}
         for key, value in a.arguments.items():
@@ -441,8 +442,8 @@ def _other_enum_value(text: str, goal: AchievedGoal, tools: Tools) -> str | None
             for other in enum:
                 phrase = " ".join(words(str(other)))
                 if other != value and phrase and re.search(rf"\b{re.escape(phrase)}\b", low):
-                    return f"the user asks for {key} {other!r}; the run's {a.tool} used {value!r}"
-    return None
+                    found.append(f"asks for {key} {other!r}; the run's {a.tool} used {value!r}")
+    return found
 
 
 # -- the goal as words: for the relabeler, the review sheet and the `achievements` column ----------

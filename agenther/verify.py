@@ -31,7 +31,8 @@ from agenther.goal import describe_action, evidence_messages, sample_messages
 from agenther.grounding import ungrounded
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.relabel import goal_of, relabel_one, relabel_output
-from agenther.render import defuse, render
+from agenther.render import defuse, render, tool_calls
+from agenther.tools import is_error
 
 STAGE = "verify"
 JUDGE_NAMES = ("coverage", "grounding", "policy", "trajectory", "evidence")
@@ -81,9 +82,12 @@ Judgement = dict  # schema.JUDGEMENT: judge, model, accept, confidence, reason
 
 
 def sample_of(row: dict) -> list[dict]:
-    """The sample as it will be trained on: the run cut after what proves its goal, the hindsight
-    prompt in place of the first user turn (goal.sample_messages)."""
-    return sample_messages(row["messages"], goal_of(row), row["hindsight_prompt"])
+    """The sample as the judges read it: as it will be trained on (the run cut after what proves
+    its goal, the hindsight prompt in place of the first user turn: goal.sample_messages), plus
+    the results of its writes where the cut ends on a call."""
+    goal = goal_of(row)
+    end = max([goal.sample_end, *(a.result_step + 1 for a in goal.actions)])
+    return sample_messages(row["messages"], goal.model_copy(update={"sample_end": end}), row["hindsight_prompt"])
 
 
 def _transcript_tokens(params: dict) -> int:
@@ -127,6 +131,13 @@ def judge_policy(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) 
     return {"judge": "policy", "model": judge_llm.name, "accept": accept, "confidence": confidence, "reason": reason}
 
 
+def proving_steps(messages: list[dict]) -> set[int]:
+    """Steps a requirement may cite as its proof: a tool result that is no error, or the call it
+    answers (small models cite the CALLS line of the result they mean)."""
+    proven = [c for c in tool_calls(messages) if c["result_step"] is not None and not is_error(c["result"])]
+    return {c["result_step"] for c in proven} | {c["step"] for c in proven}
+
+
 def _ruled(judge: str, reason: str) -> Judgement:
     return {"judge": judge, "model": "rules", "accept": True, "confidence": 1.0, "reason": reason}
 
@@ -154,10 +165,10 @@ def judge_evidence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient
         return _invalid("evidence", judge_llm, asked.error)
     d = asked.data
     requirements = d["requirements"] if isinstance(d["requirements"], list) else []
-    tool_steps = {i for i, m in enumerate(messages) if m["role"] == "tool"}
+    proof = proving_steps(messages)
     unproven = [r.get("requirement") if isinstance(r, dict) else r for r in requirements
                 if not (isinstance(r, dict) and r.get("met") and isinstance(r.get("step"), int)
-                        and r["step"] in tool_steps)]
+                        and r["step"] in proof)]
     confidence = _confidence(d["confidence"])
     accept = bool(d["all_met"]) and bool(requirements) and not unproven and confidence >= _threshold(params)
     reason = (f"{len(requirements) - len(unproven)}/{len(requirements)} requirements proven by a tool result"
