@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command:  bash scripts/test.sh [extra pytest args]
 # Brings .venv up to date (idempotent, ~1 s when nothing changed; the tests only need the
-# small smollm2-135m model), then runs the whole suite against real local services.
+# small smollm2-135m model and the embedded default qwen2.5-coder-1.5b), then runs the whole suite
+# against real local services.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -10,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export DVC_NO_ANALYTICS=1 AWS_EC2_METADATA_DISABLED=true DO_NOT_TRACK=1
 export PREFECT_SERVER_ANALYTICS_ENABLED=false LITELLM_LOCAL_MODEL_COST_MAP=True
 
-bash scripts/setup.sh --model smollm2-135m
+bash scripts/setup.sh --model smollm2-135m --model qwen2.5-coder-1.5b
 
 status=0
 .venv/bin/python -m pytest -q tests "$@" || status=$?
