@@ -414,6 +414,11 @@ class LocalLLMServer:
             "--port", str(self.port),
             "--n_ctx", str(self.n_ctx),
             "--n_threads", str(self.n_threads),
+            # No logits kept for every prompt token (only logprobs/echo need them, agenther uses
+            # neither): prompts process 10-45% faster, and RSS no longer grows ~0.6 MB per context
+            # position (1.5B: 2.1 GB instead of 3.0 GB after 25 calls). No --cache: its entries copy
+            # the logits, ~300-400 MB per request.
+            "--logits_all", "false",
         ]  # fmt: skip
         t0 = time.monotonic()
         with self.log_path.open("wb") as log:
