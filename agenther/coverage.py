@@ -55,16 +55,16 @@ def misses(prompt: str, goal: AchievedGoal, row: dict, params: dict | None = Non
     """(reason, detail) of every way the prompt and the sample fail to cover each other."""
     messages = evidence_messages(row["messages"], goal)
     tools = Tools.of(row.get("tools"), params)
-    known = tools.write_names(c["name"] for c in tool_calls(row["messages"]))
+    calls = tool_calls(row["messages"])
+    known = tools.write_names(c["name"] for c in calls)
     done = {a.tool for a in goal.actions}
     request = "\n".join([prompt, *goal.user_words])
     found: list[tuple[str, str]] = []
-    calls = tool_calls(row["messages"])
     for a in goal.actions:
         if not tools.requested(a.tool, prompt, known):
             found.append(("unrequested_action", f"the prompt does not ask for {a.tool} (step {a.call_step})"))
             continue
-        missing = [v for v in unnamed(a, request, calls, tools)]
+        missing = unnamed(a, request, calls, tools)
         if missing:
             found.append(
                 (

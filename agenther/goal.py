@@ -98,6 +98,15 @@ def sample_messages(messages: list[dict], goal: AchievedGoal, prompt: str) -> li
     return [*cut[:first], {**cut[first], "content": prompt}, *cut[first + 1 :]]
 
 
+def metadata_of(row: dict) -> dict:
+    """The row's benchmark metadata (ground truth and the like); {} when absent or unreadable."""
+    try:
+        meta = json.loads(row.get("metadata") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def achieved_goal(row: dict, params: dict | None = None) -> AchievedGoal | NoGoal:
     """The row's achieved goal and sample, or why it has none (see the module docstring)."""
     messages = row["messages"]
@@ -106,11 +115,7 @@ def achieved_goal(row: dict, params: dict | None = None) -> AchievedGoal | NoGoa
         return NoGoal(reason="no_user_turn", detail="the trajectory has no user turn to relabel")
     tools = Tools.of(row.get("tools"), params)
     calls = tool_calls(messages)
-    try:
-        meta = json.loads(row.get("metadata") or "{}")
-    except json.JSONDecodeError:
-        meta = {}
-    violations = not_allowed(calls, tools, meta if isinstance(meta, dict) else {}, row.get("failure_type"))
+    violations = not_allowed(calls, tools, metadata_of(row), row.get("failure_type"))
     end = min([len(messages), *violations])
     conflicts: list[str] = []
     while True:

@@ -48,7 +48,7 @@ from agenther import exports, schema
 from agenther.dataset_card import render_dataset_card
 from agenther.dedup import dedup_prompts
 from agenther.export_schemas import validate_dpo, validate_sft
-from agenther.goal import AchievedGoal, sample_messages
+from agenther.goal import AchievedGoal, first_user_index, sample_messages
 from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter
 
 STAGE = "package"
@@ -86,10 +86,6 @@ def sample_weight(severity: float | None, alpha: float, min_weight: float) -> fl
     """max(min_weight, 1 - alpha * severity); unknown severity counts as the worst (1)."""
     s = 1.0 if severity is None else min(1.0, max(0.0, float(severity)))
     return round(max(float(min_weight), 1.0 - float(alpha) * s), 6)
-
-
-def first_user_index(messages: list[dict]) -> int | None:
-    return next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
 
 
 def trim_trailing(messages: list[dict]) -> list[dict]:

@@ -7,8 +7,8 @@ prompt puts the fixed instructions first so llama.cpp's prompt cache and provide
 caches reuse them across calls.
 
 Each attempt must be valid JSON, carry a confidence at or above the threshold, not restate the
-failed goal, not paste tool names or JSON, and pass the deterministic judges: coverage both ways
-(agenther.coverage) and grounding. A failed check is told to the next attempt as its reason
+failed goal, not paste tool names or JSON, and pass the deterministic coverage check both ways
+(agenther.coverage, which includes grounding in the sample). A failed check is told to the next attempt as its reason
 (attempt i samples at temperatures[i]). A record with no passing attempt after max_attempts is
 rejected with the last reason: there is no "best attempt" fallback. A record reached after the
 run's LLM budget is spent is rejected as `budget_exhausted` (left undone).
@@ -23,8 +23,7 @@ import polars as pl
 
 from agenther import coverage, schema
 from agenther.ask import ask
-from agenther.goal import AchievedGoal, describe_goal, evidence_messages
-from agenther.grounding import ungrounded
+from agenther.goal import AchievedGoal, describe_goal
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.render import defuse
 
@@ -112,12 +111,9 @@ def gate(answer: dict, row: dict, params: dict) -> tuple[str, str] | None:
     sim = similarity(prompt, row["goal"] or "")
     if sim > float(p["max_goal_similarity"]):
         return "repeats_goal", f"similarity {sim:.2f} to the failed goal"
-    missed = coverage.misses(prompt, goal, row, params)
+    missed = coverage.misses(prompt, goal, row, params)  # grounding in the sample included
     if missed:
         return missed[0][0], "; ".join(detail for _, detail in missed)
-    absent = ungrounded(prompt, evidence_messages(row["messages"], goal))
-    if absent:
-        return "ungrounded", "not in the sample: " + ", ".join(absent)
     if confidence < float(p["confidence_threshold"]):
         return "low_confidence", f"confidence {confidence:.2f} < {p['confidence_threshold']}"
     return None

@@ -20,14 +20,13 @@ judging: it is not verified and is rejected as `budget_exhausted` (left undone).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import polars as pl
 
 from agenther import coverage, schema
 from agenther.ask import ask
-from agenther.goal import describe_action, evidence_messages, sample_messages
+from agenther.goal import describe_action, evidence_messages, metadata_of, sample_messages
 from agenther.grounding import ungrounded
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.relabel import goal_of, relabel_one, relabel_output
@@ -109,10 +108,9 @@ def judge_grounding(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClien
 
 def judge_policy(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
     goal = goal_of(row)
-    meta = json.loads(row.get("metadata") or "{}")
     if not goal.actions:
         return _ruled("policy", "the sample changes no state")
-    if isinstance(meta.get("gt_actions"), list):
+    if isinstance(metadata_of(row).get("gt_actions"), list):
         return _ruled("policy", "ground truth: writes the correct run does not make were kept out of the goal")
     rules = next((m.get("content") or "" for m in row["messages"] if m["role"] == "system"), "").strip()
     if not rules:

@@ -14,13 +14,15 @@ import yaml
 from conftest import TAU, TOOLBENCH, make_params
 from llm_server import careful_except
 
-from agenther import coverage
+from agenther import coverage, schema
 from agenther.classify import classify
 from agenther.cli import main
 from agenther.extract import extract
 from agenther.goal import AchievedGoal, NoGoal, achieved_goal
 from agenther.ingest import MessagesMapping, ingest
+from agenther.llm import LLMClient
 from agenther.tools import Tools, is_error
+from agenther.verify import verify
 
 REACT = Path(__file__).parent / "fixtures" / "react_webshop.jsonl"
 TASK47 = "tau-bench/gpt-4o-airline/task47-trial0"  # cancelled MZDDS4, which the policy forbids
@@ -287,3 +289,29 @@ def test_odd_records_give_a_goal_or_a_reason_never_a_traceback():
         assert isinstance(goal, AchievedGoal | NoGoal)
         if isinstance(goal, AchievedGoal):
             assert coverage.misses("Please cancel 8C8K4E.", goal, row) is not None
+
+
+@pytest.mark.parametrize("answer,accepted", [
+    ({"violations": ["cancelled without the user's explicit confirmation"], "allowed": False, "confidence": 0.9},
+     False),
+    ({"violations": [], "allowed": True, "confidence": 0.9}, True),
+])
+def test_without_ground_truth_the_policy_judge_reads_the_rules_and_the_writes(tmp_path, llm_server, answer, accepted):
+    row = tau_row(TWO_CANCELS) | {"metadata": "{}"}  # no ground truth: the policy judge must ask
+    goal = goal_of(row)
+    ids = ", ".join(a.arguments["reservation_id"] for a in goal.actions)
+    llm_server.brain = careful_except("judge_policy", lambda r: json.dumps(answer))
+    params = make_params(tmp_path, llm_server, verify={"judges": ["coverage", "policy"]})
+    relabeled = row | {"achievements": [], "extract_mode": "rule", "achieved_goal": goal.model_dump_json(),
+                       "hindsight_prompt": f"Please cancel my reservations {ids}.", "relabel_confidence": 0.9,
+                       "relabel_attempts": 1, "relabel_rationale": "", "relabel_model": "test"}
+    client = LLMClient(model="openai/local", api_base=llm_server.api_base, api_key="x", cache_dir=tmp_path / "c")
+    out = verify(schema.frame([relabeled], schema.RELABELED), params, client)
+    policy = next(j for j in out.kept["judgements"].to_list()[0] if j["judge"] == "policy")
+    assert policy["accept"] is accepted and out.kept["verified"].to_list() == [accepted]
+    asked = llm_server.prompts_of("judge_policy")
+    assert len(asked) == 1
+    text = asked[0]["messages"][0]["content"]
+    assert "# Airline Agent Policy" in text and "cancel reservation" in text  # the rules and the writes
+    if not accepted:
+        assert "policy_violation" in policy["reason"] and out.rejected["reason"].to_list() == ["rejected_by_policy"]

@@ -148,8 +148,7 @@ def test_fully_gullible_model_cannot_get_invented_details_past_grounding(tmp_pat
     obeying = _run(tmp_path, llm_server, records, "obeying")
     assert obeying["accepted"] == 0 and INVENTED not in obeying["prompts"]
     rejected = pl.read_parquet(tmp_path / "obeying" / "rejected.parquet").filter(pl.col("stage") == "relabel")
-    assert rejected.height > 0 and set(rejected["reason"]) <= {"unrequested_action", "unmet_requirement",
-                                                                "ungrounded"}
+    assert rejected.height > 0 and set(rejected["reason"]) <= {"unrequested_action", "unmet_requirement"}
     assert all("ZZ999" in d or "Zelda" in d or "unrequested" in d or "update_reservation" in d
                for d in rejected["detail"])
     assert not [r for r in obeying["requests"] if prompt_kind(r) != "relabel"]  # no judge was asked
