@@ -86,19 +86,47 @@ def misses(prompt: str, goal: AchievedGoal, row: dict, params: dict | None = Non
                 "which no write of the sample does",
             )
         )
-    if not goal.actions and not _names_a_fact(request, goal):
+    if not goal.actions and not _names_a_fact(prompt, goal):  # the question itself says what it is about
         found.append(
             (
                 "unmet_requirement",
-                "the prompt names nothing the agent reported (no ID, name or value of "
-                "its answers): it may ask for anything",
+                "the prompt names nothing the agent looked up or reported (no ID, name or "
+                "value of its lookups or answers): it may ask for anything",
             )
         )
     found += [("unmet_requirement", "the prompt " + w) for w in other_enum_values(prompt, goal, tools)]
+    found += [
+        ("unmet_requirement", f"the prompt names {key.replace('_', ' ')} {value}, which no write of the sample acts on")
+        for key, value in bystanders(prompt, goal, calls)
+    ]
     absent = ungrounded(prompt, messages)
     if absent:
         found.append(("unmet_requirement", "the sample never mentions " + ", ".join(absent)))
     return found
+
+
+def bystanders(prompt: str, goal: AchievedGoal, calls: list[dict]) -> list[tuple[str, str]]:
+    """(key, value) of the entities the prompt names that are of a kind the sample's writes act on
+    (a reservation ID where the writes cancel reservations) but that no write acts on: "cancel
+    IFOYYZ and NQNU5R" where only NQNU5R was cancelled asks for more than the sample does."""
+    keys = {k for a in goal.actions for k in a.arguments if _is_key(k)}
+    acted_on = {str(v) for a in goal.actions for k, v in a.arguments.items() if _is_key(k)}
+    seen: dict[str, str] = {}
+    for c in calls:
+        for key, value in keyed_values(c["arguments"], keys):
+            seen.setdefault(value, key)
+    return [(key, v) for v, key in seen.items() if v not in acted_on and asked(v, prompt)]
+
+
+def keyed_values(arguments: dict, keys: set[str]) -> list[tuple[str, str]]:
+    """(key, value) of every string value of `arguments` (nested) under one of `keys`."""
+    out: list[tuple[str, str]] = []
+    for k, v in arguments.items():
+        if k in keys and isinstance(v, str) and v.strip():
+            out.append((k, v.strip()))
+        elif isinstance(v, dict):
+            out += keyed_values(v, keys)
+    return out
 
 
 def unnamed(action: Action, request: str, calls: list[dict], tools: Tools) -> list[str]:
@@ -133,7 +161,7 @@ def required_details(goal: AchievedGoal, row: dict, params: dict | None = None) 
     the identifying values of every write that no lookup by its named IDs implies, in order, once;
     for a goal of facts only, the values the agent reported (naming one is enough)."""
     if not goal.actions:
-        return list(dict.fromkeys(v for f in goal.facts for v in f.values))
+        return list(dict.fromkeys(fact_subjects(goal)))
     tools, calls = Tools.of(row.get("tools"), params), tool_calls(row["messages"])
     keys = [v for a in goal.actions for k, v in a.arguments.items() if _is_key(k) and isinstance(v, str)]
     request = "\n".join([*keys, *goal.user_words])
@@ -149,15 +177,22 @@ def required_details(goal: AchievedGoal, row: dict, params: dict | None = None) 
     )
 
 
+def fact_subjects(goal: AchievedGoal) -> list[str]:
+    """What a question about the goal's facts may name, one or more: what the agent looked up (the
+    arguments of the reads the report rests on), then the values it reported."""
+    looked_up = [v for f in goal.facts for r in f.reads for v in _required(r.arguments, exempt=False)]
+    return [*looked_up, *(v for f in goal.facts for v in f.values)]
+
+
 def _names_a_fact(text: str, goal: AchievedGoal) -> bool:
-    return any(asked(v, text) for f in goal.facts for v in f.values)
+    return any(asked(v, text) for v in fact_subjects(goal))
 
 
-def _required(arguments: dict) -> list[str]:
+def _required(arguments: dict, exempt: bool = True) -> list[str]:
     """The identifying values a request must name: not zeros, not yes/no flags."""
     return [
         v
-        for v in identifying_values(arguments)
+        for v in identifying_values(arguments, exempt=exempt)
         if v not in ("0", "") and v.lower() not in ("no", "yes", "none")
     ]
 

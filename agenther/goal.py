@@ -34,6 +34,7 @@ from agenther.tools import Tools, is_error, words
 
 MAX_FACTS = 6
 REPORT_CHARS = 300
+MAX_READS = 3  # lookups kept per fact (the last ones before the report)
 ID_LIKE = re.compile(r"^(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9][\w-]{2,}$")  # HAT050, MZDDS4, credit_card_7
 # Arguments that identify what a write acts on must be asked for; these keys follow from the
 # user's account instead (a natural request says "with my credit card", not its id).
@@ -51,6 +52,7 @@ class Fact(BaseModel):
     text: str  # what the agent told the user (cut to REPORT_CHARS)
     values: list[str]  # the values from read results that the report states
     steps: list[int]  # the report's step, then the result steps it rests on
+    reads: list[Action] = []  # the lookups whose results it states (what a question about it names)
 
 
 class Excluded(BaseModel):
@@ -282,7 +284,7 @@ def _facts(messages: list[dict], calls: list[dict], tools: Tools, end: int) -> l
     facts = []
     for step, text in _reports(messages, calls, end):
         low = text.lower()
-        values, steps = [], []
+        values, steps, looked_up = [], [], []
         for c in reads:
             if c["result_step"] >= step:
                 continue
@@ -292,12 +294,15 @@ def _facts(messages: list[dict], calls: list[dict], tools: Tools, end: int) -> l
             if said:
                 values += [v for v in said if v not in values]
                 steps.append(c["result_step"])
+                looked_up.append(Action(tool=c["name"], arguments=c["arguments"], call_step=c["step"],
+                                        result_step=c["result_step"]))
         if values:
             facts.append(
                 Fact(
                     text=" ".join(text.split())[:REPORT_CHARS],
                     values=values[:12],
                     steps=[step, *sorted(set(steps))],
+                    reads=looked_up[-MAX_READS:],
                 )
             )
     return facts[-MAX_FACTS:]
@@ -470,10 +475,14 @@ def describe_action(action: Action) -> str:
 def describe_goal(goal: AchievedGoal, max_facts: int = MAX_FACTS, max_chars: int = 220) -> str:
     """The goal as the relabeler reads it: every action, the last `max_facts` facts."""
     lines = [f"- {describe_action(a)}" for a in goal.actions]
-    if not lines:
-        lines = ["- (no change of state)"]
-    facts = [f'- "{_cut(f.text, max_chars)}"' for f in goal.facts[-max_facts:]] if max_facts else []
-    return "DONE:\n" + "\n".join(lines) + ("\nTOLD THE USER:\n" + "\n".join(facts) if facts else "")
+    shown = goal.facts[-max_facts:] if max_facts else []
+    looked_up = [] if goal.actions else list(dict.fromkeys(describe_action(r) for f in shown for r in f.reads))
+    text = "DONE:\n" + "\n".join(lines or ["- (no change of state)"])
+    if looked_up:  # what a question about the report names (a goal of facts only)
+        text += "\nLOOKED UP:\n" + "\n".join(f"- {line}" for line in looked_up)
+    if shown:
+        text += "\nTOLD THE USER:\n" + "\n".join(f'- "{_cut(f.text, max_chars)}"' for f in shown)
+    return text
 
 
 def goal_achievements(goal: AchievedGoal) -> list[dict]:

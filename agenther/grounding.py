@@ -46,7 +46,10 @@ def facts(prompt: str) -> list[tuple[str, str]]:
     for m in CAPITALISED.finditer(prompt):
         words = [w for w in m.group(0).split() if w.lower().strip(".'") not in NOT_NAMES]
         if words and not _sentence_start_only(prompt, m, words):
-            add("name", m, " ".join(words))
+            name = " ".join(words)
+            # the full stop that ends a sentence is not part of the name ("to Houston."), an
+            # abbreviation's dots are ("Washington D.C.")
+            add("name", m, name[:-1] if name.endswith(".") and name.count(".") == 1 else name)
     return found
 
 

@@ -166,6 +166,7 @@ def record_of(request: dict) -> tuple[list[tuple[str, str]], list[str]]:
     """The relabel prompt's record: ([(tool words, argument text) of each DONE line], [facts told])."""
     text = user_text(request).partition("RECORD:\n<<<\n")[2].split("\n>>>", 1)[0]
     done_part, _, told_part = text.partition("TOLD THE USER:\n")
+    done_part = done_part.partition("LOOKED UP:\n")[0]
     actions = [(m.group(1), m.group(2) or "") for line in done_part.splitlines()
                if (m := DONE_LINE.match(line)) and line != "- (no change of state)"]
     facts = [line[3:].rstrip('"') for line in told_part.splitlines() if line.startswith('- "')]

@@ -14,7 +14,7 @@ import yaml
 from conftest import TAU, TOOLBENCH, make_params
 from llm_server import careful_except
 
-from agenther import coverage, schema
+from agenther import coverage, relabel, schema
 from agenther.classify import classify
 from agenther.cli import main
 from agenther.extract import extract
@@ -28,6 +28,8 @@ REACT = Path(__file__).parent / "fixtures" / "react_webshop.jsonl"
 TASK47 = "tau-bench/gpt-4o-airline/task47-trial0"  # cancelled MZDDS4, which the policy forbids
 WRONG_FLIGHTS = "tau-bench/gpt-4o-airline/task0-trial2"  # booked, with other flights than the task's
 TWO_CANCELS = "tau-bench/gpt-4o-airline/task28-trial1"  # cancelled 8C8K4E and LU15PA
+REFUSED_ONE = "tau-bench/gpt-4o-airline/task27-trial3"  # refused to cancel IFOYYZ, cancelled NQNU5R
+SEARCHED = "tau-bench/gpt-4o-airline/task3-trial0"  # searched flights DEN -> IAH, reported them
 
 
 @cache
@@ -162,6 +164,46 @@ def test_coverage_rejects_a_prompt_that_asks_for_more_than_the_sample_does():
             and any("update_reservation_baggages" in d for _, d in found))
     found = coverage.misses(f"Please cancel my reservations {ids} and Z9Z9Z9.", goal, row)
     assert any(code == "unmet_requirement" and "Z9Z9Z9" in detail for code, detail in found)
+
+
+def test_coverage_rejects_a_prompt_naming_an_entity_no_write_acts_on():
+    # task 27 trial 3: the agent looked up IFOYYZ, refused to cancel it (basic economy) and
+    # cancelled NQNU5R; "cancel IFOYYZ and NQNU5R" asks for a cancellation the sample lacks
+    row = tau_row(REFUSED_ONE)
+    goal = goal_of(row)
+    assert [a.arguments["reservation_id"] for a in goal.actions] == ["NQNU5R"]
+    found = coverage.misses("Please cancel my reservations IFOYYZ and NQNU5R.", goal, row)
+    assert [code for code, _ in found] == ["unmet_requirement"] and "IFOYYZ" in found[0][1]
+    assert coverage.misses("Please cancel my reservation NQNU5R.", goal, row) == []
+
+
+def test_a_question_names_what_the_agent_looked_up_or_reported():
+    # task 3 trial 0: no write; the agent searched one-stop flights DEN -> IAH on 2024-05-27 and
+    # listed them. A question naming the search (or a flight it reported) covers the goal; one
+    # naming nothing it looked up or reported may ask for anything.
+    row = tau_row(SEARCHED)
+    goal = goal_of(row)
+    assert not goal.actions and goal.facts
+    searched = [r for f in goal.facts for r in f.reads if r.tool == "search_onestop_flight"]
+    assert searched and searched[0].arguments["origin"] == "DEN"
+    assert coverage.misses("Which one-stop flights go from Denver (DEN) to Houston (IAH) on May 27?", goal, row) == []
+    # the question itself says what it is about: the user's later turns ("... on May 27 ...") do not
+    found = coverage.misses("What are my options for getting home on the same day?", goal, row)
+    assert [code for code, _ in found] == ["unmet_requirement"] and "looked up or reported" in found[0][1]
+
+
+@pytest.mark.parametrize("prompt,reason", [
+    ("Please cancel my reservations 8C8K4E, LU15PA and MSJ4OA.", None),
+    ("Cancel 8C8K4E, LU15PA and MSJ4OA for me.", None),
+    ("Could you cancel your reservations 8C8K4E, LU15PA and MSJ4OA?", "not_a_request"),  # the agent's voice
+    ("The user cancelled reservations 8C8K4E, LU15PA and MSJ4OA.", "not_a_request"),  # about the run
+    ("I'm sorry, I don't have reservations 8C8K4E, LU15PA and MSJ4OA with me.", "not_a_request"),  # asks nothing
+    ("Please cancel my reservations 8C8K4E and LU15PA.", "unrequested_action"),
+])
+def test_the_relabel_gate_wants_the_users_own_request(prompt, reason):
+    row = tau_extracted().filter(pl.col("id") == TWO_CANCELS).to_dicts()[0]
+    verdict = relabel.gate({"hindsight_prompt": prompt, "confidence": 0.9}, row, make_params(Path("/tmp")))
+    assert (verdict and verdict[0]) == reason, verdict
 
 
 def test_coverage_wants_a_booking_named_with_its_flights_and_dates():

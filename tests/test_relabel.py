@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import TAU, make_params
@@ -10,7 +11,7 @@ from llm_server import grounded_relabel, prompt_kind, user_text
 
 from agenther.classify import classify
 from agenther.extract import extract
-from agenther.goal import describe_goal
+from agenther.goal import describe_action, describe_goal
 from agenther.ingest import ingest
 from agenther.llm import LLMClient
 from agenther.relabel import FACT_CHARS, FACTS, goal_of, relabel
@@ -35,7 +36,11 @@ def test_the_relabeler_sees_the_goal_not_the_transcript(candidates, llm_server, 
     texts = [user_text(r) for r in llm_server.prompts_of("relabel")]
     assert len(texts) == candidates.height
     for row in candidates.iter_rows(named=True):
-        text = next(t for t in texts if describe_goal(goal_of(row), FACTS, FACT_CHARS) in t)  # the computed goal
+        goal = goal_of(row)
+        # the computed goal: its writes, or (none) what the agent looked up and told the user
+        shown = [describe_action(a) for a in goal.actions] or [
+            *(describe_action(r) for f in goal.facts[-FACTS:] for r in f.reads), *(f.text[:40] for f in goal.facts[-FACTS:])]
+        text = next(t for t in texts if all(line in t for line in shown))
         assert row["goal"].strip() not in text  # the failed goal is never shown (small models echo it)
         assert "TOOL RESULT" not in text and "[1] USER" not in text  # no transcript
         # the fixed instructions come first, so a prefix cache reuses them across records
@@ -56,8 +61,8 @@ def test_a_coverage_miss_is_fed_back_and_fixed_on_the_next_attempt(candidates, l
     assert any(goal_of(r).actions for r in candidates.iter_rows(named=True))
     assert any(not goal_of(r).actions for r in candidates.iter_rows(named=True))
     retries = [r for r in llm_server.prompts_of("relabel") if "WAS REJECTED" in user_text(r)]
-    assert len(retries) == 3 and all("unrequested_action" in user_text(r) or "unmet_requirement" in user_text(r)
-                                     for r in retries)
+    # each retry is told which details the request still has to name
+    assert len(retries) == 3 and all(re.search(r"FIX: .*Name (all|one or more) of: \S", user_text(r)) for r in retries)
 
 
 def test_low_confidence_is_retried_then_rejected(candidates, llm_server, tmp_path):
@@ -89,14 +94,14 @@ def test_restating_the_failed_goal_is_rejected(candidates, llm_server, tmp_path)
              for row in candidates.iter_rows(named=True)}
 
     def brain(request):
-        text = request["messages"][0]["content"]
-        goal = next(g for line, g in goals.items() if line in text)
+        record = request["messages"][0]["content"].partition("RECORD:")[2]  # not the template's examples
+        goal = next(g for line, g in goals.items() if line in record)
         return json.dumps({"hindsight_prompt": goal, "confidence": 0.99, "rationale": "same"})
 
     llm_server.brain = brain
     out = _run(candidates, llm_server, tmp_path)
     assert out.kept.height == 0
-    assert set(out.rejected["reason"]) == {"repeats_goal"}
+    assert set(out.rejected["reason"]) == {"repeats_goal"}, out.rejected["detail"].to_list()
 
 
 def test_invalid_answers_are_rejected_with_the_reason(candidates, llm_server, tmp_path):
@@ -110,7 +115,7 @@ def test_invalid_answers_are_rejected_with_the_reason(candidates, llm_server, tm
 def test_pasting_the_achievement_list_back_is_rejected(candidates, llm_server, tmp_path):
     def brain(request):
         # What small models really did on these logs: echo a record line as the "request".
-        record = user_text(request).split("DONE:\n", 1)[1]
+        record = user_text(request).partition("RECORD:")[2].split("DONE:\n", 1)[1]
         echo = record.splitlines()[0][2:].strip()
         return json.dumps({"hindsight_prompt": echo.capitalize(), "confidence": 0.95, "rationale": "r"})
 

@@ -38,6 +38,8 @@ def test_grounding_accepts_details_from_the_trajectory(tau):
     messages = tau.filter(pl.col("id") == FIRST)["messages"].to_list()[0]
     prompt = "I'm mia_li_3668. Book me a one-way economy flight from JFK to SEA on May 20 with 3 bags."
     assert ungrounded(prompt, messages) == []
+    # a name that ends the sentence: the full stop is not part of it
+    assert ungrounded("Book me a one-way economy flight from JFK to SEA for Mia Li.", messages) == []
 
 
 @pytest.mark.parametrize("invented", [
