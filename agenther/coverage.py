@@ -28,26 +28,8 @@ from agenther.goal import (
 )
 from agenther.grounding import ISO_DATE, MONTHS, ungrounded
 from agenther.render import tool_calls
-from agenther.tools import VERB_GROUPS, Tools, words
+from agenther.tools import ALL_WRITE_WORDS, Tools, words
 
-# Words that ask for a change whatever the tool; not the everyday ones ("make sure", "set off", "new").
-ALL_WRITE_WORDS = frozenset().union(*VERB_GROUPS.values()) - frozenset(
-    [
-        "make",
-        "made",
-        "set",
-        "new",
-        "open",
-        "opened",
-        "include",
-        "included",
-        "give",
-        "gave",
-        "clear",
-        "cleared",
-        "issue",
-    ]
-)
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 

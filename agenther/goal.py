@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from agenther import grounding
 from agenther.grounding import ISO_DATE, occurs
 from agenther.render import tool_calls
-from agenther.tools import Tools, is_error, words
+from agenther.tools import ALL_WRITE_WORDS, Tools, is_error, words
 
 MAX_FACTS = 6
 REPORT_CHARS = 300
@@ -402,6 +402,7 @@ def first_conflict(
     done = {a.tool for a in goal.actions}
     known = tools.write_names(c["name"] for c in calls)
     others = [w for w in known if w not in done]
+    done_verbs = set().union(*(tools.request_words(a.tool, known)[0] for a in goal.actions))
     used = "\n".join(
         f"{c['name']} {json.dumps(c['arguments'])}" for c in calls if c["step"] < goal.sample_end
     ).lower()
@@ -419,6 +420,11 @@ def first_conflict(
             if tools.requested(w, text, known):
                 return i, f"{who} {w}, which the goal does not contain: {text.strip()[:120]!r}"
         if m["role"] == "user":
+            # a change asked for in words no write of the goal answers ("I'd like to modify it"),
+            # whatever tool it would take
+            unanswered = sorted(set(words(text)) & ALL_WRITE_WORDS - done_verbs)
+            if unanswered:
+                return i, f"the user asks to {', '.join(unanswered)}, which no write of the goal does: {text.strip()[:120]!r}"
             for kind, value in _user_details(text):
                 if not occurs(kind, value, used):
                     return i, f"the user names {value!r}, which no call of the sample uses"

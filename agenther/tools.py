@@ -55,6 +55,24 @@ VERB_GROUPS: dict[str, frozenset[str]] = {
     "create": _set("create created make made open opened register registered add added new"),
     "delete": _set("delete deleted remove removed erase erased clear cleared"),
 }
+# Words that ask for a change whatever the tool; not the everyday ones ("make sure", "set off", "new").
+ALL_WRITE_WORDS = frozenset().union(*VERB_GROUPS.values()) - frozenset(
+    [
+        "make",
+        "made",
+        "set",
+        "new",
+        "open",
+        "opened",
+        "include",
+        "included",
+        "give",
+        "gave",
+        "clear",
+        "cleared",
+        "issue",
+    ]
+)
 VERB_OF = {
     "book": "book",
     "reserve": "book",
