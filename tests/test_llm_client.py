@@ -13,6 +13,7 @@ import yaml
 from conftest import TAU
 from llm_server import Reply
 
+from agenther.answers import RelabelAnswer
 from agenther.ask import ask
 from agenther.cli import main
 from agenther.llm import (
@@ -154,7 +155,7 @@ def test_budget_stops_new_calls_but_serves_the_cache(llm_server, tmp_path):
     usage = client.usage["t"]
     assert (usage.calls, usage.cache_hits, usage.budget_refused) == (1, 1, 1)
     # ask() turns the refusal into an answer-less result the stages reject as left undone.
-    asked = ask(client, "relabel", SCHEMA, stage="t", temperatures=[0.0], attempts=3,
+    asked = ask(client, "relabel", RelabelAnswer, stage="t", temperatures=[0.0], attempts=3,
                 record="- x", user_words="y", feedback="")
     assert asked.budget_exhausted and asked.data is None and asked.error.startswith(BUDGET_EXHAUSTED)
     assert len(llm_server.requests) == 1
