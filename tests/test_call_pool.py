@@ -22,6 +22,7 @@ from conftest import ROOT, TAU
 from llm_server import Reply, careful_brain, prompt_kind
 from test_faults import _params, _running
 
+from agenther.answers import RelabelAnswer, schema_of
 from agenther.call_pool import CallPool, shared_pool
 from agenther.cli import main
 from agenther.llm import CallFailed, LLMClient
@@ -71,7 +72,7 @@ def test_a_worker_killed_mid_call_is_replaced_and_the_call_retried(tmp_path, llm
         result = {}
         caller = threading.Thread(target=lambda: result.update(answer=client.complete_json(
             [{"role": "user", "content": "You write hindsight goals. Trajectory: ..."}],
-            {"type": "object"}, temperature=0.0, stage="relabel")))
+            schema_of(RelabelAnswer), temperature=0.0, stage="relabel")))
         started = time.monotonic()
         caller.start()
         assert first.wait(30), "the call never reached the server"
