@@ -12,8 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import polars as pl
-import yaml
-from conftest import TAU
+from conftest import TAU, write_params
 
 from agenther.cli import main
 from agenther.llm import BUDGET_EXHAUSTED
@@ -23,12 +22,9 @@ LIMIT = 12
 
 
 def _params(tmp_path: Path, api_base: str, name: str, **llm) -> str:
-    params = {"ingest": {"input": str(TAU), "limit": LIMIT},
-              "llm": {"model": "openai/local", "api_base": api_base, "cache_dir": str(tmp_path / f"cache-{name}"),
-                      "max_retries": 1, "timeout_s": 20, "concurrency": 1} | llm}
-    path = tmp_path / f"params-{name}.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return str(path)
+    return str(write_params(tmp_path / f"params-{name}.yaml", api_base, cache=tmp_path / f"cache-{name}",
+                            ingest={"input": str(TAU), "limit": LIMIT},
+                            llm={"max_retries": 1, "concurrency": 1} | llm))
 
 
 def _run(tmp_path: Path, api_base: str, name: str, **llm) -> Path:

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
-from conftest import ROOT, TAU
+from conftest import ROOT, TAU, write_params
 from llm_server import FakeLLMServer, Reply, careful_brain, dropped, not_json_body, prompt_kind, truncated
 
 from agenther.cli import main
@@ -30,12 +29,9 @@ from agenther.cli import main
 CLEAN_ACCEPTS = 2  # what the clean run of the first 8 records accepts (careful_brain, no faults)
 
 
-def _params(tmp_path: Path, api_base: str, cache: str = "cache", **llm) -> str:
-    params = {"llm": {"model": "openai/local", "api_base": api_base, "cache_dir": str(tmp_path / cache),
-                      "max_retries": 3, "timeout_s": 20, "concurrency": 2} | llm}
-    path = tmp_path / f"params-{cache}.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return str(path)
+def _params(tmp_path: Path, api_base: str, cache: str = "cache", ingest: dict | None = None, **llm) -> str:
+    return str(write_params(tmp_path / f"params-{cache}.yaml", api_base, cache=tmp_path / cache, ingest=ingest or {},
+                            llm={"max_retries": 3, "concurrency": 2} | llm))
 
 
 def _run(tmp_path: Path, server: FakeLLMServer, out: str = "out", limit: int = 8, inp: Path = TAU,
@@ -389,10 +385,7 @@ def test_a_50mb_tool_result_is_quarantined_or_compacted(tmp_path, llm_server, ca
     path = tmp_path / "big-airline.json"
     path.write_text(json.dumps([records[0], records[1], big, records[3]]))
     del big, tool
-    params = _params(tmp_path, llm_server.api_base)
-    if cap_mb is not None:
-        loaded = yaml.safe_load(Path(params).read_text())
-        Path(params).write_text(yaml.safe_dump(loaded | {"ingest": {"max_trajectory_mb": cap_mb}}))
+    params = _params(tmp_path, llm_server.api_base, ingest={} if cap_mb is None else {"max_trajectory_mb": cap_mb})
     script = f"""
 import resource, sys, json
 from agenther.cli import main
