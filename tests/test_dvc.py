@@ -90,6 +90,14 @@ def _ran(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report_timings():
+    """Not a check: the times the tests measured, printed once the module is done (`pytest -s`)."""
+    yield
+    for what, seconds in TIMINGS.items():
+        print(f"\n  {what}: {seconds:.1f} s", end="")
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     base = tmp_path_factory.mktemp("dvc")
@@ -221,9 +229,3 @@ def test_no_secret_in_tracked_files_lock_outputs_or_history(repo, stack):
     assert not any(s in history for s in secrets)
     assert s3.secret_key in (repo.path / ".dvc/config.local").read_text()  # where it belongs, git-ignored
     assert repo.run("git", "check-ignore", ".dvc/config.local").strip() == ".dvc/config.local"
-
-
-def test_zz_report_timings():
-    """Not a check: the measured times, shown with `pytest -s` (ordered last in this module)."""
-    for what, seconds in TIMINGS.items():
-        print(f"\n  {what}: {seconds:.1f} s", end="")
