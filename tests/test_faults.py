@@ -174,8 +174,9 @@ def test_judge_answers_that_are_not_json_reject_the_record(tmp_path, llm_server)
     summary = _summary(tmp_path)
     assert summary["gates"]["passed_judges"] == 0
     # every record the trajectory judge passed reaches the evidence judge, whose garbage rejects it
+    # as an invalid answer (not as the judge's verdict)
     rejected = summary["stages"]["verify"]["rejected"]
-    assert rejected["rejected_by_evidence"] == CLEAN_ACCEPTS
+    assert rejected["invalid_llm_answer"] == CLEAN_ACCEPTS and "rejected_by_evidence" not in rejected
     assert sum(rejected.values()) == summary["stages"]["verify"]["in"]
     _accounted_once(tmp_path / "out", summary)
 
