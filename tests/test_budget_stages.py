@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import polars as pl
+import pytest
 from conftest import TAU, write_params
 
 from agenther.cli import main
@@ -50,6 +51,7 @@ def _outcome(folder: Path) -> tuple[dict, list]:
     return dict(Counter(rejected["reason"].to_list())), list(zip(verified["id"], verified["verified"], strict=True))
 
 
+@pytest.mark.slow
 def test_budget_spent_by_relabel_stops_verify_in_a_separate_stage_process(tmp_path, llm_server, capsys):
     full = _run(tmp_path, llm_server.api_base, "full")
     relabel_tokens = sum(read_stats(full, "relabel")["usage"][k] for k in ("prompt_tokens", "completion_tokens"))

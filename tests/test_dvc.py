@@ -27,6 +27,8 @@ from llm_server import FakeLLMServer, careful_brain, prompt_kind, user_text
 from agenther.s3 import SeaweedFS, ensure_bucket, list_keys, s3_client
 from agenther.stages import STAGES, STATS, TABLES
 
+pytestmark = pytest.mark.slow  # real DVC, SeaweedFS and `dvc repro` of every stage
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, agenther, weed
 LIMIT = 20

@@ -79,6 +79,7 @@ BURSTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [0, 2])  # calls from this process, or from worker processes
 @pytest.mark.parametrize("name", list(BURSTS))
 def test_transient_faults_are_retried_and_the_run_succeeds(tmp_path, llm_server, name, processes):
@@ -109,6 +110,7 @@ def careful_brain_dummy() -> str:
     return "{}"  # never delivered: the client has timed out before the delay ends
 
 
+@pytest.mark.slow
 def test_very_slow_answers_within_the_timeout_go_through(tmp_path, llm_server):
     def slow(request):
         reply = careful_brain(request)
@@ -218,6 +220,9 @@ PERSISTENT = {
     "401": (lambda request: Reply("invalid api key", status=401), {}),
     "400": (lambda request: Reply("model not loaded", status=400), {}),
 }
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [0, 2])
 @pytest.mark.parametrize("name", list(PERSISTENT))
 def test_persistent_provider_errors_are_fatal_in_one_line(tmp_path, llm_server, capsys, name, processes):
@@ -243,6 +248,7 @@ def _body_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [0, 2])  # with workers, they die with the killed run
 def test_sigkill_mid_relabel_then_rerun_reconciles_and_repeats_no_answered_call(tmp_path, processes):
     def slow_relabel(request):
@@ -374,6 +380,7 @@ def test_wrong_types_and_an_unreadable_file_in_a_folder_are_quarantined(tmp_path
     _accounted_once(tmp_path / "out", summary)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cap_mb", [None, 100])
 def test_a_50mb_tool_result_is_quarantined_or_compacted(tmp_path, llm_server, cap_mb):
     """One tau-bench record whose first tool result is 50 MB of text, among ordinary records.

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 
 import polars as pl
+import pytest
 from conftest import TAU, write_params
 
 from agenther.cli import main
 from agenther.export_schemas import validate_dpo, validate_sft, validate_sharegpt
+
+pytestmark = pytest.mark.slow  # whole runs on the real local models
 
 JUDGES = ["coverage", "grounding", "policy", "trajectory", "evidence"]
 

@@ -28,6 +28,7 @@ def _run(tmp_path, server, out: str, cache: str = "cache", limit: int = 16) -> i
                  "--limit", str(limit), "--params", _params_file(tmp_path, server.api_base, cache)])
 
 
+@pytest.mark.slow
 def test_run_writes_every_output_and_reconciles(tmp_path, llm_server):
     # 60 records: tau-bench's file holds trial 0 of tasks 0-49 first, so tasks 0-9 get two trials.
     assert _run(tmp_path, llm_server, "out", limit=60) == 0
@@ -91,6 +92,7 @@ def test_transient_faults_are_retried(tmp_path, llm_server):
     assert summary["reconciliation"]["ok"]
 
 
+@pytest.mark.slow
 def test_unreachable_llm_is_a_one_line_fatal_error(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

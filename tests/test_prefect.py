@@ -66,6 +66,8 @@ from agenther import s3  # noqa: E402
 from agenther.params import load_params, params_hash  # noqa: E402
 from flows.hindsight import hindsight  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real Prefect API and servers
+
 EXPORTS = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl")
 STAGE_TASKS = ("ingest", "classify", "extract", "relabel", "verify")
 

@@ -83,6 +83,7 @@ def _run(tmp_path, server, out: str, batch_rows: int) -> None:
                  "--params", str(path)]) == 0
 
 
+@pytest.mark.slow
 def test_a_run_in_batches_of_7_rows_gives_the_same_dataset(tmp_path, llm_server):
     _run(tmp_path, llm_server, "whole", 100_000)
     calls = len(llm_server.requests)
