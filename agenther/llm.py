@@ -556,4 +556,3 @@ def map_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int) -
         return [fn(item) for item in items]
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         return list(pool.map(fn, items))
-
