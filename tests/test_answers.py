@@ -19,7 +19,15 @@ import pytest
 from conftest import TAU, write_params
 from llm_server import FakeLLMServer, careful_brain, prompt_kind, user_text
 
-from agenther.answers import EvidenceAnswer, RelabelAnswer, validate
+from agenther.answers import (
+    ClassifyAnswer,
+    EvidenceAnswer,
+    ExtractAnswer,
+    PolicyAnswer,
+    RelabelAnswer,
+    TrajectoryAnswer,
+    validate,
+)
 from agenther.cli import main
 
 LIMIT = 20
@@ -45,6 +53,7 @@ def _bent(value: object) -> object:
 
 
 def _unparsable_numbers(value: object) -> object:
+    """Every number, at any depth, as a string that does not parse as one."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float):
@@ -64,8 +73,7 @@ def malformed(valid: dict, variant: int) -> str:
         {k: _bent(v) for k, v in valid.items()},  # wrong nested types
         {k: v for k, v in valid.items() if k != last},  # a missing field
         valid | {first: None},  # null for a required field
-        _unparsable_numbers(valid) if json.dumps(valid) != json.dumps(_unparsable_numbers(valid))
-        else {k: ["two"] if k == "steps" else v for k, v in valid.items()} | {first: [{"steps": ["two"]}]},
+        _unparsable_numbers(valid),  # every number (confidence, severity, steps) a word
         None,  # the whole answer null
     ]
     return json.dumps(shapes[variant % len(shapes)])
@@ -85,14 +93,21 @@ def malformed_brain(kind: str):
 
 
 def test_the_shapes_are_each_invalid():
-    """The test's own answers must be wrong for the contract (else the run test proves nothing)."""
-    relabel = {"hindsight_prompt": "Please book it.", "confidence": 0.9}
-    evidence = {"requirements": [{"requirement": "booked", "step": 3, "met": True}], "all_met": True, "confidence": 0.9}
-    for model, valid in ((RelabelAnswer, relabel), (EvidenceAnswer, evidence)):
-        assert validate(model, valid)[0] is not None
+    """The test's own answers must be wrong for every contract (else the run test proves nothing)."""
+    valid = VALID | {
+        "relabel": {"hindsight_prompt": "Please book it.", "confidence": 0.9},
+        "judge_policy": {"violations": [], "allowed": True, "confidence": 0.9},
+        "judge_trajectory": {"satisfied": True, "consistent_with_user": True, "confidence": 0.9, "reason": "done"},
+        "judge_evidence": {"requirements": [{"requirement": "booked", "step": 3, "met": True}], "all_met": True,
+                           "confidence": 0.9},
+    }
+    models = (ClassifyAnswer, ExtractAnswer, RelabelAnswer, PolicyAnswer, TrajectoryAnswer, EvidenceAnswer)
+    for model in models:
+        kind = model.model_config["title"]
+        assert validate(model, valid[kind])[0] is not None, kind
         for variant in range(6):
-            answer, error = validate(model, json.loads(malformed(valid, variant)))
-            assert answer is None and error.startswith(f"not a valid {model.model_config['title']} answer"), variant
+            answer, error = validate(model, json.loads(malformed(valid[kind], variant)))
+            assert answer is None and error.startswith(f"not a valid {kind} answer"), (kind, variant)
 
 
 def test_the_evidence_judges_nested_wrong_answer_is_a_rejection_not_a_crash(tmp_path, llm_server):
