@@ -18,6 +18,7 @@ from collections import Counter
 import polars as pl
 
 from agenther import schema
+from agenther.answers import ClassifyAnswer
 from agenther.ask import ask
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.render import prompt_budget, render, tool_calls
@@ -157,18 +158,6 @@ def rule_classify(row: dict) -> tuple[str, float, str]:
     return classify_generic(row["messages"], row["success"], row["final_answer"] or "")
 
 
-LLM_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "failure_type": {"type": "string", "enum": [*schema.FAILURE_TYPES, schema.NOT_A_FAILURE]},
-        "severity": {"type": "number"},
-        "recoverable": {"type": "boolean"},
-        "reason": {"type": "string"},
-    },
-    "required": ["failure_type", "severity", "recoverable", "reason"],
-}
-
-
 def classify(trajectories: pl.DataFrame, params: dict, llm: LLMClient | None = None) -> pl.DataFrame:
     """Add the CLASSIFIED columns to every trajectory (successes stay, as not_a_failure)."""
     mode = params["classify"]["mode"]
@@ -206,13 +195,13 @@ def _llm_classify(row: dict, signals: str, params: dict, llm: LLMClient | None) 
     if llm is None:
         raise ValueError("classify.mode is 'llm' but no LLM is configured")
     asked = ask(
-        llm, "classify", LLM_SCHEMA, stage="classify", temperatures=[0.0], attempts=2,
+        llm, "classify", ClassifyAnswer, stage="classify", temperatures=[0.0], attempts=2,
         signals=signals, transcript=render(row["messages"], budget_tokens=prompt_budget(params)),
     )
     if asked.budget_exhausted:
         return None
-    if asked.data is None or asked.data["failure_type"] not in (*schema.FAILURE_TYPES, schema.NOT_A_FAILURE):
-        # Not recoverable: the record stops at extract with this reason, it does not vanish.
-        return "incomplete", 1.0, False, f"llm classification failed: {asked.error or asked.data}", "llm-invalid"
-    d = asked.data
-    return d["failure_type"], d["severity"], d["recoverable"], d["reason"], "llm"
+    if asked.answer is None:
+        # Not recoverable: extract rejects the record as invalid_llm_answer, it does not vanish.
+        return "incomplete", 1.0, False, f"llm classification failed: {asked.error}", "llm-invalid"
+    d = asked.answer
+    return d.failure_type, d.severity, d.recoverable, d.reason, "llm"

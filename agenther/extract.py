@@ -3,7 +3,8 @@
 The achieved goal is the run's successful writes (not errors, not writes the agent was not
 allowed to make) and the facts it reported, each pointing at its steps, with the sample that
 proves it. Rule mode lists the goal's actions and facts as achievements; LLM mode lets the model
-describe them (achievements whose cited steps do not exist or carry no evidence are dropped), and
+describe them (an answer that breaks its contract, agenther/answers.py, is `invalid_llm_answer`;
+achievements whose cited steps do not exist or carry no evidence are dropped), and
 for a run with no structured evidence its described achievements become the goal's facts. A
 failure with no goal, or whose turns contradict its goal, is rejected with the reason.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import polars as pl
 
 from agenther import schema
+from agenther.answers import INVALID_LLM_ANSWER, ExtractAnswer
 from agenther.ask import ask
 from agenther.goal import Fact, NoGoal, achieved_goal, goal_achievements, goal_from_facts
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
@@ -20,29 +22,9 @@ from agenther.render import prompt_budget, render
 
 STAGE = "extract"
 
-LLM_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "achievements": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "text": {"type": "string"},
-                    "steps": {"type": "array", "items": {"type": "integer"}},
-                    "kind": {"type": "string", "enum": ["action", "information", "answer"]},
-                },
-                "required": ["text", "steps", "kind"],
-            },
-        }
-    },
-    "required": ["achievements"],
-}
-
-
-def valid_steps(steps: list, messages: list[dict]) -> list[int]:
+def valid_steps(steps: list[int], messages: list[dict]) -> list[int]:
     """Cited steps that exist and can carry evidence (tool calls, tool results, assistant answers)."""
-    ok = {s for s in steps if isinstance(s, int) and not isinstance(s, bool) and 0 <= s < len(messages)}
+    ok = {s for s in steps if 0 <= s < len(messages)}
     return sorted(s for s in ok if messages[s]["role"] in ("assistant", "tool"))
 
 
@@ -54,6 +36,8 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
     def one(row: dict) -> tuple[dict | None, dict | None]:
         if row["classify_mode"] == "llm-budget":  # classify never got an answer for it
             return None, schema.rejection(row["id"], STAGE, BUDGET_EXHAUSTED, row["classify_reason"])
+        if row["classify_mode"] == "llm-invalid":  # classify's answers broke their contract
+            return None, schema.rejection(row["id"], STAGE, INVALID_LLM_ANSWER, row["classify_reason"])
         if not row["recoverable"]:
             return None, schema.rejection(row["id"], STAGE, "not_recoverable",
                                           f"{row['failure_type']} (severity {row['severity']}): {row['classify_reason']}")
@@ -62,16 +46,16 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
         if mode == "llm":
             if llm is None:
                 raise ValueError("extract.mode is 'llm' but no LLM is configured")
-            asked = ask(llm, "extract", LLM_SCHEMA, stage=STAGE, temperatures=[0.0, 0.3], attempts=2,
+            asked = ask(llm, "extract", ExtractAnswer, stage=STAGE, temperatures=[0.0, 0.3], attempts=2,
                         transcript=render(row["messages"], budget_tokens=prompt_budget(params)))
-            if asked.data is None:
-                reason = BUDGET_EXHAUSTED if asked.budget_exhausted else "invalid_llm_answer"
+            if asked.answer is None:
+                reason = BUDGET_EXHAUSTED if asked.budget_exhausted else INVALID_LLM_ANSWER
                 return None, schema.rejection(row["id"], STAGE, reason, asked.error or "")
             found = []
-            for a in asked.data["achievements"]:
-                steps = valid_steps(a.get("steps") or [], row["messages"])
-                if steps and isinstance(a.get("text"), str) and a["text"].strip():
-                    found.append({"text": a["text"].strip(), "steps": steps, "kind": a.get("kind") or "action"})
+            for a in asked.answer.achievements:
+                steps = valid_steps(a.steps, row["messages"])
+                if steps and a.text.strip():
+                    found.append({"text": a.text.strip(), "steps": steps, "kind": a.kind})
             if isinstance(goal, NoGoal) and goal.reason == "no_evidenced_achievement":
                 # No structured evidence: what the model saw becomes facts (never actions: a write
                 # is an achievement only when the run's own calls show it).

@@ -45,7 +45,6 @@ CONTRACTS: dict[str, dict[str, pl.DataType]] = {
     "verified": schema.VERIFIED,
 }
 MODES = ("rule", "llm")
-ACHIEVEMENT_KINDS = ("action", "information", "answer")  # extract.LLM_SCHEMA's enum
 CONTRACT_COLUMNS = set().union(*CONTRACTS.values())
 DTYPE_CHECK = "expect_column_polars_dtype_to_be"  # ours, recorded next to the GX results
 
@@ -168,7 +167,7 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
         between("achievements", 1, None, "extract keeps a failure only with an evidenced achievement")
         if has("achievements"):
             s.add("achievements", gxe.ExpectColumnValuesToNotBeNull(column="text"))
-            s.add("achievements", gxe.ExpectColumnValuesToBeInSet(column="kind", value_set=list(ACHIEVEMENT_KINDS)))
+            s.add("achievements", gxe.ExpectColumnValuesToBeInSet(column="kind", value_set=list(schema.ACHIEVEMENT_KINDS)))
             s.add("achievements", gxe.ExpectColumnValuesToBeBetween(column="steps", min_value=1),
                   "every achievement points at the step(s) it came from")
         return s

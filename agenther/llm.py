@@ -556,20 +556,3 @@ def map_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int) -
         return [fn(item) for item in items]
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         return list(pool.map(fn, items))
-
-
-def check_schema(data: dict, schema: dict) -> str | None:
-    """A small validator for the flat schemas our prompts ask for: required keys and types."""
-    types = {"string": str, "number": (int, float), "integer": int, "boolean": bool, "array": list, "object": dict}
-    for key in schema.get("required", []):
-        if key not in data:
-            return f"missing key {key!r}"
-    for key, spec in schema.get("properties", {}).items():
-        if key in data and "type" in spec:
-            expected = types[spec["type"]]
-            value = data[key]
-            if isinstance(value, bool) and spec["type"] in ("number", "integer"):
-                return f"key {key!r} must be a {spec['type']}, got a boolean"
-            if not isinstance(value, expected):
-                return f"key {key!r} must be a {spec['type']}, got {type(value).__name__}"
-    return None

@@ -23,20 +23,14 @@ from difflib import SequenceMatcher
 import polars as pl
 
 from agenther import coverage, schema
+from agenther.answers import RelabelAnswer
 from agenther.ask import ask
 from agenther.goal import AchievedGoal, describe_goal, identifying_values
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.render import defuse, tool_calls
 
 STAGE = "relabel"
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "hindsight_prompt": {"type": "string"},
-        "confidence": {"type": "number"},
-    },
-    "required": ["hindsight_prompt", "confidence"],
-}
+SCHEMA = RelabelAnswer  # the answer's contract (agenther/answers.py)
 USER_WORDS = 3  # the user's own turns shown to the relabeler, at most (the last ones: they confirm)
 USER_CHARS = 110
 FACTS = 2  # facts shown to the relabeler, at most (the last ones: the final report)

@@ -82,6 +82,7 @@ CLASSIFIED = TRAJECTORY | {
 CLASSIFY_MODES = ("rule", "llm", "llm-invalid", "llm-budget")
 
 ACHIEVEMENT = pl.Struct({"text": pl.String, "steps": pl.List(pl.Int64), "kind": pl.String})
+ACHIEVEMENT_KINDS = ("action", "information", "answer")  # its `kind`
 
 EXTRACTED = CLASSIFIED | {
     "achievements": pl.List(ACHIEVEMENT),  # steps index into `messages`

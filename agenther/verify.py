@@ -15,7 +15,9 @@ whole run. Judges (params verify.judges), deterministic ones first so a rejectio
 Policy `all`: one rejection is final (no fallback path accepts it; remaining judges are
 not even asked). Policy `majority`: strictly more than half must accept.
 A judge that cannot be asked because the run's LLM budget is spent ends the record's
-judging: it is not verified and is rejected as `budget_exhausted` (left undone).
+judging: it is not verified and is rejected as `budget_exhausted` (left undone). A judge whose
+answers break its contract (agenther/answers.py) on every attempt has not accepted; a record
+that only such judges turned down is rejected as `invalid_llm_answer`, with the validation error.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from collections.abc import Callable
 import polars as pl
 
 from agenther import coverage, schema
-from agenther.ask import ask
+from agenther.answers import INVALID_LLM_ANSWER, EvidenceAnswer, PolicyAnswer, TrajectoryAnswer
+from agenther.ask import Asked, ask
 from agenther.goal import describe_action, evidence_messages, metadata_of, sample_messages
 from agenther.grounding import ungrounded
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
@@ -35,47 +38,7 @@ from agenther.tools import is_error
 
 STAGE = "verify"
 JUDGE_NAMES = ("coverage", "grounding", "policy", "trajectory", "evidence")
-POLICY_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "violations": {"type": "array", "items": {"type": "string"}},
-        "allowed": {"type": "boolean"},
-        "confidence": {"type": "number"},
-    },
-    "required": ["violations", "allowed", "confidence"],
-}
 RULES_CHARS = 6000  # of the agent's system prompt shown to the policy judge
-
-TRAJECTORY_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "satisfied": {"type": "boolean"},
-        "consistent_with_user": {"type": "boolean"},
-        "confidence": {"type": "number"},
-        "reason": {"type": "string"},
-    },
-    "required": ["satisfied", "consistent_with_user", "confidence", "reason"],
-}
-EVIDENCE_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "requirements": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "requirement": {"type": "string"},
-                    "step": {"type": ["integer", "null"]},
-                    "met": {"type": "boolean"},
-                },
-                "required": ["requirement", "step", "met"],
-            },
-        },
-        "all_met": {"type": "boolean"},
-        "confidence": {"type": "number"},
-    },
-    "required": ["requirements", "all_met", "confidence"],
-}
 
 Judgement = dict  # schema.JUDGEMENT: judge, model, accept, confidence, reason
 
@@ -116,16 +79,16 @@ def judge_policy(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) 
     if not rules:
         return _ruled("policy", "the agent was given no rules (no system prompt)")
     actions = "\n".join(f"- step {a.call_step}: {describe_action(a)}" for a in goal.actions)
-    asked = ask(judge_llm, "judge_policy", POLICY_SCHEMA, stage=STAGE, temperatures=[0.0], attempts=2,
+    asked = ask(judge_llm, "judge_policy", PolicyAnswer, stage=STAGE, temperatures=[0.0], attempts=2,
                 rules=defuse(rules[:RULES_CHARS]), actions=defuse(actions))
-    if asked.data is None:
-        return _invalid("policy", judge_llm, asked.error)
-    d = asked.data
-    confidence = _confidence(d["confidence"])
-    violations = [str(v) for v in d["violations"] if str(v).strip()] if isinstance(d["violations"], list) else []
-    accept = bool(d["allowed"]) and not violations and confidence >= _threshold(params)
+    if asked.answer is None:
+        return _invalid("policy", judge_llm, asked)
+    d = asked.answer
+    confidence = _confidence(d.confidence)
+    violations = [v for v in d.violations if v.strip()]
+    accept = d.allowed and not violations and confidence >= _threshold(params)
     reason = ("no rule broken" if accept else
-              "policy_violation: " + ("; ".join(violations) or f"allowed={d['allowed']}, confidence {confidence}"))
+              "policy_violation: " + ("; ".join(violations) or f"allowed={d.allowed}, confidence {confidence}"))
     return {"judge": "policy", "model": judge_llm.name, "accept": accept, "confidence": confidence, "reason": reason}
 
 
@@ -142,14 +105,14 @@ def _ruled(judge: str, reason: str) -> Judgement:
 
 def judge_trajectory(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
     transcript = render(sample_of(row), keep=goal_of(row).evidence_steps(), budget_tokens=_transcript_tokens(params))
-    asked = ask(llm, "judge_trajectory", TRAJECTORY_SCHEMA, stage=STAGE, temperatures=[0.0], attempts=2,
+    asked = ask(llm, "judge_trajectory", TrajectoryAnswer, stage=STAGE, temperatures=[0.0], attempts=2,
                 request=defuse(row["hindsight_prompt"]), transcript=transcript)
-    if asked.data is None:
-        return _invalid("trajectory", llm, asked.error)
-    d = asked.data
-    confidence = _confidence(d["confidence"])
-    accept = bool(d["satisfied"] and d["consistent_with_user"]) and confidence >= _threshold(params)
-    reason = f"satisfied={d['satisfied']}, consistent_with_user={d['consistent_with_user']}: {d['reason']}"
+    if asked.answer is None:
+        return _invalid("trajectory", llm, asked)
+    d = asked.answer
+    confidence = _confidence(d.confidence)
+    accept = d.satisfied and d.consistent_with_user and confidence >= _threshold(params)
+    reason = f"satisfied={d.satisfied}, consistent_with_user={d.consistent_with_user}: {d.reason}"
     return {"judge": "trajectory", "model": llm.name, "accept": accept, "confidence": confidence, "reason": reason}
 
 
@@ -157,18 +120,16 @@ def judge_evidence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient
     messages = sample_of(row)
     transcript = render(messages, keep=goal_of(row).evidence_steps(), roles=("tool",),
                         budget_tokens=_transcript_tokens(params))
-    asked = ask(judge_llm, "judge_evidence", EVIDENCE_SCHEMA, stage=STAGE, temperatures=[0.0], attempts=2,
+    asked = ask(judge_llm, "judge_evidence", EvidenceAnswer, stage=STAGE, temperatures=[0.0], attempts=2,
                 request=defuse(row["hindsight_prompt"]), transcript=transcript)
-    if asked.data is None:
-        return _invalid("evidence", judge_llm, asked.error)
-    d = asked.data
-    requirements = d["requirements"] if isinstance(d["requirements"], list) else []
+    if asked.answer is None:
+        return _invalid("evidence", judge_llm, asked)
+    d = asked.answer
+    requirements = d.requirements
     proof = proving_steps(messages)
-    unproven = [r.get("requirement") if isinstance(r, dict) else r for r in requirements
-                if not (isinstance(r, dict) and r.get("met") and isinstance(r.get("step"), int)
-                        and r["step"] in proof)]
-    confidence = _confidence(d["confidence"])
-    accept = bool(d["all_met"]) and bool(requirements) and not unproven and confidence >= _threshold(params)
+    unproven = [r.requirement for r in requirements if not (r.met and r.step is not None and r.step in proof)]
+    confidence = _confidence(d.confidence)
+    accept = d.all_met and bool(requirements) and not unproven and confidence >= _threshold(params)
     reason = (f"{len(requirements) - len(unproven)}/{len(requirements)} requirements proven by a tool result"
               + (f"; unproven: {unproven}" if unproven else ""))
     return {"judge": "evidence", "model": judge_llm.name, "accept": accept, "confidence": confidence, "reason": reason}
@@ -187,13 +148,20 @@ def _undone(judgement: Judgement) -> bool:
     return judgement["reason"].startswith(BUDGET_EXHAUSTED)
 
 
-def _invalid(judge: str, llm: LLMClient, error: str | None) -> Judgement:
-    # A judge that cannot give a valid verdict has not accepted.
-    return {"judge": judge, "model": llm.name, "accept": False, "confidence": 0.0, "reason": error or "no answer"}
+def _invalid(judge: str, llm: LLMClient, asked: Asked) -> Judgement:
+    """A judge that gave no valid verdict has not accepted: its answer broke the contract
+    (reason `invalid_llm_answer: ...`), or the budget was spent first (`budget_exhausted: ...`)."""
+    error = asked.error or "no answer"
+    reason = error if asked.budget_exhausted else f"{INVALID_LLM_ANSWER}: {error}"
+    return {"judge": judge, "model": llm.name, "accept": False, "confidence": 0.0, "reason": reason}
 
 
-def _confidence(value: object) -> float:
-    return min(1.0, max(0.0, float(value))) if isinstance(value, int | float) else 0.0
+def _invalid_answer(judgement: Judgement) -> bool:
+    return not judgement["accept"] and judgement["reason"].startswith(INVALID_LLM_ANSWER)
+
+
+def _confidence(value: float) -> float:
+    return min(1.0, max(0.0, value))
 
 
 def _threshold(params: dict) -> float:
@@ -221,9 +189,14 @@ def verify_one(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) ->
 
 
 def _rejection_reason(judgements: list[Judgement]) -> str:
+    """budget_exhausted (left undone); invalid_llm_answer when every judge that did not accept gave
+    no valid verdict; else rejected_by_<the judges that did not accept>."""
     if any(_undone(j) for j in judgements):
         return BUDGET_EXHAUSTED
-    return "rejected_by_" + "+".join(j["judge"] for j in judgements if not j["accept"])
+    refused = [j for j in judgements if not j["accept"]]
+    if refused and all(_invalid_answer(j) for j in refused):
+        return INVALID_LLM_ANSWER
+    return "rejected_by_" + "+".join(j["judge"] for j in refused)
 
 
 def check_judges(params: dict) -> None:

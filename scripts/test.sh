@@ -2,7 +2,8 @@
 # The project's test command:  bash scripts/test.sh [extra pytest args]
 # Brings .venv up to date (idempotent, ~1 s when nothing changed; the tests only need the
 # small smollm2-135m model and the embedded default qwen2.5-coder-1.5b), then runs the whole suite
-# against real local services.
+# against real local services. Extra args go to pytest: `-m "not slow"` is the quick loop (the
+# tests marked slow in pyproject.toml's sense: whole runs, real models, DVC, Prefect, SeaweedFS).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -3,6 +3,12 @@
 `brain(request) -> Reply | str` decides each answer; a str is the assistant's content.
 A Reply can also be a fault (HTTP status, headers, body) or a slow answer. Every request
 body is recorded so tests can assert on what the pipeline really sent.
+
+Which prompt a request carries (`prompt_kind`) is read from the JSON schema the client sends
+(agenther/answers.py: its title is the prompt template's name), never from the prompt's wording,
+so editing a prompt misroutes nothing. A brain that raises (careful_brain on a prompt it has no
+answer for) gets HTTP 400 back with the reason, which is also printed, kept in `errors`, and
+raised when the server stops, so the test fails naming the prompt rather than with a bare 400.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +59,7 @@ class FakeLLMServer:
         self.brain = brain
         self.requests: list[dict] = []
         self.answered: list[dict] = []  # requests whose full 200 answer was written
+        self.errors: list[str] = []  # what the brain raised (a prompt it has no answer for)
         self._lock = threading.Lock()
         server = self
 
@@ -66,7 +74,14 @@ class FakeLLMServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server._lock:
                     server.requests.append(body)
-                reply = server.brain(body)
+                try:
+                    reply = server.brain(body)
+                except Exception as exc:  # a test's script failed: say why, loudly
+                    message = f"scripted LLM server: {type(exc).__name__}: {exc}"
+                    with server._lock:
+                        server.errors.append(message)
+                    print(message, file=sys.stderr)
+                    reply = Reply(message, status=400)
                 if isinstance(reply, str):
                     reply = Reply(reply)
                 if reply.delay_s:
@@ -131,32 +146,62 @@ class FakeLLMServer:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        if self.errors and exc_type is None:
+            more = f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
+            raise AssertionError(self.errors[0] + more)
 
     def prompts_of(self, kind: str) -> list[dict]:
         return [r for r in self.requests if prompt_kind(r) == kind]
 
 
-# -- a scripted brain that behaves like a careful relabeler and judges -------------------------
-KINDS = {
-    "You write hindsight goals": "relabel",
-    "strict reviewer of training data": "judge_trajectory",
-    "Check a claim against tool evidence": "judge_evidence",
-    "You audit an AI agent's actions against the rules": "judge_policy",
-    "List what this AI agent run actually achieved": "extract",
-    "Classify this AI agent run": "classify",
+# -- which prompt a request carries -------------------------------------------------------------
+KINDS = ("relabel", "judge_trajectory", "judge_evidence", "judge_policy", "extract", "classify")
+# A schema without a title (a client older than agenther/answers.py) is known by its keys.
+KINDS_BY_KEYS = {
+    frozenset({"hindsight_prompt", "confidence"}): "relabel",
+    frozenset({"satisfied", "consistent_with_user", "confidence", "reason"}): "judge_trajectory",
+    frozenset({"requirements", "all_met", "confidence"}): "judge_evidence",
+    frozenset({"violations", "allowed", "confidence"}): "judge_policy",
+    frozenset({"achievements"}): "extract",
+    frozenset({"failure_type", "severity", "recoverable", "reason"}): "classify",
 }
 
 
+def sent_schema(request: dict) -> dict:
+    """The JSON schema in the request's response_format (llama.cpp's json_object form or
+    OpenAI's json_schema form); {} when it carries none."""
+    fmt = request.get("response_format") or {}
+    return fmt.get("schema") or (fmt.get("json_schema") or {}).get("schema") or {}
+
+
 def prompt_kind(request: dict) -> str:
-    text = request["messages"][0]["content"]
-    return next((kind for marker, kind in KINDS.items() if marker in text), "unknown")
+    """The prompt template a request was made from (one of KINDS), or "unknown"."""
+    schema = sent_schema(request)
+    if schema.get("title") in KINDS:
+        return schema["title"]
+    return KINDS_BY_KEYS.get(frozenset(schema.get("required") or ()), "unknown")
+
+
+class UnscriptedPrompt(Exception):
+    """A brain got a request it has no answer for."""
+
+
+def unscripted(request: dict, brain: str = "careful_brain") -> UnscriptedPrompt:
+    kind = prompt_kind(request)
+    what = (f"{brain} has no answer for {kind!r} prompts" if kind != "unknown" else
+            f"cannot tell which prompt this is: its response_format has no schema titled one of {KINDS} "
+            f"(response_format {json.dumps(request.get('response_format'))[:120]})")
+    return UnscriptedPrompt(f"{what}; the prompt starts: {user_text(request)[:120]!r}")
 
 
 def user_text(request: dict) -> str:
     return request["messages"][0]["content"]
+
+
+# -- a scripted brain that behaves like a careful relabeler and judges -------------------------
 
 
 DONE_LINE = re.compile(r"^- ([a-z0-9 ]+?)(?:: (.*))?$")
@@ -219,4 +264,4 @@ def careful_brain(request: dict) -> Reply | str:
         return json.dumps({"requirements": [{"requirement": "the request", "step": steps[0] if steps else None,
                                              "met": bool(steps)}],
                            "all_met": bool(steps), "confidence": 0.9})
-    return Reply("unexpected prompt", status=400)
+    raise unscripted(request)

@@ -12,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import polars as pl
-import yaml
-from conftest import TAU
+import pytest
+from conftest import TAU, write_params
 
 from agenther.cli import main
 from agenther.llm import BUDGET_EXHAUSTED
@@ -23,12 +23,9 @@ LIMIT = 12
 
 
 def _params(tmp_path: Path, api_base: str, name: str, **llm) -> str:
-    params = {"ingest": {"input": str(TAU), "limit": LIMIT},
-              "llm": {"model": "openai/local", "api_base": api_base, "cache_dir": str(tmp_path / f"cache-{name}"),
-                      "max_retries": 1, "timeout_s": 20, "concurrency": 1} | llm}
-    path = tmp_path / f"params-{name}.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return str(path)
+    return str(write_params(tmp_path / f"params-{name}.yaml", api_base, cache=tmp_path / f"cache-{name}",
+                            ingest={"input": str(TAU), "limit": LIMIT},
+                            llm={"max_retries": 1, "concurrency": 1} | llm))
 
 
 def _run(tmp_path: Path, api_base: str, name: str, **llm) -> Path:
@@ -54,6 +51,7 @@ def _outcome(folder: Path) -> tuple[dict, list]:
     return dict(Counter(rejected["reason"].to_list())), list(zip(verified["id"], verified["verified"], strict=True))
 
 
+@pytest.mark.slow
 def test_budget_spent_by_relabel_stops_verify_in_a_separate_stage_process(tmp_path, llm_server, capsys):
     full = _run(tmp_path, llm_server.api_base, "full")
     relabel_tokens = sum(read_stats(full, "relabel")["usage"][k] for k in ("prompt_tokens", "completion_tokens"))

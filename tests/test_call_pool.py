@@ -22,6 +22,7 @@ from conftest import ROOT, TAU
 from llm_server import Reply, careful_brain, prompt_kind
 from test_faults import _params, _running
 
+from agenther.answers import RelabelAnswer, schema_of
 from agenther.call_pool import CallPool, shared_pool
 from agenther.cli import main
 from agenther.llm import CallFailed, LLMClient
@@ -34,6 +35,7 @@ def _run(tmp_path: Path, api_base: str, out: str, processes: int) -> dict:
     return json.loads((tmp_path / out / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_run_through_worker_processes_gives_the_outputs_of_an_in_process_run(tmp_path, llm_server):
     pool = shared_pool(2)  # the pool the run below uses (one per process and size)
     answered = sum(w.answered for w in pool.workers)
@@ -53,6 +55,7 @@ def test_a_run_through_worker_processes_gives_the_outputs_of_an_in_process_run(t
     assert pooled["reconciliation"]["ok"]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_call_is_replaced_and_the_call_retried(tmp_path, llm_server):
     first = threading.Event()
 
@@ -71,7 +74,7 @@ def test_a_worker_killed_mid_call_is_replaced_and_the_call_retried(tmp_path, llm
         result = {}
         caller = threading.Thread(target=lambda: result.update(answer=client.complete_json(
             [{"role": "user", "content": "You write hindsight goals. Trajectory: ..."}],
-            {"type": "object"}, temperature=0.0, stage="relabel")))
+            schema_of(RelabelAnswer), temperature=0.0, stage="relabel")))
         started = time.monotonic()
         caller.start()
         assert first.wait(30), "the call never reached the server"
@@ -88,6 +91,7 @@ def test_a_worker_killed_mid_call_is_replaced_and_the_call_retried(tmp_path, llm
         pool.close()
 
 
+@pytest.mark.slow
 def test_workers_exit_when_their_parent_is_killed(tmp_path):
     script = ("import sys, time; from agenther.call_pool import CallPool; pool = CallPool(2); "
               "print(' '.join(str(w.process.pid) for w in pool.workers), flush=True); time.sleep(120)")

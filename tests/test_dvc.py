@@ -27,6 +27,8 @@ from llm_server import FakeLLMServer, careful_brain, prompt_kind, user_text
 from agenther.s3 import SeaweedFS, ensure_bucket, list_keys, s3_client
 from agenther.stages import STAGES, STATS, TABLES
 
+pytestmark = pytest.mark.slow  # real DVC, SeaweedFS and `dvc repro` of every stage
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, agenther, weed
 LIMIT = 20
@@ -88,6 +90,14 @@ def picky_brain(request: dict):
 
 def _ran(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_timings():
+    """Not a check: the times the tests measured, printed once the module is done (`pytest -s`)."""
+    yield
+    for what, seconds in TIMINGS.items():
+        print(f"\n  {what}: {seconds:.1f} s", end="")
 
 
 @pytest.fixture(scope="module")
@@ -221,9 +231,3 @@ def test_no_secret_in_tracked_files_lock_outputs_or_history(repo, stack):
     assert not any(s in history for s in secrets)
     assert s3.secret_key in (repo.path / ".dvc/config.local").read_text()  # where it belongs, git-ignored
     assert repo.run("git", "check-ignore", ".dvc/config.local").strip() == ".dvc/config.local"
-
-
-def test_zz_report_timings():
-    """Not a check: the measured times, shown with `pytest -s` (ordered last in this module)."""
-    for what, seconds in TIMINGS.items():
-        print(f"\n  {what}: {seconds:.1f} s", end="")

@@ -8,8 +8,7 @@ import json
 
 import polars as pl
 import pytest
-import yaml
-from conftest import TAU, make_params
+from conftest import TAU, make_params, write_params
 
 from agenther import gates, schema
 from agenther.classify import classify
@@ -274,8 +273,7 @@ def test_disabled_gates_let_the_stage_run(work, tmp_path):
 def test_cli_stage_exits_nonzero_with_the_gate_message(work, tmp_path, capsys):
     folder, p = work
     _corrupt_severity(folder)
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({"llm": {"cache_dir": str(tmp_path / "cache")}}))
+    params_file = write_params(tmp_path / "params.yaml")
     code = main(["stage", "extract", "--params", str(params_file), "--work", str(folder),
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
-from conftest import TAU, TOOLBENCH, make_params
+from conftest import TAU, TOOLBENCH, make_params, write_params
 from llm_server import careful_except
 
 from agenther import coverage, relabel, schema
@@ -301,12 +300,9 @@ def test_a_react_text_log_yields_a_rule_mode_candidate(tmp_path):
 
 # -- helpers ------------------------------------------------------------------------------------------
 def _run(tmp_path: Path, server, path: Path) -> int:
-    params = {"llm": {"model": "openai/local", "api_base": server.api_base, "cache_dir": str(tmp_path / "cache"),
-                      "max_retries": 2, "timeout_s": 20, "concurrency": 4},
-              # the scripted judges accept every covered prompt: the rubber-stamp alarm would fire
-              "gates": {"acceptance_rate": [0.0, 1.0]}}
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params))
+    # the scripted judges accept every covered prompt: the rubber-stamp alarm would fire
+    params_file = write_params(tmp_path / "params.yaml", server, llm={"concurrency": 4},
+                               gates={"acceptance_rate": [0.0, 1.0]})
     return main(["run", "--input", str(path), "--format", "tau-bench", "--out", str(tmp_path / "out"),
                  "--params", str(params_file)])
 

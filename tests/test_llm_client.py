@@ -9,10 +9,10 @@ import time
 
 import litellm
 import pytest
-import yaml
-from conftest import TAU
+from conftest import TAU, write_params
 from llm_server import Reply
 
+from agenther.answers import RelabelAnswer
 from agenther.ask import ask
 from agenther.cli import main
 from agenther.llm import (
@@ -154,7 +154,7 @@ def test_budget_stops_new_calls_but_serves_the_cache(llm_server, tmp_path):
     usage = client.usage["t"]
     assert (usage.calls, usage.cache_hits, usage.budget_refused) == (1, 1, 1)
     # ask() turns the refusal into an answer-less result the stages reject as left undone.
-    asked = ask(client, "relabel", SCHEMA, stage="t", temperatures=[0.0], attempts=3,
+    asked = ask(client, "relabel", RelabelAnswer, stage="t", temperatures=[0.0], attempts=3,
                 record="- x", user_words="y", feedback="")
     assert asked.budget_exhausted and asked.data is None and asked.error.startswith(BUDGET_EXHAUSTED)
     assert len(llm_server.requests) == 1
@@ -214,10 +214,8 @@ def test_shared_inflight_limit_caps_open_requests(llm_server, tmp_path):
 
 # -- the budget in a whole run --------------------------------------------------------------------
 def _run(tmp_path, server, out: str, cache: str, **llm) -> dict:
-    params = {"llm": {"model": "openai/local", "api_base": server.api_base, "cache_dir": str(tmp_path / cache),
-                      "max_retries": 1, "timeout_s": 20, "concurrency": 1, **llm}}
-    path = tmp_path / f"params-{out}.yaml"
-    path.write_text(yaml.safe_dump(params))
+    path = write_params(tmp_path / f"params-{out}.yaml", server, cache=tmp_path / cache,
+                        llm={"max_retries": 1, "concurrency": 1, **llm})
     code = main(["run", "--input", str(TAU), "--out", str(tmp_path / out), "--limit", "16", "--params", str(path)])
     assert code == 0
     return json.loads((tmp_path / out / "summary.json").read_text())
@@ -260,6 +258,7 @@ def test_token_budget_ends_the_run_cleanly_and_a_rerun_reuses_the_answers(tmp_pa
 
 
 def test_verify_budget_refusal_is_a_budget_rejection(tmp_path, llm_server):
+    import polars as pl
     from conftest import make_params
 
     from agenther.classify import classify
@@ -269,18 +268,22 @@ def test_verify_budget_refusal_is_a_budget_rejection(tmp_path, llm_server):
     from agenther.verify import verify
 
     params = make_params(tmp_path, llm_server)
-    extracted = extract(classify(ingest(TAU, limit=12).trajectories, params), params).kept.head(2)
+    extracted = extract(classify(ingest(TAU, limit=12).trajectories, params), params).kept
     client = _client(llm_server, tmp_path)
     relabeled = relabel(extracted, params, client).kept
-    assert relabeled.height >= 1
-    client.budget = Budget(tokens=0)  # spent before judging starts
-    out = verify(relabeled, params, client)
-    rows = out.kept.to_dicts()
-    assert not any(r["verified"] for r in rows)
-    # Grounding (rules, no call) may still reject first; every record the LLM judges never saw is undone.
-    reasons = set(out.rejected["reason"].to_list())
-    assert out.rejected.height == relabeled.height and reasons <= {BUDGET_EXHAUSTED, "rejected_by_grounding"}
-    assert BUDGET_EXHAUSTED in reasons or reasons == {"rejected_by_grounding"}
+    # The records the deterministic judges pass (no call): only an LLM judge can decide these.
+    rules_only = params | {"verify": params["verify"] | {"judges": ["coverage", "grounding", "policy"]}}
+    passed = verify(relabeled, rules_only, client).kept.filter(pl.col("verified"))["id"]
+    undecided = relabeled.filter(pl.col("id").is_in(passed.to_list()))
+    assert undecided.height >= 1
+    calls = len(llm_server.requests)
+    budget = client.budget = Budget(tokens=0)  # spent before judging starts
+    out = verify(undecided, params, client)
+    assert len(llm_server.requests) == calls  # no judge call started
+    assert not any(out.kept["verified"])
+    assert out.rejected["reason"].to_list() == [BUDGET_EXHAUSTED] * undecided.height
+    assert budget.refused == undecided.height  # each record's first LLM judge was refused, and ended its judging
+    assert all(d.startswith(f"trajectory: {BUDGET_EXHAUSTED}") for d in out.rejected["detail"])  # the first LLM judge
 
 
 # -- per-call work done once ----------------------------------------------------------------------

