@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from agenther import grounding
 from agenther.grounding import ISO_DATE, occurs
 from agenther.render import tool_calls
-from agenther.tools import ALL_WRITE_WORDS, Tools, is_error, words
+from agenther.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, is_error, words
 
 MAX_FACTS = 6
 REPORT_CHARS = 300
@@ -422,7 +422,8 @@ def first_conflict(
         if m["role"] == "user":
             # a change asked for in words no write of the goal answers ("I'd like to modify it"),
             # whatever tool it would take
-            unanswered = sorted(set(words(text)) & ALL_WRITE_WORDS - done_verbs)
+            asking = [sentence for sentence in SENTENCE.split(text) if ASKS.search(sentence)]
+            unanswered = sorted({w for sentence in asking for w in words(sentence)} & ALL_WRITE_WORDS - done_verbs)
             if unanswered:
                 return i, f"the user asks to {', '.join(unanswered)}, which no write of the goal does: {text.strip()[:120]!r}"
             for kind, value in _user_details(text):

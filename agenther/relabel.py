@@ -157,7 +157,7 @@ def feedback(failures: list[tuple[str, str, str]], row: dict, params: dict) -> s
     if unnamed and (goal.actions or code == "unmet_requirement"):
         labelled = [_labelled(d, goal) for d in unnamed[:MAX_DETAILS]]
         todo.append(("Name all of: " if goal.actions else "Name one or more of: ") + ", ".join(labelled))
-    return (f'\nYOUR PREVIOUS ANSWER "{defuse(prompt[:200])}" WAS REJECTED: {defuse(why[:200])}\n'
+    return (f'\nYOUR PREVIOUS ANSWER "{defuse(prompt[:150])}" WAS REJECTED: {defuse(why[:160])}\n'
             f"FIX: {' '.join(t for t in todo if t)}")
 
 

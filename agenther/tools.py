@@ -73,6 +73,9 @@ ALL_WRITE_WORDS = frozenset().union(*VERB_GROUPS.values()) - frozenset(
         "issue",
     ]
 )
+# A sentence that asks for something (a change word in it then asks for that change; "due to a
+# change of plan" does not).
+ASKS = re.compile(r"\?|\b(please|want|wanted|need|like|wish|help|can you|could you|would you|go ahead|proceed)\b", re.I)
 VERB_OF = {
     "book": "book",
     "reserve": "book",

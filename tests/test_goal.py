@@ -250,6 +250,18 @@ def test_a_user_turn_asking_for_another_change_cuts_the_sample_before_it():
     assert isinstance(goal, NoGoal) or goal.sample_end <= asks
 
 
+def test_a_user_turn_asking_in_words_for_a_change_no_write_makes_cuts_the_sample_before_it():
+    # task 5 trial 0: the agent only looked things up; "I'd like to modify the reservation with ID
+    # UM3OG5" names no tool, but asks for a change the sample never makes
+    row = tau_row("tau-bench/gpt-4o-airline/task5-trial0")
+    asks = next(i for i, m in enumerate(row["messages"])
+                if m["role"] == "user" and "like to modify the reservation" in (m["content"] or ""))
+    goal = achieved_goal(row, make_params(Path("/tmp")))
+    assert isinstance(goal, AchievedGoal) and not goal.actions and goal.sample_end <= asks
+    # a change spoken of, not asked for, cuts nothing: task 27 trial 3 ("due to a change of plan")
+    # keeps its cancellation (test_coverage_rejects_a_prompt_naming_an_entity_no_write_acts_on)
+
+
 def test_failed_and_repeated_calls_stay_as_context_with_weight_zero():
     params = make_params(Path("/tmp"))
     zero_weighted = 0
