@@ -37,25 +37,38 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
-import litellm  # agenther/__init__.py has set LITELLM_LOCAL_MODEL_COST_MAP by now: no network at import
-
-litellm.suppress_debug_info = True
-litellm.telemetry = False
-for _name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx"):
-    # Their INFO lines echo every request; ours say what matters, and never carry keys.
-    logging.getLogger(_name).setLevel(logging.WARNING)
 log = logging.getLogger("agenther.llm")
 
-TRANSIENT = (
-    litellm.exceptions.RateLimitError,
-    litellm.exceptions.InternalServerError,
-    litellm.exceptions.ServiceUnavailableError,
-    litellm.exceptions.BadGatewayError,
-    litellm.exceptions.Timeout,
-    litellm.exceptions.APIConnectionError,
-)
+
+@functools.cache
+def _litellm() -> ModuleType:
+    """litellm, imported at the first real call (2-5 s): a run served from stamps or the cache
+    never pays for it. agenther/__init__.py has set LITELLM_LOCAL_MODEL_COST_MAP: no network."""
+    import litellm
+
+    litellm.suppress_debug_info = True
+    litellm.telemetry = False
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx"):
+        # Their INFO lines echo every request; ours say what matters, and never carry keys.
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return litellm
+
+
+def transient_errors() -> tuple[type[Exception], ...]:
+    """litellm's errors worth a retry: 429, 5xx, timeouts, dropped or refused connections."""
+    e = _litellm().exceptions
+    return (e.RateLimitError, e.InternalServerError, e.ServiceUnavailableError, e.BadGatewayError,
+            e.Timeout, e.APIConnectionError)
+
+
+def permanent_errors() -> tuple[type[Exception], ...]:
+    """Errors a retry cannot fix. (A prompt too long for the model is the record's problem: ask()
+    turns ContextWindowExceededError into a rejection of that record.)"""
+    e = _litellm().exceptions
+    return (e.AuthenticationError, e.PermissionDeniedError, e.NotFoundError, e.BadRequestError)
 
 
 class LLMError(RuntimeError):
@@ -71,16 +84,6 @@ class LLMError(RuntimeError):
 
 class LLMUnreachable(LLMError):
     """The endpoint refused connections after every retry."""
-
-
-# Errors a retry cannot fix. (A prompt too long for the model is the record's problem: ask()
-# turns ContextWindowExceededError into a rejection of that record.)
-PERMANENT = (
-    litellm.exceptions.AuthenticationError,
-    litellm.exceptions.PermissionDeniedError,
-    litellm.exceptions.NotFoundError,
-    litellm.exceptions.BadRequestError,
-)
 
 
 class PromptTooLong(RuntimeError):
@@ -115,14 +118,15 @@ class Completion:
 def call_litellm(kwargs: dict) -> Completion:
     """One `litellm.completion(**kwargs)`: its answer as a Completion, its failure as CallFailed.
     The one place a request leaves agenther, whether in this process or in a worker."""
+    litellm = _litellm()
     try:
         response = litellm.completion(**kwargs)
-    except litellm.exceptions.ContextWindowExceededError:  # a BadRequestError: before PERMANENT
+    except litellm.exceptions.ContextWindowExceededError:  # a BadRequestError: before the permanent ones
         raise CallFailed("prompt_too_long", "ContextWindowExceededError") from None
-    except PERMANENT as exc:
+    except permanent_errors() as exc:
         # The message may quote the request or part of a key: only the type and status go on.
         raise CallFailed("permanent", type(exc).__name__, status=getattr(exc, "status_code", None)) from None
-    except TRANSIENT as exc:
+    except transient_errors() as exc:
         raise CallFailed("transient", type(exc).__name__, retry_after=_retry_after(exc),
                          unreachable=_is_connection_error(exc)) from None
     tokens = getattr(response, "usage", None)
@@ -374,7 +378,7 @@ class LLMClient:
         fixed for the process, so a declared model found unpriced is not looked up again."""
         if self.model not in _UNPRICED:  # module-wide: the price map is the same for every client
             try:
-                prompt_usd, completion_usd = litellm.cost_per_token(
+                prompt_usd, completion_usd = _litellm().cost_per_token(
                     model=self.model, prompt_tokens=completion.prompt_tokens,
                     completion_tokens=completion.completion_tokens)
                 return float(prompt_usd) + float(completion_usd)
@@ -480,7 +484,7 @@ def format_kind(response_format: str, model: str, api_base: str | None) -> str:
     # reject json_schema; hosted providers that support json_schema get it.
     if api_base and model.startswith("openai/"):
         return "json_object_schema"
-    if litellm.supports_response_schema(model=model):
+    if _litellm().supports_response_schema(model=model):
         return "json_schema"
     return "json_object"
 
@@ -492,9 +496,10 @@ _MADE_DIRS: set[Path] = set()  # cache shard folders this process has created or
 def _is_connection_error(exc: Exception) -> bool:
     # litellm reports a refused connection to an OpenAI-compatible server as an
     # InternalServerError whose message says "Connection error".
-    if isinstance(exc, litellm.exceptions.Timeout):
+    errors = _litellm().exceptions
+    if isinstance(exc, errors.Timeout):
         return False
-    return isinstance(exc, litellm.exceptions.APIConnectionError) or "Connection error" in str(exc)
+    return isinstance(exc, errors.APIConnectionError) or "Connection error" in str(exc)
 
 
 def _digest(body: dict) -> str:
