@@ -33,12 +33,13 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
+
+from agenther import stopping
 
 log = logging.getLogger("agenther.llm")
 
@@ -199,7 +200,7 @@ class RateLimiter:
     are injectable so a test can drive it without waiting."""
 
     def __init__(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = stopping.sleep):
         self.rpm = float(requests_per_minute) if requests_per_minute else None
         self.tpm = float(tokens_per_minute) if tokens_per_minute else None
         self.clock, self.sleep = clock, sleep
@@ -309,7 +310,7 @@ class LLMClient:
     limiter: RateLimiter | None = None  # shared by the clients of one provider
     inflight: threading.Semaphore | None = None  # shared in-flight limit (llm.concurrency)
     transport: Callable[[dict], Completion] = field(default=call_litellm, repr=False)  # or a CallPool's
-    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)  # backoff waits (tests inject)
+    sleep: Callable[[float], None] = field(default=stopping.sleep, repr=False)  # backoff waits: end on a stop
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -387,12 +388,15 @@ class LLMClient:
         return completion.response_cost
 
     def _send(self, kwargs: dict, estimate: int) -> Completion:
-        """One HTTP request: rate limit first, then at most `inflight` open at once."""
+        """One HTTP request: rate limit first, then at most `inflight` open at once. Once the run
+        is told to stop (agenther.stopping), no request starts: Interrupted instead."""
+        stopping.check()
         if self.limiter is not None:
             waited = self.limiter.acquire(estimate)
             if waited:
                 log.info("rate limit: waited %.1fs for %s", waited, self.api_base or self.model)
         with self.inflight if self.inflight is not None else nullcontext():
+            stopping.check()  # a stop may have come while this call waited for a free slot
             completion = self.transport(kwargs)
         if self.limiter is not None:
             real = completion.prompt_tokens + completion.completion_tokens
@@ -410,6 +414,7 @@ class LLMClient:
             try:
                 return self._send(kwargs, estimate)
             except CallFailed as failed:
+                stopping.check()  # stopping: the failure is the abandoned call's (a worker killed)
                 if failed.kind == "prompt_too_long":
                     raise PromptTooLong(f"the prompt exceeds {self.name}'s context window") from None
                 if failed.kind == "permanent":
@@ -555,12 +560,67 @@ R = TypeVar("R")
 
 
 def map_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int) -> list[R]:
-    """Apply fn to every item with at most `concurrency` in flight; results keep input order."""
+    """Apply fn to every item with at most `concurrency` in flight; results keep input order.
+
+    The workers are daemon threads that take the next item as they finish one. When an item
+    fails, no new item starts, and the ones in progress stop before their next LLM call; the
+    failure is raised once they have (the first failed item's, in input order, an interruption
+    only if nothing else failed). When the run is told to stop (agenther.stopping), or the
+    waiting thread is interrupted (a signal's exception, Prefect's cancellation), the map is left
+    at once: no new item or call starts, and calls still open are abandoned (their threads end
+    with the process; answers that arrive meanwhile are still cached)."""
     items = list(items)
     if concurrency <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        return list(pool.map(fn, items))
+        results = []
+        for item in items:
+            stopping.check()
+            results.append(fn(item))
+        return results
+    out: list = [None] * len(items)
+    failed: dict[int, BaseException] = {}
+    todo = iter(range(len(items)))
+    lock = threading.Lock()
+    cancelled = threading.Event()
+    workers = min(concurrency, len(items))
+    running = [workers]
+    finished = threading.Event()
+
+    def work() -> None:
+        try:
+            with stopping.working_for(cancelled):
+                while True:
+                    with lock:
+                        i = None if cancelled.is_set() or stopping.stop_requested() else next(todo, None)
+                    if i is None:
+                        return
+                    try:
+                        out[i] = fn(items[i])
+                    except BaseException as exc:  # recorded for the waiting thread, which raises it
+                        with lock:
+                            failed[i] = exc
+                        cancelled.set()
+                        return
+        finally:
+            with lock:
+                running[0] -= 1
+                if not running[0]:
+                    finished.set()
+
+    try:
+        for n in range(workers):
+            threading.Thread(target=work, daemon=True, name=f"agenther-map-{n}").start()
+        # A timed wait: an untimed join can sit through a signal delivered to another thread,
+        # while this returns to Python every 0.1 s, where the signal's handler runs.
+        while not finished.wait(0.1):
+            stopping.check()  # a stop requested from another thread: leave the open calls too
+    except BaseException:
+        cancelled.set()  # this map only: the caller decides whether the whole run stops
+        raise
+    stopping.check()
+    if failed:
+        real = [i for i, exc in failed.items() if not isinstance(exc, stopping.Interrupted)]
+        raise failed[min(real or failed)]
+    return out
 
 
 def check_schema(data: dict, schema: dict) -> str | None:
