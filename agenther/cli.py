@@ -171,11 +171,12 @@ def carry_budget(llms, stage: str, work: Path) -> dict | None:
 def _record_carried(work: Path, stage: str, carried: dict) -> None:
     """Add what the stage's budget started from to its stats file (NN_<stage>.json)."""
     from agenther.stages import STATS
+    from agenther.tables import write_text_atomic
 
     path = work / STATS[stage]
     stats = json.loads(path.read_text())
     stats["budget_carried_in"] = carried
-    path.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(stats, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from agenther.ingest import MessagesMapping, read_logs
 from agenther.llm import Usage
 from agenther.providers import LLMs
 from agenther.relabel import relabel
-from agenther.tables import TableWriter, batch_rows, file_digest, iter_batches
+from agenther.tables import TableWriter, batch_rows, file_digest, iter_batches, write_text_atomic
 from agenther.verify import verify
 
 STAGES = ("ingest", "classify", "extract", "relabel", "verify", "package")
@@ -82,7 +82,7 @@ def read_batches(work: Path, name: str, contract: dict, params: dict) -> Iterato
 
 
 def _write_stats(work: Path, stage: str, stats: dict) -> None:
-    (Path(work) / STATS[stage]).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(Path(work) / STATS[stage], json.dumps(stats, indent=2, sort_keys=True) + "\n")
 
 
 def read_stats(work: Path, stage: str) -> dict:

@@ -99,3 +99,12 @@ def file_digest(path: str | Path) -> str:
     """sha256 of a file, read in chunks."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small text file (stats, summary, card) through a temporary file renamed into
+    place: a run stopped at any moment leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
