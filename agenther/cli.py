@@ -98,12 +98,15 @@ def _main(args: argparse.Namespace) -> int:
     from agenther.local_model import LocalModelError
     from agenther.params import ParamsError, load_params
     from agenther.pipeline import run
+    from agenther.providers import LLMs
 
     try:
         if args.command == "stage":
             return _stage(args, load_params(args.params))
         params = load_params(args.params, _overrides(args))
-        summary = run(params, args.out)
+        with LLMs.from_params(params) as llms:
+            summary = run(params, args.out, llms)
+            calls = sum(u.calls for u in llms.usage().values())  # this run's (summary.json: the data's)
     except (IngestError, ParamsError, LLMError, LocalModelError, ValueError) as exc:
         print(f"agenther: error: {exc}", file=sys.stderr)
         return 2
@@ -117,7 +120,8 @@ def _main(args: argparse.Namespace) -> int:
         "passed_judges": summary["gates"]["passed_judges"],
         "exports": {k: summary["exports"][k] for k in ("sft", "dpo", "sharegpt")},
         "reconciled": summary["reconciliation"]["ok"],
-        "llm_calls": summary["llm"]["total"]["calls"],
+        "llm_calls": calls,
+        "up_to_date": bool(summary.get("unchanged")),  # every stage skipped: outputs as they were
         "out": args.out,
     }, indent=2))
     return 0 if summary["reconciliation"]["ok"] else 1
@@ -150,8 +154,8 @@ def carry_budget(llms, stage: str, work: Path) -> dict | None:
     charged before the first call, so the cap holds for the run as in `agenther run`, where
     one process shares one Budget (which never calls this: no double counting).
     Returns what was carried in, or None for stages that make no LLM call."""
-    from agenther.stages import read_stats
     from agenther.summary import LLM_STAGES
+    from agenther.workdir import read_stats
 
     if stage not in LLM_STAGES:
         return None
@@ -170,8 +174,7 @@ def carry_budget(llms, stage: str, work: Path) -> dict | None:
 
 def _record_carried(work: Path, stage: str, carried: dict) -> None:
     """Add what the stage's budget started from to its stats file (NN_<stage>.json)."""
-    from agenther.stages import STATS
-    from agenther.tables import write_text_atomic
+    from agenther.workdir import STATS, write_text_atomic
 
     path = work / STATS[stage]
     stats = json.loads(path.read_text())

@@ -19,8 +19,9 @@ from agenther.llm import BUDGET_EXHAUSTED, Usage
 from agenther.package import SortedJsonlSink, package_into, render_dataset_card
 from agenther.params import params_hash
 from agenther.providers import LLMs
-from agenther.stages import gate_table, read_stats, read_table, write_table
-from agenther.tables import batch_rows, iter_batches, scan_columns, write_text_atomic
+from agenther.stages import gate_table, read_table, write_table
+from agenther.tables import batch_rows, iter_batches, scan_columns
+from agenther.workdir import read_stats, write_text_atomic
 
 LLM_STAGES = ("classify", "extract", "relabel", "verify")
 
