@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from agenther import stopping
 from agenther.llm import CallFailed, Completion, LLMError, call_litellm
 
 THREADS_PER_WORKER = 256  # an upper bound only: the caller's in-flight limit decides how many are open
@@ -59,11 +60,13 @@ class CallPool:
             worker = min(self.workers, key=lambda w: len(w.pending))  # the least busy
         return worker.call(next(self._ids), kwargs)
 
-    def close(self) -> None:
+    def close(self, abandon: bool = False) -> None:
+        """Stop the workers once their open calls are answered, or at once with `abandon`
+        (the run was told to stop: agenther.stopping)."""
         with self._lock:
             self._closed = True
         for worker in self.workers:
-            worker.close()
+            worker.close(abandon)
 
 
 class _Worker:
@@ -122,11 +125,13 @@ class _Worker:
         for future in pending.values():
             future.set_exception(self.failure())
 
-    def close(self) -> None:
+    def close(self, abandon: bool = False) -> None:
         with self.lock:
             if self.gone:
                 return
             self.gone = "the LLM call pool is closed"
+            if abandon:  # its open calls have no one left to answer to
+                self.process.kill()
             with contextlib.suppress(OSError):  # already gone
                 self.conn.send(None)
         try:
@@ -196,7 +201,7 @@ def _close_all() -> None:
         pools = list(_POOLS.values())
         _POOLS.clear()
     for pool in pools:
-        pool.close()
+        pool.close(abandon=stopping.stop_requested())
 
 
 if __name__ == "__main__":  # a worker: python -m agenther.call_pool FD THREADS

@@ -36,7 +36,7 @@ class IngestResult:
     records_in: int  # raw records seen: len(trajectories) + len(quarantine)
 
 
-def _input_files(root: Path) -> list[Path]:
+def input_files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
@@ -71,7 +71,7 @@ def detect_format(path: str | Path, mapping: MessagesMapping | None = None) -> s
     if root.is_file():
         return _detect_file(root, mapping)
     found: dict[str, Path] = {}
-    for f in _input_files(root):
+    for f in input_files(root):
         try:
             found.setdefault(_detect_file(f, mapping), f)
         except IngestError:
@@ -114,7 +114,7 @@ def read_logs(
         raise IngestError(f"unknown format {fmt!r} (expected auto, {', '.join(FORMATS)})")
     if limit is not None and limit < 0:
         raise IngestError(f"limit must be >= 0, not {limit}")
-    files = _input_files(root)
+    files = input_files(root)
     if not files:
         raise IngestError(f"{path}: no .json or .jsonl files under it")
 

@@ -33,29 +33,43 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
-import litellm  # agenther/__init__.py has set LITELLM_LOCAL_MODEL_COST_MAP by now: no network at import
+from agenther import stopping
 
-litellm.suppress_debug_info = True
-litellm.telemetry = False
-for _name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx"):
-    # Their INFO lines echo every request; ours say what matters, and never carry keys.
-    logging.getLogger(_name).setLevel(logging.WARNING)
 log = logging.getLogger("agenther.llm")
 
-TRANSIENT = (
-    litellm.exceptions.RateLimitError,
-    litellm.exceptions.InternalServerError,
-    litellm.exceptions.ServiceUnavailableError,
-    litellm.exceptions.BadGatewayError,
-    litellm.exceptions.Timeout,
-    litellm.exceptions.APIConnectionError,
-)
+
+@functools.cache
+def _litellm() -> ModuleType:
+    """litellm, imported at the first real call (2-5 s): a run served from stamps or the cache
+    never pays for it. agenther/__init__.py has set LITELLM_LOCAL_MODEL_COST_MAP: no network."""
+    import litellm
+
+    litellm.suppress_debug_info = True
+    litellm.telemetry = False
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx"):
+        # Their INFO lines echo every request; ours say what matters, and never carry keys.
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return litellm
+
+
+def transient_errors() -> tuple[type[Exception], ...]:
+    """litellm's errors worth a retry: 429, 5xx, timeouts, dropped or refused connections."""
+    e = _litellm().exceptions
+    return (e.RateLimitError, e.InternalServerError, e.ServiceUnavailableError, e.BadGatewayError,
+            e.Timeout, e.APIConnectionError)
+
+
+def permanent_errors() -> tuple[type[Exception], ...]:
+    """Errors a retry cannot fix. (A prompt too long for the model is the record's problem: ask()
+    turns ContextWindowExceededError into a rejection of that record.)"""
+    e = _litellm().exceptions
+    return (e.AuthenticationError, e.PermissionDeniedError, e.NotFoundError, e.BadRequestError)
 
 
 class LLMError(RuntimeError):
@@ -71,16 +85,6 @@ class LLMError(RuntimeError):
 
 class LLMUnreachable(LLMError):
     """The endpoint refused connections after every retry."""
-
-
-# Errors a retry cannot fix. (A prompt too long for the model is the record's problem: ask()
-# turns ContextWindowExceededError into a rejection of that record.)
-PERMANENT = (
-    litellm.exceptions.AuthenticationError,
-    litellm.exceptions.PermissionDeniedError,
-    litellm.exceptions.NotFoundError,
-    litellm.exceptions.BadRequestError,
-)
 
 
 class PromptTooLong(RuntimeError):
@@ -115,14 +119,15 @@ class Completion:
 def call_litellm(kwargs: dict) -> Completion:
     """One `litellm.completion(**kwargs)`: its answer as a Completion, its failure as CallFailed.
     The one place a request leaves agenther, whether in this process or in a worker."""
+    litellm = _litellm()
     try:
         response = litellm.completion(**kwargs)
-    except litellm.exceptions.ContextWindowExceededError:  # a BadRequestError: before PERMANENT
+    except litellm.exceptions.ContextWindowExceededError:  # a BadRequestError: before the permanent ones
         raise CallFailed("prompt_too_long", "ContextWindowExceededError") from None
-    except PERMANENT as exc:
+    except permanent_errors() as exc:
         # The message may quote the request or part of a key: only the type and status go on.
         raise CallFailed("permanent", type(exc).__name__, status=getattr(exc, "status_code", None)) from None
-    except TRANSIENT as exc:
+    except transient_errors() as exc:
         raise CallFailed("transient", type(exc).__name__, retry_after=_retry_after(exc),
                          unreachable=_is_connection_error(exc)) from None
     tokens = getattr(response, "usage", None)
@@ -195,7 +200,7 @@ class RateLimiter:
     are injectable so a test can drive it without waiting."""
 
     def __init__(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = stopping.sleep):
         self.rpm = float(requests_per_minute) if requests_per_minute else None
         self.tpm = float(tokens_per_minute) if tokens_per_minute else None
         self.clock, self.sleep = clock, sleep
@@ -305,7 +310,7 @@ class LLMClient:
     limiter: RateLimiter | None = None  # shared by the clients of one provider
     inflight: threading.Semaphore | None = None  # shared in-flight limit (llm.concurrency)
     transport: Callable[[dict], Completion] = field(default=call_litellm, repr=False)  # or a CallPool's
-    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)  # backoff waits (tests inject)
+    sleep: Callable[[float], None] = field(default=stopping.sleep, repr=False)  # backoff waits: end on a stop
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -344,6 +349,9 @@ class LLMClient:
         completion = self._call_with_retries(request, usage, estimate_tokens(messages, self.max_tokens))
         raw = completion.content
         prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
+        # cached first: an answer paid for survives a stop or a kill while it is being priced
+        # (the first pricing imports litellm in this process, seconds when calls run in workers)
+        self._cache_put(key, {"raw": raw, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
         cost = self._cost(completion)
         with self._lock:
             usage.calls += 1
@@ -352,7 +360,6 @@ class LLMClient:
             usage.cost_usd += cost
         if self.budget is not None:
             self.budget.charge(prompt_tokens + completion_tokens, cost)
-        self._cache_put(key, {"raw": raw, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
         return _parse(raw)
 
     # -- internals --------------------------------------------------------------------------
@@ -374,7 +381,7 @@ class LLMClient:
         fixed for the process, so a declared model found unpriced is not looked up again."""
         if self.model not in _UNPRICED:  # module-wide: the price map is the same for every client
             try:
-                prompt_usd, completion_usd = litellm.cost_per_token(
+                prompt_usd, completion_usd = _litellm().cost_per_token(
                     model=self.model, prompt_tokens=completion.prompt_tokens,
                     completion_tokens=completion.completion_tokens)
                 return float(prompt_usd) + float(completion_usd)
@@ -383,12 +390,15 @@ class LLMClient:
         return completion.response_cost
 
     def _send(self, kwargs: dict, estimate: int) -> Completion:
-        """One HTTP request: rate limit first, then at most `inflight` open at once."""
+        """One HTTP request: rate limit first, then at most `inflight` open at once. Once the run
+        is told to stop (agenther.stopping), no request starts: Interrupted instead."""
+        stopping.check()
         if self.limiter is not None:
             waited = self.limiter.acquire(estimate)
             if waited:
                 log.info("rate limit: waited %.1fs for %s", waited, self.api_base or self.model)
         with self.inflight if self.inflight is not None else nullcontext():
+            stopping.check()  # a stop may have come while this call waited for a free slot
             completion = self.transport(kwargs)
         if self.limiter is not None:
             real = completion.prompt_tokens + completion.completion_tokens
@@ -406,6 +416,7 @@ class LLMClient:
             try:
                 return self._send(kwargs, estimate)
             except CallFailed as failed:
+                stopping.check()  # stopping: the failure is the abandoned call's (a worker killed)
                 if failed.kind == "prompt_too_long":
                     raise PromptTooLong(f"the prompt exceeds {self.name}'s context window") from None
                 if failed.kind == "permanent":
@@ -480,7 +491,7 @@ def format_kind(response_format: str, model: str, api_base: str | None) -> str:
     # reject json_schema; hosted providers that support json_schema get it.
     if api_base and model.startswith("openai/"):
         return "json_object_schema"
-    if litellm.supports_response_schema(model=model):
+    if _litellm().supports_response_schema(model=model):
         return "json_schema"
     return "json_object"
 
@@ -492,9 +503,10 @@ _MADE_DIRS: set[Path] = set()  # cache shard folders this process has created or
 def _is_connection_error(exc: Exception) -> bool:
     # litellm reports a refused connection to an OpenAI-compatible server as an
     # InternalServerError whose message says "Connection error".
-    if isinstance(exc, litellm.exceptions.Timeout):
+    errors = _litellm().exceptions
+    if isinstance(exc, errors.Timeout):
         return False
-    return isinstance(exc, litellm.exceptions.APIConnectionError) or "Connection error" in str(exc)
+    return isinstance(exc, errors.APIConnectionError) or "Connection error" in str(exc)
 
 
 def _digest(body: dict) -> str:
@@ -550,9 +562,65 @@ R = TypeVar("R")
 
 
 def map_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int) -> list[R]:
-    """Apply fn to every item with at most `concurrency` in flight; results keep input order."""
+    """Apply fn to every item with at most `concurrency` in flight; results keep input order.
+
+    The workers are daemon threads that take the next item as they finish one. When an item
+    fails, no new item starts, and the ones in progress stop before their next LLM call; the
+    failure is raised once they have (the first failed item's, in input order, an interruption
+    only if nothing else failed). When the run is told to stop (agenther.stopping), or the
+    waiting thread is interrupted (a signal's exception, Prefect's cancellation), the map is left
+    at once: no new item or call starts, and calls still open are abandoned (their threads end
+    with the process; answers that arrive meanwhile are still cached)."""
     items = list(items)
     if concurrency <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        return list(pool.map(fn, items))
+        results = []
+        for item in items:
+            stopping.check()
+            results.append(fn(item))
+        return results
+    out: list = [None] * len(items)
+    failed: dict[int, BaseException] = {}
+    todo = iter(range(len(items)))
+    lock = threading.Lock()
+    cancelled = threading.Event()
+    workers = min(concurrency, len(items))
+    running = [workers]
+    finished = threading.Event()
+
+    def work() -> None:
+        try:
+            with stopping.working_for(cancelled):
+                while True:
+                    with lock:
+                        i = None if cancelled.is_set() or stopping.stop_requested() else next(todo, None)
+                    if i is None:
+                        return
+                    try:
+                        out[i] = fn(items[i])
+                    except BaseException as exc:  # recorded for the waiting thread, which raises it
+                        with lock:
+                            failed[i] = exc
+                        cancelled.set()
+                        return
+        finally:
+            with lock:
+                running[0] -= 1
+                if not running[0]:
+                    finished.set()
+
+    try:
+        for n in range(workers):
+            threading.Thread(target=work, daemon=True, name=f"agenther-map-{n}").start()
+        # A timed wait: an untimed join can sit through a signal delivered to another thread,
+        # while this returns to Python every 0.1 s, where the signal's handler runs.
+        while not finished.wait(0.1):
+            stopping.check()  # a stop requested from another thread: leave the open calls too
+    except BaseException:
+        cancelled.set()  # this map only: the caller decides whether the whole run stops
+        raise
+    stopping.check()
+    if failed:
+        real = [i for i, exc in failed.items() if not isinstance(exc, stopping.Interrupted)]
+        raise failed[min(real or failed)]
+    return out
+

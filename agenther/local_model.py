@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from agenther import stopping
+
 __all__ = [
     "MODELS",
     "DEFAULT_MODEL",
@@ -475,7 +477,8 @@ class LocalLLMServer:
         return "\n".join(text[-lines:])
 
     def stop(self, keep_log: bool = False) -> None:
-        """SIGTERM, then SIGKILL after 10 s. The log is kept if the server had died by itself."""
+        """SIGTERM, then SIGKILL after 10 s (1 s when the run was told to stop: the server may
+        be generating an answer no one will read). The log is kept if the server had died by itself."""
         atexit.unregister(self.stop)
         proc, self._proc = self._proc, None
         if proc is None:
@@ -484,7 +487,7 @@ class LocalLLMServer:
         if not died_early:
             proc.terminate()
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=1 if stopping.stop_requested() else 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

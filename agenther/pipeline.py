@@ -6,6 +6,11 @@ Relabel and verify run fused (`stages.stage_relabel_verify`: each record is judg
 as its relabel passes, no barrier between the two stages; the same tables) unless the run
 has an LLM budget: then relabel finishes before verify starts, so the records a spent budget
 leaves undone are the ones `agenther stage` / `dvc repro` leave undone.
+
+A stage that is up to date (its stamp matches: agenther/workdir.py) is skipped. The stages
+up to date at the start are checked from the work folder alone, and agenther.stages (with the
+libraries the stages use) is imported only when one has to run: a rerun on which every stage
+is up to date reads stamps and digests files, and returns the summary package wrote.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from agenther.providers import LLMs
-from agenther.stages import STAGES, run_stage, stage_relabel_verify
+from agenther.workdir import STAGES, unchanged_stage
 
 
 def fuse_relabel_verify(llms: LLMs) -> bool:
@@ -27,12 +32,21 @@ def run(params: dict, out_dir: str | Path, llms: LLMs | None = None) -> dict:
     Returns the run summary (also written to out_dir/summary.json)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        llms = llms or stack.enter_context(LLMs.from_params(params))
-        fused = fuse_relabel_verify(llms)
-        for name in STAGES:
-            if fused and name == "relabel":
-                stage_relabel_verify(params, out, llms)
-            elif not (fused and name == "verify"):
-                result = run_stage(name, params, out, out, llms)
-        return result
+    for i, name in enumerate(STAGES):
+        result = unchanged_stage(name, params, out, out)
+        if result is None:
+            with ExitStack() as stack:
+                return _run_stages(STAGES[i:], params, out, llms or stack.enter_context(LLMs.from_params(params)))
+    return result  # every stage was up to date: package's summary
+
+
+def _run_stages(names: tuple[str, ...], params: dict, out: Path, llms: LLMs) -> dict:
+    from agenther.stages import run_stage, stage_relabel_verify
+
+    fused = fuse_relabel_verify(llms) and "relabel" in names
+    for name in names:
+        if fused and name == "relabel":
+            stage_relabel_verify(params, out, llms)
+        elif not (fused and name == "verify"):
+            result = run_stage(name, params, out, out, llms)
+    return result

@@ -8,7 +8,6 @@ LLM usage), so the package stage can summarize a run whose stages ran in other p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,24 +21,16 @@ from agenther.ingest import MessagesMapping, read_logs
 from agenther.llm import Usage
 from agenther.providers import LLMs
 from agenther.relabel import relabel
-from agenther.tables import TableWriter, batch_rows, file_digest, iter_batches
+from agenther.tables import TableWriter, batch_rows, iter_batches
 from agenther.verify import verify
-
-STAGES = ("ingest", "classify", "extract", "relabel", "verify", "package")
-
-TABLES = {
-    "trajectories": "00_trajectories.parquet",
-    "quarantine": "quarantine.parquet",
-    "classified": "01_classified.parquet",
-    "extracted": "02_extracted.parquet",
-    "extract_rejected": "02_extract_rejected.parquet",
-    "relabeled": "03_relabeled.parquet",
-    "relabel_rejected": "03_relabel_rejected.parquet",
-    "verified": "04_verified.parquet",
-    "verify_rejected": "04_verify_rejected.parquet",
-}
-STATS = {"ingest": "00_ingest.json", "classify": "01_classify.json", "extract": "02_extract.json",
-         "relabel": "03_relabel.json", "verify": "04_verify.json"}
+from agenther.workdir import (
+    STAGES,
+    TABLES,
+    stamp_stage,
+    unchanged_stage,
+    unstamp,
+    write_stats,
+)
 
 
 def write_table(df: pl.DataFrame, path: Path) -> None:
@@ -81,14 +72,6 @@ def read_batches(work: Path, name: str, contract: dict, params: dict) -> Iterato
     yield from iter_batches(gate_table(work, name, contract, params), batch_rows(params))
 
 
-def _write_stats(work: Path, stage: str, stats: dict) -> None:
-    (Path(work) / STATS[stage]).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-
-
-def read_stats(work: Path, stage: str) -> dict:
-    return json.loads((Path(work) / STATS[stage]).read_text())
-
-
 KEPT = {"extract": "extracted", "relabel": "relabeled", "verify": "verified"}  # each filter's kept table
 
 
@@ -99,13 +82,13 @@ def _usage(llms: LLMs, stage: str) -> Usage:
 # -- a stage's stats: shared with the Prefect tasks, which compute the stages in batches --------
 def ingest_stats(work: Path, records_in: int, trajectories: int, quarantined: int) -> dict:
     stats = {"records_in": records_in, "trajectories": trajectories, "quarantined": quarantined}
-    _write_stats(work, "ingest", stats)
+    write_stats(work, "ingest", stats)
     return stats
 
 
 def classify_stats(work: Path, n_in: int, usage: Usage) -> dict:
     stats = {"in": n_in, "usage": vars(usage).copy()}
-    _write_stats(work, "classify", stats)
+    write_stats(work, "classify", stats)
     return stats
 
 
@@ -117,7 +100,7 @@ def save_filtered(stage: str, out: schema.StageOutput, work: Path, n_in: int, us
 
 def filtered_stats(stage: str, work: Path, n_in: int, n_out: int, n_rejected: int, usage: Usage) -> dict:
     stats = {"in": n_in, "out": n_out, "rejected": n_rejected, "usage": vars(usage).copy()}
-    _write_stats(work, stage, stats)
+    write_stats(work, stage, stats)
     return stats
 
 
@@ -169,33 +152,21 @@ def stage_extract(params: dict, work: Path, llms: LLMs) -> dict:
 
 
 def stage_relabel(params: dict, work: Path, llms: LLMs) -> dict:
-    done = unchanged_stage("relabel", params, work)  # inputs, params, code and outputs as stamped
-    if done is not None:
-        return done
     extracted = read_table(work, "extracted", schema.EXTRACTED, params)
-    unstamp(work, "relabel")
     if extracted.height:
         out = relabel(extracted, params, llms.main())
     else:  # nothing to relabel: no LLM is started at all
         out = schema.StageOutput(schema.empty(schema.RELABELED), schema.empty(schema.REJECTION))
-    stats = save_filtered("relabel", out, work, extracted.height, _usage(llms, "relabel"))
-    stamp_stage("relabel", params, work)
-    return stats
+    return save_filtered("relabel", out, work, extracted.height, _usage(llms, "relabel"))
 
 
 def stage_verify(params: dict, work: Path, llms: LLMs) -> dict:
-    done = unchanged_stage("verify", params, work)
-    if done is not None:
-        return done
     relabeled = read_table(work, "relabeled", schema.RELABELED, params)
-    unstamp(work, "verify")
     if relabeled.height:
         out = verify(relabeled, params, llms.main(), llms.judge())
     else:
         out = schema.StageOutput(schema.empty(schema.VERIFIED), schema.empty(schema.REJECTION))
-    stats = save_filtered("verify", out, work, relabeled.height, _usage(llms, "verify"))
-    stamp_stage("verify", params, work)
-    return stats
+    return save_filtered("verify", out, work, relabeled.height, _usage(llms, "verify"))
 
 
 def stage_package(params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
@@ -205,14 +176,23 @@ def stage_package(params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
 
 
 def run_stage(name: str, params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
-    if name == "ingest":
-        return stage_ingest(params, work)
-    if name == "package":
-        return stage_package(params, work, out_dir, llms)
+    """Run one stage, unless it is up to date (its stamp matches: see `unchanged_stage`)."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    return {"classify": stage_classify, "extract": stage_extract, "relabel": stage_relabel,
-            "verify": stage_verify}[name](params, work, llms)
+    work, out_dir = Path(work), Path(out_dir)
+    done = unchanged_stage(name, params, work, out_dir)
+    if done is not None:
+        return done
+    unstamp(work, name)  # a stage stopped half-way leaves no stamp: its rerun runs it again
+    if name == "ingest":
+        result = stage_ingest(params, work)
+    elif name == "package":
+        result = stage_package(params, work, out_dir, llms)
+    else:
+        result = {"classify": stage_classify, "extract": stage_extract, "relabel": stage_relabel,
+                  "verify": stage_verify}[name](params, work, llms)
+    stamp_stage(name, params, work, out_dir)
+    return result
 
 
 # -- relabel + verify in one pass (agenther run) ------------------------------------------------------
@@ -229,7 +209,7 @@ def stage_relabel_verify(params: dict, work: Path, llms: LLMs) -> dict:
     work = Path(work)
     done = unchanged_stage("relabel", params, work)
     if done is not None:
-        return {"relabel": done, "verify": stage_verify(params, work, llms)}
+        return {"relabel": done, "verify": run_stage("verify", params, work, work, llms)}
     extracted = read_table(work, "extracted", schema.EXTRACTED, params)
     unstamp(work, "relabel", "verify")
     if extracted.height:
@@ -250,82 +230,3 @@ def stage_relabel_verify(params: dict, work: Path, llms: LLMs) -> dict:
     return stats
 
 
-# -- skipping an LLM stage whose inputs, params, code and outputs are unchanged -----------------------
-# Like `dvc repro` for a stage that is up to date: a rerun in the same work folder reads no
-# table, runs no gate and asks no LLM (not even its cache) when the stage's stamp
-# (<work>/stamps/<stage>.json, written when the stage ran to the end) still matches: the
-# sha256 of its input table (which passed the stage's input gate when it ran), of the whole
-# params, of agenther's code and prompts, and of its output tables. A stage that left records
-# undone for a spent budget is never stamped: its rerun must try them again.
-STAMPED = {"relabel": ("extracted", ("relabeled", "relabel_rejected")),
-           "verify": ("relabeled", ("verified", "verify_rejected"))}
-_CODE_DIGEST: list[str] = []
-
-
-def code_digest() -> str:
-    """sha256 of agenther's source and prompt files and the versions of litellm and polars
-    (computed once per process: code does not change under a running process)."""
-    if not _CODE_DIGEST:
-        import hashlib
-        from importlib.metadata import version
-
-        root = Path(__file__).resolve().parent
-        h = hashlib.sha256(f"litellm {version('litellm')} polars {pl.__version__}".encode())
-        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".txt") and p.is_file()):
-            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-        _CODE_DIGEST.append(h.hexdigest())
-    return _CODE_DIGEST[0]
-
-
-def _stamp_path(work: Path, stage: str) -> Path:
-    return Path(work) / "stamps" / f"{stage}.json"
-
-
-def _stamp(stage: str, params: dict, work: Path) -> dict:
-    import hashlib
-
-    return {"stage": stage, "code": code_digest(),
-            "params": hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest(),
-            "input": file_digest(Path(work) / TABLES[STAMPED[stage][0]])}
-
-
-def unstamp(work: Path, *stages: str) -> None:
-    """Before a stage rewrites its outputs: a run that dies half-way leaves no stamp."""
-    for stage in stages:
-        _stamp_path(work, stage).unlink(missing_ok=True)
-
-
-def stamp_stage(stage: str, params: dict, work: Path) -> None:
-    """Record that the stage ran to the end on its current inputs (see STAMPED)."""
-    from agenther.llm import BUDGET_EXHAUSTED
-
-    work = Path(work)
-    rejected = pl.read_parquet(work / TABLES[f"{stage}_rejected"], columns=["reason"])["reason"]
-    if (rejected == BUDGET_EXHAUSTED).any():
-        return
-    entry = {"stamp": _stamp(stage, params, work),
-             "outputs": {name: file_digest(work / TABLES[name]) for name in STAMPED[stage][1]},
-             "stats": read_stats(work, stage)}
-    path = _stamp_path(work, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entry, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def unchanged_stage(stage: str, params: dict, work: Path) -> dict | None:
-    """The stage's stats when its stamp still matches (the stage is then skipped: its stats
-    file says `"unchanged": true` and zero LLM usage, as nothing was asked); None otherwise."""
-    work = Path(work)
-    try:
-        saved = json.loads(_stamp_path(work, stage).read_text())
-        if saved["stamp"] != _stamp(stage, params, work):
-            return None
-        if any(file_digest(work / TABLES[name]) != digest for name, digest in saved["outputs"].items()):
-            return None
-        stats = {key: saved["stats"][key] for key in ("in", "out", "rejected")}
-    except (OSError, ValueError, KeyError, TypeError):  # no stamp, no input or output table, a bad stamp
-        return None
-    stats |= {"usage": vars(Usage()).copy(), "unchanged": True}
-    _write_stats(work, stage, stats)
-    return stats

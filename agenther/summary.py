@@ -19,8 +19,9 @@ from agenther.llm import BUDGET_EXHAUSTED, Usage
 from agenther.package import SortedJsonlSink, package_into, render_dataset_card
 from agenther.params import params_hash
 from agenther.providers import LLMs
-from agenther.stages import gate_table, read_stats, read_table, write_table
+from agenther.stages import gate_table, read_table, write_table
 from agenther.tables import batch_rows, iter_batches, scan_columns
+from agenther.workdir import read_stats, write_text_atomic
 
 LLM_STAGES = ("classify", "extract", "relabel", "verify")
 
@@ -46,8 +47,8 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
     classified = scan_columns(classified_path, ["is_failure", "recoverable", "failure_type", "source_format"])
     summary = summarize(params, work, classified, verified, packaged, rejected, lineage, digests, llms)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    (out / "dataset_card.md").write_text(render_dataset_card(summary))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / "dataset_card.md", render_dataset_card(summary))
     return summary
 
 

@@ -8,7 +8,6 @@ only the named columns (the light ones: ids, flags, scores) of the whole table.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,9 +92,3 @@ def scan_columns(path: str | Path, columns: list[str]) -> pl.DataFrame:
 
 def batch_rows(params: dict) -> int:
     return max(1, int((params.get("io") or {}).get("batch_rows") or DEFAULT_BATCH_ROWS))
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file, read in chunks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

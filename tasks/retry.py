@@ -2,7 +2,7 @@
 
 agenther.llm already retries each LLM call on 429/5xx/timeouts with backoff; a task retry is
 the second line, for an outage that outlasts those. Only transient errors are retried:
-- LLM provider: rate limits, 5xx, timeouts (litellm's exception classes, as agenther.llm.TRANSIENT,
+- LLM provider: rate limits, 5xx, timeouts (litellm's exception classes, agenther.llm.transient_errors(),
   and agenther.llm.LLMError with `transient` set: those errors outlasted the per-call retries);
 - S3: throttling, 5xx, dropped or refused connections (botocore).
 Everything else fails the run at once: a bad input, a schema violation, a bug, and
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agenther.llm import TRANSIENT, LLMError, LLMUnreachable
+from agenther.llm import LLMError, LLMUnreachable, transient_errors
 
 S3_TRANSIENT_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
@@ -25,7 +25,7 @@ S3_TRANSIENT_CODES = {
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, LLMUnreachable):
         return False
-    if isinstance(exc, TRANSIENT):
+    if isinstance(exc, transient_errors()):
         return True
     if isinstance(exc, LLMError):
         return exc.transient

@@ -52,8 +52,9 @@ from agenther.stages import (
     stage_ingest,
 )
 from agenther.summary import package_run
-from agenther.tables import TableWriter, file_digest, iter_batches
+from agenther.tables import TableWriter, iter_batches
 from agenther.verify import verify as verify_frame
+from agenther.workdir import file_digest
 from tasks.caching import files_digest, frame_digest, stage_key
 from tasks.retry import retry_if_transient
 

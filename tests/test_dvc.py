@@ -25,7 +25,8 @@ import yaml
 from llm_server import FakeLLMServer, careful_brain, prompt_kind, user_text
 
 from agenther.s3 import SeaweedFS, ensure_bucket, list_keys, s3_client
-from agenther.stages import STAGES, STATS, TABLES
+from agenther.stages import STAGES, TABLES
+from agenther.workdir import STATS
 
 pytestmark = pytest.mark.slow  # real DVC, SeaweedFS and `dvc repro` of every stage
 

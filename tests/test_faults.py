@@ -268,7 +268,11 @@ def test_sigkill_mid_relabel_then_rerun_reconciles_and_repeats_no_answered_call(
                 assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read().decode()[-2000:]}"
                 assert time.monotonic() < deadline, "the run never reached relabel"
                 time.sleep(0.02)
-            time.sleep(0.1)  # let the client write the cache entries of the answers it has
+            # let the client write the cache entries of the answers it has (the first answer also
+            # imports litellm in the run's process to price it, which can take seconds)
+            while sum(1 for _ in cache.rglob("*.json")) < 3:
+                assert proc.poll() is None and time.monotonic() < deadline, "answers never reached the cache"
+                time.sleep(0.05)
             workers = _call_workers(proc.pid)
             assert len(workers) == processes
             proc.send_signal(signal.SIGKILL)
