@@ -61,12 +61,15 @@ time.sleep(120)
 """
 
 CLI_SERVER = """
-import time
-from agenther.cli import _sigterm_exits
+import sys, time
+from agenther import stopping
 from agenther.local_model import LocalLLMServer
-with _sigterm_exits(), LocalLLMServer("smollm2-135m", n_ctx=512) as server:
-    print(server.pid, server.log_path.parent, flush=True)
-    time.sleep(120)
+try:  # as agenther.cli.main: a signal stops the run, the server's context exits, then the exit code
+    with stopping.on_signals(), LocalLLMServer("smollm2-135m", n_ctx=512) as server:
+        print(server.pid, server.log_path.parent, flush=True)
+        time.sleep(120)
+except stopping.Interrupted as exc:
+    sys.exit(exc.exit_code)
 """
 
 
