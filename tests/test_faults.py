@@ -244,6 +244,16 @@ def _cache_key(body: dict) -> str:
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 
+def wait_for_relabel_answers(server: FakeLLMServer, proc: subprocess.Popen, n: int, seconds: float) -> float:
+    """Wait until the run `proc` has been sent `n` relabel answers; the deadline it was given."""
+    deadline = time.monotonic() + seconds
+    while sum(prompt_kind(r) == "relabel" for r in server.answered) < n:
+        assert proc.poll() is None, f"run ended too early: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "the run never reached relabel"
+        time.sleep(0.02)
+    return deadline
+
+
 def _body_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -263,11 +273,7 @@ def test_sigkill_mid_relabel_then_rerun_reconciles_and_repeats_no_answered_call(
         env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", PYTHONPATH=str(ROOT))
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 60
-            while sum(prompt_kind(r) == "relabel" for r in server.answered) < 4:
-                assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read().decode()[-2000:]}"
-                assert time.monotonic() < deadline, "the run never reached relabel"
-                time.sleep(0.02)
+            deadline = wait_for_relabel_answers(server, proc, 4, seconds=60)
             # let the client write the cache entries of the answers it has (the first answer also
             # imports litellm in the run's process to price it, which can take seconds)
             while sum(1 for _ in cache.rglob("*.json")) < 3:

@@ -20,8 +20,16 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import ROOT, TAU
-from llm_server import FakeLLMServer, Reply, careful_brain, prompt_kind
-from test_faults import _accounted_once, _body_hash, _cache_key, _call_workers, _params, _running
+from llm_server import FakeLLMServer, Reply, careful_brain
+from test_faults import (
+    _accounted_once,
+    _body_hash,
+    _cache_key,
+    _call_workers,
+    _params,
+    _running,
+    wait_for_relabel_answers,
+)
 
 from agenther import stopping
 from agenther.answers import RelabelAnswer, schema_of
@@ -90,11 +98,7 @@ def test_a_signal_mid_relabel_stops_the_run_and_the_rerun_repeats_no_answered_ca
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         try:
-            deadline = time.monotonic() + 90
-            while sum(prompt_kind(r) == "relabel" for r in server.answered) < 3:
-                assert proc.poll() is None, f"run ended before the signal: {proc.stderr.read().decode()[-2000:]}"
-                assert time.monotonic() < deadline, "the run never reached relabel"
-                time.sleep(0.02)
+            deadline = wait_for_relabel_answers(server, proc, 3, seconds=90)
             brain.hold()  # from now on the calls in flight stay open
             time.sleep(0.1)
             answered = list(server.answered)
