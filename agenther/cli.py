@@ -11,7 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
-from agenther import s3_cli, stopping
+from agenther import stopping
+from agenther.devtools import s3_cli
 
 FORMATS = ("auto", "tau-bench", "toolbench", "messages")
 
@@ -93,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     # Imported here so that `agenther --help` is instant (litellm and polars take seconds).
-    from agenther.ingest import IngestError
     from agenther.llm import LLMError
     from agenther.local_model import LocalModelError
     from agenther.params import ParamsError, load_params
     from agenther.pipeline import run
     from agenther.providers import LLMs
+    from agenther.stages.ingest import IngestError
 
     try:
         if args.command == "stage":
@@ -129,7 +130,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def _stage(args: argparse.Namespace, params: dict) -> int:
     from agenther.providers import LLMs
-    from agenther.stages import run_stage
+    from agenther.runner import run_stage
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -154,7 +155,7 @@ def carry_budget(llms, stage: str, work: Path) -> dict | None:
     charged before the first call, so the cap holds for the run as in `agenther run`, where
     one process shares one Budget (which never calls this: no double counting).
     Returns what was carried in, or None for stages that make no LLM call."""
-    from agenther.summary import LLM_STAGES
+    from agenther.stages.summary import LLM_STAGES
     from agenther.workdir import read_stats
 
     if stage not in LLM_STAGES:

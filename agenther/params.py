@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "judge_confidence_threshold": 0.6,
         "transcript_tokens": 600,  # the sample as an LLM judge reads it, compacted to about this
     },
-    # Which tools change state (agenther/tools.py): by default from each tool's name and schema
+    # Which tools change state (agenther/evidence/tools.py): by default from each tool's name and schema
     # description; these lists always win. `requests`: tool -> the words that ask for it.
     "tools": {"writes": [], "reads": [], "handoffs": [], "requests": {}, "default_kind": "read"},
     "package": {

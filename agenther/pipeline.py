@@ -1,6 +1,6 @@
 """The whole pipeline in one process: ingest -> classify -> extract -> relabel -> verify -> package.
 
-The same file-to-file stages that `dvc repro` and the Prefect flow run (agenther/stages.py),
+The same file-to-file stages that `dvc repro` and the Prefect flow run (agenther/runner.py),
 here one after the other with one set of LLM clients (one local model server) for the run.
 Relabel and verify run fused (`stages.stage_relabel_verify`: each record is judged as soon
 as its relabel passes, no barrier between the two stages; the same tables) unless the run
@@ -8,7 +8,7 @@ has an LLM budget: then relabel finishes before verify starts, so the records a 
 leaves undone are the ones `agenther stage` / `dvc repro` leave undone.
 
 A stage that is up to date (its stamp matches: agenther/workdir.py) is skipped. The stages
-up to date at the start are checked from the work folder alone, and agenther.stages (with the
+up to date at the start are checked from the work folder alone, and agenther.runner (with the
 libraries the stages use) is imported only when one has to run: a rerun on which every stage
 is up to date reads stamps and digests files, and returns the summary package wrote.
 """
@@ -41,7 +41,7 @@ def run(params: dict, out_dir: str | Path, llms: LLMs | None = None) -> dict:
 
 
 def _run_stages(names: tuple[str, ...], params: dict, out: Path, llms: LLMs) -> dict:
-    from agenther.stages import run_stage, stage_relabel_verify
+    from agenther.runner import run_stage, stage_relabel_verify
 
     fused = fuse_relabel_verify(llms) and "relabel" in names
     for name in names:

@@ -57,11 +57,11 @@ from http.server import ThreadingHTTPServer  # noqa: E402
 import polars as pl  # noqa: E402
 from llm_server import FakeLLMServer, Reply, careful_brain, prompt_kind  # noqa: E402
 
-from agenther import stages  # noqa: E402
-from agenther import verify as verify_module  # noqa: E402
+from agenther import runner as stages  # noqa: E402
 from agenther.params import load_params  # noqa: E402
 from agenther.providers import LLMs  # noqa: E402
-from agenther.stages import TABLES, run_stage, stage_relabel_verify  # noqa: E402
+from agenther.runner import TABLES, run_stage, stage_relabel_verify  # noqa: E402
+from agenther.stages import verify as verify_module  # noqa: E402
 
 TAU = ROOT / "data/raw/tau-bench/gpt-4o-airline.json"
 LATENCY = {"s": 0.2}

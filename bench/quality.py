@@ -30,7 +30,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agenther.goal import AchievedGoal, describe_action  # noqa: E402
+from agenther.evidence.goal import AchievedGoal, describe_action  # noqa: E402
 from agenther.local_model import DEFAULT_MODEL, model_path  # noqa: E402
 from agenther.params import load_params  # noqa: E402
 from agenther.pipeline import run  # noqa: E402
@@ -111,7 +111,7 @@ def before_tokens(work: Path, params: dict) -> float | None:
         return None
     from string import Template
 
-    from agenther.render import estimate_tokens, render
+    from agenther.evidence.render import estimate_tokens, render
 
     vocab = Llama(model_path=str(model_path(params["llm"]["local_model"])), vocab_only=True, verbose=False)
     counts = []

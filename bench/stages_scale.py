@@ -6,7 +6,7 @@ For each size N the script writes a JSONL log of N tau-bench records derived fro
 ones (data/raw/tau-bench/gpt-4o-airline.json, cycled; copy k of a record has task_id
 original + 1000 * k, so ids are unique and each copy keeps its own trials; the trajectories
 themselves are byte-identical to the real ones). Generation is not timed. Then a fresh
-subprocess per size runs the stages as `agenther run` does (agenther.stages.run_stage, gates
+subprocess per size runs the stages as `agenther run` does (agenther.runner.run_stage, gates
 on, rule classify/extract), except that relabel and verify (the LLM stages, benched in
 llm_throughput.py) are replaced by empty outputs, so package exports the successes and the
 natural preference pairs. The child reports each stage's wall time and its peak RSS so far
@@ -50,7 +50,7 @@ def child(log: Path, work: Path, batch_rows: int | None) -> None:
     from agenther.llm import Usage
     from agenther.params import load_params
     from agenther.providers import LLMs
-    from agenther.stages import run_stage, save_filtered
+    from agenther.runner import run_stage, save_filtered
 
     overrides: dict = {"ingest": {"input": str(log), "format": "tau-bench"}}
     if batch_rows:

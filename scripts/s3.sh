@@ -16,4 +16,4 @@ if [[ ! -x .venv/bin/python ]]; then
     echo "s3.sh: .venv is missing: run  bash scripts/setup.sh  first" >&2
     exit 2
 fi
-exec .venv/bin/python -m agenther.s3_cli "$@"
+exec .venv/bin/python -m agenther.devtools.s3_cli "$@"

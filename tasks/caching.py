@@ -27,8 +27,8 @@ from typing import Any
 import polars as pl
 
 from agenther import prompts
-from agenther.ingest import SUFFIXES
 from agenther.params import RUNTIME_ONLY
+from agenther.stages.ingest import SUFFIXES
 
 KEY_VERSION = "agenther-prefect-cache-v1"  # bump to invalidate every entry at once
 

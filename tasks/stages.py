@@ -1,10 +1,10 @@
 """The stages as Prefect tasks: thin wrappers around agenther's frame-level stage functions.
 
-Each stage gates its input table in the work folder (`agenther.stages.gate_table`), reads
+Each stage gates its input table in the work folder (`agenther.runner.gate_table`), reads
 it in batches of `prefect.batch_size` rows, runs one task per batch (never one per
 trajectory: a task run costs milliseconds to tens of ms of API traffic) and appends each
-batch's result to the stage's tables as it comes, under the names `agenther.stages` uses
-(TABLES/STATS), so `agenther.summary.package_run` works unchanged and no stage holds a
+batch's result to the stage's tables as it comes, under the names `agenther.runner` uses
+(TABLES/STATS), so `agenther.stages.summary.package_run` works unchanged and no stage holds a
 whole table. Ingest is one task that streams the logs into the tables; its cached result is
 their digests, and a cache hit copies them from the folder they were written to.
 
@@ -37,12 +37,9 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from agenther import schema
-from agenther.classify import classify as classify_frame
-from agenther.extract import extract as extract_frame
 from agenther.llm import Usage
 from agenther.providers import LLMs
-from agenther.relabel import relabel as relabel_frame
-from agenther.stages import (
+from agenther.runner import (
     KEPT,
     TABLES,
     classify_stats,
@@ -51,9 +48,12 @@ from agenther.stages import (
     ingest_stats,
     stage_ingest,
 )
-from agenther.summary import package_run
+from agenther.stages.classify import classify as classify_frame
+from agenther.stages.extract import extract as extract_frame
+from agenther.stages.relabel import relabel as relabel_frame
+from agenther.stages.summary import package_run
+from agenther.stages.verify import verify as verify_frame
 from agenther.tables import TableWriter, iter_batches
-from agenther.verify import verify as verify_frame
 from agenther.workdir import file_digest
 from tasks.caching import files_digest, frame_digest, stage_key
 from tasks.retry import retry_if_transient
@@ -100,7 +100,7 @@ def _usage(view: LLMs | None, stage: str) -> dict[str, Any]:
 # -- the tasks: one call into agenther each -----------------------------------------------------
 @task(name="ingest", task_run_name="ingest", cache_key_fn=_ingest_key, **CACHED, **RETRY)
 def ingest_task(params: dict, work: str) -> dict:
-    """Streams the logs into the work folder's tables (agenther.stages.stage_ingest); the
+    """Streams the logs into the work folder's tables (agenther.runner.stage_ingest); the
     result (kept by Prefect) is small: the stats, where the tables were written and their digests."""
     stats = stage_ingest(params, Path(work))
     return {"work": work, "stats": stats, "digests": _table_digests(Path(work))}

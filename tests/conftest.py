@@ -55,7 +55,7 @@ def write_params(path: Path, server: FakeLLMServer | str | None = None, *, cache
 def whole_run_goal(messages: list[dict]) -> str:
     """An achieved goal (JSON) whose sample is the whole run, every assistant turn training: for
     tests of what packaging and judging do with a goal, not of how extract computes one."""
-    from agenther.goal import AchievedGoal
+    from agenther.evidence.goal import AchievedGoal
 
     train = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     return AchievedGoal(sample_end=len(messages), train_steps=train).model_dump_json()

@@ -17,7 +17,7 @@ from conftest import TAU, write_params
 
 from agenther.cli import main
 from agenther.llm import BUDGET_EXHAUSTED
-from agenther.stages import STAGES
+from agenther.runner import STAGES
 from agenther.workdir import read_stats
 
 LIMIT = 12

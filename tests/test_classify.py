@@ -10,8 +10,8 @@ import pytest
 from conftest import TAU, TOOLBENCH, make_params
 
 from agenther import schema
-from agenther.classify import classify
-from agenther.ingest import ingest
+from agenther.stages.classify import classify
+from agenther.stages.ingest import ingest
 
 READS = ("get_", "search_", "list_", "calculate", "think", "transfer_to_human_agents")
 

@@ -12,10 +12,11 @@ import pytest
 from conftest import TAU, write_params
 from test_package import LINEAGE, PARAMS, tau_inputs
 
-from agenther import exports, schema
+from agenther import schema
 from agenther.cli import main
-from agenther.export_schemas import validate_dpo, validate_sft, validate_sharegpt
-from agenther.package import package, render_dataset_card, write_exports
+from agenther.export import formats as exports
+from agenther.export.schemas import validate_dpo, validate_sft, validate_sharegpt
+from agenther.stages.package import package, render_dataset_card, write_exports
 
 
 @pytest.fixture(scope="module")

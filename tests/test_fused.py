@@ -16,7 +16,7 @@ from llm_server import careful_brain, prompt_kind
 
 from agenther.pipeline import run
 from agenther.providers import LLMs
-from agenther.stages import TABLES, run_stage, stage_relabel_verify
+from agenther.runner import TABLES, run_stage, stage_relabel_verify
 from agenther.workdir import STATS, read_stats
 
 OUTPUTS = ("relabeled", "relabel_rejected", "verified", "verify_rejected")

@@ -11,12 +11,12 @@ import pytest
 from conftest import TAU, make_params, write_params
 
 from agenther import gates, schema
-from agenther.classify import classify
 from agenther.cli import main
-from agenther.extract import extract
-from agenther.ingest import ingest
 from agenther.providers import LLMs
-from agenther.stages import TABLES, run_stage, write_table
+from agenther.runner import TABLES, run_stage, write_table
+from agenther.stages.classify import classify
+from agenther.stages.extract import extract
+from agenther.stages.ingest import ingest
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,17 @@ import pytest
 from conftest import TAU, TOOLBENCH, make_params, write_params
 from llm_server import careful_except
 
-from agenther import coverage, relabel, schema
-from agenther.classify import classify
+from agenther import schema
 from agenther.cli import main
-from agenther.extract import extract
-from agenther.goal import AchievedGoal, NoGoal, achieved_goal
-from agenther.ingest import MessagesMapping, ingest
+from agenther.evidence import coverage
+from agenther.evidence.goal import AchievedGoal, NoGoal, achieved_goal
+from agenther.evidence.tools import Tools, is_error
 from agenther.llm import LLMClient
-from agenther.tools import Tools, is_error
-from agenther.verify import verify
+from agenther.stages import relabel
+from agenther.stages.classify import classify
+from agenther.stages.extract import extract
+from agenther.stages.ingest import MessagesMapping, ingest
+from agenther.stages.verify import verify
 
 REACT = Path(__file__).parent / "fixtures" / "react_webshop.jsonl"
 TASK47 = "tau-bench/gpt-4o-airline/task47-trial0"  # cancelled MZDDS4, which the policy forbids

@@ -30,7 +30,7 @@ from conftest import TAU, write_params
 from llm_server import careful_brain, prompt_kind, user_text
 
 from agenther.cli import main
-from agenther.grounding import ungrounded
+from agenther.evidence.grounding import ungrounded
 
 pytestmark = pytest.mark.slow  # two or three whole runs per test
 

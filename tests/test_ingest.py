@@ -10,7 +10,7 @@ import pytest
 
 from agenther import schema
 from agenther.adapters.messages import MessagesMapping
-from agenther.ingest import IngestError, detect_format, ingest, ingest_params
+from agenther.stages.ingest import IngestError, detect_format, ingest, ingest_params
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 TAU = RAW / "tau-bench" / "gpt-4o-airline.json"

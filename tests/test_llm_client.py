@@ -261,11 +261,11 @@ def test_verify_budget_refusal_is_a_budget_rejection(tmp_path, llm_server):
     import polars as pl
     from conftest import make_params
 
-    from agenther.classify import classify
-    from agenther.extract import extract
-    from agenther.ingest import ingest
-    from agenther.relabel import relabel
-    from agenther.verify import verify
+    from agenther.stages.classify import classify
+    from agenther.stages.extract import extract
+    from agenther.stages.ingest import ingest
+    from agenther.stages.relabel import relabel
+    from agenther.stages.verify import verify
 
     params = make_params(tmp_path, llm_server)
     extracted = extract(classify(ingest(TAU, limit=12).trajectories, params), params).kept

@@ -8,10 +8,10 @@ import polars as pl
 from conftest import TAU, make_params
 from llm_server import prompt_kind
 
-from agenther.classify import classify
-from agenther.extract import extract
-from agenther.ingest import ingest
 from agenther.llm import LLMClient
+from agenther.stages.classify import classify
+from agenther.stages.extract import extract
+from agenther.stages.ingest import ingest
 
 
 def _client(server, tmp_path) -> LLMClient:

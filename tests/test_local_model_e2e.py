@@ -11,7 +11,7 @@ import pytest
 from conftest import TAU, write_params
 
 from agenther.cli import main
-from agenther.export_schemas import validate_dpo, validate_sft, validate_sharegpt
+from agenther.export.schemas import validate_dpo, validate_sft, validate_sharegpt
 
 pytestmark = pytest.mark.slow  # whole runs on the real local models
 

@@ -17,8 +17,8 @@ import pytest
 from conftest import whole_run_goal
 
 from agenther import schema
-from agenther.dedup import dedup_prompts, jaccard, normalize_prompt, shingles
-from agenther.package import package, sample_weight
+from agenther.export.dedup import dedup_prompts, jaccard, normalize_prompt, shingles
+from agenther.stages.package import package, sample_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 TAU = ROOT / "data/raw/tau-bench/gpt-4o-airline.json"

@@ -9,12 +9,12 @@ import pytest
 from conftest import TAU, make_params
 from llm_server import grounded_relabel, prompt_kind, user_text
 
-from agenther.classify import classify
-from agenther.extract import extract
-from agenther.goal import describe_action, describe_goal
-from agenther.ingest import ingest
+from agenther.evidence.goal import describe_action, describe_goal
 from agenther.llm import LLMClient
-from agenther.relabel import FACT_CHARS, FACTS, goal_of, relabel
+from agenther.stages.classify import classify
+from agenther.stages.extract import extract
+from agenther.stages.ingest import ingest
+from agenther.stages.relabel import FACT_CHARS, FACTS, goal_of, relabel
 
 
 @pytest.fixture(scope="module")

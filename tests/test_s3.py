@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from agenther import s3_cli
+from agenther.devtools import s3_cli
 from agenther.s3 import S3Settings, SeaweedFS, free_port, list_keys, push_dir, s3_client, s3_settings
 
 pytestmark = pytest.mark.slow  # each test starts a real SeaweedFS

@@ -18,7 +18,7 @@ from test_package import LINEAGE, PARAMS, tau_inputs
 
 from agenther import schema
 from agenther.cli import main
-from agenther.package import EXPORT_FILES, SortedJsonlSink, package, write_exports
+from agenther.stages.package import EXPORT_FILES, SortedJsonlSink, package, write_exports
 from agenther.tables import TableWriter, iter_batches
 
 

@@ -11,7 +11,7 @@ import pytest
 from agenther.adapters.common import message
 from agenther.adapters.messages import MessagesMapping
 from agenther.adapters.text_actions import parse_text_actions
-from agenther.ingest import read_logs
+from agenther.stages.ingest import read_logs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "react_webshop.jsonl"
 MAPPING = {"id_path": "id", "goal_path": "goal", "success_path": "success", "reward_path": "reward"}

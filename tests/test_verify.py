@@ -10,10 +10,10 @@ from conftest import TAU, make_params, whole_run_goal
 from llm_server import careful_except
 
 from agenther import schema
-from agenther.grounding import ungrounded
-from agenther.ingest import ingest
+from agenther.evidence.grounding import ungrounded
 from agenther.llm import LLMClient
-from agenther.verify import verify
+from agenther.stages.ingest import ingest
+from agenther.stages.verify import verify
 
 
 @pytest.fixture(scope="module")

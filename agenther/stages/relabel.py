@@ -1,6 +1,6 @@
 """Stage 3: an LLM puts the computed achieved goal into the words of a user's request, behind a gate.
 
-The relabeler sees the achieved goal (agenther.goal: the writes that succeeded; for a goal of
+The relabeler sees the achieved goal (agenther.evidence.goal: the writes that succeeded; for a goal of
 facts only, what the agent looked up and reported) and the user's own later turns inside the sample: short and structured, never
 the whole transcript, never the failed goal (small models echo what they are shown). Its
 prompt puts the fixed instructions first so llama.cpp's prompt cache and providers' prefix
@@ -8,7 +8,7 @@ caches reuse them across calls.
 
 Each attempt must be valid JSON, carry a confidence at or above the threshold, be a request in
 the user's voice, not restate the failed goal, not paste tool names or JSON, and pass the
-deterministic coverage check both ways (agenther.coverage, which includes grounding in the
+deterministic coverage check both ways (agenther.evidence.coverage, which includes grounding in the
 sample). A failed check is told to the next attempt as what to fix, with the details still to
 name (attempt i samples at temperatures[i]). A record with no passing attempt after max_attempts is
 rejected with the last reason: there is no "best attempt" fallback. A record reached after the
@@ -22,12 +22,13 @@ from difflib import SequenceMatcher
 
 import polars as pl
 
-from agenther import coverage, schema
+from agenther import schema
 from agenther.answers import RelabelAnswer
 from agenther.ask import ask
-from agenther.goal import AchievedGoal, describe_goal, identifying_values
+from agenther.evidence import coverage
+from agenther.evidence.goal import AchievedGoal, describe_goal, identifying_values
+from agenther.evidence.render import defuse, tool_calls
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
-from agenther.render import defuse, tool_calls
 
 STAGE = "relabel"
 SCHEMA = RelabelAnswer  # the answer's contract (agenther/answers.py)

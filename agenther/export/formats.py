@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from agenther.export_schemas import validate_sharegpt
+from agenther.export.schemas import validate_sharegpt
 
 SHAREGPT_FILE = "sharegpt.jsonl"
 SHAREGPT_DATASET = "agenther_hindsight"

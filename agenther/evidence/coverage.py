@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from agenther.goal import (
+from agenther.evidence.goal import (
     EXEMPT_KEYS,
     ID_LIKE,
     AchievedGoal,
@@ -26,9 +26,9 @@ from agenther.goal import (
     identifying_values,
     other_enum_values,
 )
-from agenther.grounding import ISO_DATE, MONTHS, ungrounded
-from agenther.render import tool_calls
-from agenther.tools import ALL_WRITE_WORDS, Tools, words
+from agenther.evidence.grounding import ISO_DATE, MONTHS, ungrounded
+from agenther.evidence.render import tool_calls
+from agenther.evidence.tools import ALL_WRITE_WORDS, Tools, words
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 

@@ -20,9 +20,9 @@ import polars as pl
 from agenther import schema
 from agenther.answers import ClassifyAnswer
 from agenther.ask import ask
+from agenther.evidence.render import prompt_budget, render, tool_calls
+from agenther.evidence.tools import Tools, is_error
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
-from agenther.render import prompt_budget, render, tool_calls
-from agenther.tools import Tools, is_error
 
 _NAMES_ONLY = Tools()
 
@@ -35,7 +35,7 @@ CLAIM_DONE = re.compile(
 
 
 def is_write(tool_name: str) -> bool:
-    """By the tool's name (classify reads no params): agenther.tools decides."""
+    """By the tool's name (classify reads no params): agenther.evidence.tools decides."""
     return _NAMES_ONLY.is_write(tool_name)
 
 

@@ -1,9 +1,9 @@
 """Stage 4: independent judges decide whether a sample fully satisfies its hindsight prompt.
 
-Every judge sees the sample (the run cut after what proves its goal, agenther.goal), not the
+Every judge sees the sample (the run cut after what proves its goal, agenther.evidence.goal), not the
 whole run. Judges (params verify.judges), deterministic ones first so a rejection costs no call:
 - coverage: deterministic; the prompt asks for every write the sample trains on and the sample
-  meets every requirement of the prompt (agenther.coverage);
+  meets every requirement of the prompt (agenther.evidence.coverage);
 - grounding: deterministic; every number, ID, date and name in the prompt occurs in the sample;
 - policy: the sample's writes break no rule the agent was given. Where the log carries ground
   truth, extract has already kept every write the correct run would not make out of the goal;
@@ -26,15 +26,16 @@ from collections.abc import Callable
 
 import polars as pl
 
-from agenther import coverage, schema
+from agenther import schema
 from agenther.answers import INVALID_LLM_ANSWER, EvidenceAnswer, PolicyAnswer, TrajectoryAnswer
 from agenther.ask import Asked, ask
-from agenther.goal import describe_action, evidence_messages, metadata_of, sample_messages
-from agenther.grounding import ungrounded
+from agenther.evidence import coverage
+from agenther.evidence.goal import describe_action, evidence_messages, metadata_of, sample_messages
+from agenther.evidence.grounding import ungrounded
+from agenther.evidence.render import defuse, render, tool_calls
+from agenther.evidence.tools import is_error
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
-from agenther.relabel import goal_of, relabel_one, relabel_output
-from agenther.render import defuse, render, tool_calls
-from agenther.tools import is_error
+from agenther.stages.relabel import goal_of, relabel_one, relabel_output
 
 STAGE = "verify"
 JUDGE_NAMES = ("coverage", "grounding", "policy", "trajectory", "evidence")

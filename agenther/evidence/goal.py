@@ -27,10 +27,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from agenther import grounding
-from agenther.grounding import ISO_DATE, occurs
-from agenther.render import tool_calls
-from agenther.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, is_error, words
+from agenther.evidence import grounding
+from agenther.evidence.grounding import ISO_DATE, occurs
+from agenther.evidence.render import tool_calls
+from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, is_error, words
 
 MAX_FACTS = 6
 REPORT_CHARS = 300

@@ -15,14 +15,14 @@ import polars as pl
 
 from agenther import gates, schema
 from agenther.adapters.common import Quarantined
-from agenther.classify import classify
-from agenther.extract import extract
-from agenther.ingest import MessagesMapping, read_logs
 from agenther.llm import Usage
 from agenther.providers import LLMs
-from agenther.relabel import relabel
+from agenther.stages.classify import classify
+from agenther.stages.extract import extract
+from agenther.stages.ingest import MessagesMapping, read_logs
+from agenther.stages.relabel import relabel
+from agenther.stages.verify import verify
 from agenther.tables import TableWriter, batch_rows, iter_batches
-from agenther.verify import verify
 from agenther.workdir import (
     STAGES,
     TABLES,
@@ -170,7 +170,7 @@ def stage_verify(params: dict, work: Path, llms: LLMs) -> dict:
 
 
 def stage_package(params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
-    from agenther.summary import package_run  # the last stage: exports, summary, card
+    from agenther.stages.summary import package_run  # the last stage: exports, summary, card
 
     return package_run(params, Path(work), Path(out_dir), llms)
 
@@ -198,13 +198,13 @@ def run_stage(name: str, params: dict, work: Path, out_dir: Path, llms: LLMs) ->
 # -- relabel + verify in one pass (agenther run) ------------------------------------------------------
 def stage_relabel_verify(params: dict, work: Path, llms: LLMs) -> dict:
     """stage_relabel then stage_verify as one concurrent map over the records
-    (agenther.verify.relabel_verify): each record is judged as soon as its relabel passes,
+    (agenther.stages.verify.relabel_verify): each record is judged as soon as its relabel passes,
     instead of every judge waiting for the slowest relabel of the table. Writes the tables,
     stats, stamps and gate results the two stages write one after the other; the relabeled
     table passes verify's input gate before any verify output is written (its judges have
     been asked by then: a failed gate stops the run with their answers only in the LLM cache).
     Returns {"relabel": stats, "verify": stats}."""
-    from agenther.verify import relabel_verify
+    from agenther.stages.verify import relabel_verify
 
     work = Path(work)
     done = unchanged_stage("relabel", params, work)

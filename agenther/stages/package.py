@@ -6,7 +6,7 @@ trajectories that preference pairs compare against).
 
 Outputs, one row per sample, each with `weight` and `metadata` (lineage, source, judges):
 - SFT (OpenAI chat format) and ShareGPT (LLaMA-Factory): a hindsight sample is the run cut
-  after the last step that evidences its achieved goal (agenther.goal: `sample_end`), with its
+  after the last step that evidences its achieved goal (agenther.evidence.goal: `sample_end`), with its
   FIRST user turn replaced by the hindsight prompt (system and later user turns inside the cut
   stay: extract rejected any that ask for something the sample does not do), ending on an
   assistant turn. Its assistant turns that do not contribute (failed or repeated calls, reads
@@ -44,11 +44,12 @@ from pathlib import Path
 
 import polars as pl
 
-from agenther import exports, schema
-from agenther.dataset_card import render_dataset_card
-from agenther.dedup import dedup_prompts
-from agenther.export_schemas import validate_dpo, validate_sft
-from agenther.goal import AchievedGoal, first_user_index, sample_messages
+from agenther import schema
+from agenther.evidence.goal import AchievedGoal, first_user_index, sample_messages
+from agenther.export import formats as exports
+from agenther.export.card import render_dataset_card
+from agenther.export.dedup import dedup_prompts
+from agenther.export.schemas import validate_dpo, validate_sft
 from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter
 
 STAGE = "package"

@@ -1,4 +1,4 @@
-"""Stage 2: what a failed run actually achieved, computed from what it did (agenther.goal).
+"""Stage 2: what a failed run actually achieved, computed from what it did (agenther.evidence.goal).
 
 The achieved goal is the run's successful writes (not errors, not writes the agent was not
 allowed to make) and the facts it reported, each pointing at its steps, with the sample that
@@ -16,9 +16,9 @@ import polars as pl
 from agenther import schema
 from agenther.answers import INVALID_LLM_ANSWER, ExtractAnswer
 from agenther.ask import ask
-from agenther.goal import Fact, NoGoal, achieved_goal, goal_achievements, goal_from_facts
+from agenther.evidence.goal import Fact, NoGoal, achieved_goal, goal_achievements, goal_from_facts
+from agenther.evidence.render import prompt_budget, render
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
-from agenther.render import prompt_budget, render
 
 STAGE = "extract"
 

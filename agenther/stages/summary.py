@@ -16,10 +16,10 @@ import polars as pl
 import agenther
 from agenther import prompts, schema
 from agenther.llm import BUDGET_EXHAUSTED, Usage
-from agenther.package import SortedJsonlSink, package_into, render_dataset_card
 from agenther.params import params_hash
 from agenther.providers import LLMs
-from agenther.stages import gate_table, read_table, write_table
+from agenther.runner import gate_table, read_table, write_table
+from agenther.stages.package import SortedJsonlSink, package_into, render_dataset_card
 from agenther.tables import batch_rows, iter_batches, scan_columns
 from agenther.workdir import read_stats, write_text_atomic
 
