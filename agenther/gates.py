@@ -1,6 +1,6 @@
 """Great Expectations gates: one suite per table at every hand-over between stages.
 
-`stages.read_table` runs `check` on each table it hands to the next stage (trajectories,
+`tables.gate_table` runs `check` on each table it hands to the next stage (trajectories,
 classified, extracted, relabeled, verified). A failing gate raises `GateFailed` before the
 next stage starts, so nothing downstream is written, and the validation result is kept as
 JSON (`<work>/gates/<table>.json`: pass/fail, each expectation with its kwargs and observed value).

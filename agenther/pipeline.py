@@ -2,7 +2,7 @@
 
 The same file-to-file stages that `dvc repro` and the Prefect flow run (agenther/runner.py),
 here one after the other with one set of LLM clients (one local model server) for the run.
-Relabel and verify run fused (`stages.stage_relabel_verify`: each record is judged as soon
+Relabel and verify run fused (`runner.run_stages(fuse=True)`: each record is judged as soon
 as its relabel passes, no barrier between the two stages; the same tables) unless the run
 has an LLM budget: then relabel finishes before verify starts, so the records a spent budget
 leaves undone are the ones `agenther stage` / `dvc repro` leave undone.
@@ -41,12 +41,6 @@ def run(params: dict, out_dir: str | Path, llms: LLMs | None = None) -> dict:
 
 
 def _run_stages(names: tuple[str, ...], params: dict, out: Path, llms: LLMs) -> dict:
-    from agenther.runner import run_stage, stage_relabel_verify
+    from agenther.runner import run_stages
 
-    fused = fuse_relabel_verify(llms) and "relabel" in names
-    for name in names:
-        if fused and name == "relabel":
-            stage_relabel_verify(params, out, llms)
-        elif not (fused and name == "verify"):
-            result = run_stage(name, params, out, out, llms)
-    return result
+    return run_stages(names, params, out, out, llms, fuse=fuse_relabel_verify(llms))["package"]

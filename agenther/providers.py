@@ -3,6 +3,7 @@ any litellm model by configuration. The thin seam between the stages and the pro
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from contextlib import ExitStack
@@ -33,6 +34,7 @@ class LLMs:
         self.inflight = threading.BoundedSemaphore(max(1, int(self.params.get("concurrency") or 1)))
         self._limiters: dict[tuple[str, str | None], RateLimiter] = {}
         self._made = threading.RLock()  # guards the lazy creation of the clients
+        self._views: list[LLMs] = []
         self.transport = call_litellm
         if int(self.params.get("processes") or 0) > 0:
             from agenther.call_pool import pooled_transport
@@ -77,9 +79,16 @@ class LLMs:
                  "evidence": judge}
         return [names[j] for j in params["verify"]["judges"]]
 
+    def view(self) -> LLMs:
+        """The same clients (model server, response cache, budget, limits) with usage counters of
+        their own, made on first use: one batch's accounting (agenther/runner.py). The run's
+        `usage()` still counts every call a view makes."""
+        return _View(self)
+
     def usage(self) -> dict[str, Usage]:
         merged: dict[str, Usage] = {}
-        for client in {id(c): c for c in (self._main, self._judge) if c is not None}.values():
+        clients = [c for owner in (self, *self._views) for c in (owner._main, owner._judge) if c is not None]
+        for client in {id(c): c for c in clients}.values():
             for stage, u in client.usage.items():
                 merged.setdefault(stage, Usage()).add(u)
         return merged
@@ -134,3 +143,31 @@ class LLMs:
             api_key = "none"  # OpenAI-compatible local servers want some key and ignore it
         return LLMClient(model=model, api_base=p.get("api_base"), api_key=api_key,
                          limiter=self.limiter(model, p.get("api_base")), **common)
+
+
+class _View(LLMs):
+    """LLMs.view(): copies of the parent's clients, made when first asked for, with their own usage."""
+
+    def __init__(self, parent: LLMs):
+        self.__dict__.update(parent.__dict__)
+        self._parent, self._main, self._judge, self._views = parent, None, None, []
+        self._made = threading.RLock()
+        with parent._made:
+            parent._views.append(self)
+
+    def __exit__(self, *exc: object) -> None:
+        pass  # the parent owns the model servers
+
+    def main(self) -> LLMClient:
+        with self._made:
+            if self._main is None:
+                self._main = dataclasses.replace(self._parent.main(), usage={}, _lock=threading.Lock())
+            return self._main
+
+    def judge(self) -> LLMClient:
+        with self._made:
+            if self._judge is None:
+                judge = self._parent.judge()
+                self._judge = self.main() if judge is self._parent.main() else dataclasses.replace(
+                    judge, usage={}, _lock=threading.Lock())
+            return self._judge

@@ -1,232 +1,245 @@
-"""The stages as file-to-file steps: each reads its upstream Parquet tables from a work
-folder and writes its own. The CLI (`agenther run`, `agenther stage`), `dvc repro` and
-the Prefect flow all run these, so there is one implementation of each stage.
+"""The stage loop, written once: `agenther run`, `agenther stage` (so `dvc repro`) and the Prefect
+flow all run the stages through `run_stage` / `run_stages`.
 
-Every stage also writes `NN_<stage>.json`: what the summary needs from it (counts,
-LLM usage), so the package stage can summarize a run whose stages ran in other processes.
+For a stage over a table (classify, extract, relabel, verify) the loop is: skip the stage if it is
+up to date (its stamp matches: agenther/workdir.py); gate its input table (Great Expectations,
+agenther/gates.py); read it in batches; hand each batch to the executor's `step`; append each
+result to the stage's tables as it comes (never a whole table in memory); write the stage's stats
+(NN_<stage>.json) and stamp it. Ingest (logs in, not a table) and package (the run's files out) are
+one call each.
+
+What differs between the callers is only how a step runs, the executor (datatrove's idea):
+`LocalExecutor` calls `step()` in this process, in `io.batch_rows` batches; the Prefect flow's
+executor (tasks/stages.py) runs it as a cached, retried task per `prefect.batch_size` batch.
+
+Relabel and verify may run fused (`run_stages(..., fuse=True)`, `agenther run` without an LLM
+budget): one pass over the extracted table in which each record is judged as soon as its relabel
+passes, the same step functions and tables; the relabeled table passes verify's input gate
+before any verify table is written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from agenther import gates, schema
+from agenther import schema
 from agenther.adapters.common import Quarantined
 from agenther.llm import Usage
 from agenther.providers import LLMs
-from agenther.stages.classify import classify
-from agenther.stages.extract import extract
-from agenther.stages.ingest import MessagesMapping, read_logs
-from agenther.stages.relabel import relabel
-from agenther.stages.verify import verify
-from agenther.tables import TableWriter, batch_rows, iter_batches
-from agenther.workdir import (
-    STAGES,
-    TABLES,
-    stamp_stage,
-    unchanged_stage,
-    unstamp,
-    write_stats,
-)
+from agenther.tables import CONTRACTS, TableWriter, gate_table, iter_batches
+from agenther.workdir import STAGES, TABLES, stamp_stage, unchanged_stage, unstamp, write_stats
 
 
-def write_table(df: pl.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    df.write_parquet(tmp, statistics=False)
-    tmp.replace(path)  # never leave a half-written table for the next stage
+@dataclass(frozen=True)
+class TableStage:
+    """A stage that maps its input table, batch by batch, to a kept table (and a rejected one)."""
+    name: str
+    source: str  # the table it reads
+    kept: str  # the table it writes
+    rejects: bool  # it also writes <name>_rejected
+
+    def count_in(self, batch: pl.DataFrame) -> int:
+        # extract's input is the failures (successes pass through classify only); the others' every row
+        return int(batch["is_failure"].sum()) if self.name == "extract" else batch.height
 
 
-def gate_table(work: Path, name: str, contract: dict, params: dict) -> Path:
-    """Check a table before the next stage reads it; returns its path. A gated table
-    (gates.CONTRACTS) passes its Great Expectations gate on a lazy scan (only its scalar
-    columns are collected, whatever its size): on failure GateFailed stops the run here,
-    before the next stage writes anything; the result is kept in <work>/gates/<name>.json."""
-    path = Path(work) / TABLES[name]
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
-    scan = pl.scan_parquet(path)
-    if name in gates.CONTRACTS:
-        results = Path(work) / "gates"
-        if gates.gate_params(params)["enabled"]:
-            # Before validate_columns: the gate checks the contract too, and this way a missing
-            # column is reported (and recorded) by the gate like every other broken expectation.
-            gates.check(scan, name, params, results, source=str(path))
-        else:
-            (results / f"{name}.json").unlink(missing_ok=True)  # no stale verdict from an earlier run
-    schema.validate_columns(pl.DataFrame(schema=scan.collect_schema()), contract, str(path))
-    return path
+TABLE_STAGES = {s.name: s for s in (
+    TableStage("classify", "trajectories", "classified", rejects=False),
+    TableStage("extract", "classified", "extracted", rejects=True),
+    TableStage("relabel", "extracted", "relabeled", rejects=True),
+    TableStage("verify", "relabeled", "verified", rejects=True),
+)}
+FUSED = ("relabel", "verify")
 
 
-def read_table(work: Path, name: str, contract: dict, params: dict) -> pl.DataFrame:
-    """The whole table, gated (`gate_table`): for the tables that stay small (LLM stages)."""
-    return pl.read_parquet(gate_table(work, name, contract, params))
+@dataclass
+class BatchResult:
+    """One stage's output for one batch, and what its LLM calls cost."""
+    kept: pl.DataFrame
+    rejected: pl.DataFrame | None  # None for classify, which rejects nothing
+    usage: dict = field(default_factory=lambda: vars(Usage()).copy())  # agenther.llm.Usage fields
 
 
-def read_batches(work: Path, name: str, contract: dict, params: dict) -> Iterator[pl.DataFrame]:
-    """The table, gated, `io.batch_rows` rows at a time: a stage holds one batch in memory.
-    The gate runs at the first `next()`, before any batch is handed out."""
-    yield from iter_batches(gate_table(work, name, contract, params), batch_rows(params))
+# -- the step: one batch through one stage (or relabel + verify fused) --------------------------------
+def _uses_llm(stage: str, params: dict) -> bool:
+    return stage in ("relabel", "verify") or params[stage]["mode"] == "llm"
 
 
-KEPT = {"extract": "extracted", "relabel": "relabeled", "verify": "verified"}  # each filter's kept table
+def step(stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs) -> dict[str, BatchResult]:
+    """Run `stages` (one stage, or relabel and verify fused) on one batch: {stage: its result}.
+    The calls go through a view of `llms` (same clients and cache, counters of its own), so each
+    result carries exactly what its batch cost; no model is started for a stage without calls."""
+    from agenther.stages import classify, extract, relabel, verify
 
+    view = llms.view() if any(_uses_llm(s, params) for s in stages) else None
 
-def _usage(llms: LLMs, stage: str) -> Usage:
-    return llms.usage().get(stage, Usage())
+    def usage(stage: str) -> dict:
+        return vars(view.usage().get(stage, Usage())).copy() if view is not None else vars(Usage()).copy()
 
-
-# -- a stage's stats: shared with the Prefect tasks, which compute the stages in batches --------
-def ingest_stats(work: Path, records_in: int, trajectories: int, quarantined: int) -> dict:
-    stats = {"records_in": records_in, "trajectories": trajectories, "quarantined": quarantined}
-    write_stats(work, "ingest", stats)
-    return stats
-
-
-def classify_stats(work: Path, n_in: int, usage: Usage) -> dict:
-    stats = {"in": n_in, "usage": vars(usage).copy()}
-    write_stats(work, "classify", stats)
-    return stats
-
-
-def save_filtered(stage: str, out: schema.StageOutput, work: Path, n_in: int, usage: Usage) -> dict:
-    write_table(out.kept, Path(work) / TABLES[KEPT[stage]])
-    write_table(out.rejected, Path(work) / TABLES[f"{stage}_rejected"])
-    return filtered_stats(stage, work, n_in, out.kept.height, out.rejected.height, usage)
-
-
-def filtered_stats(stage: str, work: Path, n_in: int, n_out: int, n_rejected: int, usage: Usage) -> dict:
-    stats = {"in": n_in, "out": n_out, "rejected": n_rejected, "usage": vars(usage).copy()}
-    write_stats(work, stage, stats)
-    return stats
-
-
-# -- the stages, file to file: the non-LLM-bound ones stream batch by batch -------------------------
-def stage_ingest(params: dict, work: Path) -> dict:
-    p = params["ingest"]
-    logs = read_logs(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p.get("messages") or {}),
-                     limit=p["limit"], max_trajectory_mb=p.get("max_trajectory_mb"))
-    size = batch_rows(params)
-    rows: list[dict] = []
-    bad: list[dict] = []
-    with (TableWriter(Path(work) / TABLES["trajectories"], schema.TRAJECTORY) as good,
-          TableWriter(Path(work) / TABLES["quarantine"], schema.QUARANTINE) as quarantine):
-        for item in logs:
-            if isinstance(item, Quarantined):
-                bad.append(item.row())
-            else:
-                rows.append(item)
-            if len(rows) >= size:
-                good.write_rows(rows)
-                rows = []
-            if len(bad) >= size:
-                quarantine.write_rows(bad)
-                bad = []
-        good.write_rows(rows)
-        quarantine.write_rows(bad)
-    return ingest_stats(work, good.rows + quarantine.rows, good.rows, quarantine.rows)
-
-
-def stage_classify(params: dict, work: Path, llms: LLMs) -> dict:
-    llm = llms.main() if params["classify"]["mode"] == "llm" else None
-    with TableWriter(Path(work) / TABLES["classified"], schema.CLASSIFIED) as out:
-        for batch in read_batches(work, "trajectories", schema.TRAJECTORY, params):
-            out.write(classify(batch, params, llm))
-    return classify_stats(work, out.rows, _usage(llms, "classify"))
-
-
-def stage_extract(params: dict, work: Path, llms: LLMs) -> dict:
-    llm = llms.main() if params["extract"]["mode"] == "llm" else None
-    n_failures = 0
-    with (TableWriter(Path(work) / TABLES["extracted"], schema.EXTRACTED) as kept,
-          TableWriter(Path(work) / TABLES["extract_rejected"], schema.REJECTION) as rejected):
-        for batch in read_batches(work, "classified", schema.CLASSIFIED, params):
-            n_failures += int(batch["is_failure"].sum())
-            out = extract(batch, params, llm)
-            kept.write(out.kept)
-            rejected.write(out.rejected)
-    return filtered_stats("extract", work, n_failures, kept.rows, rejected.rows, _usage(llms, "extract"))
-
-
-def stage_relabel(params: dict, work: Path, llms: LLMs) -> dict:
-    extracted = read_table(work, "extracted", schema.EXTRACTED, params)
-    if extracted.height:
-        out = relabel(extracted, params, llms.main())
-    else:  # nothing to relabel: no LLM is started at all
-        out = schema.StageOutput(schema.empty(schema.RELABELED), schema.empty(schema.REJECTION))
-    return save_filtered("relabel", out, work, extracted.height, _usage(llms, "relabel"))
-
-
-def stage_verify(params: dict, work: Path, llms: LLMs) -> dict:
-    relabeled = read_table(work, "relabeled", schema.RELABELED, params)
-    if relabeled.height:
-        out = verify(relabeled, params, llms.main(), llms.judge())
-    else:
-        out = schema.StageOutput(schema.empty(schema.VERIFIED), schema.empty(schema.REJECTION))
-    return save_filtered("verify", out, work, relabeled.height, _usage(llms, "verify"))
-
-
-def stage_package(params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
-    from agenther.stages.summary import package_run  # the last stage: exports, summary, card
-
-    return package_run(params, Path(work), Path(out_dir), llms)
-
-
-def run_stage(name: str, params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
-    """Run one stage, unless it is up to date (its stamp matches: see `unchanged_stage`)."""
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    work, out_dir = Path(work), Path(out_dir)
-    done = unchanged_stage(name, params, work, out_dir)
-    if done is not None:
-        return done
-    unstamp(work, name)  # a stage stopped half-way leaves no stamp: its rerun runs it again
-    if name == "ingest":
-        result = stage_ingest(params, work)
-    elif name == "package":
-        result = stage_package(params, work, out_dir, llms)
-    else:
-        result = {"classify": stage_classify, "extract": stage_extract, "relabel": stage_relabel,
-                  "verify": stage_verify}[name](params, work, llms)
-    stamp_stage(name, params, work, out_dir)
-    return result
-
-
-# -- relabel + verify in one pass (agenther run) ------------------------------------------------------
-def stage_relabel_verify(params: dict, work: Path, llms: LLMs) -> dict:
-    """stage_relabel then stage_verify as one concurrent map over the records
-    (agenther.stages.verify.relabel_verify): each record is judged as soon as its relabel passes,
-    instead of every judge waiting for the slowest relabel of the table. Writes the tables,
-    stats, stamps and gate results the two stages write one after the other; the relabeled
-    table passes verify's input gate before any verify output is written (its judges have
-    been asked by then: a failed gate stops the run with their answers only in the LLM cache).
-    Returns {"relabel": stats, "verify": stats}."""
-    from agenther.stages.verify import relabel_verify
-
-    work = Path(work)
-    done = unchanged_stage("relabel", params, work)
-    if done is not None:
-        return {"relabel": done, "verify": run_stage("verify", params, work, work, llms)}
-    extracted = read_table(work, "extracted", schema.EXTRACTED, params)
-    unstamp(work, "relabel", "verify")
-    if extracted.height:
-        llm, concurrency = llms.main(), int(params["llm"]["concurrency"])
+    if stages == FUSED:
+        main = view.main()
+        concurrency = params["llm"]["concurrency"]
         # Two records per request slot when every call waits for the run's in-flight limit
         # (llm.concurrency requests open at most, whatever the number of threads).
-        shared = llm.inflight is not None and llm.inflight is llms.inflight and concurrency > 1
-        relabeled, verified = relabel_verify(extracted, params, llm, llms.judge,
-                                             workers=2 * concurrency if shared else concurrency)
-    else:  # nothing to relabel: no LLM is started at all
-        relabeled = schema.StageOutput(schema.empty(schema.RELABELED), schema.empty(schema.REJECTION))
-        verified = schema.StageOutput(schema.empty(schema.VERIFIED), schema.empty(schema.REJECTION))
-    stats = {"relabel": save_filtered("relabel", relabeled, work, extracted.height, _usage(llms, "relabel"))}
-    stamp_stage("relabel", params, work)
-    gate_table(work, "relabeled", schema.RELABELED, params)
-    stats["verify"] = save_filtered("verify", verified, work, relabeled.kept.height, _usage(llms, "verify"))
-    stamp_stage("verify", params, work)
+        shared = main.inflight is not None and main.inflight is llms.inflight and concurrency > 1
+        relabeled, verified = verify.relabel_verify(batch, params, main, view.judge,
+                                                    workers=2 * concurrency if shared else concurrency)
+        return {"relabel": BatchResult(relabeled.kept, relabeled.rejected, usage("relabel")),
+                "verify": BatchResult(verified.kept, verified.rejected, usage("verify"))}
+    (stage,) = stages
+    llm = view.main() if view is not None else None
+    if stage == "classify":
+        return {stage: BatchResult(classify.classify(batch, params, llm), None, usage(stage))}
+    if stage == "extract":
+        out = extract.extract(batch, params, llm)
+    elif stage == "relabel":
+        out = relabel.relabel(batch, params, llm)
+    elif stage == "verify":
+        out = verify.verify(batch, params, llm, view.judge())
+    else:
+        raise ValueError(f"{stage!r} is not a table stage; table stages: {', '.join(TABLE_STAGES)}")
+    return {stage: BatchResult(out.kept, out.rejected, usage(stage))}
+
+
+# -- executors: how a step (and the two whole-run stages) run ---------------------------------------
+class LocalExecutor:
+    """Every step in this process, `io.batch_rows` rows at a time."""
+
+    def batch_rows(self, params: dict) -> int:
+        return params["io"]["batch_rows"]
+
+    def step(self, stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs) -> dict[str, BatchResult]:
+        return step(stages, batch, params, llms)
+
+    def ingest(self, params: dict, work: Path) -> dict:
+        return ingest_tables(params, work)
+
+    def package(self, params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
+        from agenther.stages.summary import package_run
+
+        return package_run(params, work, out_dir, llms)
+
+
+LOCAL = LocalExecutor()
+
+
+def ingest_tables(params: dict, work: Path) -> dict:
+    """The logs into the trajectories and quarantine tables, `io.batch_rows` records at a time."""
+    from agenther.stages.ingest import MessagesMapping, read_logs
+
+    p = params["ingest"]
+    logs = read_logs(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p["messages"] or {}),
+                     limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"])
+    size = params["io"]["batch_rows"]
+    pending: dict[str, list[dict]] = {"trajectories": [], "quarantine": []}
+    with (TableWriter(Path(work) / TABLES["trajectories"], schema.TRAJECTORY) as good,
+          TableWriter(Path(work) / TABLES["quarantine"], schema.QUARANTINE) as bad):
+        writers = {"trajectories": good, "quarantine": bad}
+        for item in logs:
+            table = "quarantine" if isinstance(item, Quarantined) else "trajectories"
+            pending[table].append(item.row() if isinstance(item, Quarantined) else item)
+            if len(pending[table]) >= size:
+                writers[table].write_rows(pending[table])
+                pending[table] = []
+        for table, rows in pending.items():
+            writers[table].write_rows(rows)
+    return {"records_in": good.rows + bad.rows, "trajectories": good.rows, "quarantined": bad.rows}
+
+
+# -- the loop -------------------------------------------------------------------------------------
+class _Outputs:
+    """A table stage's writers and counts while its batches come in."""
+
+    def __init__(self, stage: TableStage, work: Path, stack: ExitStack):
+        self.stage, self.n_in, self.usage = stage, 0, Usage()
+        self.kept = stack.enter_context(TableWriter(work / TABLES[stage.kept], CONTRACTS[stage.kept]))
+        self.rejected = (stack.enter_context(TableWriter(work / TABLES[f"{stage.name}_rejected"], schema.REJECTION))
+                         if stage.rejects else None)
+
+    def add(self, result: BatchResult, n_in: int) -> None:
+        self.n_in += n_in
+        self.usage.add(Usage(**result.usage))
+        self.kept.write(result.kept)
+        if self.rejected is not None:
+            self.rejected.write(result.rejected)
+
+    def finish(self, work: Path) -> dict:
+        """Close the tables (renamed into place) and write the stage's stats."""
+        self.kept.close()
+        stats = {"in": self.n_in, "usage": vars(self.usage).copy()}
+        if self.rejected is not None:
+            self.rejected.close()
+            stats |= {"out": self.kept.rows, "rejected": self.rejected.rows}
+        write_stats(work, self.stage.name, stats)
+        return stats
+
+
+def _batches(stage: TableStage, work: Path, params: dict, executor: LocalExecutor) -> Iterator[pl.DataFrame]:
+    """The input table, gated, in the executor's batches. The gate runs before the first batch."""
+    return iter_batches(gate_table(work, stage.source, params), max(1, executor.batch_rows(params)))
+
+
+def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LLMs,
+                      executor: LocalExecutor) -> dict[str, dict]:
+    """One table stage, or relabel + verify fused: each batch of the first stage's input goes
+    through the executor's step; the fused verify's input is relabel's kept rows."""
+    stages = [TABLE_STAGES[n] for n in names]
+    with ExitStack() as stack:
+        outputs = [_Outputs(s, work, stack) for s in stages]
+        for batch in _batches(stages[0], work, params, executor):
+            if batch.height == 0:
+                continue  # nothing to ask: no model is started for an empty table
+            results = executor.step(names, batch, params, llms)
+            upstream = batch
+            for out in outputs:
+                result = results[out.stage.name]
+                out.add(result, out.stage.count_in(upstream) if out is outputs[0] else upstream.height)
+                upstream = result.kept
+        stats = {}
+        for out in outputs:
+            stats[out.stage.name] = out.finish(work)
+            stamp_stage(out.stage.name, params, work)
+            if out is not outputs[-1]:  # the fused verify's input passes its gate before verify's tables are written
+                gate_table(work, out.stage.kept, params)
     return stats
 
 
+def run_stage(name: str, params: dict, work: Path, out_dir: Path, llms: LLMs,
+              executor: LocalExecutor = LOCAL) -> dict:
+    """Run one stage, unless it is up to date. Returns its stats (package: the run summary)."""
+    return run_stages((name,), params, work, out_dir, llms, executor)[name]
+
+
+def run_stages(names: tuple[str, ...], params: dict, work: Path, out_dir: Path, llms: LLMs,
+               executor: LocalExecutor = LOCAL, fuse: bool = False) -> dict[str, dict]:
+    """Run `names` in order, each unless up to date; with `fuse`, relabel and verify as one pass
+    when both are to run. Returns {stage: its stats}."""
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
+    work, out_dir = Path(work), Path(out_dir)
+    results: dict[str, dict] = {}
+    for name in names:
+        if name in results:
+            continue  # verify, run fused with relabel
+        done = unchanged_stage(name, params, work, out_dir)
+        if done is not None:
+            results[name] = done
+            continue
+        together = FUSED if fuse and name == FUSED[0] and FUSED[1] in names else (name,)
+        unstamp(work, *together)  # a stage stopped half-way leaves no stamp: its rerun runs it again
+        if name == "ingest":
+            results[name] = executor.ingest(params, work)
+            write_stats(work, name, results[name])
+        elif name == "package":
+            results[name] = executor.package(params, work, out_dir, llms)
+        else:
+            results |= _run_table_stages(together, params, work, llms, executor)
+            continue
+        stamp_stage(name, params, work, out_dir)
+    return results

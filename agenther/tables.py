@@ -15,9 +15,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from agenther import schema
+from agenther import gates, schema
+from agenther.workdir import TABLES
 
 DEFAULT_BATCH_ROWS = 500  # params io.batch_rows
+# The work folder's tables (workdir.TABLES) and their contracts (the *_rejected ones: schema.REJECTION).
+CONTRACTS = {"trajectories": schema.TRAJECTORY, "quarantine": schema.QUARANTINE, "classified": schema.CLASSIFIED,
+             "extracted": schema.EXTRACTED, "relabeled": schema.RELABELED, "verified": schema.VERIFIED}
 
 
 class TableWriter:
@@ -33,6 +37,7 @@ class TableWriter:
         self.schema = schema.empty(contract).to_arrow().schema
         self.rows = 0
         self._writer: pq.ParquetWriter | None = None
+        self.closed = False
 
     def __enter__(self) -> TableWriter:
         return self
@@ -57,6 +62,9 @@ class TableWriter:
         self.write(schema.frame(rows, self.contract))
 
     def close(self) -> None:
+        if self.closed:  # closed before its `with` block ends (the runner closes tables in order)
+            return
+        self.closed = True
         if self._writer is None:  # no rows: an empty table with the contract's columns
             self.path.parent.mkdir(parents=True, exist_ok=True)
             schema.empty(self.contract).write_parquet(self.tmp, statistics=False)
@@ -65,6 +73,9 @@ class TableWriter:
         self.tmp.replace(self.path)
 
     def abort(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self._writer is not None:
             self._writer.close()
         self.tmp.unlink(missing_ok=True)
@@ -92,3 +103,36 @@ def scan_columns(path: str | Path, columns: list[str]) -> pl.DataFrame:
 
 def batch_rows(params: dict) -> int:
     return max(1, int((params.get("io") or {}).get("batch_rows") or DEFAULT_BATCH_ROWS))
+
+
+def gate_table(work: Path, name: str, params: dict) -> Path:
+    """Check a table before the next stage reads it; returns its path. A gated table
+    (gates.CONTRACTS) passes its Great Expectations gate on a lazy scan (only its scalar
+    columns are collected, whatever its size): on failure GateFailed stops the run here,
+    before the next stage writes anything; the result is kept in <work>/gates/<name>.json."""
+    path = Path(work) / TABLES[name]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
+    scan = pl.scan_parquet(path)
+    if name in gates.CONTRACTS:
+        results = Path(work) / "gates"
+        if gates.gate_params(params)["enabled"]:
+            # Before validate_columns: the gate checks the contract too, and this way a missing
+            # column is reported (and recorded) by the gate like every other broken expectation.
+            gates.check(scan, name, params, results, source=str(path))
+        else:
+            (results / f"{name}.json").unlink(missing_ok=True)  # no stale verdict from an earlier run
+    schema.validate_columns(pl.DataFrame(schema=scan.collect_schema()), CONTRACTS.get(name, schema.REJECTION), str(path))
+    return path
+
+
+def read_table(work: Path, name: str, params: dict) -> pl.DataFrame:
+    """The whole table, gated (`gate_table`): for the tables that stay small."""
+    return pl.read_parquet(gate_table(work, name, params))
+
+
+def write_table(df: pl.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    df.write_parquet(tmp, statistics=False)
+    tmp.replace(path)  # never leave a half-written table for the next stage

@@ -10,7 +10,7 @@ Ingest, classify and extract run once on the tau-bench sample (data/raw/tau-benc
 and a fresh LLM cache each (every call goes to the server):
 - staged: `stage_relabel` then `stage_verify` (a barrier between them: how `agenther stage` and
   `dvc repro` run them);
-- fused: `stage_relabel_verify` (how `agenther run` runs them: one concurrent map over the records,
+- fused: `run_stages(fuse=True)` (how `agenther run` runs them: one concurrent map over the records,
   each judged as soon as its relabel passes; two records per request slot, at most N requests open);
 - warm: fused again on the same work folder and cache: both stages are skipped by their stamps;
 - warm-cache: the same with the stamps deleted: tables, gates and stamps redone, every answer
@@ -57,11 +57,12 @@ from http.server import ThreadingHTTPServer  # noqa: E402
 import polars as pl  # noqa: E402
 from llm_server import FakeLLMServer, Reply, careful_brain, prompt_kind  # noqa: E402
 
-from agenther import runner as stages  # noqa: E402
 from agenther.params import load_params  # noqa: E402
 from agenther.providers import LLMs  # noqa: E402
-from agenther.runner import TABLES, run_stage, stage_relabel_verify  # noqa: E402
+from agenther.runner import run_stage, run_stages  # noqa: E402
+from agenther.stages import relabel as relabel_module  # noqa: E402
 from agenther.stages import verify as verify_module  # noqa: E402
+from agenther.workdir import TABLES  # noqa: E402
 
 TAU = ROOT / "data/raw/tau-bench/gpt-4o-airline.json"
 LATENCY = {"s": 0.2}
@@ -134,8 +135,8 @@ def _timed_inner(name: str, fn):
     return wrapper
 
 
-stages.relabel = _timed_inner("relabel", stages.relabel)
-stages.verify = _timed_inner("verify", stages.verify)
+relabel_module.relabel = _timed_inner("relabel", relabel_module.relabel)
+verify_module.verify = _timed_inner("verify", verify_module.verify)
 verify_module.relabel_verify = _timed_inner("relabel_verify", verify_module.relabel_verify)
 MODES = ("staged", "fused", "warm", "warm-cache")
 
@@ -143,7 +144,7 @@ MODES = ("staged", "fused", "warm", "warm-cache")
 def relabel_verify(params: dict, base: Path, work: Path, subset: int | None, mode: str) -> dict:
     """Relabel + verify on a copy of the extracted tables; returns time, counts and usage.
     staged: stage_relabel then stage_verify (a barrier between them, as `agenther stage` runs
-    them); fused: stage_relabel_verify (what `agenther run` runs); warm: fused again on the same
+    them); fused: run_stages(fuse=True) (what `agenther run` runs); warm: fused again on the same
     work folder (stages skipped by their stamps); warm-cache: the same without the stamps, so
     every answer is read from the LLM cache and the tables, gates and stamps are redone."""
     if not work.exists():
@@ -160,7 +161,7 @@ def relabel_verify(params: dict, base: Path, work: Path, subset: int | None, mod
             run_stage("relabel", params, work, work, llms)
             stats = run_stage("verify", params, work, work, llms)
         else:
-            stats = stage_relabel_verify(params, work, llms)["verify"]
+            stats = run_stages(("relabel", "verify"), params, work, work, llms, fuse=True)["verify"]
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         usage = llms.usage()
     verified = pl.read_parquet(work / TABLES["verified"])

@@ -50,7 +50,9 @@ def child(log: Path, work: Path, batch_rows: int | None) -> None:
     from agenther.llm import Usage
     from agenther.params import load_params
     from agenther.providers import LLMs
-    from agenther.runner import run_stage, save_filtered
+    from agenther.runner import run_stage
+    from agenther.tables import write_table
+    from agenther.workdir import TABLES, write_stats
 
     overrides: dict = {"ingest": {"input": str(log), "format": "tau-bench"}}
     if batch_rows:
@@ -72,8 +74,9 @@ def child(log: Path, work: Path, batch_rows: int | None) -> None:
         for name in STAGES:
             if name == "package":  # the LLM stages, as if they had accepted nothing
                 for stage, kept in (("relabel", schema.RELABELED), ("verify", schema.VERIFIED)):
-                    empty = schema.StageOutput(schema.empty(kept), schema.empty(schema.REJECTION))
-                    save_filtered(stage, empty, work, 0, Usage())
+                    write_table(schema.empty(kept), work / TABLES["relabeled" if stage == "relabel" else "verified"])
+                    write_table(schema.empty(schema.REJECTION), work / TABLES[f"{stage}_rejected"])
+                    write_stats(work, stage, {"in": 0, "out": 0, "rejected": 0, "usage": vars(Usage()).copy()})
             start, gate_s[0] = time.perf_counter(), 0.0
             result = run_stage(name, params, work, work / "out", llms)
             report["stages"][name] = {"seconds": time.perf_counter() - start, "gates": gate_s[0],

@@ -3,8 +3,9 @@
     logs ─ingest─▶ trajectories ─classify─▶ failures ─extract─▶ achievements ─relabel─▶
          relabeled ─verify─▶ accepted ─package─▶ sft / dpo / sharegpt ─push─▶ s3://…
 
-Each stage is a run of cached, retried batch tasks (tasks/stages.py) over the same
-file-to-file tables `agenther run` and `dvc repro` use. `params_file` gives every parameter;
+Each stage runs through the same stage loop as `agenther run` and `dvc repro` (agenther/runner.py,
+the same tables, stats and stamps: a stage that is up to date is skipped), with every batch a
+cached, retried Prefect task (tasks/stages.py). `params_file` gives every parameter;
 the other arguments override the main knobs (None = as in the file). Outputs default to
 out/prefect (git-ignored), apart from data/interim and data/processed, which `dvc repro` owns.
 
@@ -22,6 +23,7 @@ from prefect.runtime import flow_run
 
 from agenther.params import load_params, params_hash
 from agenther.providers import LLMs
+from agenther.runner import run_stage
 from tasks import stages
 
 
@@ -72,12 +74,17 @@ def hindsight(
     work.mkdir(parents=True, exist_ok=True)
 
     with LLMs.from_params(params) as llms:  # one model server for the whole run, stopped at its end
-        stages.ingest(params, work)
-        stages.classify(params, work, llms)
-        stages.extract(params, work, llms)
-        stages.relabel(params, work, llms)
-        stages.verify(params, work, llms)
-        summary = stages.package(params, work, out, llms)
+        executor = stages.PrefectExecutor()
+
+        def stage(name: str) -> dict:
+            return run_stage(name, params, work, out, llms, executor)
+
+        stage("ingest")
+        stage("classify")
+        stage("extract")
+        stage("relabel")
+        stage("verify")
+        summary = stage("package")
 
     if push_url:
         prefix = push_prefix(push_url, params)

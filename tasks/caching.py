@@ -40,7 +40,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "relabel": ("relabel", "llm"),
     "verify": ("verify", "llm"),
 }
-STAGE_MODULES = {stage: f"agenther.{stage}" for stage in STAGE_SECTIONS}
+STAGE_MODULES = {stage: f"agenther.stages.{stage}" for stage in STAGE_SECTIONS}
 WRAPPERS = ("tasks.stages", "tasks.caching")
 NOT_IN_KEY = {"llm": (*RUNTIME_ONLY.get("llm", ()), "api_base")}
 

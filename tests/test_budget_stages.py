@@ -17,8 +17,7 @@ from conftest import TAU, write_params
 
 from agenther.cli import main
 from agenther.llm import BUDGET_EXHAUSTED
-from agenther.runner import STAGES
-from agenther.workdir import read_stats
+from agenther.workdir import STAGES, read_stats
 
 LIMIT = 12
 

@@ -24,9 +24,8 @@ import pytest
 import yaml
 from llm_server import FakeLLMServer, careful_brain, prompt_kind, user_text
 
-from agenther.runner import STAGES, TABLES
 from agenther.s3 import SeaweedFS, ensure_bucket, list_keys, s3_client
-from agenther.workdir import STATS
+from agenther.workdir import STAGES, STATS, TABLES
 
 pytestmark = pytest.mark.slow  # real DVC, SeaweedFS and `dvc repro` of every stage
 

@@ -16,10 +16,14 @@ from llm_server import careful_brain, prompt_kind
 
 from agenther.pipeline import run
 from agenther.providers import LLMs
-from agenther.runner import TABLES, run_stage, stage_relabel_verify
-from agenther.workdir import STATS, read_stats
+from agenther.runner import run_stage, run_stages
+from agenther.workdir import STATS, TABLES, read_stats
 
 OUTPUTS = ("relabeled", "relabel_rejected", "verified", "verify_rejected")
+
+
+def fused_stages(params: dict, work: Path, llms: LLMs) -> dict:
+    return run_stages(("relabel", "verify"), params, work, work, llms, fuse=True)
 
 
 def mixed_brain(request: dict):
@@ -71,7 +75,7 @@ def test_fused_relabel_verify_writes_the_tables_of_the_two_stages(tmp_path, llm_
     llm_server.requests.clear()
     params = _params(tmp_path, llm_server, "cache-fused")
     with LLMs.from_params(params) as llms:
-        returned = stage_relabel_verify(params, fused, llms)
+        returned = fused_stages(params, fused, llms)
 
     for name in OUTPUTS:  # byte for byte
         assert (fused / TABLES[name]).read_bytes() == (staged / TABLES[name]).read_bytes(), name
@@ -115,7 +119,7 @@ def test_a_rerun_skips_unchanged_llm_stages_and_only_those(tmp_path, llm_server,
     shutil.copytree(extracted, work)
     params = _params(tmp_path, llm_server, "cache")
     with LLMs.from_params(params) as llms:
-        stage_relabel_verify(params, work, llms)
+        fused_stages(params, work, llms)
     calls = len(llm_server.requests)
     tables = {name: (work / TABLES[name]).read_bytes() for name in OUTPUTS}
     cold = {stage: read_stats(work, stage) for stage in ("relabel", "verify")}
@@ -125,7 +129,7 @@ def test_a_rerun_skips_unchanged_llm_stages_and_only_those(tmp_path, llm_server,
     shutil.rmtree(tmp_path / "cache")
     (work / "gates" / "relabeled.json").unlink()
     with LLMs.from_params(params) as llms:
-        warm = stage_relabel_verify(params, work, llms)
+        warm = fused_stages(params, work, llms)
         assert llms.usage() == {}
     assert len(llm_server.requests) == calls
     assert {name: (work / TABLES[name]).read_bytes() for name in OUTPUTS} == tables
@@ -139,7 +143,7 @@ def test_a_rerun_skips_unchanged_llm_stages_and_only_those(tmp_path, llm_server,
     # cache, gone, so it asks the server), the upstream one stays skipped.
     pl.read_parquet(work / TABLES["verified"]).head(3).write_parquet(work / TABLES["verified"])
     with LLMs.from_params(params) as llms:
-        again = stage_relabel_verify(params, work, llms)
+        again = fused_stages(params, work, llms)
     assert again["relabel"].get("unchanged") and not again["verify"].get("unchanged")
     assert again["verify"]["usage"]["calls"] > 0 and len(llm_server.requests) > calls
     assert (work / TABLES["verified"]).read_bytes() == tables["verified"]
@@ -149,7 +153,7 @@ def test_a_rerun_skips_unchanged_llm_stages_and_only_those(tmp_path, llm_server,
     changed = _params(tmp_path, llm_server, "cache")
     changed["relabel"] = changed["relabel"] | {"confidence_threshold": 0.85}
     with LLMs.from_params(changed) as llms:
-        rerun = stage_relabel_verify(changed, work, llms)
+        rerun = fused_stages(changed, work, llms)
         usage = llms.usage()
     assert not rerun["relabel"].get("unchanged") and not rerun["verify"].get("unchanged")
     assert usage["relabel"].calls + usage["relabel"].cache_hits == cold["relabel"]["usage"]["calls"]

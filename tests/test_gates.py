@@ -13,10 +13,12 @@ from conftest import TAU, make_params, write_params
 from agenther import gates, schema
 from agenther.cli import main
 from agenther.providers import LLMs
-from agenther.runner import TABLES, run_stage, write_table
+from agenther.runner import run_stage
 from agenther.stages.classify import classify
 from agenther.stages.extract import extract
 from agenther.stages.ingest import ingest
+from agenther.tables import write_table
+from agenther.workdir import TABLES
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,20 @@ from pathlib import Path
 import polars as pl
 
 import agenther
-from agenther import prompts, schema
+from agenther import prompts
 from agenther.llm import BUDGET_EXHAUSTED, Usage
 from agenther.params import params_hash
 from agenther.providers import LLMs
-from agenther.runner import gate_table, read_table, write_table
 from agenther.stages.package import SortedJsonlSink, package_into, render_dataset_card
-from agenther.tables import batch_rows, iter_batches, scan_columns
+from agenther.tables import batch_rows, gate_table, iter_batches, read_table, scan_columns, write_table
 from agenther.workdir import read_stats, write_text_atomic
 
 LLM_STAGES = ("classify", "extract", "relabel", "verify")
 
 
 def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
-    classified_path = gate_table(work, "classified", schema.CLASSIFIED, params)  # big: read in batches
-    verified = read_table(work, "verified", schema.VERIFIED, params)  # small: one row per judged relabel
+    classified_path = gate_table(work, "classified", params)  # big: read in batches
+    verified = read_table(work, "verified", params)  # small: one row per judged relabel
     lineage = {
         "agenther_version": agenther.__version__,
         "params_hash": params_hash(params),
@@ -42,7 +41,7 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
         lambda columns=None: iter_batches(classified_path, size, columns), params["package"], lineage, size)
     digests = sink.close()
     packaged = PackageCounts(package_rejections, counts, {name.removesuffix(".jsonl"): n for name, n in sink.rows.items()})
-    rejected = pl.concat([read_table(work, f"{s}_rejected", schema.REJECTION, params) for s in ("extract", "relabel", "verify")]
+    rejected = pl.concat([read_table(work, f"{s}_rejected", params) for s in ("extract", "relabel", "verify")]
                          + [package_rejections])
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
     classified = scan_columns(classified_path, ["is_failure", "recoverable", "failure_type", "source_format"])
