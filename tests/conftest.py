@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -59,3 +61,39 @@ def whole_run_goal(messages: list[dict]) -> str:
 
     train = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     return AchievedGoal(sample_end=len(messages), train_steps=train).model_dump_json()
+
+
+def ingest(path: Path, fmt: str = "auto", mapping: dict | None = None, limit: int | None = None) -> SimpleNamespace:
+    """The ingest stage as every run calls it (agenther.runner.ingest_tables), into a temporary
+    work folder: its two tables read back, and records_in."""
+    import polars as pl
+
+    from agenther.params import load_params
+    from agenther.runner import ingest_tables
+    from agenther.workdir import TABLES
+
+    params = load_params(None, {"ingest": {"input": str(path), "format": fmt, "messages": mapping or {}, "limit": limit}})
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = ingest_tables(params, Path(tmp))
+        return SimpleNamespace(trajectories=pl.read_parquet(Path(tmp) / TABLES["trajectories"]),
+                               quarantine=pl.read_parquet(Path(tmp) / TABLES["quarantine"]),
+                               records_in=stats["records_in"])
+
+
+def package(verified, classified, params: dict, lineage: dict, batch_rows: int = 500,
+            out: Path | None = None) -> SimpleNamespace:
+    """The package stage's exports as every run writes them (agenther.stages.package.export_samples,
+    classified read from a Parquet file in batches), into `out` (default: a temporary folder): the
+    rows of each export file as written, and the stage's rejections, counts and digests."""
+    import json
+
+    from agenther.stages.package import export_samples
+
+    with tempfile.TemporaryDirectory() as tmp:
+        classified_path = Path(tmp) / "classified.parquet"
+        classified.write_parquet(classified_path)
+        folder = out or Path(tmp) / "out"
+        exported = export_samples(verified, classified_path, params, lineage, folder, batch_rows)
+        rows = {name: [json.loads(line) for line in (folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+                for name in ("sft", "dpo", "sharegpt")}
+    return SimpleNamespace(**rows, rejections=exported.rejections, counts=exported.counts, digests=exported.digests)

@@ -7,11 +7,10 @@ from collections import Counter
 
 import polars as pl
 import pytest
-from conftest import TAU, TOOLBENCH, make_params
+from conftest import TAU, TOOLBENCH, ingest, make_params
 
 from agenther import schema
 from agenther.stages.classify import classify
-from agenther.stages.ingest import ingest
 
 READS = ("get_", "search_", "list_", "calculate", "think", "transfer_to_human_agents")
 

@@ -9,14 +9,14 @@ import json
 import random
 
 import pytest
-from conftest import TAU, write_params
+from conftest import TAU, package, write_params
 from test_package import LINEAGE, PARAMS, tau_inputs
 
 from agenther import schema
 from agenther.cli import main
 from agenther.export import formats as exports
+from agenther.export.card import render_dataset_card
 from agenther.export.schemas import validate_dpo, validate_sft, validate_sharegpt
-from agenther.stages.package import package, render_dataset_card, write_exports
 
 
 @pytest.fixture(scope="module")
@@ -265,14 +265,9 @@ def test_openai_upload_row_keeps_only_openai_keys(packaged):
 
 def test_identical_inputs_give_byte_identical_files(tmp_path, packaged):
     verified, classified = tau_inputs(range(20), with_tools=True)
-    shuffled = package(
-        verified.sample(fraction=1.0, shuffle=True, seed=7),
-        classified.sample(fraction=1.0, shuffle=True, seed=11),
-        PARAMS,
-        LINEAGE,
-    )
-    first = write_exports(packaged, tmp_path / "a")
-    second = write_exports(shuffled, tmp_path / "b")
+    first = package(verified, classified, PARAMS, LINEAGE, out=tmp_path / "a").digests
+    second = package(verified.sample(fraction=1.0, shuffle=True, seed=7),
+                     classified.sample(fraction=1.0, shuffle=True, seed=11), PARAMS, LINEAGE, out=tmp_path / "b").digests
     assert first == second
     assert set(first) == {"sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "dataset_info.json"}
     for name, digest in first.items():
@@ -284,8 +279,9 @@ def test_identical_inputs_give_byte_identical_files(tmp_path, packaged):
     assert ids == sorted(ids)
 
 
-def test_dataset_info_lets_llamafactory_load_the_sharegpt_file(tmp_path, packaged):
-    write_exports(packaged, tmp_path)
+def test_dataset_info_lets_llamafactory_load_the_sharegpt_file(tmp_path):
+    verified, classified = tau_inputs(range(20), with_tools=True)
+    package(verified, classified, PARAMS, LINEAGE, out=tmp_path)
     info = json.loads((tmp_path / "dataset_info.json").read_text())
     (entry,) = info.values()
     assert entry["formatting"] == "sharegpt" and (tmp_path / entry["file_name"]).is_file()
@@ -297,8 +293,8 @@ def test_dataset_info_lets_llamafactory_load_the_sharegpt_file(tmp_path, package
 
 
 def test_empty_exports_are_still_written(tmp_path):
-    empty = package(schema.empty(schema.VERIFIED), schema.empty(schema.CLASSIFIED), {}, {})
-    digests = write_exports(empty, tmp_path)
+    empty = package(schema.empty(schema.VERIFIED), schema.empty(schema.CLASSIFIED), {}, {}, out=tmp_path)
+    digests = empty.digests
     assert (tmp_path / "sft.jsonl").read_bytes() == b"" and digests["dpo.jsonl"] == hashlib.sha256(
         b""
     ).hexdigest()

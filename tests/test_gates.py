@@ -8,7 +8,7 @@ import json
 
 import polars as pl
 import pytest
-from conftest import TAU, make_params, write_params
+from conftest import TAU, ingest, make_params, write_params
 
 from agenther import gates, schema
 from agenther.cli import main
@@ -16,7 +16,6 @@ from agenther.providers import LLMs
 from agenther.runner import run_stage
 from agenther.stages.classify import classify
 from agenther.stages.extract import extract
-from agenther.stages.ingest import ingest
 from agenther.tables import write_table
 from agenther.workdir import TABLES
 

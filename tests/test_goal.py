@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import TAU, TOOLBENCH, make_params, write_params
+from conftest import TAU, TOOLBENCH, ingest, make_params, write_params
 from llm_server import careful_except
 
 from agenther import schema
@@ -22,7 +22,6 @@ from agenther.llm import LLMClient
 from agenther.stages import relabel
 from agenther.stages.classify import classify
 from agenther.stages.extract import extract
-from agenther.stages.ingest import MessagesMapping, ingest
 from agenther.stages.verify import verify
 
 REACT = Path(__file__).parent / "fixtures" / "react_webshop.jsonl"
@@ -305,7 +304,7 @@ def test_per_message_weights_appear_in_the_exports(tmp_path, llm_server):
 def test_a_react_text_log_yields_a_rule_mode_candidate(tmp_path):
     mapping = {"id_path": "id", "goal_path": "goal", "success_path": "success", "reward_path": "reward"}
     params = make_params(tmp_path, ingest={"messages": mapping})
-    trajectories = ingest(REACT, fmt="messages", mapping=MessagesMapping.from_params(mapping)).trajectories
+    trajectories = ingest(REACT, fmt="messages", mapping=mapping).trajectories
     kept = extract(classify(trajectories, params), params).kept
     assert params["extract"]["mode"] == "rule" and kept.height >= 1
     actions = [a for r in kept.to_dicts() for a in r["achievements"] if a["kind"] == "action"]

@@ -1,4 +1,4 @@
-"""ingest(): the shipped logs end to end, generic chat logs, quarantine and reconciliation."""
+"""The ingest stage (conftest.ingest: agenther.runner.ingest_tables): the shipped logs end to end, generic chat logs, quarantine and reconciliation."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import ingest
 
 from agenther import schema
 from agenther.adapters.messages import MessagesMapping
-from agenther.stages.ingest import IngestError, detect_format, ingest, ingest_params
+from agenther.stages.ingest import IngestError, detect_format
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 TAU = RAW / "tau-bench" / "gpt-4o-airline.json"
@@ -85,8 +86,7 @@ def test_limit_keeps_the_first_good_trajectories():
 
 
 def test_ingest_params_section():
-    section = {"input": str(TAU), "format": "auto", "limit": 3, "messages": {"role_key": "role"}}
-    assert ingest_params(section).trajectories.height == 3
+    assert ingest(TAU, limit=3, mapping={"role_key": "role"}).trajectories.height == 3
 
 
 # --- detection and fatal errors ----------------------------------------------------------------
@@ -144,7 +144,7 @@ def test_duplicate_ids_keep_the_first(tmp_path):
         (tmp_path / name / "runs.jsonl").write_text(
             json.dumps({"uid": "r1", "messages": [{"role": "user", "content": f"from {name}"}]}) + "\n"
         )
-    result = ingest(tmp_path, mapping=MessagesMapping(id_path="uid"))
+    result = ingest(tmp_path, mapping={"id_path": "uid"})
     assert_tables(result)
     assert result.trajectories["goal"].to_list() == ["from a"]
     q = result.quarantine.row(0, named=True)
@@ -164,7 +164,7 @@ def test_openai_jsonl_round_trip(tmp_path, tau_records):
                 line["tools"] = [{"type": "function", "function": {"name": "get_user_details"}}]
             fh.write(json.dumps(line) + "\n")
     assert detect_format(path) == "messages"
-    mapping = MessagesMapping(id_path="run", reward_path="reward", task_path="run")
+    mapping = {"id_path": "run", "reward_path": "reward", "task_path": "run"}
     result = ingest(path, mapping=mapping)
     assert_tables(result)
     assert result.trajectories.height == 12
@@ -203,7 +203,7 @@ def test_sharegpt_nested_with_renamed_roles(tmp_path, tau_records):
     ]
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(records))
-    mapping = MessagesMapping.from_params(
+    mapping = (
         {
             "messages_path": "data.conversation.turns",
             "role_key": "speaker",
@@ -219,7 +219,7 @@ def test_sharegpt_nested_with_renamed_roles(tmp_path, tau_records):
             },
         }
     )
-    assert detect_format(path, mapping) == "messages"
+    assert detect_format(path, MessagesMapping.from_params(mapping)) == "messages"
     with pytest.raises(IngestError):
         detect_format(path)  # the default mapping does not know where the turns are
     result = ingest(path, mapping=mapping)

@@ -1,4 +1,5 @@
-"""package(): hindsight samples, successes, dedup, weights and preference pairs, on real tau-bench runs.
+"""The package stage (conftest.package: export_samples, as every run writes the exports): hindsight
+samples, successes, dedup, weights and preference pairs, on real tau-bench runs.
 
 Inputs are built from data/raw/tau-bench/gpt-4o-airline.json (50 airline tasks x 4 trials)
 by a small converter below, so these tests do not depend on the ingest stage.
@@ -14,11 +15,11 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import whole_run_goal
+from conftest import package, whole_run_goal
 
 from agenther import schema
 from agenther.export.dedup import dedup_prompts, jaccard, normalize_prompt, shingles
-from agenther.stages.package import package, sample_weight
+from agenther.stages.package import sample_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 TAU = ROOT / "data/raw/tau-bench/gpt-4o-airline.json"

@@ -13,12 +13,12 @@ import json
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import TAU, write_params
+from conftest import TAU, package, write_params
 from test_package import LINEAGE, PARAMS, tau_inputs
 
 from agenther import schema
 from agenther.cli import main
-from agenther.stages.package import EXPORT_FILES, SortedJsonlSink, package, write_exports
+from agenther.export.files import EXPORT_FILES, SortedJsonlSink
 from agenther.tables import TableWriter, iter_batches
 
 
@@ -32,10 +32,10 @@ def test_package_in_tiny_batches_equals_one_batch():
     assert tiny.rejections.equals(whole.rejections)
 
 
-def test_sorted_sink_merges_its_runs_into_the_files_write_exports_writes(tmp_path):
+def test_sorted_sink_merges_reversed_runs_into_the_files_one_buffer_writes(tmp_path):
     verified, classified = tau_inputs(range(60), with_tools=True)
-    packaged = package(verified, classified, PARAMS, LINEAGE)
-    expected = write_exports(packaged, tmp_path / "memory")
+    packaged = package(verified, classified, PARAMS, LINEAGE, batch_rows=10_000, out=tmp_path / "memory")
+    expected = packaged.digests
 
     sink = SortedJsonlSink(tmp_path / "streamed", buffer_rows=4)
     rows = {"sft.jsonl": packaged.sft, "dpo.jsonl": packaged.dpo, "sharegpt.jsonl": packaged.sharegpt}

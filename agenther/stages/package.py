@@ -32,10 +32,7 @@ relabel candidates).
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import json
-import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -49,8 +46,9 @@ from agenther.evidence.goal import AchievedGoal, first_user_index, sample_messag
 from agenther.export import formats as exports
 from agenther.export.card import render_dataset_card
 from agenther.export.dedup import dedup_prompts
+from agenther.export.files import SortedJsonlSink
 from agenther.export.schemas import validate_dpo, validate_sft
-from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter
+from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter, iter_batches
 
 STAGE = "package"
 DEFAULTS = {
@@ -60,24 +58,22 @@ DEFAULTS = {
     "near_dup_threshold": 0.9,
     "max_pairs_per_task": 4,
 }
-EXPORT_FILES = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl")
 COUNTS = (  # Packaged.counts keys; hindsight_samples + rejections = accepted_in
     *("accepted_in", "hindsight_samples", "success_samples", "success_unexportable"),
     *("duplicates", "near_duplicates", "unexportable", "sharegpt_assistant_text_dropped"),
     *("dpo_natural", "dpo_natural_skipped", "dpo_hindsight", "dpo_hindsight_unpaired", "dpo_invalid"),
 )
-DATASET_INFO = "dataset_info.json"
 
-__all__ = ["Packaged", "package", "write_exports", "render_dataset_card", "sample_weight"]
+__all__ = ["Exported", "export_samples", "package_into", "render_dataset_card", "sample_weight"]
 
 
 @dataclass
-class Packaged:
-    sft: list[dict]
-    dpo: list[dict]
-    sharegpt: list[dict]
+class Exported:
+    """What the package stage wrote: the files are in its output folder."""
     rejections: pl.DataFrame  # schema.REJECTION rows, stage "package"
-    counts: dict
+    counts: dict  # COUNTS
+    digests: dict[str, str]  # file name -> sha256 (the exports and dataset_info.json)
+    rows: dict[str, int]  # sft / dpo / sharegpt -> rows written
 
 
 # --- message helpers ---------------------------------------------------------------------
@@ -260,37 +256,6 @@ def _sample_meta(row: dict, kind: str, base: dict) -> dict:
 LIGHT = ["id", "task_key", "success", "is_failure"]
 
 
-class ExportSink:
-    """Where package() puts export rows: kept in lists here, sorted by sample id at the end.
-    `SortedJsonlSink` writes them to the export files instead, in the same order."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, list[dict]] = {name: [] for name in EXPORT_FILES}
-
-    def add(self, name: str, row: dict) -> None:
-        self.rows[name].append(row)
-
-    def sorted_rows(self, name: str) -> list[dict]:
-        return sorted(self.rows[name], key=_sample_id)
-
-
-def package(verified: pl.DataFrame, classified: pl.DataFrame, params: dict, lineage: dict,
-            batch_rows: int = DEFAULT_BATCH_ROWS) -> Packaged:
-    """Accepted relabels + successes -> SFT, DPO and ShareGPT rows (see the module docstring),
-    all in memory; `package_into` is the same with the rows going to any sink."""
-    sink = ExportSink()
-    rejections, counts = package_into(
-        sink, verified, lambda columns=None: _frame_batches(classified, batch_rows, columns), params, lineage)
-    return Packaged(sft=sink.sorted_rows("sft.jsonl"), dpo=sink.sorted_rows("dpo.jsonl"),
-                    sharegpt=sink.sorted_rows("sharegpt.jsonl"), rejections=rejections, counts=counts)
-
-
-def _frame_batches(df: pl.DataFrame, size: int, columns: list[str] | None) -> Iterator[pl.DataFrame]:
-    df = df.select(columns) if columns else df
-    for start in range(0, df.height, max(1, size)):
-        yield df.slice(start, size)
-
-
 Batches = Callable[..., Iterable[pl.DataFrame]]  # batches(columns=None): the table, a batch at a time
 
 
@@ -447,10 +412,6 @@ class _Spills:
             yield pl.read_parquet(w.path).to_dicts()
 
 
-def _sample_id(row: dict) -> str:
-    return row["metadata"]["sample_id"]
-
-
 def _sample_rows(messages: list[dict], row: dict, weight: float, meta: dict) -> tuple[dict, dict]:
     """The SFT and ShareGPT rows of one sample; ValueError (with the reason) if either is invalid."""
     tools = exports.parse_tools(row.get("tools"))
@@ -541,96 +502,13 @@ def _append_valid(
     return True
 
 
-# --- files ---------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, data: bytes) -> str:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # readers never see a half-written export
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_exports(packaged: Packaged, out_dir: Path) -> dict[str, str]:
-    """Write sft.jsonl, dpo.jsonl, sharegpt.jsonl and LLaMA-Factory's dataset_info.json.
-
-    Returns {file name: sha256}. Rows are written in package()'s order (sorted by sample id),
-    as canonical JSON lines: identical inputs give byte-identical files.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    digests = {}
-    for name, rows in zip(EXPORT_FILES, (packaged.sft, packaged.dpo, packaged.sharegpt), strict=True):
-        digests[name] = _write_atomic(
-            out / name, "".join(exports.dumps(r) + "\n" for r in rows).encode("utf-8")
-        )
-    digests[DATASET_INFO] = _write_dataset_info(out)
-    return digests
-
-
-def _write_dataset_info(out: Path) -> str:
-    """LLaMA-Factory's dataset_info.json for the ShareGPT export; returns its sha256."""
-    info = json.dumps(exports.dataset_info(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    return _write_atomic(out / DATASET_INFO, info.encode("utf-8"))
-
-
-class SortedJsonlSink:
-    """Export rows straight to sft.jsonl / dpo.jsonl / sharegpt.jsonl in `out_dir`, sorted by
-    sample id (as write_exports writes them) with bounded memory: an external merge sort.
-    Rows are serialized as they come; every `buffer_rows` rows of a file are sorted into a run
-    file, and close() merges the runs into the export (atomically renamed into place)."""
-
-    def __init__(self, out_dir: Path, buffer_rows: int = DEFAULT_BATCH_ROWS):
-        self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.buffer_rows = max(1, int(buffer_rows))
-        self._tmp = tempfile.TemporaryDirectory(prefix="agenther-exports-", dir=self.out)
-        self.buffers: dict[str, list[tuple[str, str]]] = {name: [] for name in EXPORT_FILES}
-        self.runs: dict[str, list[Path]] = {name: [] for name in EXPORT_FILES}
-        self.rows = dict.fromkeys(EXPORT_FILES, 0)
-
-    def add(self, name: str, row: dict) -> None:
-        self.buffers[name].append((_sample_id(row), exports.dumps(row)))
-        self.rows[name] += 1
-        if len(self.buffers[name]) >= self.buffer_rows:
-            self._spill(name)
-
-    def _spill(self, name: str) -> None:
-        run = Path(self._tmp.name) / f"{name}.{len(self.runs[name]):05d}"
-        with run.open("w", encoding="utf-8") as fh:
-            # json.dumps escapes tabs and newlines, so "<key>\t<line>" splits unambiguously
-            fh.writelines(f"{json.dumps(key)}\t{line}\n" for key, line in sorted(self.buffers[name]))
-        self.runs[name].append(run)
-        self.buffers[name] = []
-
-    def close(self) -> dict[str, str]:
-        """Write the export files and dataset_info.json; returns {file name: sha256}."""
-        digests = {}
-        try:
-            for name in EXPORT_FILES:
-                runs = [_read_run(path) for path in self.runs[name]]
-                merged = heapq.merge(*runs, iter(sorted(self.buffers[name])), key=lambda kv: kv[0])
-                digests[name] = _write_lines_atomic(self.out / name, (line for _, line in merged))
-            digests[DATASET_INFO] = _write_dataset_info(self.out)
-        finally:
-            self._tmp.cleanup()
-        return digests
-
-
-def _read_run(path: Path) -> Iterator[tuple[str, str]]:
-    with path.open(encoding="utf-8") as fh:
-        for entry in fh:
-            key, line = entry.rstrip("\n").split("\t", 1)
-            yield json.loads(key), line
-
-
-def _write_lines_atomic(path: Path, lines: Iterable[str]) -> str:
-    tmp = path.with_name(path.name + ".tmp")
-    digest = hashlib.sha256()
-    with tmp.open("wb") as fh:
-        for line in lines:
-            data = (line + "\n").encode("utf-8")
-            digest.update(data)
-            fh.write(data)
-    os.replace(tmp, path)  # readers never see a half-written export
-    return digest.hexdigest()
+def export_samples(verified: pl.DataFrame, classified: Path, params: dict, lineage: dict, out: Path,
+                   batch_rows: int = DEFAULT_BATCH_ROWS) -> Exported:
+    """The package stage's product: `package_into` over the classified table at `classified`
+    (read in batches), its rows written to the export files in `out` (sorted by sample id,
+    bounded memory: SortedJsonlSink)."""
+    sink = SortedJsonlSink(out, batch_rows)
+    rejections, counts = package_into(
+        sink, verified, lambda columns=None: iter_batches(classified, batch_rows, columns), params, lineage, batch_rows)
+    digests = sink.close()
+    return Exported(rejections, counts, digests, {name.removesuffix(".jsonl"): n for name, n in sink.rows.items()})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -18,8 +17,8 @@ from agenther import prompts
 from agenther.llm import BUDGET_EXHAUSTED, Usage
 from agenther.params import params_hash
 from agenther.providers import LLMs
-from agenther.stages.package import SortedJsonlSink, package_into, render_dataset_card
-from agenther.tables import batch_rows, gate_table, iter_batches, read_table, scan_columns, write_table
+from agenther.stages.package import Exported, export_samples, render_dataset_card
+from agenther.tables import batch_rows, gate_table, read_table, scan_columns, write_table
 from agenther.workdir import read_stats, write_text_atomic
 
 LLM_STAGES = ("classify", "extract", "relabel", "verify")
@@ -34,29 +33,16 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
         "models": {"relabel": llms.main_name(), "judges": llms.judge_names(params)},
         "prompt_hashes": prompts.all_hashes(),
     }
-    size = batch_rows(params)
-    sink = SortedJsonlSink(out, size)
-    package_rejections, counts = package_into(
-        sink, verified.filter(pl.col("verified")),
-        lambda columns=None: iter_batches(classified_path, size, columns), params["package"], lineage, size)
-    digests = sink.close()
-    packaged = PackageCounts(package_rejections, counts, {name.removesuffix(".jsonl"): n for name, n in sink.rows.items()})
+    packaged = export_samples(verified.filter(pl.col("verified")), classified_path, params["package"], lineage, out,
+                              batch_rows(params))
     rejected = pl.concat([read_table(work, f"{s}_rejected", params) for s in ("extract", "relabel", "verify")]
-                         + [package_rejections])
+                         + [packaged.rejections])
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
     classified = scan_columns(classified_path, ["is_failure", "recoverable", "failure_type", "source_format"])
-    summary = summarize(params, work, classified, verified, packaged, rejected, lineage, digests, llms)
+    summary = summarize(params, work, classified, verified, packaged, rejected, lineage, llms)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     write_text_atomic(out / "dataset_card.md", render_dataset_card(summary))
     return summary
-
-
-@dataclass
-class PackageCounts:
-    """What the summary needs of the package stage (the rows themselves are in the files)."""
-    rejections: pl.DataFrame
-    counts: dict
-    exported: dict[str, int]  # sft / dpo / sharegpt -> rows
 
 
 def _by_reason(rejected: pl.DataFrame, stage: str) -> dict[str, int]:
@@ -67,8 +53,8 @@ def _usage(stats: dict) -> Usage:
     return Usage(**stats.get("usage", {}))
 
 
-def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.DataFrame, packaged: PackageCounts,
-              rejected: pl.DataFrame, lineage: dict, digests: dict, llms: LLMs) -> dict:
+def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.DataFrame, packaged: Exported,
+              rejected: pl.DataFrame, lineage: dict, llms: LLMs) -> dict:
     ingest = read_stats(work, "ingest")
     stats = {s: read_stats(work, s) for s in ("extract", "relabel", "verify")}
     failures = classified.filter(pl.col("is_failure"))
@@ -122,7 +108,7 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
         "reconciliation": {"ok": all(checks.values()), "checks": checks},
         "llm": {s: _rounded(u) for s, u in usage.items()} | {"total": _rounded(total)}
                | _accounting(params, total, rejected, accepted),
-        "exports": {"files": digests, **packaged.exported},
+        "exports": {"files": packaged.digests, **packaged.rows},
         "lineage": lineage,
         "notes": llms.notes(),
     }
