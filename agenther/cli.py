@@ -155,7 +155,7 @@ def carry_budget(llms, stage: str, work: Path) -> dict | None:
     charged before the first call, so the cap holds for the run as in `agenther run`, where
     one process shares one Budget (which never calls this: no double counting).
     Returns what was carried in, or None for stages that make no LLM call."""
-    from agenther.stages.summary import LLM_STAGES
+    from agenther.stages.package import LLM_STAGES
     from agenther.workdir import read_stats
 
     if stage not in LLM_STAGES:

@@ -20,10 +20,12 @@ before any verify table is written.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import polars as pl
 
@@ -74,8 +76,6 @@ def step(stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs)
     """Run `stages` (one stage, or relabel and verify fused) on one batch: {stage: its result}.
     The calls go through a view of `llms` (same clients and cache, counters of its own), so each
     result carries exactly what its batch cost; no model is started for a stage without calls."""
-    from agenther.stages import classify, extract, relabel, verify
-
     view = llms.view() if any(_uses_llm(s, params) for s in stages) else None
 
     def usage(stage: str) -> dict:
@@ -87,23 +87,29 @@ def step(stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs)
         # Two records per request slot when every call waits for the run's in-flight limit
         # (llm.concurrency requests open at most, whatever the number of threads).
         shared = main.inflight is not None and main.inflight is llms.inflight and concurrency > 1
-        relabeled, verified = verify.relabel_verify(batch, params, main, view.judge,
+        relabeled, verified = _stage_module("verify").relabel_verify(batch, params, main, view.judge,
                                                     workers=2 * concurrency if shared else concurrency)
         return {"relabel": BatchResult(relabeled.kept, relabeled.rejected, usage("relabel")),
                 "verify": BatchResult(verified.kept, verified.rejected, usage("verify"))}
     (stage,) = stages
     llm = view.main() if view is not None else None
     if stage == "classify":
-        return {stage: BatchResult(classify.classify(batch, params, llm), None, usage(stage))}
+        return {stage: BatchResult(_stage_module(stage).classify(batch, params, llm), None, usage(stage))}
     if stage == "extract":
-        out = extract.extract(batch, params, llm)
+        out = _stage_module(stage).extract(batch, params, llm)
     elif stage == "relabel":
-        out = relabel.relabel(batch, params, llm)
+        out = _stage_module(stage).relabel(batch, params, llm)
     elif stage == "verify":
-        out = verify.verify(batch, params, llm, view.judge())
+        out = _stage_module(stage).verify(batch, params, llm, view.judge())
     else:
         raise ValueError(f"{stage!r} is not a table stage; table stages: {', '.join(TABLE_STAGES)}")
     return {stage: BatchResult(out.kept, out.rejected, usage(stage))}
+
+
+def _stage_module(name: str) -> ModuleType:
+    """agenther.stages.<name>, imported when its first batch comes: by name, so that the runner's
+    own imports are not every stage's (dvc.yaml lists each stage's code: tests/test_layout.py)."""
+    return importlib.import_module(f"agenther.stages.{name}")
 
 
 # -- executors: how a step (and the two whole-run stages) run ---------------------------------------
@@ -120,9 +126,7 @@ class LocalExecutor:
         return ingest_tables(params, work)
 
     def package(self, params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
-        from agenther.stages.summary import package_run
-
-        return package_run(params, work, out_dir, llms)
+        return _stage_module("package").package_run(params, work, out_dir, llms)
 
 
 LOCAL = LocalExecutor()
@@ -130,10 +134,8 @@ LOCAL = LocalExecutor()
 
 def ingest_tables(params: dict, work: Path) -> dict:
     """The logs into the trajectories and quarantine tables, `io.batch_rows` records at a time."""
-    from agenther.stages.ingest import MessagesMapping, read_logs
-
-    p = params["ingest"]
-    logs = read_logs(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p["messages"] or {}),
+    ingest, p = _stage_module("ingest"), params["ingest"]
+    logs = ingest.read_logs(p["input"], fmt=p["format"], mapping=ingest.MessagesMapping.from_params(p["messages"] or {}),
                      limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"])
     size = params["io"]["batch_rows"]
     pending: dict[str, list[dict]] = {"trajectories": [], "quarantine": []}

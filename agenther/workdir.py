@@ -72,7 +72,7 @@ STAMPED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # stage: (input
     "verify": (("relabeled",), ("verified", "verify_rejected")),
     "package": (("classified", "verified", "extract_rejected", "relabel_rejected", "verify_rejected"), ()),
 }
-# What package writes into its output folder (agenther/stages/summary.py package_run).
+# What package writes into its output folder (agenther/stages/package.py package_run).
 PACKAGE_FILES = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "dataset_info.json", "rejected.parquet",
                  "summary.json", "dataset_card.md")
 # Stats entries that say how a stage ran this time, not what it produced: not part of a stamp.
@@ -96,7 +96,7 @@ def code_digest() -> str:
 
 def logs_digest(params: dict) -> str:
     """sha256 of the log files ingest reads (their names under the input and their bytes)."""
-    from agenther.stages.ingest import input_files
+    from agenther.adapters import input_files
 
     root = Path(params["ingest"]["input"])
     h = hashlib.sha256()

@@ -32,7 +32,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
-from agenther.stages.ingest import SUFFIXES
+from agenther.adapters import SUFFIXES
 
 EVENT = "agenther.logs.arrived"
 RESOURCE_PREFIX = "agenther.logs."

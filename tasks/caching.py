@@ -27,8 +27,8 @@ from typing import Any
 import polars as pl
 
 from agenther import prompts
+from agenther.adapters import input_files
 from agenther.params import RUNTIME_ONLY
-from agenther.stages.ingest import SUFFIXES
 
 KEY_VERSION = "agenther-prefect-cache-v1"  # bump to invalidate every entry at once
 
@@ -66,7 +66,7 @@ def files_digest(path: str | Path) -> str:
     root = Path(path)
     if not root.exists():
         return sha256("missing", str(root))  # ingest raises its own clear error
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+    files = input_files(root)
     h = hashlib.sha256()
     for f in files:
         h.update(sha256(str(f.relative_to(root)) if f != root else f.name, f.read_bytes()).encode())
@@ -90,12 +90,12 @@ def params_digest(params: dict, sections: tuple[str, ...]) -> str:
     return sha256(json.dumps(chosen, sort_keys=True, default=str))
 
 
-def _module_file(name: str) -> Path | None:
+def module_file(name: str) -> Path | None:
     spec = importlib.util.find_spec(name)
     return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
 
 
-def _agenther_imports(package: str, source: str) -> set[str]:
+def agenther_imports(package: str, source: str) -> set[str]:
     """agenther modules named by `source`'s imports (`from agenther import schema` names a module);
     `package` is the importing module's package, for relative imports."""
     found: set[str] = set()
@@ -113,33 +113,39 @@ def _agenther_imports(package: str, source: str) -> set[str]:
     return found
 
 
-@cache
-def code_version(*modules: str) -> str:
-    """sha256 over the source of `modules` and every agenther module they import, transitively."""
-    seen: dict[str, str] = {}
-    todo = list(modules)
+def agenther_modules(*roots: str) -> dict[str, Path]:
+    """`roots` and every agenther module they import, transitively (imports inside functions
+    too): module name -> source file."""
+    seen: dict[str, Path] = {}
+    todo = list(roots)
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         try:
-            path = _module_file(name)
+            path = module_file(name)
         except (ImportError, ValueError):
             path = None
         if path is None:
             continue  # `from agenther.x import some_function`: not a module
-        source = path.read_text(encoding="utf-8")
-        seen[name] = sha256(source)
+        seen[name] = path
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        todo.extend(_agenther_imports(package, source) - seen.keys())
-    return sha256(json.dumps(sorted(seen.items())))
+        todo.extend(agenther_imports(package, path.read_text(encoding="utf-8")) - seen.keys())
+    return seen
+
+
+@cache
+def code_version(*modules: str) -> str:
+    """sha256 over the source of `modules` and every agenther module they import, transitively."""
+    sources = {name: sha256(path.read_text(encoding="utf-8")) for name, path in agenther_modules(*modules).items()}
+    return sha256(json.dumps(sorted(sources.items())))
 
 
 @cache
 def wrappers_version() -> str:
     """The wrappers' own source, not what they import: the package and summary code they reach
     does not change what a stage computes."""
-    return sha256(*(_module_file(name).read_text(encoding="utf-8") for name in WRAPPERS))
+    return sha256(*(module_file(name).read_text(encoding="utf-8") for name in WRAPPERS))
 
 
 def stage_key(stage: str, params: dict, content_digest: str) -> str:

@@ -32,7 +32,7 @@ from agenther import runner
 from agenther.llm import Usage
 from agenther.providers import LLMs
 from agenther.runner import BatchResult, LocalExecutor
-from agenther.stages.summary import package_run
+from agenther.stages.package import package_run
 from agenther.workdir import TABLES, file_digest
 from tasks.caching import files_digest, frame_digest, stage_key
 from tasks.retry import retry_if_transient

@@ -82,12 +82,12 @@ def ingest(path: Path, fmt: str = "auto", mapping: dict | None = None, limit: in
 
 def package(verified, classified, params: dict, lineage: dict, batch_rows: int = 500,
             out: Path | None = None) -> SimpleNamespace:
-    """The package stage's exports as every run writes them (agenther.stages.package.export_samples,
+    """The package stage's exports as every run writes them (agenther.stages.samples.export_samples,
     classified read from a Parquet file in batches), into `out` (default: a temporary folder): the
     rows of each export file as written, and the stage's rejections, counts and digests."""
     import json
 
-    from agenther.stages.package import export_samples
+    from agenther.stages.samples import export_samples
 
     with tempfile.TemporaryDirectory() as tmp:
         classified_path = Path(tmp) / "classified.parquet"

@@ -19,7 +19,7 @@ from conftest import package, whole_run_goal
 
 from agenther import schema
 from agenther.export.dedup import dedup_prompts, jaccard, normalize_prompt, shingles
-from agenther.stages.package import sample_weight
+from agenther.stages.samples import sample_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 TAU = ROOT / "data/raw/tau-bench/gpt-4o-airline.json"

@@ -8,18 +8,12 @@ A bad record never raises: it lands in quarantine with its file, pointer and rea
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import polars as pl
-
-from agenther import schema
-from agenther.adapters import FORMATS, messages, tau_bench, toolbench
+from agenther.adapters import FORMATS, input_files, messages, tau_bench, toolbench
 from agenther.adapters.common import Quarantined, UnreadableFile, excerpt, first_record
 from agenther.adapters.messages import MessagesMapping
 
-SUFFIXES = (".json", ".jsonl")
 # A trajectory bigger than this is quarantined (params ingest.max_trajectory_mb): no model
 # context holds it, and one 50 MB tool dump would otherwise flow into every export.
 DEFAULT_MAX_TRAJECTORY_MB = 8.0
@@ -27,19 +21,6 @@ DEFAULT_MAX_TRAJECTORY_MB = 8.0
 
 class IngestError(Exception):
     """The input as a whole cannot be ingested (bad records are quarantined instead)."""
-
-
-@dataclass
-class IngestResult:
-    trajectories: pl.DataFrame  # schema.TRAJECTORY, in reading order
-    quarantine: pl.DataFrame  # schema.QUARANTINE
-    records_in: int  # raw records seen: len(trajectories) + len(quarantine)
-
-
-def input_files(root: Path) -> list[Path]:
-    if root.is_file():
-        return [root]
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
 
 
 def _detect_file(path: Path, mapping: MessagesMapping) -> str:
@@ -157,32 +138,3 @@ def trajectory_chars(row: dict) -> int:
         total += sum(len(c.get("arguments") or "") for c in m.get("tool_calls") or [])
     return total
 
-
-def ingest(
-    path: str | Path,
-    fmt: str = "auto",
-    mapping: MessagesMapping | None = None,
-    limit: int | None = None,
-    max_trajectory_mb: float | None = DEFAULT_MAX_TRAJECTORY_MB,
-) -> IngestResult:
-    """`read_logs` collected into the canonical tables (rows in reading order)."""
-    rows: list[dict[str, Any]] = []
-    bad: list[dict[str, str]] = []
-    for item in read_logs(path, fmt, mapping, limit, max_trajectory_mb):
-        if isinstance(item, Quarantined):
-            bad.append(item.row())
-        else:
-            rows.append(item)
-    return IngestResult(schema.frame(rows, schema.TRAJECTORY), schema.frame(bad, schema.QUARANTINE),
-                        len(rows) + len(bad))
-
-
-def ingest_params(section: dict[str, Any]) -> IngestResult:
-    """Ingest as configured by the params.yaml `ingest` section."""
-    return ingest(
-        section["input"],
-        fmt=section.get("format") or "auto",
-        mapping=MessagesMapping.from_params(section.get("messages")),
-        limit=section.get("limit"),
-        max_trajectory_mb=section.get("max_trajectory_mb", DEFAULT_MAX_TRAJECTORY_MB),
-    )

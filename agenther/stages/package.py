@@ -1,514 +1,140 @@
-"""Stage 4: accepted hindsight relabels (and original successes) become training data.
+"""The last stage: package the accepted samples, then account for the whole run.
 
-Inputs: `verified` (schema.VERIFIED; rows with verified == True are accepted relabels) and
-`classified` (schema.CLASSIFIED, every trajectory: the source of successes and of the
-trajectories that preference pairs compare against).
-
-Outputs, one row per sample, each with `weight` and `metadata` (lineage, source, judges):
-- SFT (OpenAI chat format) and ShareGPT (LLaMA-Factory): a hindsight sample is the run cut
-  after the last step that evidences its achieved goal (agenther.evidence.goal: `sample_end`), with its
-  FIRST user turn replaced by the hindsight prompt (system and later user turns inside the cut
-  stay: extract rejected any that ask for something the sample does not do), ending on an
-  assistant turn. Its assistant turns that do not contribute (failed or repeated calls, reads
-  nothing uses) stay as context with a per-message `weight` 0, the others weigh 1 (OpenAI's
-  assistant-message weight; ShareGPT rows carry the same as `metadata.turn_weights`).
-  Successes join with their original prompt when `include_successes`.
-- DPO (TRL conversational preference), two kinds:
-  natural: a success and a failure of one task; prompt = their shared opening, chosen = the
-  success's continuation, rejected = the failure's.
-  hindsight: prompt = [system, hindsight prompt], chosen = the relabeled trajectory,
-  rejected = a trajectory of the same task that lacks some of the chosen's tool calls.
-
-Weight direction: severity 0 is a near miss, 1 is "nothing of the goal done" (schema.CLASSIFIED).
-A hindsight sample weighs max(min_weight, 1 - weight_alpha * severity): near misses count fully,
-runs that wandered far from their goal count less. Successes and natural pairs weigh 1.
-
-Every accepted relabel ends as exactly one hindsight sample or one rejection (stage "package":
-duplicate_prompt, near_duplicate_prompt, unexportable), so counts reconcile. A hindsight
-sample is kept only if BOTH its SFT and ShareGPT rows validate, so the two files hold the
-same samples. Successes that cannot be exported are counted, not rejected (they were never
-relabel candidates).
+Everything here is read back from the work folder, so the summary is the same whether
+the stages ran in one process (`agenther run`) or in several (`dvc repro`, Prefect).
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 import polars as pl
 
-from agenther import schema
-from agenther.evidence.goal import AchievedGoal, first_user_index, sample_messages
-from agenther.export import formats as exports
+import agenther
+from agenther import prompts
 from agenther.export.card import render_dataset_card
-from agenther.export.dedup import dedup_prompts
-from agenther.export.files import SortedJsonlSink
-from agenther.export.schemas import validate_dpo, validate_sft
-from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter, iter_batches
+from agenther.llm import BUDGET_EXHAUSTED, Usage
+from agenther.params import params_hash
+from agenther.providers import LLMs
+from agenther.stages.samples import Exported, export_samples
+from agenther.tables import batch_rows, gate_table, read_table, scan_columns, write_table
+from agenther.workdir import read_stats, write_text_atomic
 
-STAGE = "package"
-DEFAULTS = {
-    "weight_alpha": 0.5,
-    "min_weight": 0.2,
-    "include_successes": True,
-    "near_dup_threshold": 0.9,
-    "max_pairs_per_task": 4,
-}
-COUNTS = (  # Packaged.counts keys; hindsight_samples + rejections = accepted_in
-    *("accepted_in", "hindsight_samples", "success_samples", "success_unexportable"),
-    *("duplicates", "near_duplicates", "unexportable", "sharegpt_assistant_text_dropped"),
-    *("dpo_natural", "dpo_natural_skipped", "dpo_hindsight", "dpo_hindsight_unpaired", "dpo_invalid"),
-)
-
-__all__ = ["Exported", "export_samples", "package_into", "render_dataset_card", "sample_weight"]
+LLM_STAGES = ("classify", "extract", "relabel", "verify")
 
 
-@dataclass
-class Exported:
-    """What the package stage wrote: the files are in its output folder."""
-    rejections: pl.DataFrame  # schema.REJECTION rows, stage "package"
-    counts: dict  # COUNTS
-    digests: dict[str, str]  # file name -> sha256 (the exports and dataset_info.json)
-    rows: dict[str, int]  # sft / dpo / sharegpt -> rows written
+def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
+    classified_path = gate_table(work, "classified", params)  # big: read in batches
+    verified = read_table(work, "verified", params)  # small: one row per judged relabel
+    lineage = {
+        "agenther_version": agenther.__version__,
+        "params_hash": params_hash(params),
+        "models": {"relabel": llms.main_name(), "judges": llms.judge_names(params)},
+        "prompt_hashes": prompts.all_hashes(),
+    }
+    packaged = export_samples(verified.filter(pl.col("verified")), classified_path, params["package"], lineage, out,
+                              batch_rows(params))
+    rejected = pl.concat([read_table(work, f"{s}_rejected", params) for s in ("extract", "relabel", "verify")]
+                         + [packaged.rejections])
+    write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
+    classified = scan_columns(classified_path, ["is_failure", "recoverable", "failure_type", "source_format"])
+    summary = summarize(params, work, classified, verified, packaged, rejected, lineage, llms)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / "dataset_card.md", render_dataset_card(summary))
+    return summary
 
 
-# --- message helpers ---------------------------------------------------------------------
+def _by_reason(rejected: pl.DataFrame, stage: str) -> dict[str, int]:
+    return dict(sorted(Counter(rejected.filter(pl.col("stage") == stage)["reason"].to_list()).items()))
 
 
-def sample_weight(severity: float | None, alpha: float, min_weight: float) -> float:
-    """max(min_weight, 1 - alpha * severity); unknown severity counts as the worst (1)."""
-    s = 1.0 if severity is None else min(1.0, max(0.0, float(severity)))
-    return round(max(float(min_weight), 1.0 - float(alpha) * s), 6)
+def _usage(stats: dict) -> Usage:
+    return Usage(**stats.get("usage", {}))
 
 
-def trim_trailing(messages: list[dict]) -> list[dict]:
-    """Cut after the last assistant turn: a training sample ends where the model last spoke."""
-    end = len(messages)
-    while end and messages[end - 1]["role"] != "assistant":
-        end -= 1
-    return list(messages[:end])
-
-
-def hindsight_messages(row: dict) -> list[dict]:
-    """The hindsight sample of an accepted relabel (goal.sample_messages), each assistant turn
-    weighted 1 (trains) or 0 (context only), ending on an assistant turn."""
-    goal = AchievedGoal.model_validate_json(row["achieved_goal"])
-    train = set(goal.train_steps)
-    sample = sample_messages(row["messages"], goal, row["hindsight_prompt"])
-    return trim_trailing([{**m, "weight": int(i in train)} if m["role"] == "assistant" else m
-                          for i, m in enumerate(sample)])
-
-
-def _canonical_args(arguments: str | None) -> str:
-    try:
-        return json.dumps(json.loads(arguments or "{}"), sort_keys=True, separators=(",", ":"))
-    except json.JSONDecodeError:
-        return arguments or ""
-
-
-def tool_evidence(messages: list[dict]) -> frozenset[tuple[str, str]]:
-    """What a run did, as (tool name, canonical JSON arguments) of its assistant tool calls."""
-    return frozenset(
-        (call["name"], _canonical_args(call.get("arguments")))
-        for m in messages
-        if m["role"] == "assistant"
-        for call in m.get("tool_calls") or []
-    )
-
-
-def _turn_key(message: dict) -> tuple:
-    """A turn's content without call ids (ids are random per run, so two trials never share them)."""
-    calls = tuple((c["name"], _canonical_args(c.get("arguments"))) for c in message.get("tool_calls") or [])
-    return (message["role"], message.get("content") or "", calls)
-
-
-def _remap_call_ids(messages: list[dict], mapping: dict[str, str]) -> list[dict]:
-    return [
-        {**m, "tool_call_id": mapping.get(m.get("tool_call_id"), m.get("tool_call_id"))}
-        if m["role"] == "tool"
-        else m
-        for m in messages
-    ]
-
-
-# --- DPO pairs -----------------------------------------------------------------------------
-
-
-def natural_pair(success: list[dict], failure: list[dict]) -> tuple[list, list, list, bool] | None:
-    """(prompt, chosen, rejected, prompt_shared) for a success and a failure of one task, or None.
-
-    The prompt is the longest shared opening of the two runs, cut back until it ends on a
-    user or tool turn that both runs answer with an assistant turn. It always reaches the first
-    user turn: when the runs differ before that (tau-bench's simulated user words its opening
-    differently in every trial), the prompt is the success's opening and `prompt_shared` is False.
-    """
-    fs, ff = first_user_index(success), first_user_index(failure)
-    if fs is None or ff is None:
-        return None
-    common = 0
-    while common < min(len(success), len(failure)) and _turn_key(success[common]) == _turn_key(
-        failure[common]
-    ):
-        common += 1
-    cut = None
-    for k in range(common, fs, -1):  # never shorter than system + first user turn
-        if (
-            success[k - 1]["role"] in ("user", "tool")
-            and k < len(success)
-            and k < len(failure)
-            and success[k]["role"] == "assistant"
-            and failure[k]["role"] == "assistant"
-        ):
-            cut = k
-            break
-    if cut is not None:
-        # The prompt is the success's copy; the failure's results must answer its call ids.
-        mapping = {
-            fc["id"]: sc["id"]
-            for fm, sm in zip(failure[:cut], success[:cut], strict=True)
-            for fc, sc in zip(fm.get("tool_calls") or [], sm.get("tool_calls") or [], strict=False)
-        }
-        prompt, chosen, rejected = success[:cut], success[cut:], _remap_call_ids(failure[cut:], mapping)
-        shared = True
-    else:
-        prompt, chosen, rejected = success[: fs + 1], success[fs + 1 :], failure[ff + 1 :]
-        shared = common >= fs + 1
-    chosen, rejected = trim_trailing(chosen), trim_trailing(rejected)
-    if not chosen or not rejected or chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
-        return None
-    if [_turn_key(m) for m in chosen] == [_turn_key(m) for m in rejected]:
-        return None
-    return prompt, chosen, rejected, shared
-
-
-def hindsight_rejected(chosen_row: dict, same_task: list[dict]) -> tuple[dict, list[dict]] | None:
-    """The first trajectory (by id) of the same task that lacks one of the chosen's tool calls.
-
-    Lacking a call, not merely differing: a run that made every call the relabeled run made
-    (and more) may well satisfy the hindsight prompt too, so it is no safe negative.
-    """
-    evidence = tool_evidence(chosen_row["messages"])
-    for other in same_task:
-        if other["id"] == chosen_row["id"] or not (evidence - tool_evidence(other["messages"])):
-            continue
-        fu = first_user_index(other["messages"])
-        rejected = trim_trailing(other["messages"][fu + 1 :]) if fu is not None else []
-        if rejected and rejected[0]["role"] == "assistant":
-            return other, rejected
-    return None
-
-
-# --- metadata ------------------------------------------------------------------------------
-
-
-def _lineage_meta(lineage: dict) -> dict:
+def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.DataFrame, packaged: Exported,
+              rejected: pl.DataFrame, lineage: dict, llms: LLMs) -> dict:
+    ingest = read_stats(work, "ingest")
+    stats = {s: read_stats(work, s) for s in ("extract", "relabel", "verify")}
+    failures = classified.filter(pl.col("is_failure"))
+    accepted = int(verified["verified"].sum()) if verified.height else 0
+    judges = {}
+    for name in params["verify"]["judges"]:
+        verdicts = [j["accept"] for row in verified["judgements"].to_list() for j in row if j["judge"] == name]
+        judges[name] = {"accepted": sum(verdicts), "rejected": len(verdicts) - sum(verdicts),
+                        "not_asked": verified.height - len(verdicts)}
+    stages = {
+        "ingest": {"in": ingest["records_in"], "out": ingest["trajectories"], "quarantined": ingest["quarantined"]},
+        "classify": {
+            "in": classified.height, "failures": failures.height, "successes": classified.height - failures.height,
+            "recoverable": int(failures["recoverable"].sum()) if failures.height else 0,
+            "by_failure_type": dict(sorted(Counter(failures["failure_type"].to_list()).items())),
+        },
+        "extract": {"in": stats["extract"]["in"], "out": stats["extract"]["out"], "rejected": _by_reason(rejected, "extract")},
+        "relabel": {"in": stats["relabel"]["in"], "out": stats["relabel"]["out"], "rejected": _by_reason(rejected, "relabel")},
+        "verify": {"in": stats["verify"]["in"], "out": accepted, "rejected": _by_reason(rejected, "verify"),
+                   "policy": params["verify"]["policy"], "judges": judges},
+        "package": {"in": accepted, **packaged.counts, "rejected": _by_reason(rejected, "package")},
+    }
+    n_rejected = {s: stats[s]["rejected"] for s in stats}
+    checks = {
+        "ingest: records_in = trajectories + quarantined":
+            ingest["records_in"] == ingest["trajectories"] + ingest["quarantined"] == classified.height
+            + ingest["quarantined"],
+        "extract: failures = extracted + rejected":
+            failures.height == stats["extract"]["in"] == stats["extract"]["out"] + n_rejected["extract"],
+        "relabel: in = relabeled + rejected": stats["relabel"]["in"] == stats["relabel"]["out"] + n_rejected["relabel"],
+        "verify: in = accepted + rejected": stats["verify"]["in"] == accepted + n_rejected["verify"],
+        "package: accepted = hindsight samples + rejected":
+            accepted == packaged.counts["hindsight_samples"] + packaged.rejections.height,
+        "run: failures = hindsight samples + all rejections":
+            failures.height == packaged.counts["hindsight_samples"] + rejected.height,
+    }
+    usage = {s: _usage(read_stats(work, s)) for s in LLM_STAGES}
+    total = Usage.total(usage.values())
     return {
-        "agenther_version": lineage.get("agenther_version"),
-        "params_hash": lineage.get("params_hash"),
-        "models": lineage.get("models") or {},
-        "prompt_hashes": lineage.get("prompt_hashes") or {},
+        "input": {"path": str(params["ingest"]["input"]), "format": params["ingest"]["format"],
+                  "limit": params["ingest"]["limit"]},
+        "source_formats": sorted(set(classified["source_format"].to_list())),
+        "stages": stages,
+        "gates": {
+            "relabel_confidence_threshold": params["relabel"]["confidence_threshold"],
+            "relabels_proposed": stats["relabel"]["in"],
+            "passed_confidence_gate": stats["relabel"]["out"],
+            "passed_judges": accepted,
+            "exported_hindsight_samples": packaged.counts["hindsight_samples"],
+        },
+        "reconciliation": {"ok": all(checks.values()), "checks": checks},
+        "llm": {s: _rounded(u) for s, u in usage.items()} | {"total": _rounded(total)}
+               | _accounting(params, total, rejected, accepted),
+        "exports": {"files": packaged.digests, **packaged.rows},
+        "lineage": lineage,
+        "notes": llms.notes(),
     }
 
 
-def _judges(row: dict) -> list[dict]:
-    return [
-        {
-            "judge": j.get("judge"),
-            "model": j.get("model"),
-            "accept": j.get("accept"),
-            "confidence": None if j.get("confidence") is None else float(j["confidence"]),
-            "reason": j.get("reason"),
-        }
-        for j in row.get("judgements") or []
-    ]
-
-
-def _float(value: float | None) -> float | None:
-    return None if value is None else float(value)
-
-
-def _sample_meta(row: dict, kind: str, base: dict) -> dict:
-    hindsight = kind == "hindsight"
-    return base | {
-        "sample_id": f"{kind}:{row['id']}",
-        "kind": kind,
-        "trajectory_id": row["id"],
-        "source_file": row.get("source_file"),
-        "source_format": row.get("source_format"),
-        "task_key": row.get("task_key"),
-        "original_goal": row.get("goal"),
-        "failure_type": row.get("failure_type"),
-        "severity": _float(row.get("severity")),
-        "relabel_confidence": _float(row.get("relabel_confidence")) if hindsight else None,
-        "relabel_model": row.get("relabel_model") if hindsight else None,
-        "judges": _judges(row) if hindsight else [],
+def _accounting(params: dict, total: Usage, rejected: pl.DataFrame, accepted: int) -> dict:
+    """Budget and cost per accepted sample, from the stages' recorded usage and rejections,
+    so they hold when the stages ran in separate processes too."""
+    p = params["llm"]
+    tokens = total.prompt_tokens + total.completion_tokens
+    undone = rejected.filter((pl.col("reason") == BUDGET_EXHAUSTED)
+                             | pl.col("detail").str.starts_with(BUDGET_EXHAUSTED))
+    left = dict(sorted(Counter(undone["stage"].to_list()).items()))
+    limit = {"usd": p.get("budget_usd"), "tokens": p.get("budget_tokens")}
+    reached = ((limit["usd"] is not None and total.cost_usd >= float(limit["usd"]))
+               or (limit["tokens"] is not None and tokens >= int(limit["tokens"])))
+    return {
+        "budget": {"limit": limit, "spent": {"usd": round(total.cost_usd, 6), "tokens": tokens},
+                   "exhausted": bool(reached or left or total.budget_refused), "refused_calls": total.budget_refused,
+                   "records_left_undone": left},
+        "accepted_samples": accepted,
+        "cost_per_accepted_sample_usd": round(total.cost_usd / accepted, 6) if accepted else None,
+        "tokens_per_accepted_sample": round(tokens / accepted, 1) if accepted else None,
     }
 
 
-# --- the stage -----------------------------------------------------------------------------
-
-
-# Columns of `classified` that say which rows package needs, read for the whole table (small).
-LIGHT = ["id", "task_key", "success", "is_failure"]
-
-
-Batches = Callable[..., Iterable[pl.DataFrame]]  # batches(columns=None): the table, a batch at a time
-
-
-def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict, lineage: dict,
-                 batch_rows: int = DEFAULT_BATCH_ROWS) -> tuple[pl.DataFrame, dict]:
-    """package() over a `classified` table read in batches, rows to `sink.add(file, row)`.
-
-    Memory is bounded by a batch, not by the table: accepted relabels are few (one per judged
-    LLM answer) and held whole; `classified` is read three times: its light columns (which
-    tasks can pair), then batch by batch (successes go straight out; rows of tasks that can
-    pair are spilled to Parquet buckets of about `batch_rows` rows, whole tasks per bucket),
-    then bucket by bucket for the preference pairs. Returns (rejections, counts)."""
-    p = DEFAULTS | (params or {})
-    base = _lineage_meta(lineage or {})
-    counts = dict.fromkeys(COUNTS, 0)
-    rejections: list[dict] = []
-
-    accepted = (
-        verified.filter(pl.col("verified").fill_null(False)) if "verified" in verified.columns else verified
-    )
-    rows = sorted(accepted.to_dicts(), key=lambda r: r["id"])
-    counts["accepted_in"] = len(rows)
-    by_id = {r["id"]: r for r in rows}
-
-    def emit(name: str, row: dict) -> None:
-        if name == "sharegpt.jsonl":
-            counts["sharegpt_assistant_text_dropped"] += row["metadata"]["assistant_text_dropped"]
-        sink.add(name, row)
-
-    # 1. Dedup the hindsight prompts (an empty prompt is no sample at all).
-    with_prompt = []
-    for r in rows:
-        if (r.get("hindsight_prompt") or "").strip():
-            with_prompt.append(r)
-        else:
-            rejections.append(
-                schema.rejection(r["id"], STAGE, "unexportable", "accepted without a hindsight prompt")
-            )
-            counts["unexportable"] += 1
-    result = dedup_prompts(
-        [(r["id"], r["hindsight_prompt"], r.get("relabel_confidence")) for r in with_prompt],
-        float(p["near_dup_threshold"]),
-    )
-    for d in result.dropped:
-        counts["duplicates" if d.reason == "duplicate_prompt" else "near_duplicates"] += 1
-        rejections.append(
-            schema.rejection(
-                d.id,
-                STAGE,
-                d.reason,
-                f"hindsight prompt duplicates the one kept for {d.kept_id} (similarity {d.similarity})",
-            )
-        )
-
-    # 2. Hindsight SFT + ShareGPT samples: both rows must validate, or neither is written.
-    hindsight_kept = []
-    for row_id in sorted(result.kept):
-        r = by_id[row_id]
-        weight = sample_weight(r.get("severity"), p["weight_alpha"], p["min_weight"])
-        try:
-            messages = hindsight_messages(r)
-            pair = _sample_rows(messages, r, weight, _sample_meta(r, "hindsight", base))
-        except ValueError as exc:
-            rejections.append(schema.rejection(row_id, STAGE, "unexportable", str(exc)))
-            counts["unexportable"] += 1
-            continue
-        emit("sft.jsonl", pair[0])
-        emit("sharegpt.jsonl", pair[1])
-        hindsight_kept.append((r, weight))
-    counts["hindsight_samples"] = len(hindsight_kept)
-
-    # 3. Which tasks can pair: a success and a failure (natural), or a kept relabel and another run.
-    light = pl.concat(list(classified(columns=LIGHT)) or [schema.empty({c: schema.CLASSIFIED[c] for c in LIGHT})])
-    per_task = (light.filter(pl.col("task_key").is_not_null()).group_by("task_key")
-                .agg(pl.len().alias("rows"), pl.col("success").eq(True).any().alias("has_success"),
-                     (pl.col("is_failure").eq(True) & pl.col("success").ne_missing(True)).any().alias("has_failure")))
-    hindsight_tasks = {r.get("task_key") for r, _ in hindsight_kept}
-    pairable = per_task.filter((pl.col("has_success") & pl.col("has_failure"))
-                               | (pl.col("task_key").is_in(list(hindsight_tasks)) & (pl.col("rows") > 1)))
-    bucket_of = _buckets(pairable.sort("task_key").select("task_key", "rows").iter_rows(), batch_rows)
-    del light, per_task, pairable
-
-    # 4. One pass over every row: successes out, rows of pairable tasks spilled to their bucket.
-    with tempfile.TemporaryDirectory(prefix="agenther-package-") as spill_dir:
-        spills = _Spills(Path(spill_dir), max(bucket_of.values(), default=-1) + 1)
-        for batch in classified():
-            for r in batch.to_dicts():
-                if p["include_successes"] and r.get("success") is True:
-                    try:
-                        pair = _sample_rows(trim_trailing(r["messages"]), r, 1.0, _sample_meta(r, "success", base))
-                    except ValueError:
-                        counts["success_unexportable"] += 1
-                    else:
-                        emit("sft.jsonl", pair[0])
-                        emit("sharegpt.jsonl", pair[1])
-                        counts["success_samples"] += 1
-            spills.add(batch, bucket_of)
-        spills.close()
-
-        # 5. Preference pairs, one bucket (a few whole tasks) at a time.
-        kept_by_task: dict[str, list[tuple[dict, float]]] = defaultdict(list)
-        for r, weight in hindsight_kept:
-            kept_by_task[r.get("task_key")].append((r, weight))
-        done: set[str] = set()
-        for bucket in spills.read():
-            by_task: dict[str, list[dict]] = defaultdict(list)
-            for r in sorted(bucket, key=lambda r: r["id"]):
-                by_task[r["task_key"]].append(r)
-            for row in _natural_pairs(by_task, int(p["max_pairs_per_task"]), base, counts):
-                emit("dpo.jsonl", row)
-            kept_here = [k for task in sorted(by_task) for k in kept_by_task.get(task, [])]
-            for row in _hindsight_pairs(kept_here, by_task, base, counts):
-                emit("dpo.jsonl", row)
-            done.update(r["id"] for r, _ in kept_here)
-    unpaired = [k for k in hindsight_kept if k[0]["id"] not in done]  # a task with no other run
-    for row in _hindsight_pairs(unpaired, {}, base, counts):
-        emit("dpo.jsonl", row)
-
-    return (schema.frame(sorted(rejections, key=lambda x: (x["id"], x["reason"])), schema.REJECTION), counts)
-
-
-def _buckets(tasks: Iterable[tuple[str, int]], batch_rows: int) -> dict[str, int]:
-    """task -> bucket number: consecutive tasks (in key order) fill a bucket up to batch_rows rows;
-    a task is never split (a task bigger than that gets a bucket of its own)."""
-    bucket_of, bucket, filled = {}, 0, 0
-    for task, rows in tasks:
-        if filled and filled + rows > batch_rows:
-            bucket, filled = bucket + 1, 0
-        bucket_of[task] = bucket
-        filled += rows
-    return bucket_of
-
-
-class _Spills:
-    """Rows of pairable tasks, appended to one Parquet file per bucket, read back bucket by bucket."""
-
-    def __init__(self, folder: Path, buckets: int):
-        self.writers = [TableWriter(folder / f"bucket-{b:05d}.parquet", schema.CLASSIFIED) for b in range(buckets)]
-
-    def add(self, batch: pl.DataFrame, bucket_of: dict[str, int]) -> None:
-        if not self.writers:
-            return
-        numbered = batch.with_columns(
-            pl.col("task_key").replace_strict(bucket_of, default=None, return_dtype=pl.Int64).alias("_bucket"))
-        for (bucket,), part in numbered.filter(pl.col("_bucket").is_not_null()).group_by("_bucket"):
-            self.writers[int(bucket)].write(part.drop("_bucket"))
-
-    def close(self) -> None:
-        for w in self.writers:
-            w.close()
-
-    def read(self) -> Iterator[list[dict]]:
-        for w in self.writers:
-            yield pl.read_parquet(w.path).to_dicts()
-
-
-def _sample_rows(messages: list[dict], row: dict, weight: float, meta: dict) -> tuple[dict, dict]:
-    """The SFT and ShareGPT rows of one sample; ValueError (with the reason) if either is invalid."""
-    tools = exports.parse_tools(row.get("tools"))
-    sft = exports.sft_row(messages, tools, weight, meta)
-    validate_sft(sft)
-    return sft, exports.sharegpt_row(messages, tools, weight, meta)
-
-
-def _natural_pairs(by_task: dict[str, list[dict]], cap: int, base: dict, counts: dict) -> list[dict]:
-    """Each failure (by id) with the first success (by id) that makes a valid pair; `cap` per task."""
-    out = []
-    for task in sorted(by_task):
-        successes = [r for r in by_task[task] if r.get("success") is True]
-        failures = [r for r in by_task[task] if r.get("is_failure") is True and r.get("success") is not True]
-        made = 0
-        for f in failures:
-            if made >= cap:
-                break
-            for s in successes:
-                pair = natural_pair(s["messages"], f["messages"])
-                if pair is None:
-                    continue
-                prompt, chosen, rejected, shared = pair
-                meta = _sample_meta(s, "natural", base) | {
-                    "sample_id": f"natural:{s['id']}|{f['id']}",
-                    "chosen_id": s["id"],
-                    "rejected_id": f["id"],
-                    "prompt_shared": shared,
-                    # the losing side's diagnosis: what went wrong in the rejected run
-                    "failure_type": f.get("failure_type"),
-                    "severity": _float(f.get("severity")),
-                }
-                if _append_valid(out, prompt, chosen, rejected, s, 1.0, meta, counts):
-                    counts["dpo_natural"] += 1
-                    made += 1
-                break
-            else:
-                if successes:
-                    counts["dpo_natural_skipped"] += 1
-    return out
-
-
-def _hindsight_pairs(
-    kept: list[tuple[dict, float]], by_task: dict[str, list[dict]], base: dict, counts: dict
-) -> list[dict]:
-    out = []
-    for r, weight in kept:
-        sample = hindsight_messages(r)
-        found = hindsight_rejected(r | {"messages": sample}, by_task.get(r.get("task_key"), []))
-        fu = first_user_index(sample)
-        chosen = sample[fu + 1 :]
-        if found is None or not chosen or chosen[0]["role"] != "assistant":
-            counts["dpo_hindsight_unpaired"] += 1
-            continue
-        other, rejected = found
-        system = [m for m in sample[:fu] if m["role"] == "system"]
-        prompt = [*system, {"role": "user", "content": r["hindsight_prompt"]}]
-        meta = _sample_meta(r, "hindsight", base) | {
-            "sample_id": f"hindsight:{r['id']}|{other['id']}",
-            "chosen_id": r["id"],
-            "rejected_id": other["id"],
-            "prompt_shared": False,  # neither run saw the hindsight prompt
-        }
-        if _append_valid(out, prompt, chosen, rejected, r, weight, meta, counts):
-            counts["dpo_hindsight"] += 1
-    return out
-
-
-def _append_valid(
-    out: list,
-    prompt: list,
-    chosen: list,
-    rejected: list,
-    source: dict,
-    weight: float,
-    meta: dict,
-    counts: dict,
-) -> bool:
-    try:
-        row = exports.dpo_row(
-            prompt, chosen, rejected, exports.parse_tools(source.get("tools")), weight, meta
-        )
-        validate_dpo(row)
-    except ValueError:
-        counts["dpo_invalid"] += 1  # e.g. a tool result without its call: never write a broken pair
-        return False
-    out.append(row)
-    return True
-
-
-def export_samples(verified: pl.DataFrame, classified: Path, params: dict, lineage: dict, out: Path,
-                   batch_rows: int = DEFAULT_BATCH_ROWS) -> Exported:
-    """The package stage's product: `package_into` over the classified table at `classified`
-    (read in batches), its rows written to the export files in `out` (sorted by sample id,
-    bounded memory: SortedJsonlSink)."""
-    sink = SortedJsonlSink(out, batch_rows)
-    rejections, counts = package_into(
-        sink, verified, lambda columns=None: iter_batches(classified, batch_rows, columns), params, lineage, batch_rows)
-    digests = sink.close()
-    return Exported(rejections, counts, digests, {name.removesuffix(".jsonl"): n for name, n in sink.rows.items()})
+def _rounded(u: Usage) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in vars(u).items()}

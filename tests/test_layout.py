@@ -1,0 +1,98 @@
+"""The code's shape, checked: dvc.yaml lists exactly the code each stage runs, no module imports
+itself back (no cycles), and the product never imports the dev tooling."""
+
+from __future__ import annotations
+
+import pkgutil
+
+import yaml
+from conftest import ROOT
+
+import agenther
+from agenther.workdir import STAGES
+from tasks.caching import agenther_imports, agenther_modules, module_file
+
+
+def stage_code(stage: str) -> set[str]:
+    """The .py files `agenther stage <stage>` runs: the runner and the stage's module, every agenther
+    module they import (inside functions too), and the packages those live in."""
+    names = set(agenther_modules("agenther.runner", f"agenther.stages.{stage}"))
+    names |= {name.rsplit(".", depth)[0] for name in names for depth in range(1, name.count(".") + 1)}
+    return {str(module_file(name).relative_to(ROOT)) for name in names}
+
+
+def dvc_code_deps(stage: str) -> set[str]:
+    """The .py files a dvc.yaml stage lists as deps (a listed folder stands for its .py files)."""
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    files: set[str] = set()
+    for dep in deps:
+        path = ROOT / dep
+        if dep.startswith("agenther/") and path.is_dir():
+            files |= {str(p.relative_to(ROOT)) for p in path.rglob("*.py")}
+        elif dep.endswith(".py"):
+            files.add(dep)
+    return files
+
+
+def test_dvc_yaml_lists_exactly_the_code_each_stage_runs():
+    for stage in STAGES:
+        expected, listed = stage_code(stage), dvc_code_deps(stage)
+        assert listed == expected, (f"dvc.yaml stage {stage}: missing {sorted(expected - listed)}, "
+                                    f"not imported {sorted(listed - expected)}")
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {m.name for m in pkgutil.walk_packages(agenther.__path__, "agenther.")} | {"agenther"}
+    graph = {}
+    for name in modules:
+        path = module_file(name)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = (agenther_imports(package, path.read_text(encoding="utf-8")) & modules) - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = {stack.pop()}
+            while v not in component:
+                component.add(stack.pop())
+            if len(component) > 1:
+                found.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_among_agenther_modules():
+    graph = import_graph()
+    assert {"agenther.runner", "agenther.stages.verify", "agenther.tables"} <= graph.keys()  # the walk found them
+    assert "agenther.stages.relabel" in graph["agenther.stages.verify"]  # and their imports
+    assert cycles(graph) == []
+
+
+def test_cycles_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_the_product_does_not_import_the_dev_tooling():
+    graph = import_graph()
+    product = [m for m in graph if not m.startswith("agenther.devtools") and m != "agenther.cli"]
+    assert "agenther.devtools.s3_cli" in graph["agenther.cli"]  # `agenther s3` (the walk sees the edge)
+    assert not [m for m in product if any(i.startswith("agenther.devtools") for i in graph[m])]
