@@ -97,3 +97,13 @@ def package(verified, classified, params: dict, lineage: dict, batch_rows: int =
         rows = {name: [json.loads(line) for line in (folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
                 for name in ("sft", "dpo", "sharegpt")}
     return SimpleNamespace(**rows, rejections=exported.rejections, counts=exported.counts, digests=exported.digests)
+
+
+def list_keys(url: str, settings=None) -> list[str]:
+    """Every key under s3://bucket/prefix, sorted: what a test finds in the store."""
+    from agenther.s3 import parse_s3_url, s3_client
+
+    bucket, prefix = parse_s3_url(url)
+    paginator = s3_client(settings).get_paginator("list_objects_v2")
+    pages = paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))

