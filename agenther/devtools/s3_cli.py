@@ -100,13 +100,12 @@ def start(root: Path, state: Path, port: int) -> int:
 
 def stop(root: Path, state: Path, port: int) -> int:
     pid = running_pid(state)
+    if pid and not stop_process(pid, timeout_s=20):
+        raise SeaweedError(f"could not stop pid {pid}")
+    (state / "weed.pid").unlink(missing_ok=True)  # also a stale one
     if not pid:
         print("agenther s3: not running")
-        (state / "weed.pid").unlink(missing_ok=True)
         return 0
-    if not stop_process(pid, timeout_s=20):
-        raise SeaweedError(f"could not stop pid {pid}")
-    (state / "weed.pid").unlink(missing_ok=True)
     with contextlib.suppress(OSError, ValueError):
         remove_grpc_sockets(json.loads((state / "weed.ports.json").read_text()))
     print(f"agenther s3: stopped (pid {pid}); data kept in {os.path.relpath(state, Path.cwd())}/weed")
