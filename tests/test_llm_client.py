@@ -259,11 +259,10 @@ def test_token_budget_ends_the_run_cleanly_and_a_rerun_reuses_the_answers(tmp_pa
 
 def test_verify_budget_refusal_is_a_budget_rejection(tmp_path, llm_server):
     import polars as pl
-    from conftest import make_params
+    from conftest import ingest, make_params
 
     from agenther.stages.classify import classify
     from agenther.stages.extract import extract
-    from agenther.stages.ingest import ingest
     from agenther.stages.relabel import relabel
     from agenther.stages.verify import verify
 

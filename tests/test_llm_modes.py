@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import polars as pl
-from conftest import TAU, make_params
+from conftest import TAU, ingest, make_params
 from llm_server import prompt_kind
 
 from agenther.llm import LLMClient
 from agenther.stages.classify import classify
 from agenther.stages.extract import extract
-from agenther.stages.ingest import ingest
 
 
 def _client(server, tmp_path) -> LLMClient:

@@ -6,14 +6,13 @@ import json
 import re
 
 import pytest
-from conftest import TAU, make_params
+from conftest import TAU, ingest, make_params
 from llm_server import grounded_relabel, prompt_kind, user_text
 
 from agenther.evidence.goal import describe_action, describe_goal
 from agenther.llm import LLMClient
 from agenther.stages.classify import classify
 from agenther.stages.extract import extract
-from agenther.stages.ingest import ingest
 from agenther.stages.relabel import FACT_CHARS, FACTS, goal_of, relabel
 
 

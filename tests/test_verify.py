@@ -6,13 +6,12 @@ import json
 
 import polars as pl
 import pytest
-from conftest import TAU, make_params, whole_run_goal
+from conftest import TAU, ingest, make_params, whole_run_goal
 from llm_server import careful_except
 
 from agenther import schema
 from agenther.evidence.grounding import ungrounded
 from agenther.llm import LLMClient
-from agenther.stages.ingest import ingest
 from agenther.stages.verify import verify
 
 
