@@ -42,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--out", default="data/processed", help="folder of the datasets (package stage)")
     stage.add_argument("-v", "--verbose", action="store_true")
 
+    review = sub.add_parser("review", help="measure precision: sample relabels for people to label, score the labels")
+    actions = review.add_subparsers(dest="action", required=True)
+    sample = actions.add_parser("sample", help="write RUN_DIR/review/review.html (+ items.json, Label Studio import)")
+    sample.add_argument("run_dir", help="a run's folder (agenther run --out), with 04_verified.parquet")
+    sample.add_argument("--size", type=int, default=40, help="items (default 40)")
+    sample.add_argument("--seed", type=int, default=0)
+    score = actions.add_parser("score", help="precision of accepted relabels and judge agreement from label files")
+    score.add_argument("run_dir")
+    score.add_argument("labels", nargs="+", help="label files the review page downloaded (one per annotator)")
+
     s3_cli.add_parser(sub)
     return parser
 
@@ -77,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     # memory goes back to the system anyway; files are closed by their `with` blocks.
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "s3":
         return s3_cli.run(args)
+    if args.command == "review":
+        return _review(args)
     with stopping.on_signals():
         try:
             return _main(args)
@@ -143,6 +155,24 @@ def _stage(args: argparse.Namespace, params: dict) -> int:
     if args.name == "package":
         result = {"gates": result["gates"], "reconciled": result["reconciliation"]["ok"]}
     print(json.dumps({args.name: result}, sort_keys=True))
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "sample":
+            from agenther.review.sample import write_review
+
+            out = write_review(Path(args.run_dir), args.size, args.seed)
+            print(f"agenther review: open {out / 'review.html'} in a browser; label; download; then "
+                  f"agenther review score {args.run_dir} LABELS.json")
+        else:
+            from agenther.review.score import score_run
+
+            print(json.dumps(score_run(Path(args.run_dir), [Path(p) for p in args.labels]), indent=2, sort_keys=True))
+    except (OSError, ValueError) as exc:
+        print(f"agenther review: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

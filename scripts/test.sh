@@ -14,6 +14,14 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false LITELLM_LOCAL_MODEL_COST_MAP=True
 
 bash scripts/setup.sh --model smollm2-135m --model qwen2.5-coder-1.5b
 
+# The review page's test drives a real headless browser: Debian's chromium (playwright's Python
+# client talks to it; playwright's own browser downloads are never used).
+if ! command -v chromium >/dev/null; then
+    echo "test.sh: installing Debian's chromium (for tests/test_review.py)"
+    sudo=(); [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 status=0
 .venv/bin/python -m pytest -q tests "$@" || status=$?
 if [[ $status -eq 5 ]]; then

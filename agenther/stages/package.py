@@ -41,6 +41,9 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
     classified = scan_columns(classified_path, ["is_failure", "recoverable", "failure_type", "source_format"])
     summary = summarize(params, work, classified, verified, packaged, rejected, lineage, llms)
+    reviewed = out / "review" / "score.json"  # `agenther review score` of these relabels: kept on a rerun
+    if reviewed.exists():
+        summary["review"] = json.loads(reviewed.read_text())
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     write_text_atomic(out / "dataset_card.md", render_dataset_card(summary))
     return summary
