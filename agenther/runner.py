@@ -21,6 +21,7 @@ before any verify table is written.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -170,10 +171,10 @@ class _Outputs:
         if self.rejected is not None:
             self.rejected.write(result.rejected)
 
-    def finish(self, work: Path) -> dict:
+    def finish(self, work: Path, seconds: float) -> dict:
         """Close the tables (renamed into place) and write the stage's stats."""
         self.kept.close()
-        stats = {"in": self.n_in, "usage": vars(self.usage).copy()}
+        stats = {"in": self.n_in, "usage": vars(self.usage).copy(), "seconds": round(seconds, 3)}
         if self.rejected is not None:
             self.rejected.close()
             stats |= {"out": self.kept.rows, "rejected": self.rejected.rows}
@@ -191,6 +192,7 @@ def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LL
     """One table stage, or relabel + verify fused: each batch of the first stage's input goes
     through the executor's step; the fused verify's input is relabel's kept rows."""
     stages = [TABLE_STAGES[n] for n in names]
+    started = time.monotonic()
     with ExitStack() as stack:
         outputs = [_Outputs(s, work, stack) for s in stages]
         for batch in _batches(stages[0], work, params, executor):
@@ -204,7 +206,7 @@ def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LL
                 upstream = result.kept
         stats = {}
         for out in outputs:
-            stats[out.stage.name] = out.finish(work)
+            stats[out.stage.name] = out.finish(work, time.monotonic() - started)
             stamp_stage(out.stage.name, params, work)
             if out is not outputs[-1]:  # the fused verify's input passes its gate before verify's tables are written
                 gate_table(work, out.stage.kept, params)
@@ -236,7 +238,8 @@ def run_stages(names: tuple[str, ...], params: dict, work: Path, out_dir: Path, 
         together = FUSED if fuse and name == FUSED[0] and FUSED[1] in names else (name,)
         unstamp(work, *together)  # a stage stopped half-way leaves no stamp: its rerun runs it again
         if name == "ingest":
-            results[name] = executor.ingest(params, work)
+            started = time.monotonic()
+            results[name] = {**executor.ingest(params, work), "seconds": round(time.monotonic() - started, 3)}
             write_stats(work, name, results[name])
         elif name == "package":
             results[name] = executor.package(params, work, out_dir, llms)

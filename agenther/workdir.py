@@ -76,7 +76,7 @@ STAMPED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # stage: (input
 PACKAGE_FILES = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "dataset_info.json", "rejected.parquet",
                  "summary.json", "dataset_card.md")
 # Stats entries that say how a stage ran this time, not what it produced: not part of a stamp.
-RUN_ONLY_STATS = ("usage", "unchanged", "budget_carried_in")
+RUN_ONLY_STATS = ("usage", "unchanged", "budget_carried_in", "seconds")
 _CODE_DIGEST: list[str] = []
 
 

@@ -1,0 +1,149 @@
+"""report.html: a run at a glance, for a person. One self-contained file that opens offline: the
+charts are Vega-Lite specs made with altair and drawn by the vega-embed bundle inlined from
+vl-convert (no network), the tables plain HTML.
+
+What it shows: the stage funnel and every rejection reason, failure types and severity, relabel
+confidence of the judged relabels (accepted vs rejected), each judge's verdicts and how often two
+judges agree, LLM tokens, cost and time per stage, export sizes (and token lengths when the summary
+has them), and links to the Great Expectations results of the gates.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from itertools import combinations
+from pathlib import Path
+
+import polars as pl
+
+from agenther.workdir import STATS, read_stats
+
+LLM_STAGES = ("classify", "extract", "relabel", "verify")
+
+
+def _charts(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame, classified: pl.DataFrame,
+            seconds: dict[str, float]) -> list[tuple[str, dict]]:
+    import altair as alt
+
+    stages = summary["stages"]
+    charts = []
+    funnel = pl.DataFrame([{"stage": s, "records": stages[s]["in"]} for s in ("ingest", "classify", "extract",
+                                                                            "relabel", "verify")]
+                          + [{"stage": "accepted", "records": summary["gates"]["exported_hindsight_samples"]}])
+    charts.append(("Stage funnel: records in", alt.Chart(funnel).mark_bar().encode(
+        x=alt.X("stage:N", sort=None), y="records:Q", tooltip=["stage", "records"])))
+    if rejected.height:
+        reasons = rejected.group_by("stage", "reason").len("records")
+        charts.append(("Rejections by stage and reason", alt.Chart(reasons).mark_bar().encode(
+            y=alt.Y("stage:N", sort=["extract", "relabel", "verify", "package"]), x="records:Q", color="reason:N",
+            tooltip=["stage", "reason", "records"])))
+    failures = classified.filter(pl.col("is_failure"))
+    if failures.height:
+        charts.append(("Failure types", alt.Chart(failures.group_by("failure_type").len("failures")).mark_bar().encode(
+            x="failures:Q", y=alt.Y("failure_type:N", sort="-x"), tooltip=["failure_type", "failures"])))
+        charts.append(("Severity of the failures", alt.Chart(failures.select("severity")).mark_bar().encode(
+            x=alt.X("severity:Q", bin=alt.Bin(step=0.1)), y="count():Q")))
+    if verified.height:
+        judged = verified.select("relabel_confidence", pl.when(pl.col("verified")).then(pl.lit("accepted"))
+                                 .otherwise(pl.lit("rejected")).alias("verdict"))
+        charts.append(("Relabel confidence: accepted vs rejected by the judges", alt.Chart(judged).mark_bar(
+            opacity=0.7).encode(x=alt.X("relabel_confidence:Q", bin=alt.Bin(step=0.05)), y="count():Q",
+                                color="verdict:N")))
+        verdicts = _verdicts(verified)
+        charts.append(("Each judge's verdicts", alt.Chart(verdicts).mark_bar().encode(
+            x="count():Q", y="judge:N", color=alt.Color("verdict:N", scale=alt.Scale(
+                domain=["accept", "reject"], range=["#4a4", "#c44"])))))
+        agreement = _agreement(verdicts)
+        if agreement.height:
+            charts.append(("Agreement between judges (share of relabels both judged)", alt.Chart(agreement).mark_rect()
+                           .encode(x="judge_a:N", y="judge_b:N", color=alt.Color("agreement:Q", scale=alt.Scale(
+                               domain=[0, 1])), tooltip=["judge_a", "judge_b", "agreement", "both_judged"])))
+    llm = pl.DataFrame([{"stage": s, "prompt_tokens": summary["llm"][s]["prompt_tokens"],
+                         "completion_tokens": summary["llm"][s]["completion_tokens"],
+                         "cost_usd": summary["llm"][s]["cost_usd"], "seconds": seconds.get(s)}
+                        for s in LLM_STAGES if s in summary["llm"]])
+    tokens = llm.unpivot(["prompt_tokens", "completion_tokens"], index="stage", variable_name="kind", value_name="tokens")
+    charts.append(("LLM tokens per stage", alt.Chart(tokens).mark_bar().encode(
+        x=alt.X("stage:N", sort=list(LLM_STAGES)), y="tokens:Q", color="kind:N", tooltip=["stage", "kind", "tokens"])))
+    timing = pl.DataFrame([{"stage": s, "seconds": t} for s, t in seconds.items()])
+    if timing.height:
+        charts.append(("Time per stage (s)", alt.Chart(timing).mark_bar().encode(
+            x=alt.X("stage:N", sort=None), y="seconds:Q", tooltip=["stage", "seconds"])))
+    exports = pl.DataFrame([{"file": f"{n}.jsonl", "rows": summary["exports"].get(n, 0)}
+                            for n in ("sft", "dpo", "sharegpt")])
+    charts.append(("Export rows", alt.Chart(exports).mark_bar().encode(x="rows:Q", y="file:N")))
+    lengths = summary["exports"].get("token_lengths") or {}
+    if lengths:
+        rows = [{"file": f, "percentile": p, "tokens": v} for f, ps in lengths.items() if isinstance(ps, dict)
+                for p, v in ps.items() if isinstance(v, int | float)]
+        if rows:
+            charts.append(("Token lengths per export (percentiles)", alt.Chart(pl.DataFrame(rows)).mark_point().encode(
+                x="tokens:Q", y="file:N", color="percentile:N")))
+    return [(title, chart.properties(width=560).to_dict()) for title, chart in charts]
+
+
+def _verdicts(verified: pl.DataFrame) -> pl.DataFrame:
+    rows = [{"id": r["id"], "judge": j["judge"], "verdict": "accept" if j["accept"] else "reject"}
+            for r in verified.select("id", "judgements").to_dicts() for j in r["judgements"] or []]
+    return pl.DataFrame(rows, schema={"id": pl.String, "judge": pl.String, "verdict": pl.String})
+
+
+def _agreement(verdicts: pl.DataFrame) -> pl.DataFrame:
+    by_judge: dict[str, dict[str, str]] = {}
+    for row in verdicts.to_dicts():
+        by_judge.setdefault(row["judge"], {})[row["id"]] = row["verdict"]
+    rows = []
+    for a, b in combinations(sorted(by_judge), 2):
+        both = by_judge[a].keys() & by_judge[b].keys()
+        if both:
+            agree = sum(by_judge[a][i] == by_judge[b][i] for i in both) / len(both)
+            rows.append({"judge_a": a, "judge_b": b, "agreement": round(agree, 3), "both_judged": len(both)})
+    return pl.DataFrame(rows, schema={"judge_a": pl.String, "judge_b": pl.String, "agreement": pl.Float64,
+                                      "both_judged": pl.Int64})
+
+
+def _table(rows: list[tuple]) -> str:
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{body}</table>"
+
+
+def render_report(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame, classified: pl.DataFrame,
+                  work: Path, out: Path) -> str:
+    import altair as alt
+    import vl_convert
+
+    seconds = {}
+    for stage in STATS:
+        try:
+            if "seconds" in (stats := read_stats(work, stage)):
+                seconds[stage] = stats["seconds"]
+        except (OSError, ValueError):
+            continue
+    charts = _charts(summary, verified, rejected, classified, seconds)
+    gates = sorted((Path(work) / "gates").glob("*.json"))
+    links = "".join(f'<li><a href="{html.escape(Path(__import__("os").path.relpath(g, out)).as_posix())}">'
+                    f"{html.escape(g.stem)}</a></li>" for g in gates)
+    g = summary["gates"]
+    headline = _table([("records in", summary["stages"]["ingest"]["in"]),
+                       ("failures", summary["stages"]["classify"]["failures"]),
+                       ("relabels proposed", g["relabels_proposed"]), ("passed every judge", g["passed_judges"]),
+                       ("hindsight samples exported", g["exported_hindsight_samples"]),
+                       ("LLM calls", summary["llm"]["total"]["calls"]),
+                       ("counts reconcile", "yes" if summary["reconciliation"]["ok"] else "NO")])
+    divs = "".join(f'<h2>{html.escape(title)}</h2><div class="chart" id="chart{i}"></div>'
+                   for i, (title, _) in enumerate(charts))
+    specs = json.dumps([spec for _, spec in charts]).replace("</", "<\\/")
+    bundle = vl_convert.javascript_bundle(vl_version=alt.SCHEMA_VERSION.lstrip("v").rsplit(".", 1)[0].replace(".", "_"))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>agenther run report</title>
+<style>body{{font:15px/1.45 system-ui,sans-serif;max-width:64rem;margin:1.5rem auto;padding:0 1rem}}
+td{{padding:.15rem .8rem;border-bottom:1px solid #ddd}}h2{{font-size:1.05rem;margin-top:1.6rem}}</style>
+<script>{bundle.replace("</script", "<\\/script")}</script></head><body>
+<h1>agenther run report</h1>{headline}{divs}
+<h2>Great Expectations results of the gates</h2><ul>{links or "<li>no gate ran</li>"}</ul>
+<script>const specs = {specs};
+specs.forEach((spec, i) => vegaEmbed("#chart" + i, spec, {{actions: false, renderer: "svg"}})
+  .then(() => document.getElementById("chart" + i).dataset.drawn = "yes").catch(e => console.error(e)));</script>
+</body></html>
+"""
