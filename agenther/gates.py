@@ -36,6 +36,7 @@ import polars as pl
 
 from agenther import schema
 from agenther.adapters import FORMATS
+from agenther.params import DEFAULTS, check_section
 
 CONTRACTS: dict[str, dict[str, pl.DataType]] = {
     "trajectories": schema.TRAJECTORY,
@@ -81,21 +82,9 @@ class _Suite:
 
 
 def gate_params(params: dict | None) -> dict:
-    """The gates section, checked (bad bounds are a configuration error, not a data error)."""
-    from agenther.params import DEFAULTS, ParamsError
-
-    g = dict(DEFAULTS["gates"]) | dict((params or {}).get("gates") or {})
-    if int(g["min_rows_for_distribution"]) < 1:
-        raise ParamsError("gates.min_rows_for_distribution must be at least 1")
-    for key in ("severity", "relabel_confidence", "judge_confidence", "relabel_confidence_mean", "acceptance_rate"):
-        low, high = (float(v) for v in g[key])
-        if not 0.0 <= low <= high <= 1.0:
-            raise ParamsError(f"gates.{key} must be [low, high] within [0, 1], not {g[key]}")
-    if not 0.0 < float(g["max_failure_type_share"]) <= 1.0:
-        raise ParamsError("gates.max_failure_type_share must be within (0, 1]")
-    if float(g["relabel_confidence_min_stdev"]) < 0:
-        raise ParamsError("gates.relabel_confidence_min_stdev must be >= 0")
-    return g
+    """The gates section, with defaults for missing keys, checked (agenther.params: bad bounds
+    are a configuration error, a ParamsError, not a data error)."""
+    return check_section("gates", (params or {}).get("gates"))
 
 
 def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
@@ -109,7 +98,7 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
     gxe = _gx().expectations
     g = gate_params(params)
     stage = list(CONTRACTS).index(table)  # 0 trajectories .. 4 verified
-    min_rows = int(g["min_rows_for_distribution"])
+    min_rows = g["min_rows_for_distribution"]
     s = _Suite()
 
     def has(*cols: str) -> bool:
@@ -141,7 +130,7 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
         return s
 
     # Carried from classify to every later table: package weights samples by severity.
-    sev_low, sev_high = (float(v) for v in g["severity"])
+    sev_low, sev_high = g["severity"]
     between("severity", sev_low, sev_high, "0 = near miss .. 1 = nothing done; gates.severity")
     in_set("failure_type", [*schema.FAILURE_TYPES, schema.NOT_A_FAILURE])
     if table == "classified":
@@ -149,11 +138,11 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
         in_set("classify_mode", list(schema.CLASSIFY_MODES))
         if has("is_failure", "failure_type"):
             failures = df.filter(pl.col("is_failure") & pl.col("failure_type").is_not_null())
-            if failures.height >= min_rows and float(g["max_failure_type_share"]) < 1.0:
+            if failures.height >= min_rows and g["max_failure_type_share"] < 1.0:
                 # GX has no "share of each value" expectation (row conditions on the main batch
                 # cost ~20 ms each): the shares are a small sub-table, GX checks its values.
                 s.add("failure_type_shares", gxe.ExpectColumnValuesToBeBetween(
-                    column="share", min_value=0.0, max_value=float(g["max_failure_type_share"])),
+                    column="share", min_value=0.0, max_value=g["max_failure_type_share"]),
                     "share of one failure type among failures; one class for (nearly) every failure means a "
                     "collapsed classifier; gates.max_failure_type_share")
         return s
@@ -173,22 +162,22 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
         return s
 
     # relabeled and verified: the confidence a sample passed the confidence gate with
-    c_low, c_high = (float(v) for v in g["relabel_confidence"])
+    c_low, c_high = g["relabel_confidence"]
     between("relabel_confidence", c_low, c_high, "a confidence is a probability; gates.relabel_confidence")
     if table == "relabeled":
         r = params["relabel"]
         not_null("hindsight_prompt", "relabel_confidence", "relabel_attempts", "relabel_model")
-        between("relabel_confidence", float(r["confidence_threshold"]), None,
+        between("relabel_confidence", r["confidence_threshold"], None,
                 "only relabels at or above relabel.confidence_threshold pass the confidence gate")
-        between("relabel_attempts", 1, int(r["max_attempts"]), "1 .. relabel.max_attempts")
+        between("relabel_attempts", 1, r["max_attempts"], "1 .. relabel.max_attempts")
         if df.height >= min_rows and has("relabel_confidence"):
-            low, high = (float(v) for v in g["relabel_confidence_mean"])
+            low, high = g["relabel_confidence_mean"]
             s.add("main", gxe.ExpectColumnMeanToBeBetween(column="relabel_confidence", min_value=low, max_value=high),
                   "mean confidence near 0 or 1 means a collapsed relabeler (all 0 / all 1); "
                   "gates.relabel_confidence_mean")
-            if float(g["relabel_confidence_min_stdev"]) > 0:
+            if g["relabel_confidence_min_stdev"] > 0:
                 s.add("main", gxe.ExpectColumnStdevToBeBetween(
-                    column="relabel_confidence", min_value=float(g["relabel_confidence_min_stdev"])),
+                    column="relabel_confidence", min_value=g["relabel_confidence_min_stdev"]),
                     "one confidence for every relabel; gates.relabel_confidence_min_stdev")
         return s
 
@@ -196,12 +185,12 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
     not_null("verified", "judgements")
     between("judgements", 1, None, "every row was judged at least once (a list column: checked as its length)")
     if df.height >= min_rows and has("verified"):
-        low, high = (float(v) for v in g["acceptance_rate"])
+        low, high = g["acceptance_rate"]
         s.add("main", gxe.ExpectColumnMeanToBeBetween(column="verified", min_value=low, max_value=high),
               "share of relabels the judges accepted; (nearly) 100% means the judges rubber-stamp; "
               "gates.acceptance_rate")
     if has("judgements"):
-        j_low, j_high = (float(v) for v in g["judge_confidence"])
+        j_low, j_high = g["judge_confidence"]
         s.add("judgements", gxe.ExpectColumnValuesToBeInSet(column="judge", value_set=list(params["verify"]["judges"])),
               "judges named in verify.judges")
         s.add("judgements", gxe.ExpectColumnValuesToNotBeNull(column="accept"))
@@ -348,8 +337,6 @@ def check(df: pl.DataFrame | pl.LazyFrame, table: str, params: dict, results_dir
     Returns the result: {table, success, rows, expectations: [{batch, type, kwargs, success, observed, why}]}."""
     if table not in CONTRACTS:
         raise ValueError(f"no gate for table {table!r}; gated tables: {', '.join(CONTRACTS)}")
-    from agenther.params import DEFAULTS
-
     params = DEFAULTS | (params or {})  # a partial params dict gets the default sections
     g = gate_params(params)
     lf = df.lazy()
@@ -370,7 +357,7 @@ def check(df: pl.DataFrame | pl.LazyFrame, table: str, params: dict, results_dir
         "source": source,
         "success": all(e["success"] for e in entries),
         "rows": scalars.height,
-        "distribution_checks": scalars.height >= int(g["min_rows_for_distribution"]),
+        "distribution_checks": scalars.height >= g["min_rows_for_distribution"],
         "statistics": {"evaluated": len(entries), "failed": sum(not e["success"] for e in entries)},
         "note": "list columns are validated as their lengths; batches '<table>.achievements' and "
                 "'<table>.judgements' are the exploded list elements, '<table>.failure_type_shares' the share "

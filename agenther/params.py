@@ -1,4 +1,16 @@
-"""Parameters: defaults, a params.yaml overlay, and a stable hash for lineage and caching."""
+"""Parameters: defaults, a params.yaml overlay, and a stable hash for lineage and caching.
+
+Each section of params.yaml is a pydantic model (below): its fields are the section's keys
+with their defaults and constraints, and no other key is allowed (`extra="forbid"`).
+`load_params` merges defaults, the YAML file and explicit overrides, validates the result
+and returns it as a plain dict (stages, Prefect task parameters and cache keys use dicts),
+typed: an int stays an int and a float a float, as written, so the lineage hash of a file
+depends on its values only. A bad key or value is a ParamsError naming its dotted path
+(`llm.concurrency: ...`, `unknown parameter relabel.confidnce_threshold`) and the file it
+came from. Two sections are free-form mappings: `ingest.messages` (checked by
+agenther.adapters.messages.MessagesMapping.from_params when ingest reads the logs) and
+`tools.requests` (tool name -> the words that ask for it).
+"""
 
 from __future__ import annotations
 
@@ -6,148 +18,279 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-
-DEFAULTS: dict[str, Any] = {
-    "ingest": {
-        "input": "data/raw/tau-bench/gpt-4o-airline.json",
-        "format": "auto",
-        "limit": None,
-        "max_trajectory_mb": 8.0,  # bigger trajectories are quarantined
-        "messages": {},
-    },
-    "classify": {"mode": "rule", "max_severity": 0.9},
-    "extract": {"mode": "rule"},
-    "relabel": {
-        "confidence_threshold": 0.7,
-        "max_attempts": 3,
-        "temperatures": [0.2, 0.5, 0.8],
-        "max_goal_similarity": 0.9,
-    },
-    "verify": {
-        "policy": "all",
-        "judges": ["coverage", "grounding", "policy", "trajectory", "evidence"],
-        "judge_confidence_threshold": 0.6,
-        "transcript_tokens": 600,  # the sample as an LLM judge reads it, compacted to about this
-    },
-    # Which tools change state (agenther/evidence/tools.py): by default from each tool's name and schema
-    # description; these lists always win. `requests`: tool -> the words that ask for it.
-    "tools": {"writes": [], "reads": [], "handoffs": [], "requests": {}, "default_kind": "read"},
-    "package": {
-        "weight_alpha": 0.5,
-        "min_weight": 0.2,
-        "include_successes": True,
-        "near_dup_threshold": 0.9,
-        "max_pairs_per_task": 4,
-    },
-    # Great Expectations gates at every hand-over between stages (agenther/gates.py).
-    # Ranges are [low, high]; distribution checks need min_rows_for_distribution rows.
-    "gates": {
-        "enabled": True,
-        "min_rows_for_distribution": 10,
-        "severity": [0.0, 1.0],
-        "relabel_confidence": [0.0, 1.0],
-        "judge_confidence": [0.0, 1.0],
-        "relabel_confidence_mean": [0.05, 0.99],
-        "relabel_confidence_min_stdev": 0.0,  # 0 = off (scripted or greedy models repeat one value)
-        "acceptance_rate": [0.0, 0.98],
-        "max_failure_type_share": 0.95,
-    },
-    "llm": {
-        "model": "local",
-        "judge_model": None,
-        "api_base": None,
-        "local_model": "qwen2.5-coder-1.5b",
-        "max_tokens": 384,
-        "timeout_s": 120,
-        "max_retries": 3,
-        "concurrency": 2,
-        "processes": 0,  # 0 = calls run in this process; N = in N worker processes (agenther/call_pool.py)
-        "cache_dir": ".agenther-cache/llm",
-        "context_tokens": 4096,
-        "requests_per_minute": None,  # per provider (model + api_base); None = unlimited
-        "tokens_per_minute": None,    # per provider, estimated before a call, settled after
-        "budget_usd": None,           # run-wide cap; None = none. Once spent, no new call starts
-        "budget_tokens": None,        # run-wide cap on prompt + completion tokens; None = none
-    },
-    # How stages read and write their tables: rows per Parquet row group and per batch in
-    # memory. Bounds a non-LLM stage's memory, whatever the input's size.
-    "io": {"batch_rows": 500},
-    # Read only by the Prefect flow (tasks/stages.py); how a run is orchestrated, not what it produces.
-    "prefect": {
-        "batch_size": 32,
-        "retries": 3,
-        "retry_backoff_s": 2.0,
-        "retry_jitter": 0.5,
-    },
-}
-
-
-OPEN_SECTIONS = {"ingest.messages", "tools.requests"}
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictInt, ValidationError
+from pydantic_core import PydanticCustomError
 
 
 class ParamsError(ValueError):
     pass
 
 
-def _merge(base: dict, over: dict, where: str = "", open_keys: bool = False) -> dict:
-    """Overlay `over` on `base`. Keys unknown to `base` are errors, except inside the
-    free-form sections (OPEN_SECTIONS, e.g. the ingest.messages mapping)."""
+# --- value types ---------------------------------------------------------------------------
+# Numbers are validated, not converted: an int stays an int (JSON 8, not 8.0), so a params
+# file's hash is that of the values it states (relabel.temperatures alone become floats: they go
+# into the LLM requests as before). bool is no number here.
+
+def _number(low: float | None = None, high: float | None = None, low_open: bool = False,
+            to_float: bool = False) -> Any:
+    """int | float within [low, high] (`low_open`: (low, high]), validated as is (`to_float`:
+    as a float, for values that go into LLM requests, whose JSON is a cache key)."""
+    if high is not None:
+        bound = f" within {'(' if low_open else '['}{low:g}, {high:g}]"
+    else:
+        bound = "" if low is None else f" {'>' if low_open else '>='} {low:g}"
+
+    def check(value: Any) -> int | float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PydanticCustomError("number_type", "Input should be a number")
+        ok = (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
+        if not ok:  # NaN fails every comparison
+            raise PydanticCustomError("number_range", f"Input should be a number{bound}")
+        return float(value) if to_float else value
+
+    return Annotated[float if to_float else int | float, PlainValidator(check)]
+
+
+def _range(value: Any) -> list:
+    """[low, high], 0 <= low <= high <= 1 (a gate's allowed range)."""
+    if (not isinstance(value, list | tuple) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value)
+            or not 0.0 <= value[0] <= value[1] <= 1.0):
+        raise PydanticCustomError("gate_range", "Input should be [low, high] with 0 <= low <= high <= 1")
+    return list(value)
+
+
+NonNegative = _number(0.0)
+Positive = _number(0.0, low_open=True)
+Unit = _number(0.0, 1.0)  # within [0, 1]
+Share = _number(0.0, 1.0, low_open=True)  # within (0, 1]
+Temperature = _number(0.0, to_float=True)
+Count = Annotated[StrictInt, Field(ge=0)]
+PositiveCount = Annotated[StrictInt, Field(ge=1)]
+Range = Annotated[list[int | float], PlainValidator(_range)]
+JUDGE_NAMES = ("coverage", "grounding", "policy", "trajectory", "evidence")  # agenther.stages.verify.JUDGES
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# --- the sections --------------------------------------------------------------------------
+
+class Ingest(_Section):
+    input: str = "data/raw/tau-bench/gpt-4o-airline.json"
+    format: str = "auto"  # auto | tau-bench | toolbench | messages (checked by ingest: IngestError)
+    limit: Count | None = None
+    max_trajectory_mb: Positive | None = 8.0  # bigger trajectories are quarantined
+    # Free-form: where each field of a `messages` log lives (MessagesMapping.from_params checks it).
+    messages: dict[str, Any] | None = Field(default_factory=dict)
+
+
+class Classify(_Section):
+    mode: Literal["rule", "llm"] = "rule"
+    max_severity: Unit = 0.9
+
+
+class Extract(_Section):
+    mode: Literal["rule", "llm"] = "rule"
+
+
+class Relabel(_Section):
+    confidence_threshold: Unit = 0.7
+    max_attempts: PositiveCount = 3
+    # attempt i uses temperatures[i] (the last one repeats); floats as the LLM requests state them
+    temperatures: Annotated[list[Temperature], Field(min_length=1)] = Field(default_factory=lambda: [0.2, 0.5, 0.8])
+    max_goal_similarity: Unit = 0.9
+
+
+class Verify(_Section):
+    policy: Literal["all", "majority"] = "all"
+    judges: Annotated[list[Literal[JUDGE_NAMES]], Field(min_length=1)] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(JUDGE_NAMES))
+    judge_confidence_threshold: Unit = 0.6
+    transcript_tokens: PositiveCount = 600  # the sample as an LLM judge reads it, compacted to about this
+
+
+class Tools(_Section):
+    """Which tools change state (agenther/evidence/tools.py): by default from each tool's name and
+    schema description; these lists always win. `requests`: tool -> the words that ask for it."""
+    writes: list[str] = Field(default_factory=list)
+    reads: list[str] = Field(default_factory=list)
+    handoffs: list[str] = Field(default_factory=list)
+    requests: dict[str, list[str]] = Field(default_factory=dict)
+    default_kind: Literal["read", "write"] = "read"
+
+
+class Package(_Section):
+    weight_alpha: NonNegative = 0.5
+    min_weight: Unit = 0.2
+    include_successes: StrictBool = True
+    near_dup_threshold: Unit = 0.9
+    max_pairs_per_task: Count = 4
+
+
+class Gates(_Section):
+    """Great Expectations gates at every hand-over between stages (agenther/gates.py).
+    Ranges are [low, high]; distribution checks need min_rows_for_distribution rows."""
+    enabled: StrictBool = True
+    min_rows_for_distribution: PositiveCount = 10
+    severity: Range = Field(default_factory=lambda: [0.0, 1.0])
+    relabel_confidence: Range = Field(default_factory=lambda: [0.0, 1.0])
+    judge_confidence: Range = Field(default_factory=lambda: [0.0, 1.0])
+    relabel_confidence_mean: Range = Field(default_factory=lambda: [0.05, 0.99])
+    relabel_confidence_min_stdev: NonNegative = 0.0  # 0 = off (scripted or greedy models repeat one value)
+    acceptance_rate: Range = Field(default_factory=lambda: [0.0, 0.98])
+    max_failure_type_share: Share = 0.95
+
+
+class LLM(_Section):
+    model: str = "local"
+    judge_model: str | None = None
+    api_base: str | None = None
+    local_model: str = "qwen2.5-coder-1.5b"
+    max_tokens: PositiveCount = 384
+    timeout_s: Positive = 120
+    max_retries: Count = 3
+    concurrency: PositiveCount = 2
+    processes: Count = 0  # 0 = calls run in this process; N = in N worker processes (agenther/call_pool.py)
+    cache_dir: str | None = ".agenther-cache/llm"
+    context_tokens: PositiveCount = 4096
+    requests_per_minute: NonNegative | None = None  # per provider (model + api_base); None = unlimited
+    tokens_per_minute: NonNegative | None = None    # per provider, estimated before a call, settled after
+    budget_usd: NonNegative | None = None           # run-wide cap; None = none. Once spent, no new call starts
+    budget_tokens: NonNegative | None = None        # run-wide cap on prompt + completion tokens; None = none
+
+
+class IO(_Section):
+    """How stages read and write their tables: rows per Parquet row group and per batch in
+    memory. Bounds a non-LLM stage's memory, whatever the input's size."""
+    batch_rows: PositiveCount = 500
+
+
+class Prefect(_Section):
+    """Read only by the Prefect flow (tasks/stages.py); how a run is orchestrated, not what it produces."""
+    batch_size: PositiveCount = 32
+    retries: Count = 3
+    retry_backoff_s: NonNegative = 2.0
+    retry_jitter: NonNegative = 0.5
+
+
+class Params(_Section):
+    ingest: Ingest = Field(default_factory=Ingest)
+    classify: Classify = Field(default_factory=Classify)
+    extract: Extract = Field(default_factory=Extract)
+    relabel: Relabel = Field(default_factory=Relabel)
+    verify: Verify = Field(default_factory=Verify)
+    tools: Tools = Field(default_factory=Tools)
+    package: Package = Field(default_factory=Package)
+    gates: Gates = Field(default_factory=Gates)
+    llm: LLM = Field(default_factory=LLM)
+    io: IO = Field(default_factory=IO)
+    prefect: Prefect = Field(default_factory=Prefect)
+
+
+DEFAULTS: dict[str, Any] = Params().model_dump()
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` laid on `base`, mapping into mapping; any other value replaces (validation follows)."""
     out = copy.deepcopy(base)
-    for key, value in (over or {}).items():
-        if key not in base and not open_keys:
-            raise ParamsError(f"unknown parameter {where}{key!r} (known: {', '.join(sorted(base))})")
-        current = base.get(key)
-        if isinstance(current, dict) and isinstance(value, dict):
-            out[key] = _merge(current, value, f"{where}{key}.", open_keys or f"{where}{key}" in OPEN_SECTIONS)
+    for key, value in over.items():
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
 
 
+def _has(tree: Any, loc: tuple) -> bool:
+    """Whether `tree` (a loaded YAML, overrides) states the value at `loc`."""
+    for key in loc:
+        if not isinstance(tree, dict | list) or (key not in tree if isinstance(tree, dict) else
+                                                 not (isinstance(key, int) and key < len(tree))):
+            return False
+        tree = tree[key]
+    return True
+
+
+def _known(loc: tuple) -> list[str]:
+    """The keys allowed where `loc` points (the parent of an unknown key)."""
+    model: Any = Params
+    for key in loc:
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        model = field.annotation if field else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return sorted(model.model_fields)
+
+
+def _problem(error: dict) -> str:
+    path = ".".join(str(k) for k in error["loc"])
+    if error["type"] == "extra_forbidden":
+        known = _known(error["loc"][:-1])
+        return f"unknown parameter {path}" + (f" (known: {', '.join(known)})" if known else "")
+    got = repr(error["input"])
+    return f"{path}: {error['msg']}, got {got if len(got) <= 80 else got[:77] + '...'}"
+
+
+def _error(exc: ValidationError, sources: list[tuple[str, dict]]) -> ParamsError:
+    """One line: each bad key's dotted path and problem, after the file (or overrides) that set it."""
+    by_source: dict[str, list[str]] = {}
+    for error in exc.errors():
+        source = next((name for name, tree in reversed(sources) if _has(tree, error["loc"])), "params")
+        by_source.setdefault(source, []).append(_problem(error))
+    return ParamsError("; ".join(f"{source}: {'; '.join(problems)}" for source, problems in by_source.items()))
+
+
+def validate(params: dict, sources: list[tuple[str, dict]] | None = None) -> dict[str, Any]:
+    """Every section of `params` checked (missing keys are errors: merge with DEFAULTS first),
+    as a plain dict. `sources`: (name, the values it stated) in the order applied, for messages."""
+    try:
+        return Params.model_validate(params).model_dump()
+    except ValidationError as exc:
+        raise _error(exc, sources or []) from None
+
+
+def check_section(name: str, values: dict | None) -> dict[str, Any]:
+    """One section from its defaults and `values` (a partial section), checked: for callers
+    handed a params dict that did not come from load_params (gates.gate_params)."""
+    stated = {name: values or {}}
+    return validate(_merge(DEFAULTS, stated), [("params", stated)])[name]
+
+
 def load_params(path: str | Path | None = None, overrides: dict | None = None) -> dict[str, Any]:
-    """Defaults, then the YAML file (if any), then explicit overrides. Unknown keys are errors."""
+    """Defaults, then the YAML file (if any), then explicit overrides, validated: a plain dict.
+    Unknown keys and bad values are a ParamsError naming the key's dotted path and its source."""
     params = copy.deepcopy(DEFAULTS)
+    sources: list[tuple[str, dict]] = []
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ParamsError(f"params file not found: {p}")
-        params = _merge(params, yaml.safe_load(p.read_text()) or {})
+        try:
+            stated = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:  # one line, like every ParamsError
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            raise ParamsError(f"{p}: not valid YAML{where}: {problem}") from None
+        sources.append((str(p), _stated(stated, str(p))))
     if overrides:
-        params = _merge(params, overrides)
-    _check(params)
-    return params
+        sources.append(("overrides", _stated(overrides, "overrides")))
+    for _, stated in sources:
+        params = _merge(params, stated)
+    return validate(params, sources)
 
 
-def _check(params: dict) -> None:
-    if params["verify"]["policy"] not in ("all", "majority"):
-        raise ParamsError(f"verify.policy must be 'all' or 'majority', not {params['verify']['policy']!r}")
-    for stage in ("classify", "extract"):
-        if params[stage]["mode"] not in ("rule", "llm"):
-            raise ParamsError(f"{stage}.mode must be 'rule' or 'llm', not {params[stage]['mode']!r}")
-    threshold = params["relabel"]["confidence_threshold"]
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise ParamsError(f"relabel.confidence_threshold must be within [0, 1], not {threshold}")
-    if params["tools"]["default_kind"] not in ("read", "write"):
-        raise ParamsError(f"tools.default_kind must be 'read' or 'write', not {params['tools']['default_kind']!r}")
-    if not params["verify"]["judges"]:
-        raise ParamsError("verify.judges must name at least one judge")
-    if int(params["relabel"]["max_attempts"]) < 1:
-        raise ParamsError("relabel.max_attempts must be at least 1")
-    llm = params["llm"]
-    if int(llm["concurrency"]) < 1:
-        raise ParamsError(f"llm.concurrency must be at least 1, not {llm['concurrency']}")
-    if isinstance(llm["processes"], bool) or not isinstance(llm["processes"], int) or llm["processes"] < 0:
-        raise ParamsError(f"llm.processes must be a whole number >= 0, not {llm['processes']!r}")
-    for key in ("requests_per_minute", "tokens_per_minute", "budget_usd", "budget_tokens"):
-        value = llm.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
-            raise ParamsError(f"llm.{key} must be a non-negative number or null, not {value!r}")
-    from agenther.gates import gate_params  # here, not at import: gates imports this module
-
-    gate_params(params)  # bad gate bounds fail before any stage runs
+def _stated(values: Any, source: str) -> dict:
+    """A params file's or the overrides' top level: a mapping of sections (an empty section,
+    e.g. `llm:` with every key commented out, states nothing)."""
+    if not isinstance(values, dict):
+        raise ParamsError(f"{source}: params must be a mapping of sections, got {type(values).__name__}")
+    return {k: {} if v is None else v for k, v in values.items()}
 
 
 # Settings that change how a run goes, not what it produces: left out of the lineage hash.

@@ -31,15 +31,15 @@ class LLMs:
         self._main, self._judge = clients if clients else (None, None)
         given = self._main.budget if self._main is not None else None
         self.budget = given if given is not None else Budget.from_params(self.params)
-        self.inflight = threading.BoundedSemaphore(max(1, int(self.params.get("concurrency") or 1)))
+        self.inflight = threading.BoundedSemaphore(max(1, self.params.get("concurrency") or 1))
         self._limiters: dict[tuple[str, str | None], RateLimiter] = {}
         self._made = threading.RLock()  # guards the lazy creation of the clients
         self._views: list[LLMs] = []
         self.transport = call_litellm
-        if int(self.params.get("processes") or 0) > 0:
+        if (self.params.get("processes") or 0) > 0:
             from agenther.call_pool import pooled_transport
 
-            self.transport = pooled_transport(int(self.params["processes"]))
+            self.transport = pooled_transport(self.params["processes"])
 
     @classmethod
     def from_params(cls, params: dict) -> LLMs:
@@ -122,9 +122,9 @@ class LLMs:
         p = self.params
         common = {
             "cache_dir": Path(p["cache_dir"]) if p.get("cache_dir") else None,
-            "max_tokens": int(p["max_tokens"]),
-            "timeout_s": float(p["timeout_s"]),
-            "max_retries": int(p["max_retries"]),
+            "max_tokens": p["max_tokens"],
+            "timeout_s": p["timeout_s"],
+            "max_retries": p["max_retries"],
             "budget": self.budget,
             "inflight": self.inflight,
             "transport": self.transport,
@@ -132,7 +132,7 @@ class LLMs:
         if model == LOCAL and not p.get("api_base"):
             from agenther.local_model import LocalLLMServer
 
-            server = self._stack.enter_context(LocalLLMServer(p["local_model"], n_ctx=max(4096, int(p["context_tokens"]) + 1024)))
+            server = self._stack.enter_context(LocalLLMServer(p["local_model"], n_ctx=max(4096, p["context_tokens"] + 1024)))
             return LLMClient(model=server.model, api_base=server.api_base, api_key="local",
                              identity=f"local/{p['local_model']}",
                              limiter=self.limiter(server.model, server.api_base), **common)

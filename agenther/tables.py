@@ -102,7 +102,7 @@ def scan_columns(path: str | Path, columns: list[str]) -> pl.DataFrame:
 
 
 def batch_rows(params: dict) -> int:
-    return max(1, int((params.get("io") or {}).get("batch_rows") or DEFAULT_BATCH_ROWS))
+    return max(1, (params.get("io") or {}).get("batch_rows") or DEFAULT_BATCH_ROWS)
 
 
 def gate_table(work: Path, name: str, params: dict) -> Path:

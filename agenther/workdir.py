@@ -3,7 +3,7 @@ the stamps that let a rerun skip a stage that is up to date.
 
 Standard library only (and agenther.llm's light names): a rerun on which every stage is up to
 date (agenther/pipeline.py checks with `unchanged_stage` before importing the stages) reads
-stamps and digests files, and imports neither the stages' libraries (pyarrow, pydantic) nor
+stamps and digests files, and imports neither the stages' libraries (polars, pyarrow) nor
 Great Expectations, litellm or Prefect.
 """
 

@@ -137,4 +137,4 @@ def tool_calls(messages: list[dict]) -> list[dict]:
 
 def prompt_budget(params: dict) -> int:
     """Tokens left for the transcript once the template and the answer have their room."""
-    return max(512, int(params["llm"]["context_tokens"]) - int(params["llm"]["max_tokens"]) - 600)
+    return max(512, params["llm"]["context_tokens"] - params["llm"]["max_tokens"] - 600)

@@ -161,7 +161,7 @@ def rule_classify(row: dict) -> tuple[str, float, str]:
 def classify(trajectories: pl.DataFrame, params: dict, llm: LLMClient | None = None) -> pl.DataFrame:
     """Add the CLASSIFIED columns to every trajectory (successes stay, as not_a_failure)."""
     mode = params["classify"]["mode"]
-    max_severity = float(params["classify"]["max_severity"])
+    max_severity = params["classify"]["max_severity"]
 
     def one(row: dict) -> dict:
         kind, severity, reason = rule_classify(row)
@@ -186,7 +186,7 @@ def classify(trajectories: pl.DataFrame, params: dict, llm: LLMClient | None = N
             "classify_mode": row_mode,
         }
 
-    rows = map_concurrent(one, trajectories.to_dicts(), int(params["llm"]["concurrency"]) if mode == "llm" else 1)
+    rows = map_concurrent(one, trajectories.to_dicts(), params["llm"]["concurrency"] if mode == "llm" else 1)
     return schema.frame(rows, schema.CLASSIFIED)
 
 

@@ -68,7 +68,7 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
                                           "no achievement with evidence in the trajectory")
         return row | {"achievements": found, "extract_mode": mode, "achieved_goal": goal.model_dump_json()}, None
 
-    results = map_concurrent(one, failures, int(params["llm"]["concurrency"]) if mode == "llm" else 1)
+    results = map_concurrent(one, failures, params["llm"]["concurrency"] if mode == "llm" else 1)
     kept = [k for k, _ in results if k is not None]
     rejected = [r for _, r in results if r is not None]
     return schema.StageOutput(schema.frame(kept, schema.EXTRACTED), schema.frame(rejected, schema.REJECTION))

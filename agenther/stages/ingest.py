@@ -99,7 +99,7 @@ def read_logs(
     if not files:
         raise IngestError(f"{path}: no .json or .jsonl files under it")
 
-    max_chars = None if max_trajectory_mb is None else float(max_trajectory_mb) * 1e6
+    max_chars = None if max_trajectory_mb is None else max_trajectory_mb * 1e6
     seen: dict[str, str] = {}  # id -> where (ids only: small next to the trajectories)
     kept = 0
     for f in files:

@@ -127,8 +127,8 @@ def _accounting(params: dict, total: Usage, rejected: pl.DataFrame, accepted: in
                              | pl.col("detail").str.starts_with(BUDGET_EXHAUSTED))
     left = dict(sorted(Counter(undone["stage"].to_list()).items()))
     limit = {"usd": p.get("budget_usd"), "tokens": p.get("budget_tokens")}
-    reached = ((limit["usd"] is not None and total.cost_usd >= float(limit["usd"]))
-               or (limit["tokens"] is not None and tokens >= int(limit["tokens"])))
+    reached = ((limit["usd"] is not None and total.cost_usd >= limit["usd"])
+               or (limit["tokens"] is not None and tokens >= limit["tokens"]))
     return {
         "budget": {"limit": limit, "spent": {"usd": round(total.cost_usd, 6), "tokens": tokens},
                    "exhausted": bool(reached or left or total.budget_refused), "refused_calls": total.budget_refused,

@@ -117,12 +117,12 @@ def gate(answer: dict, row: dict, params: dict) -> tuple[str, str] | None:
     if not 0.0 <= confidence <= 1.0:
         return "invalid_llm_answer", f"confidence {confidence} outside [0, 1]"
     sim = similarity(prompt, row["goal"] or "")
-    if sim > float(p["max_goal_similarity"]):
+    if sim > p["max_goal_similarity"]:
         return "repeats_goal", f"similarity {sim:.2f} to the failed goal"
     missed = coverage.misses(prompt, goal, row, params)  # grounding in the sample included
     if missed:
         return missed[0][0], "; ".join(detail for _, detail in missed)
-    if confidence < float(p["confidence_threshold"]):
+    if confidence < p["confidence_threshold"]:
         return "low_confidence", f"confidence {confidence:.2f} < {p['confidence_threshold']}"
     return None
 
@@ -187,9 +187,9 @@ def relabel_one(row: dict, params: dict, llm: LLMClient) -> tuple[dict | None, d
     p = params["relabel"]
     record = defuse(record_of(row, params))
     said = user_words(goal_of(row))
-    temperatures = [float(t) for t in p["temperatures"]]
+    temperatures = p["temperatures"]
     failures: list[tuple[str, str, str]] = []  # (prompt, code, why) of each failed attempt
-    for attempt in range(int(p["max_attempts"])):
+    for attempt in range(p["max_attempts"]):
         temperature = temperatures[min(attempt, len(temperatures) - 1)]
         asked = ask(llm, "relabel", SCHEMA, stage=STAGE, temperatures=[temperature], attempts=1,
                     first_seed=attempt, record=record, user_words=said, feedback=feedback(failures, row, params))
@@ -222,5 +222,5 @@ def relabel_output(results: list[tuple[dict | None, dict | None]]) -> schema.Sta
 
 def relabel(extracted: pl.DataFrame, params: dict, llm: LLMClient) -> schema.StageOutput:
     results = map_concurrent(lambda r: relabel_one(r, params, llm), extracted.to_dicts(),
-                             int(params["llm"]["concurrency"]))
+                             params["llm"]["concurrency"])
     return relabel_output(results)

@@ -297,7 +297,7 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
             counts["unexportable"] += 1
     result = dedup_prompts(
         [(r["id"], r["hindsight_prompt"], r.get("relabel_confidence")) for r in with_prompt],
-        float(p["near_dup_threshold"]),
+        p["near_dup_threshold"],
     )
     for d in result.dropped:
         counts["duplicates" if d.reason == "duplicate_prompt" else "near_duplicates"] += 1
@@ -364,7 +364,7 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
             by_task: dict[str, list[dict]] = defaultdict(list)
             for r in sorted(bucket, key=lambda r: r["id"]):
                 by_task[r["task_key"]].append(r)
-            for row in _natural_pairs(by_task, int(p["max_pairs_per_task"]), base, counts):
+            for row in _natural_pairs(by_task, p["max_pairs_per_task"], base, counts):
                 emit("dpo.jsonl", row)
             kept_here = [k for task in sorted(by_task) for k in kept_by_task.get(task, [])]
             for row in _hindsight_pairs(kept_here, by_task, base, counts):

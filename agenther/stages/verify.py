@@ -54,7 +54,7 @@ def sample_of(row: dict) -> list[dict]:
 
 
 def _transcript_tokens(params: dict) -> int:
-    return int(params["verify"]["transcript_tokens"])
+    return params["verify"]["transcript_tokens"]
 
 
 def judge_coverage(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
@@ -166,7 +166,7 @@ def _confidence(value: float) -> float:
 
 
 def _threshold(params: dict) -> float:
-    return float(params["verify"]["judge_confidence_threshold"])
+    return params["verify"]["judge_confidence_threshold"]
 
 
 def decide(judgements: list[Judgement], policy: str, n_judges: int) -> bool:
@@ -222,7 +222,7 @@ def verify(relabeled: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: LLM
     check_judges(params)
     judge_llm = judge_llm or llm
     rows = map_concurrent(lambda r: verify_one(r, params, llm, judge_llm), relabeled.to_dicts(),
-                          int(params["llm"]["concurrency"]))
+                          params["llm"]["concurrency"])
     return verify_output(rows)
 
 
@@ -252,6 +252,6 @@ def relabel_verify(extracted: pl.DataFrame, params: dict, llm: LLMClient, judge_
     undone can differ: the pipeline fuses only runs without a budget."""
     check_judges(params)
     results = map_concurrent(lambda r: relabel_verify_one(r, params, llm, judge_llm), extracted.to_dicts(),
-                             int(workers or params["llm"]["concurrency"]))
+                             workers or params["llm"]["concurrency"])
     return (relabel_output([(kept, rejected) for kept, rejected, _ in results]),
             verify_output([judged for _, _, judged in results if judged is not None]))
