@@ -74,7 +74,7 @@ STAMPED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # stage: (input
 }
 # What package writes into its output folder (agenther/stages/package.py package_run).
 PACKAGE_FILES = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "dataset_info.json", "rejected.parquet",
-                 "summary.json", "dataset_card.md")
+                 "summary.json", "dataset_card.md", "report.html")
 # Stats entries that say how a stage ran this time, not what it produced: not part of a stamp.
 RUN_ONLY_STATS = ("usage", "unchanged", "budget_carried_in", "seconds")
 _CODE_DIGEST: list[str] = []

@@ -1,6 +1,8 @@
-"""The review loop: a stratified sample of a real run's judged relabels, the review page driven in
+"""What a person looks at, in a real headless browser (Debian's chromium through playwright): the run
+report (every chart drawn, nothing fetched from the network), and the review loop: a stratified sample of a real run's judged relabels, the review page driven in
 a real headless browser (Debian's chromium through playwright: label, note, reload, download), and
-`agenther review score` on the downloaded labels; Wilson and kappa against hand-computed values."""
+`agenther review score` on the downloaded labels; Wilson and kappa against hand-computed values.
+The screenshots in docs/ are taken here."""
 
 from __future__ import annotations
 
@@ -82,10 +84,7 @@ def test_label_in_a_real_browser_download_and_score(run_dir, tmp_path):
     wanted[accepted[0]] = "incorrect"
     url = (run_dir / "review" / "review.html").resolve().as_uri()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
-        context = browser.new_context(accept_downloads=True, viewport={"width": 1100, "height": 900})
-        page = context.new_page()
-        page.goto(url)
+        browser, page = open_page(pw, url)
         page.fill("#annotator", "ada")
         for item_id, label in wanted.items():
             box = page.locator(f'.item[data-id="{item_id}"]')
@@ -102,6 +101,7 @@ def test_label_in_a_real_browser_download_and_score(run_dir, tmp_path):
         labels_file = tmp_path / "labels-ada.json"
         download.value.save_as(labels_file)
         browser.close()
+    assert page.errors == [] and not [u for u in page.fetched if not u.startswith("blob:")]
     body = json.loads(labels_file.read_text())
     assert body["annotator"] == "ada" and {k: v["label"] for k, v in body["labels"].items()} == wanted
     assert body["labels"][accepted[0]]["note"] == "seen incorrect"
@@ -125,3 +125,38 @@ def test_score_refuses_a_file_that_is_not_labels(run_dir, tmp_path, capsys):
     bad.write_text('{"labels": {"x": {"label": "maybe"}}}')
     assert main(["review", "score", str(run_dir), str(bad)]) == 2
     assert "unknown labels ['maybe']" in capsys.readouterr().err
+
+
+def open_page(pw, url: str, height: int = 900):
+    """A page of Debian's chromium with every request that is not the file itself counted."""
+    browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1100, "height": height})
+    page = context.new_page()
+    page.fetched, page.errors = [], []
+    page.on("request", lambda r: page.fetched.append(r.url) if r.url != url else None)
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.goto(url)
+    return browser, page
+
+
+@pytest.mark.slow
+def test_the_run_report_draws_every_chart_offline(run_dir):
+    from playwright.sync_api import sync_playwright
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    url = (run_dir / "report.html").resolve().as_uri()
+    with sync_playwright() as pw:
+        browser, page = open_page(pw, url, height=1300)
+        charts = page.locator(".chart")
+        assert charts.count() >= 9  # funnel, rejections, failure types, severity, confidence, judges, ...
+        page.wait_for_function("[...document.querySelectorAll('.chart')].every(c => c.dataset.drawn === 'yes')")
+        assert page.locator(".chart svg").count() == charts.count()
+        cells = page.locator("table").first.locator("td").all_text_contents()
+        page.screenshot(path=str(ROOT / "docs" / "report.png"))  # the report as its reader sees it
+        browser.close()
+    assert page.errors == [] and page.fetched == []  # self-contained: nothing from the network
+    headline = dict(zip(cells[::2], cells[1::2], strict=True))
+    assert headline["records in"] == str(summary["stages"]["ingest"]["in"]) == "60"
+    assert headline["hindsight samples exported"] == str(summary["gates"]["exported_hindsight_samples"])
+    assert headline["LLM calls"] == str(summary["llm"]["total"]["calls"])

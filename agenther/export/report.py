@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from itertools import combinations
 from pathlib import Path
 
@@ -110,8 +111,8 @@ def _table(rows: list[tuple]) -> str:
 
 def render_report(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame, classified: pl.DataFrame,
                   work: Path, out: Path) -> str:
-    import altair as alt
     import vl_convert
+    from altair.utils._importers import vl_version_for_vl_convert
 
     seconds = {}
     for stage in STATS:
@@ -122,8 +123,8 @@ def render_report(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame,
             continue
     charts = _charts(summary, verified, rejected, classified, seconds)
     gates = sorted((Path(work) / "gates").glob("*.json"))
-    links = "".join(f'<li><a href="{html.escape(Path(__import__("os").path.relpath(g, out)).as_posix())}">'
-                    f"{html.escape(g.stem)}</a></li>" for g in gates)
+    links = "".join(f'<li><a href="{html.escape(Path(os.path.relpath(g, out)).as_posix())}">{html.escape(g.stem)}</a></li>'
+                    for g in gates)
     g = summary["gates"]
     headline = _table([("records in", summary["stages"]["ingest"]["in"]),
                        ("failures", summary["stages"]["classify"]["failures"]),
@@ -134,12 +135,13 @@ def render_report(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame,
     divs = "".join(f'<h2>{html.escape(title)}</h2><div class="chart" id="chart{i}"></div>'
                    for i, (title, _) in enumerate(charts))
     specs = json.dumps([spec for _, spec in charts]).replace("</", "<\\/")
-    bundle = vl_convert.javascript_bundle(vl_version=alt.SCHEMA_VERSION.lstrip("v").rsplit(".", 1)[0].replace(".", "_"))
+    # the Vega-Lite version altair writes its specs for, as vl-convert names it
+    script = vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert()).replace("</script", "<\\/script")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>agenther run report</title>
 <style>body{{font:15px/1.45 system-ui,sans-serif;max-width:64rem;margin:1.5rem auto;padding:0 1rem}}
 td{{padding:.15rem .8rem;border-bottom:1px solid #ddd}}h2{{font-size:1.05rem;margin-top:1.6rem}}</style>
-<script>{bundle.replace("</script", "<\\/script")}</script></head><body>
+<script>{script}</script></head><body>
 <h1>agenther run report</h1>{headline}{divs}
 <h2>Great Expectations results of the gates</h2><ul>{links or "<li>no gate ran</li>"}</ul>
 <script>const specs = {specs};

@@ -15,6 +15,7 @@ import polars as pl
 import agenther
 from agenther import prompts
 from agenther.export.card import render_dataset_card
+from agenther.export.report import render_report
 from agenther.llm import BUDGET_EXHAUSTED, Usage
 from agenther.params import params_hash
 from agenther.providers import LLMs
@@ -39,13 +40,14 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
     rejected = pl.concat([read_table(work, f"{s}_rejected", params) for s in ("extract", "relabel", "verify")]
                          + [packaged.rejections])
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
-    classified = scan_columns(classified_path, ["is_failure", "recoverable", "failure_type", "source_format"])
+    classified = scan_columns(classified_path, ["is_failure", "recoverable", "failure_type", "severity", "source_format"])
     summary = summarize(params, work, classified, verified, packaged, rejected, lineage, llms)
     reviewed = out / "review" / "score.json"  # `agenther review score` of these relabels: kept on a rerun
     if reviewed.exists():
         summary["review"] = json.loads(reviewed.read_text())
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     write_text_atomic(out / "dataset_card.md", render_dataset_card(summary))
+    write_text_atomic(out / "report.html", render_report(summary, verified, rejected, classified, work, out))
     return summary
 
 
