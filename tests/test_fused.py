@@ -26,6 +26,10 @@ def fused_stages(params: dict, work: Path, llms: LLMs) -> dict:
     return run_stages(("relabel", "verify"), params, work, work, llms, fuse=True)
 
 
+def untimed(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k != "seconds"}  # the stage's wall time differs, by design
+
+
 def mixed_brain(request: dict):
     """careful_brain, except that some relabels come back unsure (at the first attempt only, or
     at every attempt) and the trajectory judge turns down about a third of the prompts."""
@@ -80,7 +84,8 @@ def test_fused_relabel_verify_writes_the_tables_of_the_two_stages(tmp_path, llm_
     for name in OUTPUTS:  # byte for byte
         assert (fused / TABLES[name]).read_bytes() == (staged / TABLES[name]).read_bytes(), name
     for stage in ("relabel", "verify"):
-        assert read_stats(fused, stage) == read_stats(staged, stage) == returned[stage]
+        assert read_stats(fused, stage) == returned[stage]
+        assert untimed(read_stats(fused, stage)) == untimed(read_stats(staged, stage))
         assert (fused / "gates" / f"{'extracted' if stage == 'relabel' else 'relabeled'}.json").exists()
     # The same prompts were asked, each once (the fused path only changes their order).
     assert _bodies(llm_server.requests) == _bodies(staged_requests)
