@@ -66,6 +66,8 @@ FAILURE_TYPES = (
     "off_topic",
 )
 NOT_A_FAILURE = "not_a_failure"
+# classify_reason of a failure known only from the log's success flag or reward (no other signal)
+ONLY_A_FLAG = "log marks failure"
 
 CLASSIFIED = TRAJECTORY | {
     "is_failure": pl.Boolean,

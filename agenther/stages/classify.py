@@ -135,7 +135,7 @@ def classify_generic(messages: list[dict], success: bool | None, final: str) -> 
         return "hallucination", 0.8, "claims completion without a successful action"
     if cue_give_up:
         return "incomplete", 0.6, "final answer admits the task was not done"
-    return "wrong_result", 0.5, "log marks failure"
+    return "wrong_result", 0.5, schema.ONLY_A_FLAG
 
 
 def _claims_done(messages: list[dict]) -> bool:

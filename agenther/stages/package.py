@@ -42,6 +42,9 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
     classified = scan_columns(classified_path, ["is_failure", "recoverable", "failure_type", "severity", "source_format"])
     summary = summarize(params, work, classified, verified, packaged, rejected, lineage, llms)
+    adapted = [note for f in sorted((work / "gates").glob("*.json")) for note in json.loads(f.read_text()).get("adapted", [])]
+    if adapted:  # gate bounds this log's kind of signal cannot meet, left out (gates.py says why)
+        summary["gates"]["adapted"] = adapted
     reviewed = out / "review" / "score.json"  # `agenther review score` of these relabels: kept on a rerun
     if reviewed.exists():
         summary["review"] = json.loads(reviewed.read_text())
