@@ -260,7 +260,8 @@ def _gx() -> _GX:
 # Text columns whose values a suite checks (uniqueness, allowed sets); any other text column
 # is only checked for nulls, so the gate sees its length: the tools schemas, metadata and
 # goals of 100k trajectories would otherwise cost GB in pandas.
-VALUE_COLUMNS = {"id", "source_format", "failure_type", "classify_mode", "extract_mode"}
+VALUE_COLUMNS = {"id", "source_format", "failure_type", "classify_mode", "extract_mode",
+                 "classify_reason"}  # read by the failure-type share bound (a success flag only?)
 
 
 def _scalar_frame(lf: pl.LazyFrame, columns: pl.Schema, ok: set[str]) -> pl.DataFrame:

@@ -21,6 +21,7 @@ before any verify table is written.
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -136,8 +137,9 @@ LOCAL = LocalExecutor()
 def ingest_tables(params: dict, work: Path) -> dict:
     """The logs into the trajectories and quarantine tables, `io.batch_rows` records at a time."""
     ingest, p = _stage_module("ingest"), params["ingest"]
+    report = ingest.IngestReport()
     logs = ingest.read_logs(p["input"], fmt=p["format"], mapping=ingest.MessagesMapping.from_params(p["messages"] or {}),
-                     limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"])
+                            limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"], report=report)
     size = params["io"]["batch_rows"]
     pending: dict[str, list[dict]] = {"trajectories": [], "quarantine": []}
     with (TableWriter(Path(work) / TABLES["trajectories"], schema.TRAJECTORY) as good,
@@ -151,7 +153,10 @@ def ingest_tables(params: dict, work: Path) -> dict:
                 pending[table] = []
         for table, rows in pending.items():
             writers[table].write_rows(rows)
-    return {"records_in": good.rows + bad.rows, "trajectories": good.rows, "quarantined": bad.rows}
+    for line in report.describe():
+        print(line, file=sys.stderr)
+    return {"records_in": good.rows + bad.rows + report.duplicates, "trajectories": good.rows,
+            "quarantined": bad.rows, **report.stats()}
 
 
 # -- the loop -------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from llm_server import Reply  # noqa: E402
 from llm_throughput import LATENCY, llm_server  # noqa: E402  (its server process, backlog 1024)
 
-from agenther.llm import litellm  # noqa: E402  (imported by agenther: offline price map, quiet)
+from agenther.llm.backend import litellm as _litellm  # noqa: E402  (offline price map, quiet)
+
+litellm = _litellm()
 
 PROMPT = [{"role": "user", "content": "Write the request this run satisfies. " + "x" * 2000}]
 

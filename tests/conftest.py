@@ -77,7 +77,7 @@ def ingest(path: Path, fmt: str = "auto", mapping: dict | None = None, limit: in
         stats = ingest_tables(params, Path(tmp))
         return SimpleNamespace(trajectories=pl.read_parquet(Path(tmp) / TABLES["trajectories"]),
                                quarantine=pl.read_parquet(Path(tmp) / TABLES["quarantine"]),
-                               records_in=stats["records_in"])
+                               records_in=stats["records_in"], stats=stats)
 
 
 def package(verified, classified, params: dict, lineage: dict, batch_rows: int = 500,

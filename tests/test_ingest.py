@@ -19,7 +19,7 @@ TOOLBENCH = RAW / "toolbench"
 
 
 def reconciles(result) -> bool:
-    return result.records_in == result.trajectories.height + result.quarantine.height
+    return result.records_in == result.trajectories.height + result.quarantine.height + result.stats["duplicates"]
 
 
 def _position(pointer: str) -> int:
@@ -138,20 +138,27 @@ def test_explicit_format_mismatch_quarantines_every_record():
     assert set(result.quarantine["reason"]) == {"task_id: expected an integer, got null"}
 
 
-def test_duplicate_ids_keep_the_first(tmp_path):
-    for name in ("a", "b"):
+def test_repeated_ids_are_trials_and_byte_identical_repeats_are_dropped_once(tmp_path):
+    """A log that samples several runs per question gives each the question's id: they are trials
+    of one task, not duplicates. The same record twice is counted once, and reconciliation holds."""
+    def run(answer: str) -> dict:
+        return {"uid": "q1", "messages": [{"role": "user", "content": "What is 2+2?"},
+                                          {"role": "assistant", "content": answer}], "success": answer == "4"}
+
+    for name, records in (("a", [run("4"), run("5")]), ("b", [run("4"), run("6")])):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "runs.jsonl").write_text(
-            json.dumps({"uid": "r1", "messages": [{"role": "user", "content": f"from {name}"}]}) + "\n"
-        )
+        (tmp_path / name / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "a" / "runs2.jsonl").write_text(json.dumps(run("5")) + "\n")  # a repeat in another file of a/
     result = ingest(tmp_path, mapping={"id_path": "uid"})
     assert_tables(result)
-    assert result.trajectories["goal"].to_list() == ["from a"]
-    q = result.quarantine.row(0, named=True)
-    assert q["source_file"] == str(tmp_path / "b" / "runs.jsonl") and q["record_pointer"] == "line 1"
-    assert q["reason"].startswith("duplicate id 'messages/runs/r1'")
-
-
+    t = result.trajectories
+    # files in order a/runs.jsonl (4, 5), a/runs2.jsonl (5: another file stem, another id), b/runs.jsonl
+    # (4: a byte-identical repeat of a/runs.jsonl's first record, dropped; 6: a third trial of q1)
+    assert result.records_in == 5 and result.quarantine.height == 0
+    assert (result.stats["duplicates"], result.stats["trials"]) == (1, 2)
+    assert t["id"].to_list() == ["messages/runs/q1", "messages/runs/q1#2", "messages/runs2/q1", "messages/runs/q1#3"]
+    assert t["final_answer"].to_list() == ["4", "5", "5", "6"]
+    assert t["task_key"].to_list()[1::2] == ["messages/runs/q1", "messages/runs/q1"]  # the trials' task: the shared id
 # --- generic chat logs built from real tau-bench records ------------------------------------------
 
 

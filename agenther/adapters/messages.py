@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +56,16 @@ class MessagesMapping:
     tools_path: str | None = None
     success_threshold: float = 1.0
     roles: dict[str, str] = field(default_factory=_default_roles)
+    given: frozenset[str] = frozenset()  # the keys the user mapped (they always win over detection)
+    detected: dict[str, str] = field(default_factory=dict)  # field -> path found by `detect`
+    # path -> records in which it resolved, and records read: a path that resolves nowhere is a mistake
+    resolved: Counter = field(default_factory=Counter, compare=False, repr=False)
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> MessagesMapping:
         """Build from params.yaml `ingest.messages`; missing keys keep their defaults."""
         params = dict(params or {})
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"given", "detected", "resolved"}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(
@@ -70,7 +75,55 @@ class MessagesMapping:
             params.pop("roles", None)
         elif not isinstance(params["roles"], dict):
             raise ValueError("ingest.messages.roles must map log role names to system/user/assistant/tool")
-        return cls(**params)
+        return cls(**params, given=frozenset(params))
+
+    def checked_paths(self) -> dict[str, str]:
+        """field -> path, for the paths the user gave or detection found (and where the turns are)."""
+        return {f: getattr(self, f) for f in ("messages_path", *PATH_FIELDS)
+                if getattr(self, f) and (f in self.given or f in self.detected)}
+
+
+# Where chat logs usually keep each field, in order of preference (a field the user maps is never guessed).
+CANDIDATES: dict[str, tuple[str, ...]] = {
+    "messages_path": ("messages", "conversations", "trajectory", "history", "turns", "dialog", "chat"),
+    "id_path": ("id", "run_id", "trajectory_id", "uid", "_id"),
+    "goal_path": ("goal", "instruction", "question", "task", "query", "prompt"),
+    "success_path": ("success", "solved", "is_success", "resolved", "passed", "label", "correct"),
+    "reward_path": ("reward", "score"),
+}
+PATH_FIELDS = ("id_path", "goal_path", "success_path", "reward_path", "task_path", "tools_path")
+
+
+def _fits(field_name: str, value: Any) -> bool:
+    if field_name == "messages_path":
+        return isinstance(value, list) and bool(value) and all(isinstance(t, dict) for t in value)
+    if field_name == "id_path":
+        return isinstance(value, str | int) and not isinstance(value, bool)
+    if field_name == "goal_path":
+        return isinstance(value, str) and bool(value.strip())
+    if field_name == "success_path":
+        return isinstance(value, bool)
+    return isinstance(value, int | float) and not isinstance(value, bool)  # reward
+
+
+def detect(records: list[Any], mapping: MessagesMapping) -> MessagesMapping:
+    """`mapping` with the fields the user did not map taken from the usual places: a key whose values
+    fit the field in at least half of `records` (a sample from the start of the logs)."""
+    objects = [r for r in records if isinstance(r, dict)]
+    found: dict[str, str] = {}
+    for field_name, names in CANDIDATES.items():
+        if field_name in mapping.given:
+            continue
+        for name in names:
+            if sum(_fits(field_name, r.get(name)) for r in objects) * 2 >= len(objects) > 0:
+                found[field_name] = name
+                break
+    changes: dict[str, Any] = {k: v for k, v in found.items() if not (k == "messages_path" and v == mapping.messages_path)}
+    turns = [t for r in objects for t in (r.get(found.get("messages_path", mapping.messages_path)) or [])[:3]
+             if isinstance(t, dict)]
+    if turns and not {"role_key", "content_key"} & mapping.given and all("from" in t and "value" in t for t in turns):
+        changes |= {"role_key": "from", "content_key": "value"}  # ShareGPT turns
+    return replace(mapping, **changes, detected={k: v for k, v in changes.items() if k in CANDIDATES})
 
 
 def looks_like(record: Any, mapping: MessagesMapping) -> bool:
@@ -87,13 +140,16 @@ def _has(record: Any, dotted: str) -> bool:
     return True
 
 
-def _optional(record: Any, dotted: str | None) -> Any:
+def _optional(record: Any, dotted: str | None, resolved: Counter | None = None) -> Any:
     if dotted is None:
         return None
     try:
-        return get_path(record, dotted)
+        value = get_path(record, dotted)
     except KeyError:
         return None  # the log does not say
+    if resolved is not None:
+        resolved[dotted] += 1
+    return value
 
 
 def read(path: Path, mapping: MessagesMapping | None = None) -> Iterator[dict | Quarantined]:
@@ -117,31 +173,35 @@ def _turns(record: dict, mapping: MessagesMapping) -> tuple[Any, str, str, str]:
 def convert(record: Any, path: Path, pointer: str, mapping: MessagesMapping) -> dict:
     if not isinstance(record, dict):
         raise RecordError(f"record is not an object (got {type_name(record)})")
+    tally = mapping.resolved
+    tally["records"] += 1
+    tally.update(f"key {k}" for k in list(record)[:50])  # the keys records have, for a mistake's message
     turns, where, role_key, content_key = _turns(record, mapping)
+    tally[where] += 1
     messages = parse_text_actions(
         canonical_messages(turns, where, mapping.roles, role_key, content_key, call_roles=("function_call",))
     )
 
-    goal = _optional(record, mapping.goal_path)
+    goal = _optional(record, mapping.goal_path, tally)
     if goal is None:
         goal = first_user_text(messages)
     if not isinstance(goal, str) or not goal:
         raise RecordError("no goal: no user turn with text and goal_path not set or absent")
 
-    reward = _optional(record, mapping.reward_path)
+    reward = _optional(record, mapping.reward_path, tally)
     if reward is not None and (isinstance(reward, bool) or not isinstance(reward, int | float)):
         raise RecordError(f"{mapping.reward_path}: expected a number, got {type_name(reward)}")
-    success = _optional(record, mapping.success_path)
+    success = _optional(record, mapping.success_path, tally)
     if success is not None and not isinstance(success, bool):
         raise RecordError(f"{mapping.success_path}: expected true/false, got {type_name(success)}")
     if success is None and reward is not None:
         success = float(reward) >= mapping.success_threshold
 
     stem = path.stem
-    record_id = _optional(record, mapping.id_path)
+    record_id = _optional(record, mapping.id_path, tally)
     # The id keeps the "<format>/<file stem>/<pointer>" shape; "line 7" loses its space.
     local = str(record_id) if record_id is not None else pointer.replace(" ", "") or "0"
-    task = _optional(record, mapping.task_path)
+    task = _optional(record, mapping.task_path, tally)
     task_key = str(task) if task is not None else hashlib.sha1(goal.encode()).hexdigest()[:12]
 
     return {

@@ -17,7 +17,7 @@ from agenther import schema
 from agenther.answers import INVALID_LLM_ANSWER, ExtractAnswer
 from agenther.ask import ask
 from agenther.evidence.goal import Fact, NoGoal, achieved_goal, goal_achievements, goal_from_facts
-from agenther.evidence.render import prompt_budget, render
+from agenther.evidence.render import prompt_budget, render, tool_calls
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 
 STAGE = "extract"
@@ -39,8 +39,7 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
         if row["classify_mode"] == "llm-invalid":  # classify's answers broke their contract
             return None, schema.rejection(row["id"], STAGE, INVALID_LLM_ANSWER, row["classify_reason"])
         if not row["recoverable"]:
-            return None, schema.rejection(row["id"], STAGE, "not_recoverable",
-                                          f"{row['failure_type']} (severity {row['severity']}): {row['classify_reason']}")
+            return None, schema.rejection(row["id"], STAGE, "not_recoverable", _why_not_recoverable(row, params))
         goal = achieved_goal(row, params)
         found = goal_achievements(goal) if not isinstance(goal, NoGoal) else []
         if mode == "llm":
@@ -72,3 +71,14 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
     kept = [k for k, _ in results if k is not None]
     rejected = [r for _, r in results if r is not None]
     return schema.StageOutput(schema.frame(kept, schema.EXTRACTED), schema.frame(rejected, schema.REJECTION))
+
+
+def _why_not_recoverable(row: dict, params: dict) -> str:
+    """The rejection's detail: what is missing, and what would help."""
+    said = f"{row['failure_type']} (severity {row['severity']}): {row['classify_reason']}"
+    if row["severity"] > params["classify"]["max_severity"]:
+        return f"severity above classify.max_severity = {params['classify']['max_severity']} ({said})"
+    if not tool_calls(row["messages"]):
+        return (f"no tool calls or parsable actions in this run ({said}): relabeling needs actions it can see; "
+                "text-only runs need extract.mode: llm (and classify.mode: llm), see README")
+    return f"no tool call returned a usable result ({said})"

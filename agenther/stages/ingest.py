@@ -7,11 +7,14 @@ A bad record never raises: it lands in quarantine with its file, pointer and rea
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agenther.adapters import FORMATS, input_files, messages, tau_bench, toolbench
-from agenther.adapters.common import Quarantined, UnreadableFile, excerpt, first_record
+from agenther.adapters.common import Quarantined, UnreadableFile, excerpt, first_record, iter_records
 from agenther.adapters.messages import MessagesMapping
 
 # A trajectory bigger than this is quarantined (params ingest.max_trajectory_mb): no model
@@ -21,6 +24,40 @@ DEFAULT_MAX_TRAJECTORY_MB = 8.0
 
 class IngestError(Exception):
     """The input as a whole cannot be ingested (bad records are quarantined instead)."""
+
+
+DETECT_FROM = 50  # records sampled from the start of the logs to detect where chat-log fields are
+
+
+@dataclass
+class IngestReport:
+    """What ingest found out on the way, for the person running it and for the stage's stats."""
+    mapping: MessagesMapping | None = None  # the chat-log mapping used (given + detected)
+    sampled: int = 0  # records detection looked at
+    duplicates: int = 0  # byte-identical repeats of a record, dropped (counted, never lost silently)
+    trials: int = 0  # records sharing an id with different content: kept, as trials of one task
+    partial: dict[str, list[int]] = field(default_factory=dict)  # path -> [records it resolved in, records]
+
+    def describe(self) -> list[str]:
+        """What a person should know before trusting the run: detected fields, repeats, partial paths."""
+        lines = []
+        if self.mapping is not None and self.mapping.detected:
+            found = ", ".join(f"{k.removesuffix('_path')} <- {v!r}" for k, v in self.mapping.detected.items())
+            lines.append(f"ingest: detected from the first {self.sampled} records: {found} "
+                         "(--map KEY=VALUE / ingest.messages overrides)")
+        if self.trials:
+            lines.append(f"ingest: {self.trials} records share an id with another but differ: kept as trials of "
+                         "one task (ids suffixed #2, #3, ...)")
+        if self.duplicates:
+            lines.append(f"ingest: {self.duplicates} records repeat another byte for byte: dropped, counted")
+        for path, (hits, records) in self.partial.items():
+            lines.append(f"ingest: warning: {path!r} is in {hits} of {records} records only")
+        return lines
+
+    def stats(self) -> dict:
+        detected = dict(self.mapping.detected) if self.mapping else {}
+        return {"duplicates": self.duplicates, "trials": self.trials, "detected": detected,
+                "partial_paths": self.partial}
 
 
 def _detect_file(path: Path, mapping: MessagesMapping) -> str:
@@ -79,15 +116,22 @@ def read_logs(
     mapping: MessagesMapping | None = None,
     limit: int | None = None,
     max_trajectory_mb: float | None = DEFAULT_MAX_TRAJECTORY_MB,
+    report: IngestReport | None = None,
 ) -> Iterator[dict | Quarantined]:
     """Every raw record of a file or a folder (*.json / *.jsonl, recursive, sorted), in reading
     order: a trajectory row (schema.TRAJECTORY) or a Quarantined row. One record at a time
     (JSONL is read line by line), so a caller can write them out in batches.
 
     `limit` keeps the first N good trajectories in reading order and stops reading there.
-    A later record with an id already seen is quarantined as a duplicate; so is a trajectory
-    whose text (contents, tool arguments, tool schemas) exceeds `max_trajectory_mb`.
+    Chat logs: the fields not mapped are detected from the first records (`messages.detect`); a
+    mapped or detected path that resolves in no record is an IngestError naming the keys records
+    do have, one that resolves in only some is counted in `report.partial`.
+    A later record with an id already seen is a trial of the same task when its content differs
+    (kept, id suffixed #2, #3, ...) and a repeat when it is the same (dropped, counted in `report`).
+    A trajectory whose text (contents, tool arguments, tool schemas) exceeds `max_trajectory_mb`
+    is quarantined.
     """
+    report = report if report is not None else IngestReport()
     root, mapping = Path(path), mapping or MessagesMapping()
     if not root.exists():
         raise IngestError(f"input not found: {path}")
@@ -99,8 +143,11 @@ def read_logs(
     if not files:
         raise IngestError(f"{path}: no .json or .jsonl files under it")
 
+    if fmt in ("auto", messages.FORMAT):
+        mapping = _detected(files, fmt, mapping, report)
+        report.mapping = mapping
     max_chars = None if max_trajectory_mb is None else max_trajectory_mb * 1e6
-    seen: dict[str, str] = {}  # id -> where (ids only: small next to the trajectories)
+    seen: dict[str, set[str]] = {}  # id -> digests of its records' content (small next to the trajectories)
     kept = 0
     for f in files:
         if limit is not None and kept >= limit:
@@ -109,25 +156,78 @@ def read_logs(
             for item in _read_file(f, fmt, mapping):
                 if isinstance(item, Quarantined):
                     yield item
-                elif item["id"] in seen:
-                    reason = f"duplicate id {item['id']!r} (first seen at {seen[item['id']]})"
-                    yield Quarantined(str(f), item["record_pointer"], reason, excerpt(item["goal"]))
-                elif max_chars is not None and (size := trajectory_chars(item)) > max_chars:
+                    continue
+                digest = _content_digest(item)
+                repeats = seen.setdefault(item["id"], set())
+                if digest in repeats:
+                    report.duplicates += 1  # the same record again: once is enough
+                    continue
+                if max_chars is not None and (size := trajectory_chars(item)) > max_chars:
                     reason = (f"{item['record_pointer'] or 'record'}: trajectory text is {size / 1e6:.1f} MB, over "
                               f"ingest.max_trajectory_mb = {max_trajectory_mb:g} (raise it to keep such records)")
                     yield Quarantined(str(f), item["record_pointer"], reason, excerpt(item["goal"]))
-                else:
-                    seen[item["id"]] = f"{f} {item['record_pointer']}".strip()
-                    kept += 1
-                    yield item
-                    if limit is not None and kept >= limit:
-                        break
+                    continue
+                if repeats:  # another run of the same task: trial 2, 3, ... with an id of its own
+                    report.trials += 1
+                    item = item | {"task_key": item["id"], "id": f"{item['id']}#{len(repeats) + 1}"}
+                repeats.add(digest)
+                kept += 1
+                yield item
+                if limit is not None and kept >= limit:
+                    break
         except (IngestError, UnreadableFile) as exc:
             if root.is_file():
                 raise IngestError(str(exc)) from exc
             # Inside a folder one unreadable file must not sink the others.
             with f.open("rb") as fh:
                 yield Quarantined(str(f), "", str(exc), excerpt(fh.read(400)))
+    if report.mapping is not None:
+        check_paths(report.mapping, report)
+
+
+def _content_digest(row: dict) -> str:
+    """What a record says, apart from where it was read."""
+    body = {k: v for k, v in row.items() if k not in ("source_file", "record_pointer")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _detected(files: list[Path], fmt: str, mapping: MessagesMapping, report: IngestReport) -> MessagesMapping:
+    """The mapping with chat-log fields detected from the first records of the logs."""
+    sample: list = []
+    for f in files:
+        try:
+            for _, record in iter_records(f):
+                if not isinstance(record, Quarantined):
+                    sample.append(record)
+                if len(sample) >= DETECT_FROM:
+                    break
+        except UnreadableFile:
+            continue  # reading it says so, with the file's name
+        if len(sample) >= DETECT_FROM:
+            break
+    report.sampled = len(sample)
+    detected = messages.detect(sample, mapping)
+    if fmt == "auto" and not any(messages.looks_like(r, detected) for r in sample):
+        return mapping  # not chat logs (tau-bench, ToolBench): nothing to detect
+    return detected
+
+
+def check_paths(mapping: MessagesMapping, report: IngestReport) -> None:
+    """After reading: a given or detected path that resolved in no record stops the run (IngestError
+    naming the keys the records have); one that resolved in some only goes to `report.partial`."""
+    records = mapping.resolved["records"]
+    if not records:
+        return
+    keys = sorted((k.removeprefix("key ") for k, n in mapping.resolved.items() if k.startswith("key ")),
+                  key=lambda k: -mapping.resolved[f"key {k}"])
+    for name, path in mapping.checked_paths().items():
+        hits = mapping.resolved[path]
+        how = "mapped" if name in mapping.given else "detected"
+        if hits == 0:
+            raise IngestError(f"ingest.messages.{name} = {path!r} ({how}) is in none of the {records} records; "
+                              f"their keys: {', '.join(keys[:20])}")
+        if hits < records:
+            report.partial[path] = [hits, records]
 
 
 def trajectory_chars(row: dict) -> int:

@@ -74,7 +74,8 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
         judges[name] = {"accepted": sum(verdicts), "rejected": len(verdicts) - sum(verdicts),
                         "not_asked": verified.height - len(verdicts)}
     stages = {
-        "ingest": {"in": ingest["records_in"], "out": ingest["trajectories"], "quarantined": ingest["quarantined"]},
+        "ingest": {"in": ingest["records_in"], "out": ingest["trajectories"], "quarantined": ingest["quarantined"],
+                   **{k: ingest[k] for k in ("duplicates", "trials", "detected", "partial_paths") if k in ingest}},
         "classify": {
             "in": classified.height, "failures": failures.height, "successes": classified.height - failures.height,
             "recoverable": int(failures["recoverable"].sum()) if failures.height else 0,
@@ -88,9 +89,9 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
     }
     n_rejected = {s: stats[s]["rejected"] for s in stats}
     checks = {
-        "ingest: records_in = trajectories + quarantined":
-            ingest["records_in"] == ingest["trajectories"] + ingest["quarantined"] == classified.height
-            + ingest["quarantined"],
+        "ingest: records_in = trajectories + quarantined + dropped repeats":
+            ingest["records_in"] == ingest["trajectories"] + ingest["quarantined"] + ingest.get("duplicates", 0)
+            == classified.height + ingest["quarantined"] + ingest.get("duplicates", 0),
         "extract: failures = extracted + rejected":
             failures.height == stats["extract"]["in"] == stats["extract"]["out"] + n_rejected["extract"],
         "relabel: in = relabeled + rejected": stats["relabel"]["in"] == stats["relabel"]["out"] + n_rejected["relabel"],
