@@ -42,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--out", default="data/processed", help="folder of the datasets (package stage)")
     stage.add_argument("-v", "--verbose", action="store_true")
 
+    inspect = sub.add_parser("inspect", help="dry run, no LLM call: format, detected fields, one record's steps, "
+                                             "how many failures would reach relabeling and why not the others")
+    inspect.add_argument("input", help="log file or folder")
+    inspect.add_argument("--format", choices=FORMATS)
+    inspect.add_argument("--limit", type=int, help="only the first N trajectories")
+    inspect.add_argument("--params", help="params.yaml (default: built-in defaults)")
+    inspect.add_argument("--map", action="append", default=[], metavar="KEY=VALUE", help="as for run")
+    inspect.add_argument("--json", action="store_true", help="print the findings as JSON")
+    inspect.add_argument("-v", "--verbose", action="store_true")
+
     review = sub.add_parser("review", help="measure precision: sample relabels for people to label, score the labels")
     actions = review.add_subparsers(dest="action", required=True)
     sample = actions.add_parser("sample", help="write RUN_DIR/review/review.html (+ items.json, Label Studio import)")
@@ -75,8 +85,7 @@ def _overrides(args: argparse.Namespace) -> dict:
             else:
                 mapping[key] = None if value.lower() in ("", "null", "none") else value
         ingest["messages"] = mapping
-    llm = {k: v for k, v in {"model": args.model, "judge_model": args.judge_model,
-                             "api_base": args.api_base}.items() if v}
+    llm = {k: v for k in ("model", "judge_model", "api_base") if (v := getattr(args, k, None))}
     return {k: v for k, v in {"ingest": ingest, "llm": llm}.items() if v}
 
 
@@ -87,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     # memory goes back to the system anyway; files are closed by their `with` blocks.
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "verbose", False):  # our own steps; the libraries' INFO chatter stays out
+        logging.getLogger("agenther").setLevel(logging.INFO)
     if args.command == "s3":
         return s3_cli.run(args)
     if args.command == "review":
@@ -116,6 +126,15 @@ def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "stage":
             return _stage(args, load_params(args.params))
+        if args.command == "inspect":
+            from agenther.inspect import inspect_logs, print_report
+
+            found = inspect_logs(load_params(args.params, _overrides(args)))
+            if args.json:
+                print(json.dumps(found, indent=2))
+            else:
+                print_report(found)
+            return 0
         params = load_params(args.params, _overrides(args))
         with LLMs.from_params(params) as llms:
             summary = run(params, args.out, llms)

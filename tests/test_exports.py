@@ -337,6 +337,8 @@ def test_dataset_card_of_a_real_run_carries_its_summary(tmp_path, llm_server):
 
 def test_dataset_card_tolerates_missing_keys():
     card = render_dataset_card({})
+    none = render_dataset_card({"stages": {"package": {"hindsight_samples": 0, "success_samples": 84}}})
+    assert none.splitlines()[0] == "# agenther agent trajectories: 84 original successes, no hindsight-relabeled sample"
     assert card.startswith("# ") and "not recorded" in card and "licence: not known" in card
     detected = render_dataset_card({"input": {"format": "auto"}, "source_formats": ["tau-bench"]})
     assert "licence: MIT" in detected and "licence: not known" not in detected

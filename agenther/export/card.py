@@ -245,7 +245,7 @@ def render_dataset_card(summary: dict) -> str:
         "sharegpt.jsonl": exports.get("sharegpt"),
     }
 
-    out = ["# agenther hindsight-relabeled agent trajectories", "", INTRO, "", "## Files", ""]
+    out = [_title(s), "", INTRO, "", "## Files", ""]
     out += _table(
         ["file", "rows", "format", "sha256"], [[f, rows.get(f), d, files.get(f)] for f, d in FILES.items()]
     )
@@ -275,3 +275,14 @@ def render_dataset_card(summary: dict) -> str:
         ]
         out += [f"- {k}: {'ok' if v else 'MISMATCH'}" for k, v in (checks.get("checks") or {}).items()]
     return "\n".join(out) + "\n"
+
+
+def _title(s: dict) -> str:
+    """What the files hold, in numbers: a run with no hindsight sample must not promise any."""
+    package = (s.get("stages") or {}).get("package") or {}
+    hindsight, successes = package.get("hindsight_samples"), package.get("success_samples")
+    if hindsight is None:
+        return "# agenther agent trajectories"
+    if not hindsight:
+        return f"# agenther agent trajectories: {successes or 0} original successes, no hindsight-relabeled sample"
+    return f"# agenther agent trajectories: {hindsight} hindsight-relabeled samples, {successes or 0} original successes"

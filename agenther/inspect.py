@@ -1,0 +1,91 @@
+"""`agenther inspect PATH`: what a run would do with these logs, before it calls any LLM.
+
+It runs the real ingest, classify and extract stages (the runner's, in a temporary work folder;
+classify and extract in rule mode, so no LLM is asked) and shows: the format and chat-log mapping
+(given and detected), one record as the canonical steps the stages see, the counts of successes,
+failures and quarantined records with reasons, and how many failures would reach relabeling with
+the current params and why the others would not.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+
+from agenther.workdir import TABLES
+
+SHOWN_STEPS = 12
+
+
+def inspect_logs(params: dict) -> dict:
+    """The dry run's findings (also what `agenther inspect` prints)."""
+    from agenther.evidence.render import render
+    from agenther.providers import LLMs
+    from agenther.runner import run_stages
+    from agenther.stages.ingest import detect_format
+
+    rule = copy.deepcopy(params)
+    notes = [f"{stage}.mode is llm: inspect used rule mode, a run would ask the LLM"
+             for stage in ("classify", "extract") if params[stage]["mode"] == "llm"]
+    for stage in ("classify", "extract"):
+        rule[stage]["mode"] = "rule"
+    with tempfile.TemporaryDirectory(prefix="agenther-inspect-") as tmp, LLMs.from_params(rule) as llms:
+        work = Path(tmp)
+        stats = run_stages(("ingest", "classify", "extract"), rule, work, work, llms)
+        classified = pl.read_parquet(work / TABLES["classified"])
+        quarantine = pl.read_parquet(work / TABLES["quarantine"])
+        rejected = pl.read_parquet(work / TABLES["extract_rejected"])
+        extracted = pl.read_parquet(work / TABLES["extracted"], columns=["id"])
+    failures = classified.filter(pl.col("is_failure"))
+    shown = (failures.filter(pl.col("id").is_in(extracted["id"].to_list())) if extracted.height else failures) \
+        if failures.height else classified
+    example = shown.row(0, named=True) if shown.height else None
+    ingest = stats["ingest"]
+    return {
+        "input": str(params["ingest"]["input"]),
+        "format": params["ingest"]["format"] if params["ingest"]["format"] != "auto"
+        else detect_format(params["ingest"]["input"]),
+        "detected": ingest.get("detected", {}),
+        "partial_paths": ingest.get("partial_paths", {}),
+        "records_in": ingest["records_in"],
+        "trials": ingest.get("trials", 0),
+        "repeats_dropped": ingest.get("duplicates", 0),
+        "quarantined": dict(Counter(quarantine["reason"].to_list()).most_common(5)),
+        "successes": classified.height - failures.height,
+        "failures": failures.height,
+        "failure_types": dict(Counter(failures["failure_type"].to_list())),
+        "would_relabel": extracted.height,
+        "would_not": dict(Counter(rejected["reason"].to_list())),
+        "why_not_examples": {r["reason"]: r["detail"] for r in rejected.unique("reason", keep="first").to_dicts()},
+        "example": None if example is None else {
+            "id": example["id"], "steps": render(example["messages"][:SHOWN_STEPS], budget_tokens=1500),
+            "more_steps": max(0, len(example["messages"]) - SHOWN_STEPS)},
+        "notes": notes,
+    }
+
+
+def print_report(found: dict) -> None:
+    print(f"input: {found['input']}  format: {found['format']}")
+    if found["detected"]:
+        print("detected chat-log fields: " + ", ".join(f"{k} <- {v!r}" for k, v in found["detected"].items()))
+    for path, (hits, records) in found["partial_paths"].items():
+        print(f"warning: {path!r} is in {hits} of {records} records only")
+    print(f"records: {found['records_in']} in, {found['successes']} successes, {found['failures']} failures, "
+          f"{sum(found['quarantined'].values())} quarantined, {found['trials']} trials, "
+          f"{found['repeats_dropped']} repeats dropped")
+    for reason, n in found["quarantined"].items():
+        print(f"  quarantined {n}: {reason}")
+    print(f"failure types: {json.dumps(found['failure_types'])}")
+    print(f"would reach relabeling: {found['would_relabel']} of {found['failures']} failures")
+    for reason, n in found["would_not"].items():
+        print(f"  not {n}: {reason}: e.g. {found['why_not_examples'][reason]}")
+    for note in found["notes"]:
+        print(f"note: {note}")
+    if found["example"]:
+        more = f" (+{found['example']['more_steps']} more steps)" if found["example"]["more_steps"] else ""
+        print(f"\none record as the stages see it: {found['example']['id']}{more}\n{found['example']['steps']}")
