@@ -75,7 +75,7 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
                         "not_asked": verified.height - len(verdicts)}
     stages = {
         "ingest": {"in": ingest["records_in"], "out": ingest["trajectories"], "quarantined": ingest["quarantined"],
-                   **{k: ingest[k] for k in ("duplicates", "trials", "detected", "partial_paths") if k in ingest}},
+                   **{k: ingest[k] for k in ("duplicates", "trials", "detected", "partial_paths") if ingest.get(k)}},
         "classify": {
             "in": classified.height, "failures": failures.height, "successes": classified.height - failures.height,
             "recoverable": int(failures["recoverable"].sum()) if failures.height else 0,
