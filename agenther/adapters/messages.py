@@ -148,7 +148,7 @@ def _optional(record: Any, dotted: str | None, resolved: Counter | None = None) 
     except KeyError:
         return None  # the log does not say
     if resolved is not None:
-        resolved[dotted] += 1
+        resolved[f"path {dotted}"] += 1
     return value
 
 
@@ -173,11 +173,12 @@ def _turns(record: dict, mapping: MessagesMapping) -> tuple[Any, str, str, str]:
 def convert(record: Any, path: Path, pointer: str, mapping: MessagesMapping) -> dict:
     if not isinstance(record, dict):
         raise RecordError(f"record is not an object (got {type_name(record)})")
-    tally = mapping.resolved
-    tally["records"] += 1
-    tally.update(f"key {k}" for k in list(record)[:50])  # the keys records have, for a mistake's message
+    seen = mapping.resolved
+    seen["records"] += 1
+    seen.update(f"key {k}" for k in list(record)[:50])  # the keys records have, for a mistake's message
     turns, where, role_key, content_key = _turns(record, mapping)
-    tally[where] += 1
+    seen[f"path {where}"] += 1
+    tally: Counter = Counter()  # the other paths, counted over the records that become trajectories
     messages = parse_text_actions(
         canonical_messages(turns, where, mapping.roles, role_key, content_key, call_roles=("function_call",))
     )
@@ -204,7 +205,7 @@ def convert(record: Any, path: Path, pointer: str, mapping: MessagesMapping) -> 
     task = _optional(record, mapping.task_path, tally)
     task_key = str(task) if task is not None else hashlib.sha1(goal.encode()).hexdigest()[:12]
 
-    return {
+    row = {
         "id": f"{FORMAT}/{stem}/{local}",
         "source_format": FORMAT,
         "source_file": str(path),
@@ -218,6 +219,9 @@ def convert(record: Any, path: Path, pointer: str, mapping: MessagesMapping) -> 
         "reward": None if reward is None else float(reward),
         "metadata": to_json({"benchmark": None, "style": "openai" if role_key == "role" else "sharegpt"}),
     }
+    seen["converted"] += 1
+    seen.update(tally)
+    return row
 
 
 def _final_answer(messages: list[dict]) -> str | None:

@@ -215,15 +215,14 @@ def _detected(files: list[Path], fmt: str, mapping: MessagesMapping, report: Ing
 def check_paths(mapping: MessagesMapping, report: IngestReport) -> None:
     """After reading: a given or detected path that resolved in no record stops the run (IngestError
     naming the keys the records have); one that resolved in some only goes to `report.partial`."""
-    records = mapping.resolved["records"]
-    if not records:
-        return
-    keys = sorted((k.removeprefix("key ") for k, n in mapping.resolved.items() if k.startswith("key ")),
+    keys = sorted((k.removeprefix("key ") for k in mapping.resolved if k.startswith("key ")),
                   key=lambda k: -mapping.resolved[f"key {k}"])
     for name, path in mapping.checked_paths().items():
-        hits = mapping.resolved[path]
+        # the turns: over every record read; the other fields: over the records that became trajectories
+        records = mapping.resolved["records" if name == "messages_path" else "converted"]
+        hits = mapping.resolved[f"path {path}"]
         how = "mapped" if name in mapping.given else "detected"
-        if hits == 0:
+        if records and hits == 0:
             raise IngestError(f"ingest.messages.{name} = {path!r} ({how}) is in none of the {records} records; "
                               f"their keys: {', '.join(keys[:20])}")
         if hits < records:
