@@ -34,8 +34,9 @@ import polars as pl
 from agenther import schema
 from agenther.adapters.common import Quarantined
 from agenther.llm import Usage
+from agenther.progress import Progress
 from agenther.providers import LLMs
-from agenther.tables import CONTRACTS, TableWriter, gate_table, iter_batches
+from agenther.tables import CONTRACTS, TableWriter, count_rows, gate_table, iter_batches
 from agenther.workdir import STAGES, TABLES, stamp_stage, unchanged_stage, unstamp, write_stats
 
 
@@ -200,10 +201,15 @@ def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LL
     started = time.monotonic()
     with ExitStack() as stack:
         outputs = [_Outputs(s, work, stack) for s in stages]
-        for batch in _batches(stages[0], work, params, executor):
+        batches = _batches(stages[0], work, params, executor)
+        progress = stack.enter_context(Progress("+".join(names), count_rows(work / TABLES[stages[0].source]),
+                                                lambda: sum(u.calls for u in llms.usage().values())))
+        for batch in batches:
             if batch.height == 0:
                 continue  # nothing to ask: no model is started for an empty table
             results = executor.step(names, batch, params, llms)
+            last = results[names[-1]].kept  # verify keeps every judged row: "kept" is the accepted ones
+            progress.advance(batch.height, kept=int(last["verified"].sum()) if "verified" in last.columns else last.height)
             upstream = batch
             for out in outputs:
                 result = results[out.stage.name]
