@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     actions = review.add_subparsers(dest="action", required=True)
     sample = actions.add_parser("sample", help="write RUN_DIR/review/review.html (+ items.json, Label Studio import)")
     sample.add_argument("run_dir", help="a run's folder (agenther run --out), with 04_verified.parquet")
-    sample.add_argument("--size", type=int, default=40, help="items (default 40)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--size", type=int, help="items (default: params review.size, 40)")
+    sample.add_argument("--seed", type=int, help="(default: params review.seed, 0)")
+    sample.add_argument("--params", help="params.yaml (default: built-in defaults)")
     score = actions.add_parser("score", help="precision of accepted relabels and judge agreement from label files")
     score.add_argument("run_dir")
     score.add_argument("labels", nargs="+", help="label files the review page downloaded (one per annotator)")
@@ -180,9 +181,12 @@ def _stage(args: argparse.Namespace, params: dict) -> int:
 def _review(args: argparse.Namespace) -> int:
     try:
         if args.action == "sample":
+            from agenther.params import load_params
             from agenther.review.sample import write_review
 
-            out = write_review(Path(args.run_dir), args.size, args.seed)
+            review = load_params(args.params)["review"]
+            size = args.size if args.size is not None else review["size"]
+            out = write_review(Path(args.run_dir), size, args.seed if args.seed is not None else review["seed"])
             print(f"agenther review: open {out / 'review.html'} in a browser; label; download; then "
                   f"agenther review score {args.run_dir} LABELS.json")
         else:

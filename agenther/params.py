@@ -178,6 +178,12 @@ class Prefect(_Section):
     retry_jitter: NonNegative = 0.5
 
 
+class Review(_Section):
+    """`agenther review sample`: how many judged relabels people are asked about, drawn with which seed."""
+    size: PositiveCount = 40
+    seed: Count = 0
+
+
 class Params(_Section):
     ingest: Ingest = Field(default_factory=Ingest)
     classify: Classify = Field(default_factory=Classify)
@@ -190,6 +196,7 @@ class Params(_Section):
     llm: LLM = Field(default_factory=LLM)
     io: IO = Field(default_factory=IO)
     prefect: Prefect = Field(default_factory=Prefect)
+    review: Review = Field(default_factory=Review)
 
 
 DEFAULTS: dict[str, Any] = Params().model_dump()
@@ -305,6 +312,7 @@ def params_hash(params: dict, sections: tuple[str, ...] | None = None) -> str:
     """sha256 (12 hex) of the canonical JSON of the chosen sections (all when None),
     without the RUNTIME_ONLY settings."""
     chosen = copy.deepcopy(params if sections is None else {s: params[s] for s in sections})
+    chosen.pop("review", None)  # how people check a run, never what it produced
     for section, keys in RUNTIME_ONLY.items():
         for key in keys:
             chosen.get(section, {}).pop(key, None)
