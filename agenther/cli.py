@@ -117,11 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     # Imported here so that `agenther --help` is instant (litellm and polars take seconds).
-    from agenther.llm import LLMError
-    from agenther.local_model import LocalModelError
+    from agenther.llm import LLMError, LLMs
+    from agenther.llm.models import LocalModelError
     from agenther.params import ParamsError, load_params
     from agenther.pipeline import run
-    from agenther.providers import LLMs
     from agenther.stages.ingest import IngestError
 
     try:
@@ -161,7 +160,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _stage(args: argparse.Namespace, params: dict) -> int:
-    from agenther.providers import LLMs
+    from agenther.llm import LLMs
     from agenther.runner import run_stage
 
     work = Path(args.work)

@@ -25,7 +25,7 @@ SHOWN_STEPS = 12
 def inspect_logs(params: dict) -> dict:
     """The dry run's findings (also what `agenther inspect` prints)."""
     from agenther.evidence.render import render
-    from agenther.providers import LLMs
+    from agenther.llm import LLMs
     from agenther.runner import run_stages
     from agenther.stages.ingest import detect_format
 

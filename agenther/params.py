@@ -155,7 +155,7 @@ class LLM(_Section):
     timeout_s: Positive = 120
     max_retries: Count = 3
     concurrency: PositiveCount = 2
-    processes: Count = 0  # 0 = calls run in this process; N = in N worker processes (agenther/call_pool.py)
+    processes: Count = 0  # 0 = calls run in this process; N = in N worker processes (agenther/llm/call_pool.py)
     cache_dir: str | None = ".agenther-cache/llm"
     context_tokens: PositiveCount = 4096
     requests_per_minute: NonNegative | None = None  # per provider (model + api_base); None = unlimited

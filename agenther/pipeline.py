@@ -18,7 +18,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 
-from agenther.providers import LLMs
+from agenther.llm import LLMs
 from agenther.workdir import STAGES, unchanged_stage
 
 

@@ -1,7 +1,8 @@
 """Progress of a long stage: records done of the total, kept so far, LLM calls and their rate, ETA.
 
 On a terminal one line is redrawn every second; elsewhere (a log file, CI, a Prefect worker, whose
-prints become log lines) a plain line every 30 s and one when the stage ends, so logs stay readable.
+prints become log lines) a plain line every 30 s (AGENTHER_PROGRESS_S) and one when such a long
+stage ends: a stage that ends sooner prints nothing, so logs and one-line errors stay readable.
 Records are counted as they finish (`record_done`, called by the concurrent map the LLM stages use)
 or a batch at a time (`advance`), whichever the stage gives.
 """
@@ -9,6 +10,7 @@ or a batch at a time (`advance`), whichever the stage gives.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -29,7 +31,8 @@ class Progress:
         self.stage, self.total, self.calls = stage, total, calls
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.interval = 1.0 if self.tty else 30.0
+        self.interval = 1.0 if self.tty else float(os.environ.get("AGENTHER_PROGRESS_S", 30))
+        self._shown = False
         self.done = self.kept = 0
         self._by_record = 0  # records counted one by one in the batch under way
         self._lock = threading.Lock()
@@ -46,7 +49,7 @@ class Progress:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self._stop.set()
         _CURRENT.remove(self)
-        if exc_type is None:
+        if exc_type is None and (self.tty or self._shown):
             self._show(final=True)
 
     def advance(self, records: int, kept: int = 0, batch: bool = True) -> None:
@@ -82,6 +85,7 @@ class Progress:
             self._show()
 
     def _show(self, final: bool = False) -> None:
+        self._shown = True
         if self.tty:
             self.stream.write("\r\033[K" + self.line() + ("\n" if final else ""))
         else:

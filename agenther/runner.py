@@ -33,9 +33,8 @@ import polars as pl
 
 from agenther import schema
 from agenther.adapters.common import Quarantined
-from agenther.llm import Usage
+from agenther.llm import LLMs, Usage
 from agenther.progress import Progress
-from agenther.providers import LLMs
 from agenther.tables import CONTRACTS, TableWriter, count_rows, gate_table, iter_batches
 from agenther.workdir import STAGES, TABLES, stamp_stage, unchanged_stage, unstamp, write_stats
 

@@ -5,7 +5,7 @@ One process-wide flag. `agenther run` / `agenther stage` set it from their signa
 whatever it was waiting for is left at once. From then on:
 - no new LLM call starts: `LLMClient` calls `check()` right before every request, and its
   backoff and rate-limit waits are `sleep()`, which ends early;
-- `map_concurrent` (agenther/llm.py) hands out no new record, and does not wait for the calls
+- `map_concurrent` (agenther/llm/concurrency.py) hands out no new record, and does not wait for the calls
   still open: its threads are daemons, abandoned when the process exits;
 - what was answered is already in the LLM response cache (each answer is written there as it
   arrives), so a rerun resumes without repeating an answered call;

@@ -23,7 +23,7 @@ process, so its request parsing does not share this process's GIL with the clien
 `--in-process-server` puts it back in (as the tests do) to see what that costs.
 
 Every concurrency runs once per `--processes` value (llm.processes: 0 = the calls run in this
-process, N = in N worker processes, agenther/call_pool.py); "vs 1" compares with concurrency 1 of
+process, N = in N worker processes, agenther/llm/call_pool.py); "vs 1" compares with concurrency 1 of
 the first value. A pool's start (workers importing litellm) happens in the unmeasured warm-up,
 as it does once per process in a real run; it is printed apart. "CPU" is this process's only.
 
@@ -57,8 +57,8 @@ from http.server import ThreadingHTTPServer  # noqa: E402
 import polars as pl  # noqa: E402
 from llm_server import FakeLLMServer, Reply, careful_brain, prompt_kind  # noqa: E402
 
+from agenther.llm import LLMs  # noqa: E402
 from agenther.params import load_params  # noqa: E402
-from agenther.providers import LLMs  # noqa: E402
 from agenther.runner import run_stage, run_stages  # noqa: E402
 from agenther.stages import relabel as relabel_module  # noqa: E402
 from agenther.stages import verify as verify_module  # noqa: E402

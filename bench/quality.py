@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agenther.evidence.goal import AchievedGoal, describe_action  # noqa: E402
-from agenther.local_model import DEFAULT_MODEL, model_path  # noqa: E402
+from agenther.llm.models import DEFAULT_MODEL, model_path  # noqa: E402
 from agenther.params import load_params  # noqa: E402
 from agenther.pipeline import run  # noqa: E402
 

@@ -47,9 +47,8 @@ def peak_mb() -> float:
 
 def child(log: Path, work: Path, batch_rows: int | None) -> None:
     from agenther import gates, schema
-    from agenther.llm import Usage
+    from agenther.llm import LLMs, Usage
     from agenther.params import load_params
-    from agenther.providers import LLMs
     from agenther.runner import run_stage
     from agenther.tables import write_table
     from agenther.workdir import TABLES, write_stats

@@ -21,8 +21,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from agenther.llm import LLMs
 from agenther.params import load_params, params_hash
-from agenther.providers import LLMs
 from agenther.runner import run_stage
 from tasks import stages
 

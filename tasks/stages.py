@@ -29,8 +29,7 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from agenther import runner
-from agenther.llm import Usage
-from agenther.providers import LLMs
+from agenther.llm import LLMs, Usage
 from agenther.runner import BatchResult, LocalExecutor
 from agenther.stages.package import package_run
 from agenther.workdir import TABLES, file_digest

@@ -5,7 +5,7 @@ A Reply can also be a fault (HTTP status, headers, body) or a slow answer. Every
 body is recorded so tests can assert on what the pipeline really sent.
 
 Which prompt a request carries (`prompt_kind`) is read from the JSON schema the client sends
-(agenther/answers.py: its title is the prompt template's name), never from the prompt's wording,
+(agenther/llm/answers.py: its title is the prompt template's name), never from the prompt's wording,
 so editing a prompt misroutes nothing. A brain that raises (careful_brain on a prompt it has no
 answer for) gets HTTP 400 back with the reason, which is also printed, kept in `errors`, and
 raised when the server stops, so the test fails naming the prompt rather than with a bare 400.
@@ -159,7 +159,7 @@ class FakeLLMServer:
 
 # -- which prompt a request carries -------------------------------------------------------------
 KINDS = ("relabel", "judge_trajectory", "judge_evidence", "judge_policy", "extract", "classify")
-# A schema without a title (a client older than agenther/answers.py) is known by its keys.
+# A schema without a title (a client older than agenther/llm/answers.py) is known by its keys.
 KINDS_BY_KEYS = {
     frozenset({"hindsight_prompt", "confidence"}): "relabel",
     frozenset({"satisfied", "consistent_with_user", "confidence", "reason"}): "judge_trajectory",

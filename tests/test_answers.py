@@ -1,4 +1,4 @@
-"""LLM answers are checked against their contracts (agenther/answers.py), nested fields included.
+"""LLM answers are checked against their contracts (agenther/llm/answers.py), nested fields included.
 
 Every stage that asks an LLM is sent answers that are valid JSON but the wrong shape (extra
 nesting, wrong nested types, missing fields, null, numbers that do not parse), one brain per kind
@@ -19,7 +19,8 @@ import pytest
 from conftest import TAU, write_params
 from llm_server import FakeLLMServer, careful_brain, prompt_kind, user_text
 
-from agenther.answers import (
+from agenther.cli import main
+from agenther.llm.answers import (
     ClassifyAnswer,
     EvidenceAnswer,
     ExtractAnswer,
@@ -28,7 +29,6 @@ from agenther.answers import (
     TrajectoryAnswer,
     validate,
 )
-from agenther.cli import main
 
 LIMIT = 20
 JUDGES = {"judge_policy": "policy", "judge_trajectory": "trajectory", "judge_evidence": "evidence"}

@@ -1,4 +1,4 @@
-"""llm.processes: the LLM calls made by worker processes (agenther/call_pool.py).
+"""llm.processes: the LLM calls made by worker processes (agenther/llm/call_pool.py).
 
 A run through the workers gives the outputs of a run that calls from its own process; a worker
 that dies mid-call is replaced and the call retried; workers die with their parent, even on
@@ -22,10 +22,10 @@ from conftest import ROOT, TAU
 from llm_server import Reply, careful_brain, prompt_kind
 from test_faults import _params, _running
 
-from agenther.answers import RelabelAnswer, schema_of
-from agenther.call_pool import CallPool, shared_pool
 from agenther.cli import main
 from agenther.llm import CallFailed, LLMClient
+from agenther.llm.answers import RelabelAnswer, schema_of
+from agenther.llm.call_pool import CallPool, shared_pool
 from agenther.params import ParamsError, load_params
 
 
@@ -93,7 +93,7 @@ def test_a_worker_killed_mid_call_is_replaced_and_the_call_retried(tmp_path, llm
 
 @pytest.mark.slow
 def test_workers_exit_when_their_parent_is_killed(tmp_path):
-    script = ("import sys, time; from agenther.call_pool import CallPool; pool = CallPool(2); "
+    script = ("import sys, time; from agenther.llm.call_pool import CallPool; pool = CallPool(2); "
               "print(' '.join(str(w.process.pid) for w in pool.workers), flush=True); time.sleep(120)")
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

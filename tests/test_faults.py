@@ -238,7 +238,7 @@ def test_persistent_provider_errors_are_fatal_in_one_line(tmp_path, llm_server, 
 
 # -- SIGKILL mid-relabel, then a rerun ----------------------------------------------------------------
 def _cache_key(body: dict) -> str:
-    # The client's cache key (agenther/llm.py complete_json) from the body the server received.
+    # The client's cache key (agenther/llm/client.py complete_json) from the body the server received.
     request = {"model": "openai/local", "messages": body["messages"], "temperature": body["temperature"],
                "max_tokens": body["max_tokens"], "seed": body["seed"], "response_format": body["response_format"]}
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
@@ -315,7 +315,7 @@ def test_sigkill_mid_relabel_then_rerun_reconciles_and_repeats_no_answered_call(
 
 
 def _call_workers(parent: int) -> list[int]:
-    """The pids of `parent`'s LLM call worker processes (agenther/call_pool.py)."""
+    """The pids of `parent`'s LLM call worker processes (agenther/llm/call_pool.py)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -323,7 +323,7 @@ def _call_workers(parent: int) -> list[int]:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == parent and b"agenther.call_pool" in cmdline:
+        if ppid == parent and b"agenther.llm.call_pool" in cmdline:
             found.append(int(stat.parent.name))
     return found
 

@@ -14,8 +14,8 @@ import pytest
 from conftest import TAU, make_params
 from llm_server import careful_brain, prompt_kind
 
+from agenther.llm import LLMs
 from agenther.pipeline import run
-from agenther.providers import LLMs
 from agenther.runner import run_stage, run_stages
 from agenther.workdir import STATS, TABLES, read_stats
 

@@ -12,7 +12,7 @@ from conftest import TAU, ingest, make_params, write_params
 
 from agenther import gates, schema
 from agenther.cli import main
-from agenther.providers import LLMs
+from agenther.llm import LLMs
 from agenther.runner import run_stage
 from agenther.stages.classify import classify
 from agenther.stages.extract import extract

@@ -32,9 +32,9 @@ from test_faults import (
 )
 
 from agenther import stopping
-from agenther.answers import RelabelAnswer, schema_of
 from agenther.cli import main
 from agenther.llm import LLMClient, map_concurrent
+from agenther.llm.answers import RelabelAnswer, schema_of
 
 STOP_WITHIN_S = 2.0
 
@@ -79,7 +79,7 @@ class HeldBrain:
     # SIGINT to a process started with SIGINT ignored, as a shell starts `agenther run ... &`
     # (how the run that swallowed Ctrl-C was started); calls made from the run's own process.
     (signal.SIGINT, 130, 0),
-    # SIGTERM, with the calls made by two worker processes (agenther/call_pool.py).
+    # SIGTERM, with the calls made by two worker processes (agenther/llm/call_pool.py).
     (signal.SIGTERM, 143, 2),
 ], ids=["SIGINT", "SIGTERM-call-workers"])
 def test_a_signal_mid_relabel_stops_the_run_and_the_rerun_repeats_no_answered_call(tmp_path, sig, code,

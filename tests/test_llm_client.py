@@ -12,20 +12,20 @@ import pytest
 from conftest import TAU, write_params
 from llm_server import Reply
 
-from agenther.answers import RelabelAnswer
-from agenther.ask import ask
 from agenther.cli import main
 from agenther.llm import (
     BUDGET_EXHAUSTED,
     Budget,
     BudgetExhausted,
     LLMClient,
+    LLMs,
     RateLimiter,
     backoff_delay,
     map_concurrent,
 )
+from agenther.llm.answers import RelabelAnswer
+from agenther.llm.ask import ask
 from agenther.params import ParamsError, load_params, params_hash
-from agenther.providers import LLMs
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
 

@@ -16,8 +16,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from agenther import local_model
-from agenther.local_model import MODELS, LocalLLMServer, LocalModelError, ModelPart, ModelSpec, model_path
+from agenther.llm import models as local_model
+from agenther.llm import server as local_server
+from agenther.llm.models import MODELS, LocalModelError, ModelPart, ModelSpec, model_path
+from agenther.llm.server import LocalLLMServer
 
 # litellm must not try to download its cost map at import (it can stall ~8 s).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -122,7 +124,7 @@ def test_missing_model_says_how_to_install(tmp_path: Path, monkeypatch: pytest.M
 def test_server_that_dies_at_startup_reports_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"this is not a gguf file")
-    monkeypatch.setattr(local_model, "model_path", lambda name: garbage)
+    monkeypatch.setattr(local_server, "model_path", lambda name: garbage)
 
     server = LocalLLMServer("smollm2-135m", startup_timeout=60)
     with pytest.raises(LocalModelError, match="exited with code") as err:

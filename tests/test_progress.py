@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 from conftest import TAU, write_params
 
@@ -16,9 +17,14 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_records_count_one_by_one_then_by_batch_and_the_log_gets_plain_lines():
+def test_records_count_one_by_one_then_by_batch_and_the_log_gets_plain_lines(monkeypatch):
     calls = [0]
     log = io.StringIO()
+    quiet = io.StringIO()
+    with progress.Progress("classify", 10, lambda: 0, quiet) as shown:
+        shown.advance(10, kept=10)
+    assert quiet.getvalue() == ""  # not a terminal and done within 30 s: nothing said
+    monkeypatch.setenv("AGENTHER_PROGRESS_S", "0.05")
     with progress.Progress("relabel", 10, lambda: calls[0], log) as shown:
         for _ in range(3):
             progress.record_done()  # as the concurrent map reports them
@@ -27,9 +33,10 @@ def test_records_count_one_by_one_then_by_batch_and_the_log_gets_plain_lines():
         assert "ETA 0:00:0" in shown.line()
         shown.advance(5, kept=2)  # the batch of 5 ends: its 3 records are not counted twice
         assert shown.done == 5 and shown.kept == 2
+        time.sleep(0.2)  # a few lines in the log
     progress.record_done()  # no stage shown: nothing to count, no error
-    (final,) = log.getvalue().splitlines()  # no tick in under 30 s: one line, at the end
-    assert final.startswith("relabel: 5/10 records, 2 kept, 7 LLM calls")
+    lines = log.getvalue().splitlines()
+    assert len(lines) >= 3 and lines[-1].startswith("relabel: 5/10 records, 2 kept, 7 LLM calls")
 
 
 def test_a_terminal_line_is_redrawn_in_place():
@@ -40,7 +47,8 @@ def test_a_terminal_line_is_redrawn_in_place():
                                                                                     "0:00:00 elapsed\n")
 
 
-def test_a_run_shows_every_table_stage(tmp_path, llm_server, capsys):
+def test_a_run_shows_every_table_stage(tmp_path, llm_server, capsys, monkeypatch):
+    monkeypatch.setenv("AGENTHER_PROGRESS_S", "0.01")  # a log line for every stage, however short
     params = write_params(tmp_path / "params.yaml", llm_server)
     assert main(["run", "--input", str(TAU), "--out", str(tmp_path / "out"), "--limit", "12", "--params", str(params)]) == 0
     err = capsys.readouterr().err

@@ -1,6 +1,6 @@
 """The embedded llama.cpp server never outlives the process that started it.
 
-A parent Python process starts a child the way LocalLLMServer does (local_model.spawn_tied),
+A parent Python process starts a child the way LocalLLMServer does (agenther.llm.server.spawn_tied),
 then is killed; the child must be gone within seconds. Also from a pool thread that has
 exited since (the server is started lazily at the first LLM call, possibly on a worker
 thread, and Linux's PR_SET_PDEATHSIG follows the forking *thread*, not the process).
@@ -30,7 +30,7 @@ LOG_DIRS: list[str] = []
 SPAWN_STANDIN = """
 import subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
-from agenther.local_model import spawn_tied
+from agenther.llm.server import spawn_tied
 start = lambda: spawn_tied(["http.server", "--bind", "127.0.0.1", "0"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 def start_and_wait():  # like LocalLLMServer.start(): the thread lives on while the child starts up
@@ -49,7 +49,7 @@ time.sleep(120)
 START_SERVER = """
 import sys, time
 from concurrent.futures import ThreadPoolExecutor
-from agenther.local_model import LocalLLMServer
+from agenther.llm.server import LocalLLMServer
 server = LocalLLMServer("smollm2-135m", n_ctx=512)
 if sys.argv[1] == "pool":  # like a lazy start at the first LLM call on a worker thread
     with ThreadPoolExecutor(1) as pool:
@@ -63,7 +63,7 @@ time.sleep(120)
 CLI_SERVER = """
 import sys, time
 from agenther import stopping
-from agenther.local_model import LocalLLMServer
+from agenther.llm.server import LocalLLMServer
 try:  # as agenther.cli.main: a signal stops the run, the server's context exits, then the exit code
     with stopping.on_signals(), LocalLLMServer("smollm2-135m", n_ctx=512) as server:
         print(server.pid, server.log_path.parent, flush=True)

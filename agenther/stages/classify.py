@@ -18,11 +18,11 @@ from collections import Counter
 import polars as pl
 
 from agenther import schema
-from agenther.answers import ClassifyAnswer
-from agenther.ask import ask
 from agenther.evidence.render import prompt_budget, render, tool_calls
 from agenther.evidence.tools import Tools, is_error
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
+from agenther.llm.answers import ClassifyAnswer
+from agenther.llm.ask import ask
 
 _NAMES_ONLY = Tools()
 

@@ -16,9 +16,8 @@ import agenther
 from agenther import prompts
 from agenther.export.card import render_dataset_card
 from agenther.export.report import render_report
-from agenther.llm import BUDGET_EXHAUSTED, Usage
+from agenther.llm import BUDGET_EXHAUSTED, LLMs, Usage
 from agenther.params import params_hash
-from agenther.providers import LLMs
 from agenther.stages.samples import Exported, export_samples
 from agenther.tables import batch_rows, gate_table, read_table, scan_columns, write_table
 from agenther.workdir import read_stats, write_text_atomic

@@ -23,15 +23,15 @@ from difflib import SequenceMatcher
 import polars as pl
 
 from agenther import schema
-from agenther.answers import RelabelAnswer
-from agenther.ask import ask
 from agenther.evidence import coverage
 from agenther.evidence.goal import AchievedGoal, describe_goal, identifying_values
 from agenther.evidence.render import defuse, tool_calls
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
+from agenther.llm.answers import RelabelAnswer
+from agenther.llm.ask import ask
 
 STAGE = "relabel"
-SCHEMA = RelabelAnswer  # the answer's contract (agenther/answers.py)
+SCHEMA = RelabelAnswer  # the answer's contract (agenther/llm/answers.py)
 USER_WORDS = 3  # the user's own turns shown to the relabeler, at most (the last ones: they confirm)
 USER_CHARS = 110
 FACTS = 2  # facts shown to the relabeler, at most (the last ones: the final report)

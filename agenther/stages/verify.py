@@ -16,7 +16,7 @@ Policy `all`: one rejection is final (no fallback path accepts it; remaining jud
 not even asked). Policy `majority`: strictly more than half must accept.
 A judge that cannot be asked because the run's LLM budget is spent ends the record's
 judging: it is not verified and is rejected as `budget_exhausted` (left undone). A judge whose
-answers break its contract (agenther/answers.py) on every attempt has not accepted; a record
+answers break its contract (agenther/llm/answers.py) on every attempt has not accepted; a record
 that only such judges turned down is rejected as `invalid_llm_answer`, with the validation error.
 """
 
@@ -27,14 +27,14 @@ from collections.abc import Callable
 import polars as pl
 
 from agenther import schema
-from agenther.answers import INVALID_LLM_ANSWER, EvidenceAnswer, PolicyAnswer, TrajectoryAnswer
-from agenther.ask import Asked, ask
 from agenther.evidence import coverage
 from agenther.evidence.goal import describe_action, evidence_messages, metadata_of, sample_messages
 from agenther.evidence.grounding import ungrounded
 from agenther.evidence.render import defuse, render, tool_calls
 from agenther.evidence.tools import is_error
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
+from agenther.llm.answers import INVALID_LLM_ANSWER, EvidenceAnswer, PolicyAnswer, TrajectoryAnswer
+from agenther.llm.ask import Asked, ask
 from agenther.stages.relabel import goal_of, relabel_one, relabel_output
 
 STAGE = "verify"

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Generic
 
 from agenther import prompts
-from agenther.answers import A, schema_of, validate
-from agenther.llm import BUDGET_EXHAUSTED, BudgetExhausted, LLMClient, PromptTooLong
+from agenther.llm.answers import A, schema_of, validate
+from agenther.llm.client import LLMClient
+from agenther.llm.errors import BUDGET_EXHAUSTED, BudgetExhausted, PromptTooLong
 
 
 @dataclass
@@ -36,7 +37,7 @@ def ask(
 ) -> Asked[A]:
     """Up to `attempts` calls; attempt i uses temperatures[i] (the last one repeats).
     The provider is sent `answer`'s JSON schema; an answer that is not JSON or does not validate
-    against `answer` (agenther.answers) counts as a failed attempt.
+    against `answer` (agenther.llm.answers) counts as a failed attempt.
     A spent budget (BudgetExhausted) ends the asking at once: `budget_exhausted` is set and
     `error` starts with "budget_exhausted", so callers reject the record as left undone."""
     messages = [{"role": "user", "content": prompts.fill(template, **values)}]

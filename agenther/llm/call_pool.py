@@ -6,13 +6,13 @@ hundred calls a second however many requests are open: against a 200 ms endpoint
 concurrency 64 near 30x the serial rate (bench/README.md). With llm.processes = N the calls
 run in N worker processes instead, each with a thread pool, and their CPU spreads over the cores.
 
-Only the call moves (`agenther.llm.call_litellm`, the client's transport): the cache, the budget,
+Only the call moves (`agenther.llm.transport.call_litellm`, the client's transport): the cache, the budget,
 the rate limiters, the in-flight limit and the retries stay in the calling process, so they hold
 for the whole run exactly as without workers. Requests and answers cross one pipe per worker as
 plain values; the caller's thread blocks on a Future until its answer comes back.
 
 Pools are started on first use and kept for the life of the process. A worker is a fresh
-`python -m agenther.call_pool` (not multiprocessing's spawn, which would run the caller's main
+`python -m agenther.llm.call_pool` (not multiprocessing's spawn, which would run the caller's main
 script again in it) that imports litellm once, a few seconds. It reads end of file on its socket
 when its parent is gone, however it died, and exits; a worker that dies fails the calls it had
 with LLMError instead of leaving their callers waiting.
@@ -33,7 +33,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from agenther import stopping
-from agenther.llm import CallFailed, Completion, LLMError, call_litellm
+from agenther.llm.errors import CallFailed, LLMError
+from agenther.llm.transport import Completion, call_litellm
 
 THREADS_PER_WORKER = 256  # an upper bound only: the caller's in-flight limit decides how many are open
 
@@ -73,9 +74,9 @@ class _Worker:
     def __init__(self, threads: int):
         ours, theirs = socket.socketpair()
         # The worker must import this agenther, wherever the caller found it.
-        path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+        path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agenther.call_pool", str(theirs.fileno()), str(threads)],
+            [sys.executable, "-m", "agenther.llm.call_pool", str(theirs.fileno()), str(threads)],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=path))
         theirs.close()  # the worker's end lives in the worker only: its death is our end of file
         self.conn = Connection(ours.detach())
@@ -204,5 +205,5 @@ def _close_all() -> None:
         pool.close(abandon=stopping.stop_requested())
 
 
-if __name__ == "__main__":  # a worker: python -m agenther.call_pool FD THREADS
+if __name__ == "__main__":  # a worker: python -m agenther.llm.call_pool FD THREADS
     serve(Connection(int(sys.argv[1])), int(sys.argv[2]))

@@ -9,7 +9,10 @@ import threading
 from contextlib import ExitStack
 from pathlib import Path
 
-from agenther.llm import Budget, LLMClient, RateLimiter, Usage, call_litellm
+from agenther.llm.client import LLMClient
+from agenther.llm.limits import Budget, RateLimiter
+from agenther.llm.transport import call_litellm
+from agenther.llm.usage import Usage
 
 LOCAL = "local"
 
@@ -37,7 +40,7 @@ class LLMs:
         self._views: list[LLMs] = []
         self.transport = call_litellm
         if (self.params.get("processes") or 0) > 0:
-            from agenther.call_pool import pooled_transport
+            from agenther.llm.call_pool import pooled_transport
 
             self.transport = pooled_transport(self.params["processes"])
 
@@ -130,7 +133,7 @@ class LLMs:
             "transport": self.transport,
         }
         if model == LOCAL and not p.get("api_base"):
-            from agenther.local_model import LocalLLMServer
+            from agenther.llm.server import LocalLLMServer
 
             server = self._stack.enter_context(LocalLLMServer(p["local_model"], n_ctx=max(4096, p["context_tokens"] + 1024)))
             return LLMClient(model=server.model, api_base=server.api_base, api_key="local",
