@@ -189,7 +189,7 @@ class _Outputs:
 
 def _batches(stage: TableStage, work: Path, params: dict, executor: LocalExecutor) -> Iterator[pl.DataFrame]:
     """The input table, gated, in the executor's batches. The gate runs before the first batch."""
-    return iter_batches(gate_table(work, stage.source, params), max(1, executor.batch_rows(params)))
+    return iter_batches(gate_table(work, stage.source, params), executor.batch_rows(params))
 
 
 def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LLMs,

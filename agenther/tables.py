@@ -86,7 +86,7 @@ def iter_batches(path: str | Path, batch_rows: int = DEFAULT_BATCH_ROWS,
     """The table at `path`, `batch_rows` rows at a time (the last batch may be shorter)."""
     parquet = pq.ParquetFile(path)
     try:
-        for batch in parquet.iter_batches(batch_size=max(1, int(batch_rows)), columns=columns):
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
             yield pl.from_arrow(pa.Table.from_batches([batch]))  # type: ignore[misc]
     finally:
         parquet.close()
@@ -102,7 +102,7 @@ def scan_columns(path: str | Path, columns: list[str]) -> pl.DataFrame:
 
 
 def batch_rows(params: dict) -> int:
-    return max(1, (params.get("io") or {}).get("batch_rows") or DEFAULT_BATCH_ROWS)
+    return params["io"]["batch_rows"]
 
 
 def gate_table(work: Path, name: str, params: dict) -> Path:

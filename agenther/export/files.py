@@ -46,7 +46,7 @@ class SortedJsonlSink:
     def __init__(self, out_dir: Path, buffer_rows: int = DEFAULT_BATCH_ROWS):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.buffer_rows = max(1, int(buffer_rows))
+        self.buffer_rows = buffer_rows
         self._tmp = tempfile.TemporaryDirectory(prefix="agenther-exports-", dir=self.out)
         self.buffers: dict[str, list[tuple[str, str]]] = {name: [] for name in EXPORT_FILES}
         self.runs: dict[str, list[Path]] = {name: [] for name in EXPORT_FILES}

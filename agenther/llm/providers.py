@@ -34,12 +34,12 @@ class LLMs:
         self._main, self._judge = clients if clients else (None, None)
         given = self._main.budget if self._main is not None else None
         self.budget = given if given is not None else Budget.from_params(self.params)
-        self.inflight = threading.BoundedSemaphore(max(1, self.params.get("concurrency") or 1))
+        self.inflight = threading.BoundedSemaphore(self.params["concurrency"])
         self._limiters: dict[tuple[str, str | None], RateLimiter] = {}
         self._made = threading.RLock()  # guards the lazy creation of the clients
         self._views: list[LLMs] = []
         self.transport = call_litellm
-        if (self.params.get("processes") or 0) > 0:
+        if self.params["processes"] > 0:
             from agenther.llm.call_pool import pooled_transport
 
             self.transport = pooled_transport(self.params["processes"])

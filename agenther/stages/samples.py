@@ -82,7 +82,7 @@ class Exported:
 def sample_weight(severity: float | None, alpha: float, min_weight: float) -> float:
     """max(min_weight, 1 - alpha * severity); unknown severity counts as the worst (1)."""
     s = 1.0 if severity is None else min(1.0, max(0.0, float(severity)))
-    return round(max(float(min_weight), 1.0 - float(alpha) * s), 6)
+    return round(float(max(min_weight, 1.0 - alpha * s)), 6)  # a float, whichever bound wins
 
 
 def trim_trailing(messages: list[dict]) -> list[dict]:
