@@ -1,10 +1,11 @@
 """Spending and pace limits around real calls: the run's budget and the per-provider rate limiter.
 
-Both are hand-written on purpose (bench/README.md, "What litellm does and what stays ours"):
-litellm's budget manager keeps its spend in one process (or a proxy's database) and raises once
-over, while a run's budget must hold across `dvc repro`'s stage processes (BUDGET_EXHAUSTED
-records are left undone and retried by the next stage run); litellm's Router raises
-RateLimitError on its rpm/tpm limits instead of waiting for the bucket to refill.
+Both are hand-written on purpose (bench/README.md, "What litellm does, and what stays ours"):
+litellm's BudgetManager tracks spend per user in one process (a user_cost.json file, or litellm's
+hosted service), while a run's budget must hold across `dvc repro`'s stage processes (agenther/cli.py
+carries what earlier stages spent) and leave records `budget_exhausted` for the rerun; litellm's
+Router raises RateLimitError when a deployment is over its rpm/tpm instead of waiting for the
+bucket to refill.
 """
 
 from __future__ import annotations
