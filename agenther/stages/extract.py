@@ -3,7 +3,7 @@
 The achieved goal is the run's successful writes (not errors, not writes the agent was not
 allowed to make) and the facts it reported, each pointing at its steps, with the sample that
 proves it. Rule mode lists the goal's actions and facts as achievements; LLM mode lets the model
-describe them (an answer that breaks its contract, agenther/answers.py, is `invalid_llm_answer`;
+describe them (an answer that breaks its contract, agenther/llm/answers.py, is `invalid_llm_answer`;
 achievements whose cited steps do not exist or carry no evidence are dropped), and
 for a run with no structured evidence its described achievements become the goal's facts. A
 failure with no goal, or whose turns contradict its goal, is rejected with the reason.

@@ -31,7 +31,7 @@ from agenther.llm.answers import RelabelAnswer
 from agenther.llm.ask import ask
 
 STAGE = "relabel"
-SCHEMA = RelabelAnswer  # the answer's contract (agenther/answers.py)
+SCHEMA = RelabelAnswer  # the answer's contract (agenther/llm/answers.py)
 USER_WORDS = 3  # the user's own turns shown to the relabeler, at most (the last ones: they confirm)
 USER_CHARS = 110
 FACTS = 2  # facts shown to the relabeler, at most (the last ones: the final report)

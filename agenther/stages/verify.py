@@ -16,7 +16,7 @@ Policy `all`: one rejection is final (no fallback path accepts it; remaining jud
 not even asked). Policy `majority`: strictly more than half must accept.
 A judge that cannot be asked because the run's LLM budget is spent ends the record's
 judging: it is not verified and is rejected as `budget_exhausted` (left undone). A judge whose
-answers break its contract (agenther/answers.py) on every attempt has not accepted; a record
+answers break its contract (agenther/llm/answers.py) on every attempt has not accepted; a record
 that only such judges turned down is rejected as `invalid_llm_answer`, with the validation error.
 """
 
