@@ -3,8 +3,8 @@
 A key is the sha256 of
 - the content of the task's input (a batch's Parquet bytes, or the input log files' bytes),
 - the stage's params section(s), without settings that change how a run goes but not what it
-  produces (agenther.params.RUNTIME_ONLY, plus llm.api_base: the model's *name* is what the LLM
-  response cache keys on too, so moving a server to another port keeps both caches warm),
+  produces (agenther.params.RUNTIME_ONLY); llm.api_base is in: another server serving the same
+  model name may answer otherwise (the LLM response cache keys on it too),
 - the code version: the sha256 of the stage module's source and of every agenther module it
   imports (transitively), plus the source of the wrappers here (tasks/stages.py, tasks/caching.py),
 - the prompt templates' hashes (agenther.prompts.all_hashes()).
@@ -42,7 +42,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 STAGE_MODULES = {stage: f"agenther.stages.{stage}" for stage in STAGE_SECTIONS}
 WRAPPERS = ("tasks.stages", "tasks.caching")
-NOT_IN_KEY = {"llm": (*RUNTIME_ONLY.get("llm", ()), "api_base")}
+NOT_IN_KEY = {"llm": RUNTIME_ONLY.get("llm", ())}
 
 
 def sha256(*parts: bytes | str) -> str:

@@ -327,3 +327,24 @@ def test_an_unpriced_model_costs_nothing_on_every_call_and_a_priced_one_keeps_it
     expected = sum(litellm.cost_per_token(model="gpt-4o-mini", prompt_tokens=usage.prompt_tokens,
                                           completion_tokens=usage.completion_tokens))
     assert usage.calls == 3 and usage.cost_usd == pytest.approx(expected) and expected > 0
+
+
+def test_another_server_with_the_same_model_name_is_not_answered_from_the_cache(llm_server, tmp_path):
+    """The cache key has the api_base of a server named by its model name (`openai/local` on two
+    ports may be two different models); the embedded model, named by its file, keeps its key."""
+    from llm_server import FakeLLMServer
+
+    llm_server.brain = lambda r: json.dumps({"ok": True})
+    first = _client(llm_server, tmp_path)
+    _ask(first, 1)
+    _ask(first, 1)
+    assert (first.usage["t"].calls, first.usage["t"].cache_hits) == (1, 1)
+    with FakeLLMServer(lambda r: json.dumps({"ok": False})) as other:
+        second = _client(other, tmp_path)  # the same cache folder, the same model name
+        _ask(second, 1)
+        assert (second.usage["t"].calls, second.usage["t"].cache_hits) == (1, 0) and len(other.requests) == 1
+        embedded = _client(other, tmp_path, identity="local/qwen2.5-coder-1.5b")
+        moved = _client(llm_server, tmp_path, identity="local/qwen2.5-coder-1.5b")  # the same model, another port
+        _ask(embedded, 2)
+        _ask(moved, 2)
+        assert (moved.usage["t"].calls, moved.usage["t"].cache_hits) == (0, 1)

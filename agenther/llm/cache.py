@@ -22,8 +22,9 @@ _MADE_DIRS: set[Path] = set()  # cache shard folders this process has created or
 
 
 def request_key(request: dict) -> str:
-    """The cache key of a request (the dict complete_json builds): never change it, or every
-    user's cache is invalidated."""
+    """The cache key of a request (the dict complete_json builds, with the api_base of a server
+    named by its model name): everything that can change an answer. Changing what goes in
+    invalidates every user's cache: do it only when an answer could differ."""
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 

@@ -85,7 +85,9 @@ class LLMClient:
             "seed": seed,
             "response_format": self._response_format(schema),
         }
-        key = cache.request_key(request)
+        # The server is part of what answers: another api_base serving the same model name is another
+        # model. The embedded model's port changes every run; its identity (the model file) names it.
+        key = cache.request_key(request if self.identity or not self.api_base else request | {"api_base": self.api_base})
         usage = self._usage(stage)
         cached = self._cache_get(key)
         if cached is not None:
