@@ -237,10 +237,12 @@ def test_persistent_provider_errors_are_fatal_in_one_line(tmp_path, llm_server, 
 
 
 # -- SIGKILL mid-relabel, then a rerun ----------------------------------------------------------------
-def _cache_key(body: dict) -> str:
-    # The client's cache key (agenther/llm/client.py complete_json) from the body the server received.
+def _cache_key(body: dict, api_base: str) -> str:
+    # The client's cache key (agenther/llm/client.py complete_json) from the body the server received
+    # and the server it was sent to (a server named by its model name: its api_base is in the key).
     request = {"model": "openai/local", "messages": body["messages"], "temperature": body["temperature"],
-               "max_tokens": body["max_tokens"], "seed": body["seed"], "response_format": body["response_format"]}
+               "max_tokens": body["max_tokens"], "seed": body["seed"], "response_format": body["response_format"],
+               "api_base": api_base}
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 
@@ -296,7 +298,7 @@ def test_sigkill_mid_relabel_then_rerun_reconciles_and_repeats_no_answered_call(
         first_relabel = [b for b in first if prompt_kind(b) == "relabel"]
         assert not (out / "summary.json").exists() and not (out / "04_verified.parquet").exists()
         cached = {b["messages"][0]["content"][-80:]: b for b in first_relabel
-                  if (cache / _cache_key(b)[:2] / f"{_cache_key(b)}.json").exists()}
+                  if (cache / (key := _cache_key(b, server.api_base))[:2] / f"{key}.json").exists()}
         assert len(cached) >= 3, "the killed run should have cached some relabel answers"
 
         server.requests.clear()

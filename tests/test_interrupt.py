@@ -46,8 +46,8 @@ def _fresh_stop_flag():
     stopping.reset()
 
 
-def _cached(cache: Path, body: dict) -> bool:
-    key = _cache_key(body)
+def _cached(cache: Path, body: dict, api_base: str) -> bool:
+    key = _cache_key(body, api_base)
     return (cache / key[:2] / f"{key}.json").exists()
 
 
@@ -102,7 +102,7 @@ def test_a_signal_mid_relabel_stops_the_run_and_the_rerun_repeats_no_answered_ca
             brain.hold()  # from now on the calls in flight stay open
             time.sleep(0.1)
             answered = list(server.answered)
-            while not all(_cached(tmp_path / "cache", b) for b in answered):  # the client has them
+            while not all(_cached(tmp_path / "cache", b, server.api_base) for b in answered):  # the client has them
                 assert time.monotonic() < deadline, "answers sent to the run never reached its cache"
                 time.sleep(0.05)
             sent = len(server.requests)
