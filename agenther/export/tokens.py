@@ -1,0 +1,123 @@
+"""Token lengths of the TRL exports, measured with a real tokenizer: the embedded local model's.
+
+The GGUF of the local model (agenther.local_model) carries its tokenizer and chat template. Its
+vocabulary is loaded alone (llama.cpp `vocab_only`: no weights, well under a second), each row is
+rendered with the chat template the way transformers renders it (trim_blocks, lstrip_blocks, its
+`tojson`), and the text is tokenized. That is what TRL feeds the model: SFT rows as
+`messages` + `tools`; preference rows as prompt + chosen and prompt + rejected (DPO's `max_length`
+bounds the pair's longer side).
+
+`max_length` is what the card's loading snippets set: the longest row plus a margin for tokenizer
+differences, rounded up to a multiple of 128, so that no sample is cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+
+PERCENTILES = (50, 90, 99)
+MARGIN = 32  # tokens between the longest measured row and max_length
+ROUND = 128
+
+
+class ChatTokenizer:
+    """A GGUF's tokenizer and chat template, without the model's weights."""
+
+    def __init__(self, gguf: Path, name: str):
+        import jinja2
+        import llama_cpp
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        with _quiet():
+            self.vocab = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+        template = self.vocab.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"{gguf.name} carries no chat template")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.template = env.from_string(template)
+        self.name = name
+
+    def count(self, messages: list[dict], tools: list[dict] | None) -> int:
+        text = self.template.render(messages=messages, tools=tools or None, add_generation_prompt=False)
+        return len(self.vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """llama.cpp prints its loading log on fd 2 even when asked not to."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def local_tokenizer(model: str | None) -> tuple[ChatTokenizer | None, str]:
+    """(the tokenizer of local model `model` or else the first installed one, why none) ."""
+    from agenther import local_model
+
+    names = [n for n in dict.fromkeys([model, local_model.DEFAULT_MODEL, *sorted(local_model.MODELS)]) if n]
+    reasons = []
+    for name in names:
+        try:
+            path = local_model.model_path(name)
+        except Exception as exc:  # not installed here: try the next one
+            reasons.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            continue
+        try:
+            return ChatTokenizer(path, name), ""
+        except Exception as exc:  # no llama.cpp runtime, or no template in the file
+            reasons.append(f"{name}: {exc}")
+    return None, "; ".join(reasons) or "no local model"
+
+
+def percentile(sorted_values: list[int], p: float) -> int:
+    """Nearest-rank percentile of a sorted, non-empty list."""
+    return sorted_values[max(0, math.ceil(p / 100 * len(sorted_values)) - 1)]
+
+
+def max_length_for(longest: int) -> int:
+    return ROUND * math.ceil((longest + MARGIN) / ROUND)
+
+
+def stats(lengths: list[int]) -> dict:
+    values = sorted(lengths)
+    return {"rows": len(values), **{f"p{p}": percentile(values, p) for p in PERCENTILES},
+            "max": values[-1], "max_length": max_length_for(values[-1])}
+
+
+def sft_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[int]:
+    out = []
+    for line in lines:
+        row = json.loads(line)
+        out.append(tok.count(row["messages"], json.loads(row["tools"])))
+    return out
+
+
+def dpo_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[int]:
+    out = []
+    for line in lines:
+        row = json.loads(line)
+        tools = json.loads(row["tools"])
+        out.append(max(tok.count(row["prompt"] + row[side], tools) for side in ("chosen", "rejected")))
+    return out
