@@ -117,8 +117,7 @@ class SortedJsonlSink:
                 text = json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
                 digests[DATASET_INFO] = _write_atomic(self.out / DATASET_INFO, text.encode("utf-8"))
                 self.rows[DATASET_INFO] = len(info)
-            written = parquet.write_parquet(self.out, self._lines("sft.jsonl"), self._lines("dpo.jsonl"),
-                                            self.buffer_rows)
+            written = parquet.write_parquet(self.out, self._lines("sft.jsonl"), self._lines("dpo.jsonl"))
             for name, n in written.items():
                 self.rows[name] = n
                 digests[name] = file_sha256(self.out / name)

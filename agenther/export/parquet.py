@@ -25,6 +25,7 @@ CARD = f"{FOLDER}/README.md"
 SFT_FILES = {"hindsight": f"{FOLDER}/data/hindsight.parquet", "success": f"{FOLDER}/data/success.parquet"}
 PREFERENCE_FILE = f"{FOLDER}/data/preference.parquet"
 FILES = (*SFT_FILES.values(), PREFERENCE_FILE)
+ROW_GROUP = 256  # rows per row group: fixed, so the bytes do not depend on the stage's batch size
 
 _CALL = pa.struct([("id", pa.string()), ("type", pa.string()),
                    ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])
@@ -82,7 +83,8 @@ class _Writers:
         return self.rows
 
 
-def write_parquet(out: Path, sft_lines: Iterable[str], dpo_lines: Iterable[str], batch_rows: int) -> dict[str, int]:
+def write_parquet(out: Path, sft_lines: Iterable[str], dpo_lines: Iterable[str],
+                  batch_rows: int = ROW_GROUP) -> dict[str, int]:
     """The Parquet files from the annotated sft.jsonl and dpo.jsonl lines (already sorted):
     {file: rows} of the files written (none for a split without rows)."""
     writers = _Writers(Path(out), batch_rows)
