@@ -6,6 +6,7 @@ reproducible as the data. Every key is optional: a missing section says "not rec
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any
 
 # Licences of the shipped sources, from data/raw/SOURCES.md.
@@ -26,9 +27,9 @@ FILES = {  # file: (format, who reads it as it is)
     "llamafactory/success.jsonl": ("sharegpt: `conversations`, `system`, `tools`, `sample_id`",
                                    "LLaMA-Factory (`agenther_success`)"),
     "llamafactory/dataset_info.json": ("the entries of the sharegpt files written", "LLaMA-Factory"),
-    "hf/data/hindsight.parquet": ("config `sft`, split `hindsight`", "datasets.load_dataset(\"hf\", \"sft\")"),
-    "hf/data/success.parquet": ("config `sft`, split `success`", "datasets.load_dataset(\"hf\", \"sft\")"),
-    "hf/data/preference.parquet": ("config `preference`, split `train`",
+    "hf/data/hindsight-*.parquet": ("config `sft`, split `hindsight`", "datasets.load_dataset(\"hf\", \"sft\")"),
+    "hf/data/success-*.parquet": ("config `sft`, split `success`", "datasets.load_dataset(\"hf\", \"sft\")"),
+    "hf/data/preference-*.parquet": ("config `preference`, split `train`",
                                    "datasets.load_dataset(\"hf\", \"preference\")"),
     "sft.jsonl": ("annotated: OpenAI-format `messages`, `tools`, `weight`, `metadata` (lineage)",
                   "agenther's own record (every file above is derived from these three)"),
@@ -272,9 +273,11 @@ def _files(exports: dict) -> list[str]:
     digests = exports.get("files") or {}
     rows = exports.get("rows") or {}
     legacy = {"sft.jsonl": exports.get("sft"), "dpo.jsonl": exports.get("dpo"), "sharegpt.jsonl": exports.get("sharegpt")}
-    table = _table(["file", "rows", "format", "read as is by", "sha256"],
-                   [[f, rows.get(f, legacy.get(f)), fmt, who, digests.get(f)] for f, (fmt, who) in FILES.items()
-                    if f in digests or not exports.get("not_written")])
+    listed = []
+    for pattern, (fmt, who) in FILES.items():
+        matches = [f for f in digests if fnmatch.fnmatch(f, pattern)] or ([] if exports.get("not_written") else [pattern])
+        listed += [[f, rows.get(f, legacy.get(f)), fmt, who, digests.get(f)] for f in matches]
+    table = _table(["file", "rows", "format", "read as is by", "sha256"], listed)
     missing = exports.get("not_written") or {}
     if missing:
         table += ["", "Not written:", ""] + [f"- `{f}`: {why}" for f, why in sorted(missing.items())]

@@ -16,6 +16,7 @@ dataset (agenther.export.parquet) and LLaMA-Factory's dataset_info.json.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import heapq
 import json
@@ -31,7 +32,8 @@ ANNOTATED = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl")
 EXPORT_FILES = ANNOTATED  # what the package stage adds rows to
 DATASET_INFO = llamafactory.DATASET_INFO
 JSONL_FILES = (*ANNOTATED, openai_ft.FILE, trl.SFT_FILE, trl.DPO_FILE, *llamafactory.FILES.values())
-# Every file the sink may write (paths relative to the output folder), and old names it removes.
+# Every file the sink may write (paths relative to the output folder; the Parquet files are glob
+# patterns: their names carry their digest), and old names it removes.
 LAYOUT = (*JSONL_FILES, DATASET_INFO, *parquet.FILES)
 LEGACY = ("dataset_info.json",)  # before the per-consumer folders: a mapping that did not match its rows
 NO_ROWS = "no rows (a 0-byte JSONL file is not loadable by datasets.load_dataset)"
@@ -124,9 +126,10 @@ class SortedJsonlSink:
         finally:
             self._tmp.cleanup()
         for name in LAYOUT:
-            if name not in digests:
+            if not any(fnmatch.fnmatch(f, name) for f in digests):
                 self.not_written[name] = NO_ROWS
-                (self.out / name).unlink(missing_ok=True)  # an earlier run's file must not pass for this one's
+                for path in self.out.glob(name):  # an earlier run's file must not pass for this one's
+                    path.unlink()
         for name in LEGACY:
             (self.out / name).unlink(missing_ok=True)
         return digests

@@ -1,18 +1,24 @@
 """A Parquet dataset with its card: `hf/` is a folder `datasets.load_dataset("path/to/hf", NAME)` reads.
 
-- `hf/data/hindsight.parquet` and `hf/data/success.parquet`: the SFT samples, config `sft`, splits
-  `hindsight` and `success` (hindsight samples and original successes kept apart);
-- `hf/data/preference.parquet`: the preference pairs, config `preference`, split `train`;
+- `hf/data/hindsight-<sha>.parquet` and `hf/data/success-<sha>.parquet`: the SFT samples, config
+  `sft`, splits `hindsight` and `success` (hindsight samples and original successes kept apart);
+- `hf/data/preference-<sha>.parquet`: the preference pairs, config `preference`, split `train`;
 - `hf/README.md`: the dataset card, whose YAML header (`configs`) names those files
   (written by the package stage with the card, see `configs`).
 
 Every column has one fixed type (messages as OpenAI-format structs with JSON-text tool-call
 `arguments`; `tools` and `metadata` as JSON text), so every row has the same columns whatever mix
 of sources went in. A split with no rows is not written, and the card does not name it.
+
+File names carry the first 12 hex digits of their sha256: `datasets` caches a local folder by its
+config and file names, not their contents (seen with datasets 5.2: a rerun into the same folder, or a
+second run's folder of the same name, was served the first one's rows). New content, new name.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,9 +28,9 @@ import pyarrow.parquet as pq
 
 FOLDER = "hf"
 CARD = f"{FOLDER}/README.md"
-SFT_FILES = {"hindsight": f"{FOLDER}/data/hindsight.parquet", "success": f"{FOLDER}/data/success.parquet"}
-PREFERENCE_FILE = f"{FOLDER}/data/preference.parquet"
-FILES = (*SFT_FILES.values(), PREFERENCE_FILE)
+SFT_FILES = {"hindsight": f"{FOLDER}/data/hindsight", "success": f"{FOLDER}/data/success"}  # + -<sha>.parquet
+PREFERENCE_FILE = f"{FOLDER}/data/preference"
+FILES = tuple(f"{stem}-*.parquet" for stem in (*SFT_FILES.values(), PREFERENCE_FILE))  # glob patterns
 ROW_GROUP = 256  # rows per row group: fixed, so the bytes do not depend on the stage's batch size
 
 _CALL = pa.struct([("id", pa.string()), ("type", pa.string()),
@@ -76,17 +82,26 @@ class _Writers:
             buffer.clear()
 
     def close(self) -> dict[str, int]:
+        """Rename each file to `<stem>-<sha256[:12]>.parquet`; returns {final file: rows}."""
+        out = {}
         for name, (writer, path, _) in self.open.items():
             self._flush(name)
             writer.close()
-            path.with_name(path.name + ".tmp").replace(path)  # readers never see half a file
-        return self.rows
+            tmp = path.with_name(path.name + ".tmp")
+            digest = hashlib.sha256(tmp.read_bytes()).hexdigest()[:12]
+            final = f"{name}-{digest}.parquet"
+            tmp.replace(self.out / final)  # readers never see half a file
+            out[final] = self.rows[name]
+        return out
 
 
 def write_parquet(out: Path, sft_lines: Iterable[str], dpo_lines: Iterable[str],
                   batch_rows: int = ROW_GROUP) -> dict[str, int]:
     """The Parquet files from the annotated sft.jsonl and dpo.jsonl lines (already sorted):
-    {file: rows} of the files written (none for a split without rows)."""
+    {file: rows} of the files written (none for a split without rows), any earlier one removed."""
+    for pattern in FILES:
+        for old in Path(out).glob(pattern):
+            old.unlink()
     writers = _Writers(Path(out), batch_rows)
     for line in sft_lines:
         row = json.loads(line)
@@ -96,14 +111,18 @@ def write_parquet(out: Path, sft_lines: Iterable[str], dpo_lines: Iterable[str],
     return writers.close()
 
 
+def _file_of(stem: str, written: Iterable[str]) -> str | None:
+    return next((f for f in sorted(written) if fnmatch.fnmatch(f, f"{stem}-*.parquet")), None)
+
+
 def configs(written: Iterable[str]) -> list[dict]:
     """The card's `configs` (YAML header) for the files written, paths relative to `hf/`."""
     written = set(written)
     rel = lambda path: path.removeprefix(FOLDER + "/")  # noqa: E731
     out = []
-    sft = [{"split": kind, "path": rel(path)} for kind, path in SFT_FILES.items() if path in written]
+    sft = [{"split": kind, "path": rel(f)} for kind, stem in SFT_FILES.items() if (f := _file_of(stem, written))]
     if sft:
         out.append({"config_name": "sft", "data_files": sft})
-    if PREFERENCE_FILE in written:
-        out.append({"config_name": "preference", "data_files": [{"split": "train", "path": rel(PREFERENCE_FILE)}]})
+    if f := _file_of(PREFERENCE_FILE, written):
+        out.append({"config_name": "preference", "data_files": [{"split": "train", "path": rel(f)}]})
     return out
