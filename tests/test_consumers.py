@@ -120,3 +120,16 @@ def test_llamafactory_loads_every_row_through_its_dataset_info(runs, run, tmp_pa
         assert set(entry["columns"].values()) <= set(got["columns"])  # the mapping matches every row
     if run == "toolbench":
         assert set(info) == {"agenther_success"}  # no hindsight sample, so no such dataset (and no empty file)
+
+
+def test_a_rerun_into_the_same_folder_is_not_served_from_the_datasets_cache(runs, tmp_path):
+    """datasets caches a local folder by its config and file names: the Parquet names carry their digest."""
+    import shutil
+
+    home, folder = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    for run in ("tau-bench", "mixed"):  # the same folder, first one run's data, then another's
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(runs[run] / "hf", folder / "hf")
+        expected = {name: n for name, n in written(runs[run])["rows"].items() if name.startswith("hf/")}
+        assert consume(CONSUMERS, ["parquet", str(folder)], home)["datasets"] == expected, run

@@ -5,6 +5,7 @@ wrote, and reads the JSON report it prints last. Nothing here downloads: the tok
 from a local GGUF, the model from a config.
 
     python check.py trl OUT_DIR GGUF           -> {"datasets": {file: rows}, "trl": {...}}
+    python check.py parquet OUT_DIR            -> {"datasets": {parquet file: rows}}
     python check.py llamafactory OUT_DIR       -> {"llamafactory": {dataset: {...}}}
 
 Each check raises (non-zero exit) on a broken export; counts are compared by the test.
@@ -145,6 +146,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if mode == "trl":
         report = {"datasets": load_json_files(out) | load_parquet_dataset(out), "trl": check_trl(out, Path(argv[2]))}
+    elif mode == "parquet":
+        report = {"datasets": load_parquet_dataset(out)}
     elif mode == "llamafactory":
         report = {"llamafactory": check_llamafactory(out)}
     else:
