@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -62,12 +63,14 @@ class ChatTokenizer:
 @contextlib.contextmanager
 def _quiet():
     """llama.cpp prints its loading log on fd 2 even when asked not to."""
+    sys.stderr.flush()
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
             yield
     finally:
+        sys.stderr.flush()  # llama-cpp-python logs through Python's (buffered) sys.stderr
         os.dup2(saved, 2)
         os.close(saved)
 
