@@ -101,9 +101,11 @@ LIMITATIONS = """\
   (`metadata.assistant_text_dropped`); the SFT and DPO files keep it.
 - DPO prompts may end on a tool result; TRL releases older than the one that accepts a last
   prompt role of `tool` reject such rows.
-- The TRL files need `datasets` >= 5 (mixed nested values load as JSON); with `datasets` 4.x
-  the tool-call `arguments` of every row come back filled with the other rows' keys as nulls.
-  `tools` is JSON text everywhere for the same reason.
+- The TRL files are checked with `datasets` 5.2, which loads nested values that differ between
+  rows as JSON, as written. `datasets` 4.0 (what LLaMA-Factory 0.9.5 pins) fills every tool call's
+  `arguments` with the other rows' keys as nulls and turns date strings into datetimes: load the
+  TRL files with `datasets` >= 5 (TRL 1.16 itself needs >= 4.7). `tools` is JSON text everywhere,
+  and the LLaMA-Factory and Parquet files hold no such nested values, so they load the same on both.
 - `openai/sft.jsonl` has no `tools` on rows whose source logged no tool schemas (OpenAI rejects
   an empty list); every other file has every column in every row."""
 
