@@ -133,3 +133,16 @@ def test_a_rerun_into_the_same_folder_is_not_served_from_the_datasets_cache(runs
         shutil.copytree(runs[run] / "hf", folder / "hf")
         expected = {name: n for name, n in written(runs[run])["rows"].items() if name.startswith("hf/")}
         assert consume(CONSUMERS, ["parquet", str(folder)], home)["datasets"] == expected, run
+
+
+def test_runs_over_different_sources_load_together(runs, tmp_path):
+    """tau-bench's and ToolBench's TRL and LLaMA-Factory files in one load_dataset call: the same
+    columns, the same types (the annotated and OpenAI files keep OpenAI's nested `tools`: not these)."""
+    outs = [runs["tau-bench"], runs["toolbench"]]
+    report = consume(CONSUMERS, ["together", *map(str, outs)], tmp_path)["datasets"]
+    expected: dict[str, int] = {}
+    for out in outs:
+        for name, n in written(out)["rows"].items():
+            if name.endswith(".jsonl") and name.startswith(("trl/", "llamafactory/")):
+                expected[name] = expected.get(name, 0) + n
+    assert report == expected

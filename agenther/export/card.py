@@ -107,7 +107,10 @@ LIMITATIONS = """\
   TRL files with `datasets` >= 5 (TRL 1.16 itself needs >= 4.7). `tools` is JSON text everywhere,
   and the LLaMA-Factory and Parquet files hold no such nested values, so they load the same on both.
 - `openai/sft.jsonl` has no `tools` on rows whose source logged no tool schemas (OpenAI rejects
-  an empty list); every other file has every column in every row."""
+  an empty list); every other file has every column in every row.
+- `openai/sft.jsonl` and the annotated files keep `tools` as OpenAI's nested objects: one run's
+  file loads with `datasets`, but files of runs over different sources (other tool schemas) do
+  not load in one call. The TRL, LLaMA-Factory and Parquet files do."""
 
 def _loading(exports: dict) -> str:
     lengths = (exports.get("token_lengths") or {}).get("files") or {}

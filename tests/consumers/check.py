@@ -6,6 +6,7 @@ from a local GGUF, the model from a config.
 
     python check.py trl OUT_DIR GGUF           -> {"datasets": {file: rows}, "trl": {...}}
     python check.py parquet OUT_DIR            -> {"datasets": {parquet file: rows}}
+    python check.py together OUT_DIR ...       -> {"datasets": {JSONL file: rows of all runs, loaded at once}}
     python check.py llamafactory OUT_DIR       -> {"llamafactory": {dataset: {...}}}
 
 Each check raises (non-zero exit) on a broken export; counts are compared by the test.
@@ -31,6 +32,20 @@ def load_json_files(out: Path) -> dict[str, int]:
         name = str(path.relative_to(out))
         rows[name] = len(load_dataset("json", data_files=str(path), split="train"))
     return rows
+
+
+def load_together(outs: list[Path]) -> dict[str, int]:
+    """Each JSONL file meant for `datasets` (trl/, llamafactory/) of several runs loaded in ONE
+    `load_dataset` call (runs over different sources must agree on every column and its type):
+    rows per file name. (openai/ and the annotated files keep `tools` as objects, OpenAI's format:
+    each run's file loads alone, files of runs over different sources do not load in one call.)"""
+    from datasets import load_dataset
+
+    names = sorted({str(p.relative_to(out)) for out in outs for folder in ("trl", "llamafactory")
+                    for p in (out / folder).glob("*.jsonl")})
+    return {name: len(load_dataset("json", data_files=[str(out / name) for out in outs if (out / name).exists()],
+                                   split="train"))
+            for name in names}
 
 
 def load_parquet_dataset(out: Path) -> dict[str, int]:
@@ -146,6 +161,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if mode == "trl":
         report = {"datasets": load_json_files(out) | load_parquet_dataset(out), "trl": check_trl(out, Path(argv[2]))}
+    elif mode == "together":
+        report = {"datasets": load_together([Path(a) for a in argv[1:]])}
     elif mode == "parquet":
         report = {"datasets": load_parquet_dataset(out)}
     elif mode == "llamafactory":
