@@ -109,7 +109,14 @@ def test_datasets_and_trl_load_every_row_written(runs, run, tmp_path):
 @pytest.mark.parametrize("run", list(RUNS))
 def test_llamafactory_loads_every_row_through_its_dataset_info(runs, run, tmp_path):
     out, exports = runs[run], written(runs[run])
-    report = consume(LLAMAFACTORY, ["llamafactory", str(out)], tmp_path, PYTHONPATH=str(STUBS))["llamafactory"]
+    lengths = exports["token_lengths"]
+    from agenther.local_model import model_path
+
+    gguf = model_path(lengths["tokenizer"].split()[0])
+    report = consume(LLAMAFACTORY, ["llamafactory", str(out), str(gguf)], tmp_path,
+                     PYTHONPATH=str(STUBS))["llamafactory"]
+    cutoff_len = lengths["files"]["trl/sft.jsonl"]["max_length"]
+    assert f"cutoff_len: {cutoff_len}" in (out / "dataset_card.md").read_text()
     info = json.loads((out / "llamafactory/dataset_info.json").read_text())
     assert set(report) == set(info) and info
     for dataset, entry in info.items():
@@ -118,6 +125,7 @@ def test_llamafactory_loads_every_row_through_its_dataset_info(runs, run, tmp_pa
         assert got["rows_loaded"] == got["rows_json"] == rows, (dataset, got)
         assert got["dropped_by_converter"] == 0, (dataset, got)  # its converter blanks rows it cannot read
         assert set(entry["columns"].values()) <= set(got["columns"])  # the mapping matches every row
+        assert got["longest"] <= cutoff_len, (dataset, got)  # its own qwen template: no sample is cut
     if run == "toolbench":
         assert set(info) == {"agenther_success"}  # no hindsight sample, so no such dataset (and no empty file)
 

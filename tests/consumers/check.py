@@ -7,7 +7,7 @@ from a local GGUF, the model from a config.
     python check.py trl OUT_DIR GGUF           -> {"datasets": {file: rows}, "trl": {...}}
     python check.py parquet OUT_DIR            -> {"datasets": {parquet file: rows}}
     python check.py together OUT_DIR ...       -> {"datasets": {JSONL file: rows of all runs, loaded at once}}
-    python check.py llamafactory OUT_DIR       -> {"llamafactory": {dataset: {...}}}
+    python check.py llamafactory OUT_DIR GGUF  -> {"llamafactory": {dataset: {...}}}
 
 Each check raises (non-zero exit) on a broken export; counts are compared by the test.
 """
@@ -123,7 +123,7 @@ def check_trl(out: Path, gguf: Path) -> dict:
     return report
 
 
-def check_llamafactory(out: Path) -> dict:
+def check_llamafactory(out: Path, gguf: Path | None = None) -> dict:
     """LLaMA-Factory's own parser and sharegpt loader on llamafactory/ and its dataset_info.json."""
     from types import SimpleNamespace
 
@@ -139,6 +139,11 @@ def check_llamafactory(out: Path) -> dict:
     model_args = SimpleNamespace(cache_dir=None, hf_hub_token=None)  # read by the loader for hub datasets only
     training_args = Seq2SeqTrainingArguments(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True)
     report = {}
+    if gguf is not None:
+        from llamafactory.data.template import get_template_and_fix_tokenizer
+
+        tok = tokenizer_from_gguf(gguf)
+        template = get_template_and_fix_tokenizer(tok, DataArguments(template="qwen"))
     for attr in get_dataset_list(sorted(info), str(folder)):
         plain = load_dataset("json", data_files=str(folder / info[_name(attr, info)]
                                                    ["file_name"]), split="train")
@@ -148,7 +153,14 @@ def check_llamafactory(out: Path) -> dict:
         report[_name(attr, info)] = {"rows_loaded": len(aligned), "rows_json": len(plain),
                                      "dropped_by_converter": empty, "rows_with_tools": tools,
                                      "columns": sorted(plain.column_names)}
+        if gguf is not None:  # tokens per row as its `qwen` template encodes it (what cutoff_len bounds)
+            report[_name(attr, info)]["longest"] = max(_lf_length(template, tok, row) for row in aligned)
     return report
+
+
+def _lf_length(template, tok, row: dict) -> int:
+    pairs = template.encode_multiturn(tok, row["_prompt"] + row["_response"], row["_system"], row["_tools"])
+    return sum(len(a) + len(b) for a, b in pairs) + (1 if template.efficient_eos else 0)
 
 
 def _name(attr, info: dict) -> str:
@@ -166,7 +178,7 @@ def main(argv: list[str]) -> int:
     elif mode == "parquet":
         report = {"datasets": load_parquet_dataset(out)}
     elif mode == "llamafactory":
-        report = {"llamafactory": check_llamafactory(out)}
+        report = {"llamafactory": check_llamafactory(out, Path(argv[2]) if len(argv) > 2 else None)}
     else:
         raise SystemExit(f"unknown mode {mode}")
     print(REPORT + json.dumps(report, sort_keys=True))
