@@ -298,7 +298,9 @@ def _token_lengths(exports: dict) -> list[str]:
             for f, v in lengths["files"].items()]
     return [f"Tokenizer: {lengths.get('tokenizer')}; rendered with its chat template and the row's tools "
             "(preference rows: the longer of prompt + chosen, prompt + rejected).", "",
-            *_table(["file", "rows", "p50", "p90", "p99", "max", "max_length"], rows)]
+            *_table(["file", "rows", "p50", "p90", "p99", "max", "max_length"], rows),
+            *[f"\n{f}: {v['upper_bounds']} rows over 1 MB of text are counted in bytes (an upper bound: a "
+              "token is at least one byte), not tokenized." for f, v in lengths["files"].items() if v.get("upper_bounds")]]
 
 
 def render_dataset_card(summary: dict) -> str:

@@ -25,6 +25,10 @@ from pathlib import Path
 PERCENTILES = (50, 90, 99)
 MARGIN = 32  # tokens between the longest measured row and max_length
 ROUND = 128
+# A row whose rendered text is longer than this is not tokenized: its UTF-8 byte count stands in, an
+# upper bound for a byte-level BPE (a token is at least one byte). 1 MB is ~250k tokens, beyond any
+# context window, and BPE over one such text (e.g. a 50 MB tool result) takes gigabytes.
+MAX_EXACT_BYTES = 1_000_000
 
 
 class ChatTokenizer:
@@ -55,9 +59,12 @@ class ChatTokenizer:
         self.template = env.from_string(template)
         self.name = name
 
-    def count(self, messages: list[dict], tools: list[dict] | None) -> int:
-        text = self.template.render(messages=messages, tools=tools or None, add_generation_prompt=False)
-        return len(self.vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+    def count(self, messages: list[dict], tools: list[dict] | None) -> tuple[int, bool]:
+        """(tokens, exact): exact unless the text is over MAX_EXACT_BYTES (then its byte count)."""
+        data = self.template.render(messages=messages, tools=tools or None, add_generation_prompt=False).encode()
+        if len(data) > MAX_EXACT_BYTES:
+            return len(data), False
+        return len(self.vocab.tokenize(data, add_bos=False, special=True)), True
 
 
 @contextlib.contextmanager
@@ -103,13 +110,18 @@ def max_length_for(longest: int) -> int:
     return ROUND * math.ceil((longest + MARGIN) / ROUND)
 
 
-def stats(lengths: list[int]) -> dict:
-    values = sorted(lengths)
-    return {"rows": len(values), **{f"p{p}": percentile(values, p) for p in PERCENTILES},
-            "max": values[-1], "max_length": max_length_for(values[-1])}
+def stats(lengths: list[tuple[int, bool]]) -> dict:
+    """Percentiles of the rows' lengths; `upper_bounds`: rows counted in bytes (see MAX_EXACT_BYTES)."""
+    values = sorted(n for n, _ in lengths)
+    out = {"rows": len(values), **{f"p{p}": percentile(values, p) for p in PERCENTILES},
+           "max": values[-1], "max_length": max_length_for(values[-1])}
+    bounded = sum(not exact for _, exact in lengths)
+    if bounded:
+        out["upper_bounds"] = bounded
+    return out
 
 
-def sft_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[int]:
+def sft_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[tuple[int, bool]]:
     out = []
     for line in lines:
         row = json.loads(line)
@@ -117,10 +129,11 @@ def sft_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[int]:
     return out
 
 
-def dpo_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[int]:
+def dpo_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[tuple[int, bool]]:
     out = []
     for line in lines:
         row = json.loads(line)
         tools = json.loads(row["tools"])
-        out.append(max(tok.count(row["prompt"] + row[side], tools) for side in ("chosen", "rejected")))
+        sides = [tok.count(row["prompt"] + row[side], tools) for side in ("chosen", "rejected")]
+        out.append((max(n for n, _ in sides), all(exact for _, exact in sides)))
     return out
