@@ -21,6 +21,7 @@ from agenther.export import llamafactory, openai_ft, parquet, trl
 from agenther.export.card import render_dataset_card
 from agenther.export.files import LAYOUT
 from agenther.export.schemas import validate_dpo, validate_sft, validate_sharegpt
+from agenther.stages.samples import measure_lengths
 from agenther.workdir import PACKAGE_FILES
 
 
@@ -369,6 +370,10 @@ def test_token_lengths_are_measured_with_the_local_models_tokenizer(tmp_path):
     assert sft["rows"] == len(result.sft) and sft["p50"] <= sft["p90"] <= sft["p99"] <= sft["max"] < sft["max_length"]
     assert sft["max"] > 1500  # tau-bench rows carry a ~1.2k-token policy and long tool results
     assert lengths["files"][trl.DPO_FILE]["rows"] == len(result.dpo)
+    # SmolLM2's template cannot render a tool-call turn (null content): the next local model measures
+    fallback = measure_lengths(tmp_path, result.digests, "smollm2-135m")
+    assert fallback["files"] == lengths["files"] and fallback["tokenizer"] == lengths["tokenizer"]
+    assert fallback["skipped"][0].startswith("smollm2-135m: its chat template failed")
 
 
 # --- dataset card -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -82,22 +82,30 @@ def _quiet():
         os.close(saved)
 
 
-def local_tokenizer(model: str | None) -> tuple[ChatTokenizer | None, str]:
-    """(the tokenizer of local model `model` or else the first installed one, why none) ."""
+def local_tokenizers(model: str | None) -> Iterator[tuple[ChatTokenizer | None, str]]:
+    """The tokenizers of local model `model`, then of the other installed ones, in that order:
+    (tokenizer, "") or (None, why this one cannot be had)."""
     from agenther import local_model
 
-    names = [n for n in dict.fromkeys([model, local_model.DEFAULT_MODEL, *sorted(local_model.MODELS)]) if n]
-    reasons = []
-    for name in names:
+    for name in (n for n in dict.fromkeys([model, local_model.DEFAULT_MODEL, *sorted(local_model.MODELS)]) if n):
         try:
             path = local_model.model_path(name)
         except Exception as exc:  # not installed here: try the next one
-            reasons.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            yield None, f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             continue
         try:
-            return ChatTokenizer(path, name), ""
+            yield ChatTokenizer(path, name), ""
         except Exception as exc:  # no llama.cpp runtime, or no template in the file
-            reasons.append(f"{name}: {exc}")
+            yield None, f"{name}: {exc}"
+
+
+def local_tokenizer(model: str | None) -> tuple[ChatTokenizer | None, str]:
+    """(the first tokenizer local_tokenizers gives, why none) ."""
+    reasons = []
+    for tok, why in local_tokenizers(model):
+        if tok is not None:
+            return tok, ""
+        reasons.append(why)
     return None, "; ".join(reasons) or "no local model"
 
 

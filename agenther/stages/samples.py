@@ -592,11 +592,19 @@ def measure_lengths(out: Path, written: dict, model: str | None) -> dict:
             if name in written]
     if not todo:
         return {"tokenizer": None, "not_measured": "no TRL file written"}
-    tok, why = tokens.local_tokenizer(model)
-    if tok is None:
-        return {"tokenizer": None, "not_measured": f"no local tokenizer ({why})"}
-    files = {}
-    for name, fn in todo:
-        with (out / name).open(encoding="utf-8") as fh:
-            files[name] = tokens.stats(fn(tok, fh))
-    return {"tokenizer": f"{tok.name} (GGUF vocabulary and chat template)", "files": files}
+    reasons = []
+    for tok, why in tokens.local_tokenizers(model):  # the run's local model first, then any installed one
+        if tok is None:
+            reasons.append(why)
+            continue
+        try:
+            files = {}
+            for name, fn in todo:
+                with (out / name).open(encoding="utf-8") as fh:
+                    files[name] = tokens.stats(fn(tok, fh))
+        except Exception as exc:  # a chat template that cannot render these rows (tool calls, null content)
+            reasons.append(f"{tok.name}: its chat template failed ({type(exc).__name__}: {exc})")
+            continue
+        return {"tokenizer": f"{tok.name} (GGUF vocabulary and chat template)", "files": files} | (
+            {"skipped": reasons} if reasons else {})
+    return {"tokenizer": None, "not_measured": f"no local tokenizer ({'; '.join(reasons) or 'no local model'})"}
