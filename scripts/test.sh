@@ -12,7 +12,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export DVC_NO_ANALYTICS=1 AWS_EC2_METADATA_DISABLED=true DO_NOT_TRACK=1
 export PREFECT_SERVER_ANALYTICS_ENABLED=false LITELLM_LOCAL_MODEL_COST_MAP=True
 
-bash scripts/setup.sh --model smollm2-135m --model qwen2.5-coder-1.5b
+# --consumers: the exports' real consumers (datasets, TRL, LLaMA-Factory) in their own venvs, for
+# tests/test_consumers.py (slow; a missing environment fails those tests, it never skips them).
+bash scripts/setup.sh --model smollm2-135m --model qwen2.5-coder-1.5b --consumers
 
 # The review page's test drives a real headless browser: Debian's chromium (playwright's Python
 # client talks to it; playwright's own browser downloads are never used).

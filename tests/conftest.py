@@ -81,7 +81,7 @@ def ingest(path: Path, fmt: str = "auto", mapping: dict | None = None, limit: in
 
 
 def package(verified, classified, params: dict, lineage: dict, batch_rows: int = 500,
-            out: Path | None = None) -> SimpleNamespace:
+            out: Path | None = None, measure_tokens: bool = False) -> SimpleNamespace:
     """The package stage's exports as every run writes them (agenther.stages.samples.export_samples,
     classified read from a Parquet file in batches), into `out` (default: a temporary folder): the
     rows of each export file as written, and the stage's rejections, counts and digests."""
@@ -93,10 +93,13 @@ def package(verified, classified, params: dict, lineage: dict, batch_rows: int =
         classified_path = Path(tmp) / "classified.parquet"
         classified.write_parquet(classified_path)
         folder = out or Path(tmp) / "out"
-        exported = export_samples(verified, classified_path, params, lineage, folder, batch_rows)
+        exported = export_samples(verified, classified_path, params, lineage, folder, batch_rows,
+                                  measure_tokens=measure_tokens)
+        # a file with no rows is not written: no rows
         rows = {name: [json.loads(line) for line in (folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
-                for name in ("sft", "dpo", "sharegpt")}
-    return SimpleNamespace(**rows, rejections=exported.rejections, counts=exported.counts, digests=exported.digests)
+                if (folder / f"{name}.jsonl").exists() else [] for name in ("sft", "dpo", "sharegpt")}
+    return SimpleNamespace(**rows, rejections=exported.rejections, counts=exported.counts, digests=exported.digests,
+                           exported=exported)
 
 
 def list_keys(url: str, settings=None) -> list[str]:

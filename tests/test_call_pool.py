@@ -47,7 +47,7 @@ def test_a_run_through_worker_processes_gives_the_outputs_of_an_in_process_run(t
     assert calls == in_process["llm"]["total"]["calls"] > 10
     assert sum(w.answered for w in pool.workers) - answered == calls  # every call went through a worker
     assert all(w.process.poll() is None for w in pool.workers)
-    for name in ("sft.jsonl", "dpo.jsonl"):
+    for name in pooled["exports"]["files"]:  # 12 records: no pairs, so no dpo.jsonl
         assert (tmp_path / "pooled" / name).read_bytes() == (tmp_path / "in-process" / name).read_bytes(), name
     rejected = [pl.read_parquet(tmp_path / out / "rejected.parquet").sort("id") for out in ("in-process", "pooled")]
     assert rejected[0].equals(rejected[1])

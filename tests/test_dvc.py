@@ -149,8 +149,10 @@ def test_repro_runs_every_stage_and_writes_every_declared_out(repo, stack):
     summary = json.loads(outs["data/processed/summary.json"])
     assert summary["stages"]["ingest"]["in"] == LIMIT
     assert summary["reconciliation"]["ok"], summary["reconciliation"]
-    assert {"sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "dataset_card.md", "rejected.parquet"} <= {
-        Path(p).name for p in outs if p.startswith("data/processed/")}
+    # 20 records, one trial per task: no pairs, so no dpo.jsonl (a file with no rows is not written)
+    assert {"sft.jsonl", "sharegpt.jsonl", "dataset_card.md", "rejected.parquet", "trl/sft.jsonl"} <= {
+        p.removeprefix("data/processed/") for p in outs if p.startswith("data/processed/")}
+    assert "dpo.jsonl" in summary["exports"]["not_written"]
     assert repo.cold_requests > 0  # relabel and verify asked the scripted LLM
     assert 0 < summary["gates"]["passed_judges"] < summary["gates"]["passed_confidence_gate"]
     # The stages ran the repo's copy of the code (its bytecode is there), yet bytecode in the

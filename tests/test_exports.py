@@ -4,10 +4,12 @@ are byte-identical for identical inputs. Inputs are real tau-bench runs (see tes
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import json
 import random
 
+import polars as pl
 import pytest
 from conftest import TAU, package, write_params
 from test_package import LINEAGE, PARAMS, tau_inputs
@@ -15,8 +17,12 @@ from test_package import LINEAGE, PARAMS, tau_inputs
 from agenther import schema
 from agenther.cli import main
 from agenther.export import formats as exports
+from agenther.export import llamafactory, openai_ft, parquet, trl
 from agenther.export.card import render_dataset_card
+from agenther.export.files import LAYOUT
 from agenther.export.schemas import validate_dpo, validate_sft, validate_sharegpt
+from agenther.stages.samples import measure_lengths
+from agenther.workdir import PACKAGE_FILES
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +78,8 @@ def test_every_dpo_row_is_a_trl_conversational_preference_row(packaged):
             assert isinstance(row[key], list) and all("role" in m and "content" in m for m in row[key])
         assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
         assert row["chosen"] != row["rejected"]
+        # the step where the runs diverge: one assistant turn each, no user or tool text to train on
+        assert [m["role"] for m in row["chosen"]] == [m["role"] for m in row["rejected"]] == ["assistant"]
 
 
 def test_every_sharegpt_row_passes_the_llamafactory_rule(packaged):
@@ -255,9 +263,40 @@ def test_sharegpt_repairs_what_it_can_and_refuses_the_rest():
 
 
 def test_openai_upload_row_keeps_only_openai_keys(packaged):
-    row = exports.openai_upload_row(packaged.sft[0])
-    assert set(row) == {"messages", "tools"}
+    row = openai_ft.openai_row(packaged.sft[0])
+    assert set(row) == {"messages", "tools", "parallel_tool_calls"}
     validate_sft(row)
+    assert exports.openai_upload_row(packaged.sft[0]).keys() <= row.keys()
+    assert "tools" not in openai_ft.openai_row({**packaged.sft[0], "tools": None})  # OpenAI rejects tools: []
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_every_consumer_file_has_the_same_columns_in_every_row(tmp_path):
+    """A mix of rows with and without tool schemas: each file's rows still share one key set."""
+    verified, classified = tau_inputs(range(20), with_tools=True)
+    classified = classified.with_columns(
+        pl.when(pl.col("task_key").cast(pl.Int64) % 2 == 0).then(pl.col("tools")).otherwise(None).alias("tools"))
+    result = package(verified, classified, PARAMS, LINEAGE, out=tmp_path)
+    assert result.counts["dpo_natural"] and result.counts["hindsight_samples"] and result.counts["success_samples"]
+    expected = {trl.SFT_FILE: {"messages", "tools", "sample_id", "weight"},
+                trl.DPO_FILE: {"prompt", "chosen", "rejected", "tools", "sample_id", "weight"},
+                **{f: {"conversations", "system", "tools", "sample_id"} for f in llamafactory.FILES.values()}}
+    for name, keys in expected.items():
+        rows = _lines(tmp_path / name)
+        assert rows and all(set(r) == keys for r in rows), name
+        assert {type(r["tools"]) for r in rows} == {str}, name  # JSON text: one type whatever the source
+    assert {r["tools"] for r in _lines(tmp_path / trl.SFT_FILE)} >= {"[]"}
+    for r in _lines(tmp_path / trl.SFT_FILE) + _lines(tmp_path / trl.DPO_FILE):
+        for m in r.get("messages", []) + r.get("prompt", []) + r.get("chosen", []) + r.get("rejected", []):
+            assert "weight" not in m
+            for c in m.get("tool_calls") or []:
+                assert isinstance(c["function"]["arguments"], dict)  # chat templates render objects
+    openai_rows = _lines(tmp_path / openai_ft.FILE)
+    assert all(set(r) in ({"messages"}, {"messages", "tools", "parallel_tool_calls"}) for r in openai_rows)
+    assert len(openai_rows) == len(result.sft) == result.exported.files[trl.SFT_FILE]
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -269,7 +308,11 @@ def test_identical_inputs_give_byte_identical_files(tmp_path, packaged):
     second = package(verified.sample(fraction=1.0, shuffle=True, seed=7),
                      classified.sample(fraction=1.0, shuffle=True, seed=11), PARAMS, LINEAGE, out=tmp_path / "b").digests
     assert first == second
-    assert set(first) == {"sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "dataset_info.json"}
+    # tau-bench tasks 0-19: every file of the layout has rows (one file per pattern: Parquet names carry a digest)
+    assert sorted(next(p for p in LAYOUT if fnmatch.fnmatch(f, p)) for f in first) == sorted(LAYOUT)
+    for name in first:
+        if name.endswith(".parquet"):
+            assert name.endswith(f"-{first[name][:12]}.parquet")
     for name, digest in first.items():
         a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
         assert a == b and hashlib.sha256(a).hexdigest() == digest
@@ -277,28 +320,60 @@ def test_identical_inputs_give_byte_identical_files(tmp_path, packaged):
     assert len(lines) == len(packaged.sft) and json.loads(lines[0]) == packaged.sft[0]
     ids = [json.loads(x)["metadata"]["sample_id"] for x in lines]
     assert ids == sorted(ids)
+    assert [r["sample_id"] for r in _lines(tmp_path / "a" / trl.SFT_FILE)] == ids  # the same order everywhere
 
 
-def test_dataset_info_lets_llamafactory_load_the_sharegpt_file(tmp_path):
+def test_package_files_list_the_whole_layout():
+    assert set(PACKAGE_FILES) == {*LAYOUT, parquet.CARD, "rejected.parquet", "summary.json", "dataset_card.md"}
+
+
+def test_dataset_info_maps_columns_every_row_has(tmp_path):
     verified, classified = tau_inputs(range(20), with_tools=True)
     package(verified, classified, PARAMS, LINEAGE, out=tmp_path)
-    info = json.loads((tmp_path / "dataset_info.json").read_text())
-    (entry,) = info.values()
-    assert entry["formatting"] == "sharegpt" and (tmp_path / entry["file_name"]).is_file()
-    # once `columns` is given LLaMA-Factory takes every column from it: messages must be named
-    assert entry["columns"] == {"messages": "conversations", "system": "system", "tools": "tools"}
-    assert "tags" not in entry  # defaults (from/value, human/gpt/function_call/observation) apply
-    row = json.loads((tmp_path / entry["file_name"]).read_text().splitlines()[0])
-    assert set(entry["columns"].values()) <= set(row)
+    folder = tmp_path / "llamafactory"
+    info = json.loads((folder / "dataset_info.json").read_text())
+    assert set(info) == {"agenther_hindsight", "agenther_success"}  # successes are not called hindsight
+    for name, entry in info.items():
+        assert entry["formatting"] == "sharegpt" and "tags" not in entry  # default tags apply
+        # once `columns` is given LLaMA-Factory takes every column from it: messages must be named
+        assert entry["columns"] == {"messages": "conversations", "system": "system", "tools": "tools"}
+        rows = _lines(folder / entry["file_name"])
+        assert rows and all(set(entry["columns"].values()) <= set(r) for r in rows)
+        assert all(r["sample_id"].startswith(name.removeprefix("agenther_") + ":") for r in rows)
+        for r in rows:
+            validate_sharegpt({k: v for k, v in r.items() if k != "sample_id" and (k != "tools" or v)})
+    assert not (tmp_path / "dataset_info.json").exists()
 
 
-def test_empty_exports_are_still_written(tmp_path):
+def test_no_zero_byte_file_is_written(tmp_path):
+    (tmp_path / "dpo.jsonl").write_text("stale\n")  # an earlier run's file must not pass for this one's
+    (tmp_path / "dataset_info.json").write_text("{}")
     empty = package(schema.empty(schema.VERIFIED), schema.empty(schema.CLASSIFIED), {}, {}, out=tmp_path)
-    digests = empty.digests
-    assert (tmp_path / "sft.jsonl").read_bytes() == b"" and digests["dpo.jsonl"] == hashlib.sha256(
-        b""
-    ).hexdigest()
+    assert empty.digests == {} and set(empty.exported.not_written) == set(LAYOUT)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
     assert empty.rejections.height == 0 and empty.counts["accepted_in"] == 0
+    # natural pairs only (no relabel accepted): no hindsight files, no empty ones
+    verified, classified = tau_inputs(range(5))
+    some = package(verified.head(0), classified, PARAMS, LINEAGE, out=tmp_path / "b")
+    assert "llamafactory/hindsight.jsonl" in some.exported.not_written and "trl/dpo.jsonl" in some.digests
+    assert all((tmp_path / "b" / f).stat().st_size > 0 for f in some.digests)
+    info = json.loads((tmp_path / "b" / "llamafactory/dataset_info.json").read_text())
+    assert set(info) == {"agenther_success"}
+
+
+def test_token_lengths_are_measured_with_the_local_models_tokenizer(tmp_path):
+    verified, classified = tau_inputs(range(6), with_tools=True)
+    result = package(verified, classified, PARAMS, LINEAGE, out=tmp_path, measure_tokens=True)
+    lengths = result.exported.token_lengths
+    assert lengths["tokenizer"], lengths  # the embedded model's GGUF is installed by scripts/setup.sh
+    sft = lengths["files"][trl.SFT_FILE]
+    assert sft["rows"] == len(result.sft) and sft["p50"] <= sft["p90"] <= sft["p99"] <= sft["max"] < sft["max_length"]
+    assert sft["max"] > 1500  # tau-bench rows carry a ~1.2k-token policy and long tool results
+    assert lengths["files"][trl.DPO_FILE]["rows"] == len(result.dpo)
+    # SmolLM2's template cannot render a tool-call turn (null content): the next local model measures
+    fallback = measure_lengths(tmp_path, result.digests, "smollm2-135m")
+    assert fallback["files"] == lengths["files"] and fallback["tokenizer"] == lengths["tokenizer"]
+    assert fallback["skipped"][0].startswith("smollm2-135m: its chat template failed")
 
 
 # --- dataset card -------------------------------------------------------------------------------
@@ -321,11 +396,18 @@ def test_dataset_card_of_a_real_run_carries_its_summary(tmp_path, llm_server):
         f"- relabeling model: {summary['lineage']['models']['relabel']}",
         f"params hash `{summary['lineage']['params_hash']}`",
         "All counts reconcile: yes",
-        "DPOTrainer", "dataset: agenther_hindsight", "Known limitations", "1 - weight_alpha * severity",
+        "DPOTrainer", "dataset: agenther_hindsight,agenther_success", "Known limitations", "1 - weight_alpha * severity",
     ]
-    for name in ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl"):
-        needles.append(f"| {name} | {exported[name.removesuffix('.jsonl')]} |")
-        needles.append(exported["files"][name])
+    for name, digest in exported["files"].items():
+        needles += [f"| {name} | {exported['rows'][name]} |", digest]
+    for name, why in exported["not_written"].items():  # 24 records, one trial per task: no pairs
+        needles.append(f"- `{name}`: {why}")
+    assert "dpo.jsonl" in exported["not_written"] and not (out / "dpo.jsonl").exists()
+    sft_lengths = exported["token_lengths"]["files"]["trl/sft.jsonl"]
+    needles += [f"| trl/sft.jsonl | {sft_lengths['rows']} | {sft_lengths['p50']} |",
+                f"SFTConfig(output_dir=\"out\", max_length={sft_lengths['max_length']})",
+                f"cutoff_len: {sft_lengths['max_length']}"]
+    assert (out / "hf/README.md").read_text().startswith("---\nconfigs:\n- config_name: sft\n")
     for stage in ("extract", "relabel", "verify"):
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stages[stage]["rejected"].items())) or "-"
         needles.append(f"| {stage} | {stages[stage]['in']} | {stages[stage]['out']} | {reasons} |")

@@ -96,7 +96,8 @@ def _run(tmp_path: Path, server, records: list[dict], name: str) -> dict:
     summary = json.loads((tmp_path / name / "summary.json").read_text())
     assert summary["reconciliation"]["ok"]
     out = tmp_path / name
-    sft = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+    sft = ([json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+           if (out / "sft.jsonl").exists() else [])  # a file with no rows is not written
     prompts = [s["messages"][next(i for i, m in enumerate(s["messages"]) if m["role"] == "user")]["content"]
                for s in sft if s["metadata"]["kind"] == "hindsight"]
     verified = pl.read_parquet(out / "04_verified.parquet")

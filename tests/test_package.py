@@ -203,6 +203,7 @@ def test_natural_pairs_come_from_tasks_with_a_success_and_a_failure(packaged):
             m["content"] for m in chosen["messages"][n : n + len(row["chosen"])]
         ]
         assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+        assert len(row["chosen"]) == len(row["rejected"]) == 1  # the step where the runs diverge
         assert row["prompt"][-1]["role"] in ("user", "tool")
         assert row["weight"] == 1.0
 
@@ -263,22 +264,53 @@ def test_shared_prefix_is_cut_to_end_on_a_tool_turn_and_ignores_call_ids():
 # --- hindsight preference pairs -----------------------------------------------------------
 
 
-def test_hindsight_pair_rejects_a_run_whose_tool_evidence_differs(packaged):
+def _role_texts(messages: list[dict]) -> list[tuple]:
+    return [(m["role"], m.get("content"), json.dumps(m.get("tool_calls"), sort_keys=True)) for m in messages]
+
+
+def test_hindsight_pair_is_one_step_against_a_run_that_lacks_its_evidence(packaged):
     result, classified = packaged
     rows = {r["id"]: r for r in classified.to_dicts()}
     pairs = [r for r in result.dpo if r["metadata"]["kind"] == "hindsight"]
     assert pairs
+    sft = {r["metadata"]["trajectory_id"]: r for r in result.sft if r["metadata"]["kind"] == "hindsight"}
     for row in pairs:
         meta = row["metadata"]
         chosen_src, rejected_src = rows[meta["chosen_id"]], rows[meta["rejected_id"]]
         assert meta["chosen_id"] != meta["rejected_id"] and chosen_src["task_key"] == rejected_src["task_key"]
-        chosen_ev, rejected_ev = calls_of(row["chosen"]), calls_of(row["rejected"])
-        assert chosen_ev != rejected_ev
-        assert chosen_ev - rejected_ev, "the rejected run must lack a call the relabeled run made"
-        # one prompt: the system turn and the hindsight prompt, nothing of either run's own opening
-        assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+        assert meta["pair_level"] == "step"
+        # the rejected run lacks a call the relabeled sample made
+        sample = sft[meta["chosen_id"]]["messages"]
+        assert calls_of(sample) - calls_of(canonical_openai(rejected_src["messages"]))
+        # the prompt is the hindsight sample up to the step: its system turn and the hindsight prompt first
+        assert [m["role"] for m in row["prompt"][:2]] == ["system", "user"]
         assert row["prompt"][1]["content"] == hindsight_prompt(chosen_src)
-        assert row["prompt"][0]["content"] == chosen_src["messages"][0]["content"]
+        assert _role_texts(row["prompt"]) == _role_texts(sample[: len(row["prompt"])])
+        # one assistant turn each, a turn the sample trains on, and they differ in what they do
+        assert len(row["chosen"]) == len(row["rejected"]) == 1
+        (chosen,), (rejected,) = row["chosen"], row["rejected"]
+        assert chosen["role"] == rejected["role"] == "assistant" and chosen.get("weight") == 1
+        assert _role_texts([chosen]) == _role_texts([sample[len(row["prompt"])]])
+        assert calls_of([chosen]) != calls_of([rejected]) or bool(chosen.get("tool_calls")) != bool(
+            rejected.get("tool_calls"))
+
+
+def canonical_openai(messages: list[dict]) -> list[dict]:
+    """Canonical messages with calls in the exported (OpenAI) shape, for calls_of."""
+    return [{"role": m["role"], "tool_calls": [{"function": {"name": c["name"], "arguments": c["arguments"]}}
+                                                for c in m.get("tool_calls") or []]} for m in messages]
+
+
+def test_trajectory_level_pairs_are_an_option():
+    verified, classified = tau_inputs(range(10))
+    whole = package(verified, classified, PARAMS | {"dpo_pairs": "trajectory"}, LINEAGE)
+    hindsight = [r for r in whole.dpo if r["metadata"]["kind"] == "hindsight"]
+    assert hindsight and all(r["metadata"]["pair_level"] == "trajectory" for r in whole.dpo)
+    for row in hindsight:  # the old shape: [system, hindsight prompt] and whole continuations
+        assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+    assert any(len(r["chosen"]) > 1 and any(m["role"] in ("user", "tool") for m in r["chosen"]) for r in whole.dpo)
+    with pytest.raises(ValueError, match="dpo_pairs"):
+        package(verified, classified, PARAMS | {"dpo_pairs": "episode"}, LINEAGE)
 
 
 def test_no_hindsight_pair_without_a_differing_run():

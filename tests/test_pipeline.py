@@ -13,7 +13,8 @@ from llm_server import Reply, careful_brain
 
 from agenther.cli import main
 
-OUTPUTS = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "summary.json", "dataset_card.md",
+# dpo.jsonl only where there are pairs (a file with no rows is not written): checked where there are
+OUTPUTS = ("sft.jsonl", "sharegpt.jsonl", "trl/sft.jsonl", "openai/sft.jsonl", "summary.json", "dataset_card.md",
            "00_trajectories.parquet", "01_classified.parquet", "02_extracted.parquet",
            "03_relabeled.parquet", "04_verified.parquet", "rejected.parquet")
 
@@ -74,7 +75,8 @@ def test_identical_inputs_give_byte_identical_outputs_and_rerun_makes_no_calls(t
     assert len(llm_server.requests) == 2 * calls_cold
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["llm"]["total"]["calls"] == 0 and summary["llm"]["total"]["cache_hits"] > 0
-    for name in ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "04_verified.parquet"):
+    exported = json.loads((tmp_path / "a" / "summary.json").read_text())["exports"]["files"]
+    for name in (*exported, "04_verified.parquet"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes(), name
 
 

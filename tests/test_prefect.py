@@ -68,7 +68,8 @@ from flows.hindsight import hindsight  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real Prefect API and servers
 
-EXPORTS = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl")
+# 20 records, one trial per task: no preference pairs, so no dpo.jsonl (a file with no rows is not written)
+EXPORTS = ("sft.jsonl", "sharegpt.jsonl", "trl/sft.jsonl", "llamafactory/dataset_info.json")
 STAGE_TASKS = ("ingest", "classify", "extract", "relabel", "verify")
 
 

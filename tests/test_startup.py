@@ -28,7 +28,8 @@ heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({sorted(HEAVY)!r})
 print({MARK!r}, " ".join(heavy))
 sys.exit(code)
 """
-EXPORTS = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "summary.json", "dataset_card.md", "rejected.parquet")
+# 12 records, one trial per task: no preference pairs, so no dpo.jsonl (a file with no rows is not written)
+EXPORTS = ("sft.jsonl", "sharegpt.jsonl", "trl/sft.jsonl", "summary.json", "dataset_card.md", "rejected.parquet")
 
 
 def _run_cli(args: list[str]) -> tuple[dict, set[str]]:

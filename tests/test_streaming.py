@@ -46,7 +46,8 @@ def test_sorted_sink_merges_reversed_runs_into_the_files_one_buffer_writes(tmp_p
     assert sink.close() == expected
     for name in expected:
         assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes(), name
-    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == sorted(expected)  # runs cleaned up
+    written = sorted(str(p.relative_to(tmp_path / "streamed")) for p in (tmp_path / "streamed").rglob("*") if p.is_file())
+    assert written == sorted(expected)  # runs cleaned up
 
 
 def test_table_writer_is_atomic_and_batches_read_back(tmp_path):
@@ -91,7 +92,11 @@ def test_a_run_in_batches_of_7_rows_gives_the_same_dataset(tmp_path, llm_server)
     assert len(llm_server.requests) == calls  # same prompts: every answer came from the cache
     whole, batched = tmp_path / "whole", tmp_path / "batched"
     assert pq.ParquetFile(batched / "01_classified.parquet").metadata.num_row_groups == 120 // 7 + 1
-    for name in ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "dataset_info.json"):
+    a = json.loads((whole / "summary.json").read_text())
+    assert set(a["exports"]["files"]) >= {"sft.jsonl", "dpo.jsonl", "sharegpt.jsonl", "llamafactory/dataset_info.json",
+                                           "trl/sft.jsonl", "trl/dpo.jsonl"}
+    assert any(name.startswith("hf/data/preference-") for name in a["exports"]["files"])
+    for name in a["exports"]["files"]:
         assert (whole / name).read_bytes() == (batched / name).read_bytes(), name
     for name in ("00_trajectories.parquet", "01_classified.parquet", "02_extracted.parquet", "04_verified.parquet",
                  "quarantine.parquet", "rejected.parquet"):

@@ -6,6 +6,7 @@ reproducible as the data. Every key is optional: a missing section says "not rec
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any
 
 # Licences of the shipped sources, from data/raw/SOURCES.md.
@@ -14,11 +15,26 @@ KNOWN_SOURCES = {
     "toolbench": ("OpenBMB/ToolBench (data_example)", "Apache-2.0"),
 }
 
-FILES = {
-    "sft.jsonl": "OpenAI chat fine-tuning: `messages` (+ `tools`), `weight`, `metadata`",
-    "dpo.jsonl": "TRL conversational preference: `prompt`, `chosen`, `rejected`, `weight`, `metadata`",
-    "sharegpt.jsonl": "LLaMA-Factory sharegpt: `conversations`, `system`, `tools`, `weight`, `metadata`",
-    "dataset_info.json": "LLaMA-Factory dataset entry `agenther_hindsight` for sharegpt.jsonl",
+FILES = {  # file: (format, who reads it as it is)
+    "openai/sft.jsonl": ("`messages`, `tools`, `parallel_tool_calls`; per-assistant-message 0/1 `weight`",
+                         "OpenAI fine-tuning upload"),
+    "trl/sft.jsonl": ("conversational SFT: `messages`, `tools` (JSON text), `sample_id`, `weight`",
+                      "TRL SFTTrainer via datasets"),
+    "trl/dpo.jsonl": ("conversational preference: `prompt`, `chosen`, `rejected` (one assistant turn each), "
+                      "`tools`, `sample_id`, `weight`", "TRL DPOTrainer via datasets"),
+    "llamafactory/hindsight.jsonl": ("sharegpt: `conversations`, `system`, `tools`, `sample_id`",
+                                     "LLaMA-Factory (`agenther_hindsight`)"),
+    "llamafactory/success.jsonl": ("sharegpt: `conversations`, `system`, `tools`, `sample_id`",
+                                   "LLaMA-Factory (`agenther_success`)"),
+    "llamafactory/dataset_info.json": ("the entries of the sharegpt files written", "LLaMA-Factory"),
+    "hf/data/hindsight-*.parquet": ("config `sft`, split `hindsight`", "datasets.load_dataset(\"hf\", \"sft\")"),
+    "hf/data/success-*.parquet": ("config `sft`, split `success`", "datasets.load_dataset(\"hf\", \"sft\")"),
+    "hf/data/preference-*.parquet": ("config `preference`, split `train`",
+                                   "datasets.load_dataset(\"hf\", \"preference\")"),
+    "sft.jsonl": ("annotated: OpenAI-format `messages`, `tools`, `weight`, `metadata` (lineage)",
+                  "agenther's own record (every file above is derived from these three)"),
+    "dpo.jsonl": ("annotated: `prompt`, `chosen`, `rejected`, `tools`, `weight`, `metadata`", "agenther's own record"),
+    "sharegpt.jsonl": ("annotated: sharegpt + `weight`, `metadata` (incl. `turn_weights`)", "agenther's own record"),
 }
 
 INTRO = """\
@@ -47,18 +63,21 @@ METHOD = """\
    row validated against its trainer's format."""
 
 WEIGHTS = """\
-Each row has `weight`. Hindsight samples: `max(min_weight, 1 - weight_alpha * severity)`:
-a near miss (severity 0) weighs 1, a run that did little of its original goal weighs less.
-Original successes and natural preference pairs weigh 1. Trainers do not read `weight` on
-their own: use it as a sample weight, to filter, or to resample.
+Each sample has a weight (`weight` in the annotated files, the TRL files and the Parquet dataset).
+Hindsight samples: `max(min_weight, 1 - weight_alpha * severity)`: a near miss (severity 0) weighs
+1, a run that did little of its original goal weighs less. Original successes and natural
+preference pairs weigh 1. Trainers do not read it on their own: use it as a sample weight, to
+filter, or to resample (join on `sample_id`; the lineage is under `metadata.sample_id` of the
+annotated files).
 
 Per message: in a hindsight sample, assistant turns that do not contribute to its goal (calls
 that failed, repeats of an earlier call, reads nothing later uses) stay as context but are not
-to be trained on. In `sft.jsonl` each assistant message of a hindsight sample carries OpenAI's
-`weight`: 1 = train on it, 0 = context only (OpenAI fine-tuning reads it). In `sharegpt.jsonl`
-the same is `metadata.turn_weights`, one 0/1 per `conversations` entry. TRL and LLaMA-Factory
-do not read per-turn weights: mask those turns' tokens out of the loss yourself, or keep only
-rows whose weights are all 1."""
+to be trained on. `openai/sft.jsonl` carries OpenAI's own per-message `weight` (1 = train on it,
+0 = context only), as do the Parquet messages and the annotated `sft.jsonl`; the annotated
+`sharegpt.jsonl` has the same as `metadata.turn_weights`, one 0/1 per `conversations` entry.
+TRL and LLaMA-Factory read no per-turn weights: mask those turns out of the loss yourself, or
+keep only samples whose turns all weigh 1. A preference pair's chosen turn is always one the
+sample trains on."""
 
 LIMITATIONS = """\
 - The default relabeling model is a small local model: its prompts are plainer and sometimes
@@ -67,48 +86,70 @@ LIMITATIONS = """\
 - The grounding check is lexical: it catches invented numbers, IDs and dates, not a wrong
   paraphrase.
 - Multi-turn logs (simulated users) keep the later user turns inside the sample (each checked
-  not to ask for anything the sample does not do); a preference pair's chosen and rejected
-  continuations include them, and DPO scores those tokens too.
+  not to ask for anything the sample does not do); SFT trains only on the assistant turns, and a
+  preference pair's chosen and rejected are one assistant turn each (the step where the runs
+  diverge), so no user or tool text is a training target. With `package.dpo_pairs: trajectory`
+  pairs hold whole continuations instead, and DPO then scores later user turns and tool results too.
+- A step pair's rejected turn answered its own run's history; when that history differs from the
+  prompt (`metadata.prompt_shared` false: e.g. the simulated user worded the request differently)
+  it is preferred against under a history it did not see.
 - Which tools change state is decided from their names and schemas unless params list them
   (`tools.writes` / `tools.reads`); a write tool named like a read would escape the coverage check.
-- Natural pairs: when two trials open with differently worded user turns, the prompt is the
-  success's opening (`metadata.prompt_shared` is false).
 - Hindsight pairs: the rejected run is one of the same task that lacks some of the chosen
   run's tool calls: a plausible, not a verified, non-satisfier.
 - ShareGPT cannot hold assistant text and a tool call in one turn: the text is dropped there
   (`metadata.assistant_text_dropped`); the SFT and DPO files keep it.
 - DPO prompts may end on a tool result; TRL releases older than the one that accepts a last
-  prompt role of `tool` reject such rows."""
+  prompt role of `tool` reject such rows.
+- The TRL files are checked with `datasets` 5.2, which loads nested values that differ between
+  rows as JSON, as written. `datasets` 4.0 (what LLaMA-Factory 0.9.5 pins) fills every tool call's
+  `arguments` with the other rows' keys as nulls and turns date strings into datetimes: load the
+  TRL files with `datasets` >= 5 (TRL 1.16 itself needs >= 4.7). `tools` is JSON text everywhere,
+  and the LLaMA-Factory and Parquet files hold no such nested values, so they load the same on both.
+- `openai/sft.jsonl` has no `tools` on rows whose source logged no tool schemas (OpenAI rejects
+  an empty list); every other file has every column in every row.
+- `openai/sft.jsonl` and the annotated files keep `tools` as OpenAI's nested objects: one run's
+  file loads with `datasets`, but files of runs over different sources (other tool schemas) do
+  not load in one call. The TRL, LLaMA-Factory and Parquet files do."""
 
-LOADING = """\
-TRL (SFT and DPO):
+def _loading(exports: dict) -> str:
+    lengths = (exports.get("token_lengths") or {}).get("files") or {}
+    sft_max = (lengths.get("trl/sft.jsonl") or {}).get("max_length")
+    dpo_max = (lengths.get("trl/dpo.jsonl") or {}).get("max_length")
+    written = exports.get("files") or {}
+    datasets = [f"agenther_{kind}" for kind in ("hindsight", "success") if f"llamafactory/{kind}.jsonl" in written]
+    return f"""\
+TRL (the folder `trl/`; `max_length` from the token lengths above, so that no sample is cut):
+
+```python
+from datasets import load_dataset
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+sft = load_dataset("json", data_files="trl/sft.jsonl", split="train")  # messages, tools
+dpo = load_dataset("json", data_files="trl/dpo.jsonl", split="train")  # prompt, chosen, rejected, tools
+SFTTrainer(model=model, train_dataset=sft, args=SFTConfig(output_dir="out", max_length={sft_max}))
+DPOTrainer(model=model, train_dataset=dpo, args=DPOConfig(output_dir="out", max_length={dpo_max}))
+```
+
+LLaMA-Factory (the folder `llamafactory/`), in the training YAML:
+
+```yaml
+dataset_dir: path/to/llamafactory
+dataset: {",".join(datasets) or "agenther_hindsight"}
+cutoff_len: {sft_max or 8192}
+```
+
+Parquet (the folder `hf/`, whose README.md is this card with its `configs`):
 
 ```python
 from datasets import load_dataset
 
-sft = load_dataset("json", data_files="sft.jsonl", split="train")  # messages (+ tools)
-dpo = load_dataset("json", data_files="dpo.jsonl", split="train")  # prompt / chosen / rejected
-# trl.SFTTrainer(model=..., train_dataset=sft, args=trl.SFTConfig(...))
-# trl.DPOTrainer(model=..., train_dataset=dpo, args=trl.DPOConfig(...))
+hindsight = load_dataset("path/to/hf", "sft", split="hindsight")
+successes = load_dataset("path/to/hf", "sft", split="success")
+pairs = load_dataset("path/to/hf", "preference", split="train")
 ```
 
-LLaMA-Factory: put `sharegpt.jsonl` and `dataset_info.json` in one folder; in the training YAML:
-
-```yaml
-dataset_dir: path/to/that/folder
-dataset: agenther_hindsight
-```
-
-OpenAI fine-tuning (the upload accepts only its own keys):
-
-```python
-import json
-
-with open("sft.jsonl") as src, open("openai.jsonl", "w") as dst:
-    for line in src:
-        row = json.loads(line)
-        dst.write(json.dumps({k: row[k] for k in ("messages", "tools") if k in row}) + "\\n")
-```"""
+OpenAI fine-tuning: upload `openai/sft.jsonl` as it is."""
 
 
 def _n(value: Any) -> str:
@@ -233,22 +274,44 @@ def _lineage(lineage: dict, llm: dict) -> list[str]:
     return lines
 
 
+def _files(exports: dict) -> list[str]:
+    digests = exports.get("files") or {}
+    rows = exports.get("rows") or {}
+    legacy = {"sft.jsonl": exports.get("sft"), "dpo.jsonl": exports.get("dpo"), "sharegpt.jsonl": exports.get("sharegpt")}
+    listed = []
+    for pattern, (fmt, who) in FILES.items():
+        matches = [f for f in digests if fnmatch.fnmatch(f, pattern)] or ([] if exports.get("not_written") else [pattern])
+        listed += [[f, rows.get(f, legacy.get(f)), fmt, who, digests.get(f)] for f in matches]
+    table = _table(["file", "rows", "format", "read as is by", "sha256"], listed)
+    missing = exports.get("not_written") or {}
+    if missing:
+        table += ["", "Not written:", ""] + [f"- `{f}`: {why}" for f, why in sorted(missing.items())]
+    return table
+
+
+def _token_lengths(exports: dict) -> list[str]:
+    lengths = exports.get("token_lengths") or {}
+    if not lengths.get("files"):
+        return [f"Not measured: {lengths.get('not_measured', 'not recorded')}. The loading snippets set no "
+                "`max_length` then: pass `max_length=None` (no truncation) or measure first."]
+    rows = [[f, v.get("rows"), v.get("p50"), v.get("p90"), v.get("p99"), v.get("max"), v.get("max_length")]
+            for f, v in lengths["files"].items()]
+    return [f"Tokenizer: {lengths.get('tokenizer')}; rendered with its chat template and the row's tools "
+            "(preference rows: the longer of prompt + chosen, prompt + rejected).", "",
+            *_table(["file", "rows", "p50", "p90", "p99", "max", "max_length"], rows),
+            *[f"\n{f}: {v['upper_bounds']} rows over 1 MB of text are counted in bytes (an upper bound: a "
+              "token is at least one byte), not tokenized." for f, v in lengths["files"].items() if v.get("upper_bounds")]]
+
+
 def render_dataset_card(summary: dict) -> str:
     """The card as Markdown; tolerant of any missing key of the summary."""
     s = summary or {}
     stages = s.get("stages") or {}
     exports = s.get("exports") or {}
-    files = exports.get("files") or {}
-    rows = {
-        "sft.jsonl": exports.get("sft"),
-        "dpo.jsonl": exports.get("dpo"),
-        "sharegpt.jsonl": exports.get("sharegpt"),
-    }
 
     out = [_title(s), "", INTRO, "", "## Files", ""]
-    out += _table(
-        ["file", "rows", "format", "sha256"], [[f, rows.get(f), d, files.get(f)] for f, d in FILES.items()]
-    )
+    out += _files(exports)
+    out += ["", "## Token lengths", "", *_token_lengths(exports)]
     out += ["", "## Source", "", *_source(s, stages)]
     out += [
         "",
@@ -263,7 +326,7 @@ def render_dataset_card(summary: dict) -> str:
     out += ["", "## Weights", "", WEIGHTS]
     out += ["", "## Models and lineage", "", *_lineage(s.get("lineage") or {}, s.get("llm") or {})]
     out += ["", "## Known limitations", "", LIMITATIONS]
-    out += ["", "## How to load", "", LOADING]
+    out += ["", "## How to load", "", _loading(exports)]
     checks = s.get("reconciliation") or {}
     if checks:
         out += [
@@ -286,3 +349,14 @@ def _title(s: dict) -> str:
     if not hindsight:
         return f"# agenther agent trajectories: {successes or 0} original successes, no hindsight-relabeled sample"
     return f"# agenther agent trajectories: {hindsight} hindsight-relabeled samples, {successes or 0} original successes"
+
+
+def parquet_card(summary: dict, card: str) -> str:
+    """hf/README.md: the card under a YAML header whose `configs` name the Parquet files, so that
+    `datasets.load_dataset(folder, config, split=...)` finds them."""
+    import yaml
+
+    header = {"configs": (summary.get("exports") or {}).get("parquet_configs") or [],
+              "pretty_name": "agenther hindsight-relabeled agent trajectories",
+              "tags": ["agents", "tool-use", "hindsight-relabeling"]}
+    return "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + card

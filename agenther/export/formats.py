@@ -4,9 +4,13 @@ Canonical messages (schema.MESSAGE) are {role, content, tool_calls[{id, name, ar
 tool_call_id, name}. Every converter keeps tool calls as calls and tool results as results;
 nothing is flattened into assistant text.
 
-- `sft_row`: OpenAI chat fine-tuning (also what TRL's SFTTrainer reads as "messages"/"tools").
-- `dpo_row`: TRL conversational preference: {"prompt", "chosen", "rejected"} message lists.
-- `sharegpt_row`: LLaMA-Factory sharegpt with its default tags; see `dataset_info`.
+These are the ANNOTATED rows (sft.jsonl, dpo.jsonl, sharegpt.jsonl): each carries the sample's
+`weight` and `metadata` (lineage). Each consumer's own file is derived from them (files.derived):
+openai_ft (OpenAI upload), trl (TRL SFT and preference), llamafactory (sharegpt + dataset_info).
+
+- `sft_row`: OpenAI chat messages (+ `tools`), with OpenAI's per-message 0/1 `weight`.
+- `dpo_row`: one prompt and a chosen and a rejected continuation (message lists).
+- `sharegpt_row`: LLaMA-Factory sharegpt with its default tags.
 
 Choices:
 - Tool messages carry only {role, content, tool_call_id}: OpenAI's tool message has no
@@ -24,9 +28,6 @@ import json
 from typing import Any
 
 from agenther.export.schemas import validate_sharegpt
-
-SHAREGPT_FILE = "sharegpt.jsonl"
-SHAREGPT_DATASET = "agenther_hindsight"
 
 
 def dumps(row: Any) -> str:
@@ -234,20 +235,3 @@ def sharegpt_row(messages: list[dict], tools: list[dict] | None, weight: float, 
         row["tools"] = tools_text
     validate_sharegpt(row)
     return row
-
-
-def dataset_info(file_name: str = SHAREGPT_FILE, name: str = SHAREGPT_DATASET) -> dict:
-    """The dataset_info.json entry LLaMA-Factory needs to load the sharegpt file.
-
-    `columns` must name `messages` too: once `columns` is given, LLaMA-Factory's parser sets
-    every column it lists from it (a missing one becomes None). Tags are left at their defaults
-    (from/value, human/gpt/function_call/observation/system) - giving `tags` would likewise
-    reset any tag not listed to None.
-    """
-    return {
-        name: {
-            "file_name": file_name,
-            "formatting": "sharegpt",
-            "columns": {"messages": "conversations", "system": "system", "tools": "tools"},
-        }
-    }

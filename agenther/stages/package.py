@@ -14,7 +14,8 @@ import polars as pl
 
 import agenther
 from agenther import prompts
-from agenther.export.card import render_dataset_card
+from agenther.export import parquet
+from agenther.export.card import parquet_card, render_dataset_card
 from agenther.export.report import render_report
 from agenther.llm import BUDGET_EXHAUSTED, LLMs, Usage
 from agenther.params import params_hash
@@ -35,7 +36,7 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
         "prompt_hashes": prompts.all_hashes(),
     }
     packaged = export_samples(verified.filter(pl.col("verified")), classified_path, params["package"], lineage, out,
-                              batch_rows(params))
+                              batch_rows(params), tokenizer_model=params["llm"].get("local_model"))
     rejected = pl.concat([read_table(work, f"{s}_rejected", params) for s in ("extract", "relabel", "verify")]
                          + [packaged.rejections])
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
@@ -48,7 +49,13 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
     if reviewed.exists():
         summary["review"] = json.loads(reviewed.read_text())
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    write_text_atomic(out / "dataset_card.md", render_dataset_card(summary))
+    card = render_dataset_card(summary)
+    write_text_atomic(out / "dataset_card.md", card)
+    card_path = out / parquet.CARD
+    if summary["exports"]["parquet_configs"]:  # the Parquet dataset's own card names its files
+        write_text_atomic(card_path, parquet_card(summary, card))
+    else:
+        card_path.unlink(missing_ok=True)
     write_text_atomic(out / "report.html", render_report(summary, verified, rejected, classified, work, out))
     return summary
 
@@ -117,7 +124,9 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
         "reconciliation": {"ok": all(checks.values()), "checks": checks},
         "llm": {s: _rounded(u) for s, u in usage.items()} | {"total": _rounded(total)}
                | _accounting(params, total, rejected, accepted),
-        "exports": {"files": packaged.digests, **packaged.rows},
+        "exports": {"files": packaged.digests, **packaged.rows, "rows": packaged.files,
+                    "not_written": packaged.not_written, "token_lengths": packaged.token_lengths,
+                    "parquet_configs": parquet.configs(packaged.digests)},
         "lineage": lineage,
         "notes": llms.notes(),
     }

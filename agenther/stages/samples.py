@@ -13,11 +13,22 @@ Outputs, one row per sample, each with `weight` and `metadata` (lineage, source,
   nothing uses) stay as context with a per-message `weight` 0, the others weigh 1 (OpenAI's
   assistant-message weight; ShareGPT rows carry the same as `metadata.turn_weights`).
   Successes join with their original prompt when `include_successes`.
-- DPO (TRL conversational preference), two kinds:
-  natural: a success and a failure of one task; prompt = their shared opening, chosen = the
-  success's continuation, rejected = the failure's.
-  hindsight: prompt = [system, hindsight prompt], chosen = the relabeled trajectory,
-  rejected = a trajectory of the same task that lacks some of the chosen's tool calls.
+- DPO (preference pairs), two kinds, each at the STEP where the two runs diverge (default,
+  `dpo_pairs: "step"`): the runs are aligned assistant turn by assistant turn from their first user
+  turn; turns that take the same action (the same tool calls with the same arguments, or both a
+  text reply: paraphrases) are shared history; the first turn whose action differs (or, while the
+  histories are identical, whose text differs) is the step. prompt = the
+  chosen run's messages before that turn, chosen = its turn there, rejected = the other run's
+  turn there: ONE assistant turn each, so no user or tool text is ever a training target.
+  natural: a success (chosen) and a failure (rejected) of one task.
+  hindsight: prompt opens with [system, hindsight prompt]; chosen = the relabeled sample's turn
+  (only a turn it trains on: weight 1), rejected = the turn of a run of the same task that lacks
+  some of the chosen's tool calls.
+  `metadata.prompt_shared` is true when the other run's history up to its turn is the same turn
+  for turn (tau-bench's simulated user words every trial differently: then false).
+  `dpo_pairs: "trajectory"` instead pairs whole continuations (everything after the shared
+  opening, later user turns and tool results included): DPO then also scores that environment
+  text as if the model wrote it; kept only to reproduce trajectory-level setups.
 
 Weight direction: severity 0 is a near miss, 1 is "nothing of the goal done" (schema.CLASSIFIED).
 A hindsight sample weighs max(min_weight, 1 - weight_alpha * severity): near misses count fully,
@@ -44,9 +55,10 @@ import polars as pl
 from agenther import schema
 from agenther.evidence.goal import AchievedGoal, first_user_index, sample_messages
 from agenther.export import formats as exports
+from agenther.export import tokens, trl
 from agenther.export.card import render_dataset_card
 from agenther.export.dedup import dedup_prompts
-from agenther.export.files import SortedJsonlSink
+from agenther.export.files import ANNOTATED, SortedJsonlSink
 from agenther.export.schemas import validate_dpo, validate_sft
 from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter, iter_batches
 
@@ -57,7 +69,9 @@ DEFAULTS = {
     "include_successes": True,
     "near_dup_threshold": 0.9,
     "max_pairs_per_task": 4,
+    "dpo_pairs": "step",  # "step" | "trajectory" (see the module docstring)
 }
+PAIR_LEVELS = ("step", "trajectory")
 COUNTS = (  # Packaged.counts keys; hindsight_samples + rejections = accepted_in
     *("accepted_in", "hindsight_samples", "success_samples", "success_unexportable"),
     *("duplicates", "near_duplicates", "unexportable", "sharegpt_assistant_text_dropped"),
@@ -72,8 +86,11 @@ class Exported:
     """What the package stage wrote: the files are in its output folder."""
     rejections: pl.DataFrame  # schema.REJECTION rows, stage "package"
     counts: dict  # COUNTS
-    digests: dict[str, str]  # file name -> sha256 (the exports and dataset_info.json)
-    rows: dict[str, int]  # sft / dpo / sharegpt -> rows written
+    digests: dict[str, str]  # file (path in the output folder) -> sha256, of the files written
+    rows: dict[str, int]  # sft / dpo / sharegpt -> rows written (the annotated files)
+    files: dict[str, int]  # every export file written -> rows (dataset_info.json: datasets named)
+    not_written: dict[str, str]  # export file -> why it was not written
+    token_lengths: dict  # per TRL file: percentiles and the max_length that cuts no row (or why none)
 
 
 # --- message helpers ---------------------------------------------------------------------
@@ -185,16 +202,52 @@ def natural_pair(success: list[dict], failure: list[dict]) -> tuple[list, list, 
     return prompt, chosen, rejected, shared
 
 
-def hindsight_rejected(chosen_row: dict, same_task: list[dict]) -> tuple[dict, list[dict]] | None:
-    """The first trajectory (by id) of the same task that lacks one of the chosen's tool calls.
+def _action(message: dict) -> tuple:
+    """What an assistant turn does: its tool calls (name, canonical arguments); () = a text reply."""
+    return tuple((c["name"], _canonical_args(c.get("arguments"))) for c in message.get("tool_calls") or [])
+
+
+def step_pair(chosen_run: list[dict], other_run: list[dict],
+              trained_only: bool = False) -> tuple[list, list, list, bool] | None:
+    """(prompt, [chosen turn], [rejected turn], prompt_shared) at the step where two runs diverge.
+
+    Both runs are walked assistant turn by assistant turn from their first user turn; the first
+    pair of turns that differ is the step: in what they do (tool calls and arguments, or a text
+    reply), or, while the two histories are still the same turn for turn, in any way (None if there is none before either run ends,
+    or the chosen turn does not answer a user or tool turn, or with `trained_only` the chosen
+    turn has weight 0: a dead end of a hindsight sample is no example to prefer)."""
+    fc, fo = first_user_index(chosen_run), first_user_index(other_run)
+    if fc is None or fo is None:
+        return None
+    mine = [i for i in range(fc + 1, len(chosen_run)) if chosen_run[i]["role"] == "assistant"]
+    theirs = [j for j in range(fo + 1, len(other_run)) if other_run[j]["role"] == "assistant"]
+    for i, j in zip(mine, theirs, strict=False):
+        shared = [_turn_key(m) for m in chosen_run[:i]] == [_turn_key(m) for m in other_run[:j]]
+        differs = _turn_key(chosen_run[i]) != _turn_key(other_run[j]) if shared else (
+            _action(chosen_run[i]) != _action(other_run[j]))
+        if not differs:
+            continue
+        if chosen_run[i - 1]["role"] not in ("user", "tool") or (trained_only and chosen_run[i].get("weight") == 0):
+            return None
+        return chosen_run[:i], [chosen_run[i]], [other_run[j]], shared
+    return None
+
+
+def hindsight_candidates(chosen_row: dict, same_task: list[dict]) -> Iterator[dict]:
+    """The trajectories (by id) of the same task that lack one of the chosen's tool calls.
 
     Lacking a call, not merely differing: a run that made every call the relabeled run made
     (and more) may well satisfy the hindsight prompt too, so it is no safe negative.
     """
     evidence = tool_evidence(chosen_row["messages"])
     for other in same_task:
-        if other["id"] == chosen_row["id"] or not (evidence - tool_evidence(other["messages"])):
-            continue
+        if other["id"] != chosen_row["id"] and evidence - tool_evidence(other["messages"]):
+            yield other
+
+
+def hindsight_rejected(chosen_row: dict, same_task: list[dict]) -> tuple[dict, list[dict]] | None:
+    """Trajectory level: the first candidate's whole continuation after its first user turn."""
+    for other in hindsight_candidates(chosen_row, same_task):
         fu = first_user_index(other["messages"])
         rejected = trim_trailing(other["messages"][fu + 1 :]) if fu is not None else []
         if rejected and rejected[0]["role"] == "assistant":
@@ -269,7 +322,9 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
     pair are spilled to Parquet buckets of about `batch_rows` rows, whole tasks per bucket),
     then bucket by bucket for the preference pairs. Returns (rejections, counts)."""
     p = DEFAULTS | (params or {})
-    base = _lineage_meta(lineage or {})
+    if p["dpo_pairs"] not in PAIR_LEVELS:
+        raise ValueError(f"package.dpo_pairs must be one of {PAIR_LEVELS}, not {p['dpo_pairs']!r}")
+    base = _lineage_meta(lineage or {}) | {"pair_level": p["dpo_pairs"]}
     counts = dict.fromkeys(COUNTS, 0)
     rejections: list[dict] = []
 
@@ -364,14 +419,14 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
             by_task: dict[str, list[dict]] = defaultdict(list)
             for r in sorted(bucket, key=lambda r: r["id"]):
                 by_task[r["task_key"]].append(r)
-            for row in _natural_pairs(by_task, p["max_pairs_per_task"], base, counts):
+            for row in _natural_pairs(by_task, p["max_pairs_per_task"], base, counts, p["dpo_pairs"]):
                 emit("dpo.jsonl", row)
             kept_here = [k for task in sorted(by_task) for k in kept_by_task.get(task, [])]
-            for row in _hindsight_pairs(kept_here, by_task, base, counts):
+            for row in _hindsight_pairs(kept_here, by_task, base, counts, p["dpo_pairs"]):
                 emit("dpo.jsonl", row)
             done.update(r["id"] for r, _ in kept_here)
     unpaired = [k for k in hindsight_kept if k[0]["id"] not in done]  # a task with no other run
-    for row in _hindsight_pairs(unpaired, {}, base, counts):
+    for row in _hindsight_pairs(unpaired, {}, base, counts, p["dpo_pairs"]):
         emit("dpo.jsonl", row)
 
     return (schema.frame(sorted(rejections, key=lambda x: (x["id"], x["reason"])), schema.REJECTION), counts)
@@ -420,7 +475,8 @@ def _sample_rows(messages: list[dict], row: dict, weight: float, meta: dict) -> 
     return sft, exports.sharegpt_row(messages, tools, weight, meta)
 
 
-def _natural_pairs(by_task: dict[str, list[dict]], cap: int, base: dict, counts: dict) -> list[dict]:
+def _natural_pairs(by_task: dict[str, list[dict]], cap: int, base: dict, counts: dict,
+                   level: str = "step") -> list[dict]:
     """Each failure (by id) with the first success (by id) that makes a valid pair; `cap` per task."""
     out = []
     for task in sorted(by_task):
@@ -431,7 +487,8 @@ def _natural_pairs(by_task: dict[str, list[dict]], cap: int, base: dict, counts:
             if made >= cap:
                 break
             for s in successes:
-                pair = natural_pair(s["messages"], f["messages"])
+                pair = (step_pair(s["messages"], f["messages"]) if level == "step"
+                        else natural_pair(s["messages"], f["messages"]))
                 if pair is None:
                     continue
                 prompt, chosen, rejected, shared = pair
@@ -455,20 +512,30 @@ def _natural_pairs(by_task: dict[str, list[dict]], cap: int, base: dict, counts:
 
 
 def _hindsight_pairs(
-    kept: list[tuple[dict, float]], by_task: dict[str, list[dict]], base: dict, counts: dict
+    kept: list[tuple[dict, float]], by_task: dict[str, list[dict]], base: dict, counts: dict, level: str = "step"
 ) -> list[dict]:
     out = []
     for r, weight in kept:
         sample = hindsight_messages(r)
-        found = hindsight_rejected(r | {"messages": sample}, by_task.get(r.get("task_key"), []))
         fu = first_user_index(sample)
-        chosen = sample[fu + 1 :]
-        if found is None or not chosen or chosen[0]["role"] != "assistant":
+        found = None
+        if level == "step":
+            for other in hindsight_candidates(r | {"messages": sample}, by_task.get(r.get("task_key"), [])):
+                pair = step_pair(sample, other["messages"], trained_only=True)
+                if pair is not None:
+                    found = other, pair
+                    break
+        else:
+            rejected_run = hindsight_rejected(r | {"messages": sample}, by_task.get(r.get("task_key"), []))
+            chosen = sample[fu + 1 :]
+            if rejected_run is not None and chosen and chosen[0]["role"] == "assistant":
+                system = [m for m in sample[:fu] if m["role"] == "system"]
+                prompt = [*system, {"role": "user", "content": r["hindsight_prompt"]}]
+                found = rejected_run[0], (prompt, chosen, rejected_run[1], False)
+        if found is None:
             counts["dpo_hindsight_unpaired"] += 1
             continue
-        other, rejected = found
-        system = [m for m in sample[:fu] if m["role"] == "system"]
-        prompt = [*system, {"role": "user", "content": r["hindsight_prompt"]}]
+        other, (prompt, chosen, rejected, _) = found
         meta = _sample_meta(r, "hindsight", base) | {
             "sample_id": f"hindsight:{r['id']}|{other['id']}",
             "chosen_id": r["id"],
@@ -503,12 +570,41 @@ def _append_valid(
 
 
 def export_samples(verified: pl.DataFrame, classified: Path, params: dict, lineage: dict, out: Path,
-                   batch_rows: int = DEFAULT_BATCH_ROWS) -> Exported:
+                   batch_rows: int = DEFAULT_BATCH_ROWS, tokenizer_model: str | None = None,
+                   measure_tokens: bool = True) -> Exported:
     """The package stage's product: `package_into` over the classified table at `classified`
     (read in batches), its rows written to the export files in `out` (sorted by sample id,
-    bounded memory: SortedJsonlSink)."""
+    bounded memory: SortedJsonlSink), then the token lengths of the TRL files measured with the
+    local model's tokenizer (`tokenizer_model`, else the first one installed)."""
     sink = SortedJsonlSink(out, batch_rows)
     rejections, counts = package_into(
         sink, verified, lambda columns=None: iter_batches(classified, batch_rows, columns), params, lineage, batch_rows)
     digests = sink.close()
-    return Exported(rejections, counts, digests, {name.removesuffix(".jsonl"): n for name, n in sink.rows.items()})
+    lengths = measure_lengths(Path(out), digests, tokenizer_model) if measure_tokens else {
+        "tokenizer": None, "not_measured": "not asked"}
+    return Exported(rejections, counts, digests, {name.removesuffix(".jsonl"): sink.rows[name] for name in ANNOTATED},
+                    {name: sink.rows[name] for name in digests}, dict(sink.not_written), lengths)
+
+
+def measure_lengths(out: Path, written: dict, model: str | None) -> dict:
+    """{"tokenizer": model name, "files": {TRL file: tokens.stats}} or {"tokenizer": None, "not_measured": why}."""
+    todo = [(name, fn) for name, fn in ((trl.SFT_FILE, tokens.sft_lengths), (trl.DPO_FILE, tokens.dpo_lengths))
+            if name in written]
+    if not todo:
+        return {"tokenizer": None, "not_measured": "no TRL file written"}
+    reasons = []
+    for tok, why in tokens.local_tokenizers(model):  # the run's local model first, then any installed one
+        if tok is None:
+            reasons.append(why)
+            continue
+        try:
+            files = {}
+            for name, fn in todo:
+                with (out / name).open(encoding="utf-8") as fh:
+                    files[name] = tokens.stats(fn(tok, fh))
+        except Exception as exc:  # a chat template that cannot render these rows (tool calls, null content)
+            reasons.append(f"{tok.name}: its chat template failed ({type(exc).__name__}: {exc})")
+            continue
+        return {"tokenizer": f"{tok.name} (GGUF vocabulary and chat template)", "files": files} | (
+            {"skipped": reasons} if reasons else {})
+    return {"tokenizer": None, "not_measured": f"no local tokenizer ({'; '.join(reasons) or 'no local model'})"}

@@ -1,0 +1,147 @@
+"""Token lengths of the TRL exports, measured with a real tokenizer: the embedded local model's.
+
+The GGUF of the local model (agenther.local_model) carries its tokenizer and chat template. Its
+vocabulary is loaded alone (llama.cpp `vocab_only`: no weights, well under a second), each row is
+rendered with the chat template the way transformers renders it (trim_blocks, lstrip_blocks, its
+`tojson`), and the text is tokenized. That is what TRL feeds the model: SFT rows as
+`messages` + `tools`; preference rows as prompt + chosen and prompt + rejected (DPO's `max_length`
+bounds the pair's longer side).
+
+`max_length` is what the card's loading snippets set: the longest row plus a margin for tokenizer
+differences, rounded up to a multiple of 128, so that no sample is cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+PERCENTILES = (50, 90, 99)
+MARGIN = 32  # tokens between the longest measured row and max_length
+ROUND = 128
+# A row whose rendered text is longer than this is not tokenized: its UTF-8 byte count stands in, an
+# upper bound for a byte-level BPE (a token is at least one byte). 1 MB is ~250k tokens, beyond any
+# context window, and BPE over one such text (e.g. a 50 MB tool result) takes gigabytes.
+MAX_EXACT_BYTES = 1_000_000
+
+
+class ChatTokenizer:
+    """A GGUF's tokenizer and chat template, without the model's weights."""
+
+    def __init__(self, gguf: Path, name: str):
+        import jinja2
+        import llama_cpp
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        with _quiet():
+            self.vocab = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+        template = self.vocab.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"{gguf.name} carries no chat template")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.template = env.from_string(template)
+        self.name = name
+
+    def count(self, messages: list[dict], tools: list[dict] | None) -> tuple[int, bool]:
+        """(tokens, exact): exact unless the text is over MAX_EXACT_BYTES (then its byte count)."""
+        data = self.template.render(messages=messages, tools=tools or None, add_generation_prompt=False).encode()
+        if len(data) > MAX_EXACT_BYTES:
+            return len(data), False
+        return len(self.vocab.tokenize(data, add_bos=False, special=True)), True
+
+
+@contextlib.contextmanager
+def _quiet():
+    """llama.cpp prints its loading log on fd 2 even when asked not to."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()  # llama-cpp-python logs through Python's (buffered) sys.stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def local_tokenizers(model: str | None) -> Iterator[tuple[ChatTokenizer | None, str]]:
+    """The tokenizers of local model `model`, then of the other installed ones, in that order:
+    (tokenizer, "") or (None, why this one cannot be had)."""
+    from agenther import local_model
+
+    for name in (n for n in dict.fromkeys([model, local_model.DEFAULT_MODEL, *sorted(local_model.MODELS)]) if n):
+        try:
+            path = local_model.model_path(name)
+        except Exception as exc:  # not installed here: try the next one
+            yield None, f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            continue
+        try:
+            yield ChatTokenizer(path, name), ""
+        except Exception as exc:  # no llama.cpp runtime, or no template in the file
+            yield None, f"{name}: {exc}"
+
+
+def local_tokenizer(model: str | None) -> tuple[ChatTokenizer | None, str]:
+    """(the first tokenizer local_tokenizers gives, why none) ."""
+    reasons = []
+    for tok, why in local_tokenizers(model):
+        if tok is not None:
+            return tok, ""
+        reasons.append(why)
+    return None, "; ".join(reasons) or "no local model"
+
+
+def percentile(sorted_values: list[int], p: float) -> int:
+    """Nearest-rank percentile of a sorted, non-empty list."""
+    return sorted_values[max(0, math.ceil(p / 100 * len(sorted_values)) - 1)]
+
+
+def max_length_for(longest: int) -> int:
+    return ROUND * math.ceil((longest + MARGIN) / ROUND)
+
+
+def stats(lengths: list[tuple[int, bool]]) -> dict:
+    """Percentiles of the rows' lengths; `upper_bounds`: rows counted in bytes (see MAX_EXACT_BYTES)."""
+    values = sorted(n for n, _ in lengths)
+    out = {"rows": len(values), **{f"p{p}": percentile(values, p) for p in PERCENTILES},
+           "max": values[-1], "max_length": max_length_for(values[-1])}
+    bounded = sum(not exact for _, exact in lengths)
+    if bounded:
+        out["upper_bounds"] = bounded
+    return out
+
+
+def sft_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[tuple[int, bool]]:
+    out = []
+    for line in lines:
+        row = json.loads(line)
+        out.append(tok.count(row["messages"], json.loads(row["tools"])))
+    return out
+
+
+def dpo_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[tuple[int, bool]]:
+    out = []
+    for line in lines:
+        row = json.loads(line)
+        tools = json.loads(row["tools"])
+        sides = [tok.count(row["prompt"] + row[side], tools) for side in ("chosen", "rejected")]
+        out.append((max(n for n, _ in sides), all(exact for _, exact in sides)))
+    return out
