@@ -80,7 +80,7 @@ def test_datasets_and_trl_load_every_row_written(runs, run, tmp_path):
     lengths = exports["token_lengths"]
     assert lengths.get("files"), f"token lengths not measured: {lengths}"
     model = lengths["tokenizer"].split()[0]
-    from agenther.local_model import model_path
+    from agenther.llm.models import model_path
 
     report = consume(CONSUMERS, ["trl", str(out), str(model_path(model))], tmp_path)
 
@@ -110,7 +110,7 @@ def test_datasets_and_trl_load_every_row_written(runs, run, tmp_path):
 def test_llamafactory_loads_every_row_through_its_dataset_info(runs, run, tmp_path):
     out, exports = runs[run], written(runs[run])
     lengths = exports["token_lengths"]
-    from agenther.local_model import model_path
+    from agenther.llm.models import model_path
 
     gguf = model_path(lengths["tokenizer"].split()[0])
     report = consume(LLAMAFACTORY, ["llamafactory", str(out), str(gguf)], tmp_path,

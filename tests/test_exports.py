@@ -324,7 +324,7 @@ def test_identical_inputs_give_byte_identical_files(tmp_path, packaged):
 
 
 def test_package_files_list_the_whole_layout():
-    assert set(PACKAGE_FILES) == {*LAYOUT, parquet.CARD, "rejected.parquet", "summary.json", "dataset_card.md"}
+    assert set(PACKAGE_FILES) == {*LAYOUT, parquet.CARD, "rejected.parquet", "summary.json", "dataset_card.md", "report.html"}
 
 
 def test_dataset_info_maps_columns_every_row_has(tmp_path):

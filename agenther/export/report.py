@@ -71,16 +71,16 @@ def _charts(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame, class
     if timing.height:
         charts.append(("Time per stage (s)", alt.Chart(timing).mark_bar().encode(
             x=alt.X("stage:N", sort=None), y="seconds:Q", tooltip=["stage", "seconds"])))
-    exports = pl.DataFrame([{"file": f"{n}.jsonl", "rows": summary["exports"].get(n, 0)}
-                            for n in ("sft", "dpo", "sharegpt")])
-    charts.append(("Export rows", alt.Chart(exports).mark_bar().encode(x="rows:Q", y="file:N")))
-    lengths = summary["exports"].get("token_lengths") or {}
-    if lengths:
-        rows = [{"file": f, "percentile": p, "tokens": v} for f, ps in lengths.items() if isinstance(ps, dict)
-                for p, v in ps.items() if isinstance(v, int | float)]
-        if rows:
-            charts.append(("Token lengths per export (percentiles)", alt.Chart(pl.DataFrame(rows)).mark_point().encode(
-                x="tokens:Q", y="file:N", color="percentile:N")))
+    written = (summary["exports"].get("rows") or {}).items()
+    exports = pl.DataFrame([{"file": f, "rows": n} for f, n in written], schema={"file": pl.String, "rows": pl.Int64})
+    if exports.height:
+        charts.append(("Export rows", alt.Chart(exports).mark_bar().encode(x="rows:Q", y=alt.Y("file:N", sort=None))))
+    lengths = (summary["exports"].get("token_lengths") or {}).get("files") or {}
+    rows = [{"file": f, "percentile": p, "tokens": v} for f, ps in lengths.items() if isinstance(ps, dict)
+            for p, v in ps.items() if p.startswith("p") or p == "max"]
+    if rows:
+        charts.append(("Token lengths per export (percentiles)", alt.Chart(pl.DataFrame(rows)).mark_point(size=80)
+                       .encode(x="tokens:Q", y="file:N", color=alt.Color("percentile:N", sort=None))))
     return [(title, chart.properties(width=560).to_dict()) for title, chart in charts]
 
 

@@ -1,6 +1,6 @@
 """Token lengths of the TRL exports, measured with a real tokenizer: the embedded local model's.
 
-The GGUF of the local model (agenther.local_model) carries its tokenizer and chat template. Its
+The GGUF of the local model (agenther.llm.models) carries its tokenizer and chat template. Its
 vocabulary is loaded alone (llama.cpp `vocab_only`: no weights, well under a second), each row is
 rendered with the chat template the way transformers renders it (trim_blocks, lstrip_blocks, its
 `tojson`), and the text is tokenized. That is what TRL feeds the model: SFT rows as
@@ -85,7 +85,7 @@ def _quiet():
 def local_tokenizers(model: str | None) -> Iterator[tuple[ChatTokenizer | None, str]]:
     """The tokenizers of local model `model`, then of the other installed ones, in that order:
     (tokenizer, "") or (None, why this one cannot be had)."""
-    from agenther import local_model
+    from agenther.llm import models as local_model
 
     for name in (n for n in dict.fromkeys([model, local_model.DEFAULT_MODEL, *sorted(local_model.MODELS)]) if n):
         try:
