@@ -88,9 +88,9 @@ class Progress:
         self._shown = True
         if self.tty:
             self.stream.write("\r\033[K" + self.line() + ("\n" if final else ""))
-        else:
-            self.stream.write(self.line() + "\n")
-        self.stream.flush()
+            self.stream.flush()
+        else:  # print: a Prefect flow with log_prints turns it into a log line
+            print(self.line(), file=self.stream, flush=True)
 
 
 def _clock(seconds: float) -> str:

@@ -116,6 +116,8 @@ def test_label_in_a_real_browser_download_and_score(run_dir, tmp_path):
     trajectory = score["judges"]["trajectory"]
     assert trajectory["recall"] == 1.0 and trajectory["n"] == len(items)
     assert score == json.loads((run_dir / "review" / "score.json").read_text())
+    report = (run_dir / "report.html").read_text()
+    assert "Human review" in report and f"<td>{score['accepted_precision']['precision']}</td>" in report
 
 
 @pytest.mark.slow

@@ -132,6 +132,15 @@ def render_report(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame,
                        ("hindsight samples exported", g["exported_hindsight_samples"]),
                        ("LLM calls", summary["llm"]["total"]["calls"]),
                        ("counts reconcile", "yes" if summary["reconciliation"]["ok"] else "NO")])
+    review = summary.get("review")
+    if review:  # `agenther review score`: what people said of the accepted relabels
+        precision = review["accepted_precision"]
+        interval = precision["wilson95"] or ["-", "-"]
+        headline += "<h2>Human review</h2>" + _table(
+            [("accepted relabels labeled", precision["n"]), ("precision", precision["precision"]),
+             ("95% Wilson interval", f"{interval[0]} .. {interval[1]}")]
+            + [(f"judge {j}: precision / recall / kappa", f"{v['precision']} / {v['recall']} / {v['kappa']}")
+               for j, v in review["judges"].items()])
     divs = "".join(f'<h2>{html.escape(title)}</h2><div class="chart" id="chart{i}"></div>'
                    for i, (title, _) in enumerate(charts))
     specs = json.dumps([spec for _, spec in charts]).replace("</", "<\\/")
@@ -149,3 +158,15 @@ specs.forEach((spec, i) => vegaEmbed("#chart" + i, spec, {{actions: false, rende
   .then(() => document.getElementById("chart" + i).dataset.drawn = "yes").catch(e => console.error(e)));</script>
 </body></html>
 """
+
+
+def refresh_report(run_dir: Path) -> None:
+    """Draw RUN_DIR/report.html again from the files the run left (after `agenther review score`)."""
+    from agenther.workdir import TABLES
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    classified = pl.read_parquet(run_dir / TABLES["classified"], columns=["is_failure", "failure_type", "severity"])
+    html_text = render_report(summary, pl.read_parquet(run_dir / TABLES["verified"]),
+                              pl.read_parquet(run_dir / "rejected.parquet"), classified, run_dir, run_dir)
+    (run_dir / "report.html").write_text(html_text)

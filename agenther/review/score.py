@@ -5,8 +5,8 @@
 - each judge against the people: precision and recall of its "accept" for "correct", and Cohen's kappa;
 - with several label files, agreement between annotators (pairwise Cohen's kappa over the items
   both labeled), and the items' label is the majority of the non-unsure labels (a tie is unsure).
-The result goes to RUN_DIR/review/score.json and into RUN_DIR/summary.json (`review`), which the
-package stage carries over when it runs again.
+The result goes to RUN_DIR/review/score.json, into RUN_DIR/summary.json (`review`), which the
+package stage carries over when it runs again, and into RUN_DIR/report.html.
 """
 
 from __future__ import annotations
@@ -128,4 +128,8 @@ def score_run(run_dir: Path, label_files: list[Path]) -> dict:
     if summary_path.exists():
         summary = json.loads(summary_path.read_text()) | {"review": result}
         write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        if (run_dir / "report.html").exists():
+            from agenther.export.report import refresh_report
+
+            refresh_report(run_dir)
     return result
