@@ -44,12 +44,11 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import zlib  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from http.server import ThreadingHTTPServer  # noqa: E402
 
 import yaml  # noqa: E402
-from llm_server import FakeLLMServer, Reply, careful_brain, prompt_kind  # noqa: E402
+from llm_server import FakeLLMServer, Reply, picky_brain, slow  # noqa: E402
 
 TAU = ROOT / "data/raw/tau-bench/gpt-4o-airline.json"
 EXPORTS = ("sft.jsonl", "dpo.jsonl", "sharegpt.jsonl")
@@ -98,15 +97,7 @@ def build_set(copies: int, path: Path) -> int:
 
 # -- the scripted server, in its own process -----------------------------------------------------------
 def brain(request: dict) -> Reply:
-    # As in llm_throughput.py: careful relabeler, trajectory judge rejects about a third.
-    if prompt_kind(request) == "judge_trajectory" and zlib.crc32(request["messages"][0]["content"].encode()) % 3 == 0:
-        reply: Reply | str = json.dumps({"satisfied": False, "consistent_with_user": True, "confidence": 0.9,
-                                         "reason": "no"})
-    else:
-        reply = careful_brain(request)
-    reply = Reply(reply) if isinstance(reply, str) else reply
-    reply.delay_s = LATENCY["s"]
-    return reply
+    return slow(picky_brain, LATENCY["s"])(request)  # every answer after the provider's latency
 
 
 def _serve(conn, latency: float) -> None:

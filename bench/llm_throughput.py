@@ -46,16 +46,14 @@ sys.path.insert(0, str(ROOT / "tests"))  # the scripted LLM server the tests use
 
 import argparse  # noqa: E402
 import heapq  # noqa: E402
-import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
-import zlib  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from http.server import ThreadingHTTPServer  # noqa: E402
 
 import polars as pl  # noqa: E402
-from llm_server import FakeLLMServer, Reply, careful_brain, prompt_kind  # noqa: E402
+from llm_server import FakeLLMServer, Reply, picky_brain, slow  # noqa: E402
 
 from agenther.llm import LLMs  # noqa: E402
 from agenther.params import load_params  # noqa: E402
@@ -69,15 +67,7 @@ LATENCY = {"s": 0.2}
 
 
 def brain(request: dict) -> Reply:
-    # As in prefect_overhead.py: careful relabeler, trajectory judge rejects about a third.
-    if prompt_kind(request) == "judge_trajectory" and zlib.crc32(request["messages"][0]["content"].encode()) % 3 == 0:
-        reply: Reply | str = json.dumps({"satisfied": False, "consistent_with_user": True, "confidence": 0.9,
-                                         "reason": "no"})
-    else:
-        reply = careful_brain(request)
-    reply = Reply(reply) if isinstance(reply, str) else reply
-    reply.delay_s = LATENCY["s"]
-    return reply
+    return slow(picky_brain, LATENCY["s"])(request)  # every answer after the provider's latency
 
 
 def _serve(conn, latency: float, answer=brain) -> None:  # the server process

@@ -39,7 +39,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -48,7 +47,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from llm_server import FakeLLMServer, careful_brain, prompt_kind  # noqa: E402
+from llm_server import FakeLLMServer, picky_brain  # noqa: E402
 
 DATASETS = {"tau-bench": "data/raw/tau-bench/gpt-4o-airline.json", "toolbench": "data/raw/toolbench/answer"}
 STAGES = ("ingest", "classify", "extract", "relabel", "verify", "package")
@@ -64,10 +63,7 @@ VOLATILE = {
 }
 
 
-def brain(request: dict) -> str:
-    if prompt_kind(request) == "judge_trajectory" and zlib.crc32(request["messages"][0]["content"].encode()) % 3 == 0:
-        return json.dumps({"satisfied": False, "consistent_with_user": True, "confidence": 0.9, "reason": "no"})
-    return careful_brain(request)
+brain = picky_brain  # careful_brain; the trajectory judge turns down about a third
 
 
 def sha(data: bytes) -> str:

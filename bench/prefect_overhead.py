@@ -37,10 +37,9 @@ import json  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-import zlib  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
-from llm_server import FakeLLMServer, Reply, careful_brain, prompt_kind  # noqa: E402
+from llm_server import FakeLLMServer, picky_brain  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
@@ -52,12 +51,7 @@ from flows.hindsight import hindsight  # noqa: E402
 TAU = ROOT / "data/raw/tau-bench/gpt-4o-airline.json"
 
 
-def brain(request: dict) -> Reply | str:
-    # The careful relabeler, with a trajectory judge that turns down about a third: a realistic
-    # acceptance rate, inside the Great Expectations gate's bounds.
-    if prompt_kind(request) == "judge_trajectory" and zlib.crc32(request["messages"][0]["content"].encode()) % 3 == 0:
-        return json.dumps({"satisfied": False, "consistent_with_user": True, "confidence": 0.9, "reason": "no"})
-    return careful_brain(request)
+brain = picky_brain  # the careful relabeler; the trajectory judge turns down about a third
 
 
 def params_for(api_base: str, cache: Path, limit: int | None, batch_size: int | None) -> dict:

@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -265,3 +266,21 @@ def careful_brain(request: dict) -> Reply | str:
                                              "met": bool(steps)}],
                            "all_met": bool(steps), "confidence": 0.9})
     raise unscripted(request)
+
+
+def picky_brain(request: dict) -> Reply | str:
+    """careful_brain, except that the trajectory judge turns down about a third of the relabels
+    (deterministically, by the prompt's crc32): a realistic acceptance rate for the between-stage gates."""
+    if prompt_kind(request) == "judge_trajectory" and zlib.crc32(request["messages"][0]["content"].encode()) % 3 == 0:
+        return json.dumps({"satisfied": False, "consistent_with_user": True, "confidence": 0.9, "reason": "no"})
+    return careful_brain(request)
+
+
+def slow(brain: Callable[[dict], Reply | str], delay_s: float) -> Callable[[dict], Reply]:
+    """`brain` answering every call after `delay_s` (a provider's latency)."""
+    def answer(request: dict) -> Reply:
+        reply = brain(request)
+        reply = Reply(reply) if isinstance(reply, str) else reply
+        reply.delay_s = delay_s
+        return reply
+    return answer

@@ -21,14 +21,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import ROOT, TAU, list_keys, write_params
-from llm_server import FakeLLMServer, Reply, careful_brain, prompt_kind
+from llm_server import FakeLLMServer, Reply, picky_brain
 
 _HOME = Path(tempfile.mkdtemp(prefix="agenther-prefect-test-"))
 _ENV = {
@@ -86,14 +85,6 @@ def isolated_prefect() -> Iterator[None]:
 
     for server in list(SubprocessASGIServer._instances.values()):
         server.stop()
-
-
-def picky_brain(request: dict) -> Reply | str:
-    """careful_brain, except that the trajectory judge turns down about a third of the relabels
-    (deterministically): a realistic acceptance rate for the between-stage gates."""
-    if prompt_kind(request) == "judge_trajectory" and zlib.crc32(request["messages"][0]["content"].encode()) % 3 == 0:
-        return json.dumps({"satisfied": False, "consistent_with_user": True, "confidence": 0.9, "reason": "no"})
-    return careful_brain(request)
 
 
 @pytest.fixture
