@@ -209,6 +209,9 @@ def test_collapsed_failure_types_fail(tables, params):
     error = _fails(collapsed, "classified", params)
     assert _failed_types(error) == {"classified.failure_type_shares:expect_column_values_to_be_between:share"}
     assert "failure_type wrong_result" in str(error) and "gates.max_failure_type_share" in str(error)
+    # the one line a stopped run prints says which param sets the bound
+    assert "to change the bound: gates.max_failure_type_share in " \
+        "params.yaml" in str(error).splitlines()[0]
     relaxed = params | {"gates": params["gates"] | {"max_failure_type_share": 1.0}}
     assert gates.check(collapsed, "classified", relaxed, None)["success"]
 

@@ -131,6 +131,8 @@ def render_report(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame,
                        ("relabels proposed", g["relabels_proposed"]), ("passed every judge", g["passed_judges"]),
                        ("hindsight samples exported", g["exported_hindsight_samples"]),
                        ("LLM calls", summary["llm"]["total"]["calls"]),
+                       ("LLM tokens", summary["llm"]["total"]["prompt_tokens"] + summary["llm"]["total"]["completion_tokens"]),
+                       ("LLM cost (USD; local models cost 0)", summary["llm"]["total"]["cost_usd"]),
                        ("counts reconcile", "yes" if summary["reconciliation"]["ok"] else "NO")])
     review = summary.get("review")
     if review:  # `agenther review score`: what people said of the accepted relabels
