@@ -1,8 +1,9 @@
 """Progress of a long stage: records done of the total, kept so far, LLM calls and their rate, ETA.
 
 On a terminal one line is redrawn every second; elsewhere (a log file, CI, a Prefect worker, whose
-prints become log lines) a plain line every 30 s (AGENTHER_PROGRESS_S) and one when such a long
-stage ends: a stage that ends sooner prints nothing, so logs and one-line errors stay readable.
+prints become log lines) a plain line every 30 s (AGENTHER_PROGRESS_S; 0: only when each stage
+ends) and one when such a long stage ends: a stage that ends sooner prints nothing, so logs and
+one-line errors stay readable.
 Records are counted as they finish (`record_done`, called by the concurrent map the LLM stages use)
 or a batch at a time (`advance`), whichever the stage gives.
 """
@@ -49,7 +50,7 @@ class Progress:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self._stop.set()
         _CURRENT.remove(self)
-        if exc_type is None and (self.tty or self._shown):
+        if exc_type is None and (self.tty or self._shown or self.interval <= 0):
             self._show(final=True)
 
     def advance(self, records: int, kept: int = 0, batch: bool = True) -> None:
@@ -81,6 +82,8 @@ class Progress:
         return self._last_calls
 
     def _tick(self) -> None:
+        if self.interval <= 0:  # AGENTHER_PROGRESS_S=0: a line when each stage ends, none between
+            return
         while not self._stop.wait(self.interval):
             self._show()
 
