@@ -101,6 +101,11 @@ def test_a_signal_mid_relabel_stops_the_run_and_the_rerun_repeats_no_answered_ca
             deadline = wait_for_relabel_answers(server, proc, 3, seconds=90)
             brain.hold()  # from now on the calls in flight stay open
             time.sleep(0.1)
+            # The run may be between batches (no call open) right now: wait for its next call,
+            # which the held brain keeps open.
+            while len(server.requests) <= len(server.answered):
+                assert time.monotonic() < deadline, "the run made no call after the hold"
+                time.sleep(0.05)
             answered = list(server.answered)
             while not all(_cached(tmp_path / "cache", b, server.api_base) for b in answered):  # the client has them
                 assert time.monotonic() < deadline, "answers sent to the run never reached its cache"
