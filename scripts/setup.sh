@@ -97,6 +97,10 @@ sys.exit(0 if url.get("url") == here and url.get("dir_info", {}).get("editable")
 EOF
 then
     say "agenther already installed (editable)"
+elif [[ -L .venv ]]; then
+    # A .venv linked from another checkout (a git worktree): re-installing here would point that
+    # checkout's venv at this tree. Run this tree with PYTHONPATH=$PWD instead.
+    say "not installing agenther: .venv is a link to $(readlink -f .venv) (another checkout's); use PYTHONPATH=$PWD"
 else
     say "installing agenther (editable)"
     "${PIP[@]}" install --no-deps --no-build-isolation -e .
