@@ -120,6 +120,9 @@ def entry_object(cache_dir: str, key: str) -> tuple[str, str]:
     return bucket, "/".join(part for part in (prefix, key[:2], f"{key}.json") if part)
 
 
+REFUSED = ("403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId")
+
+
 def _s3_get(cache_dir: str, key: str) -> str | None:
     from agenther.s3 import NOT_FOUND, shared_client
 
@@ -151,4 +154,6 @@ def _s3_put(cache_dir: str, key: str, entry: str) -> None:
         code = error_code(exc)
         transient = not code or code.startswith("5") or code in ("SlowDown", "RequestTimeout", "InternalError",
                                                                   "ServiceUnavailable", "Throttling")
-        raise CacheError(f"LLM cache {cache_dir}: cannot write {key}.json ({code or exc})", transient) from None
+        hint = "; the store refused these keys: check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the bucket's " \
+               "permissions" if code in REFUSED else ""
+        raise CacheError(f"LLM cache {cache_dir}: cannot write {key}.json ({code or exc}){hint}", transient) from None
