@@ -19,7 +19,9 @@ One flow for both kinds of root; only the listing differs (`FolderLister`, `Pref
   (listed page by page; S3 has no mtime a writer controls, and a new upload gets a new ETag);
 - one younger than `min_age_s` (file mtime; object LastModified, the store's clock) may still be
   being written (or, on S3, replaced by a quick second upload): it waits for the next run.
-A file whose event could not be sent is not marked as seen: the next run tries again.
+A file whose event could not be sent is not marked as seen: the next run tries again; an event
+sent again for a version already announced (a run killed before it saved its state) carries the
+same id, which the server deduplicates.
 Overlapping runs (a slow tick, late runs after a restart) are kept apart by a lock on the
 state file, not by a deployment concurrency limit: the OS releases a lock when its process
 dies, where a server-side slot held by a killed run stays taken and silences the watcher.
@@ -33,6 +35,7 @@ import json
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -167,6 +170,9 @@ def _announce(root: FolderLister | PrefixLister, state: Path, min_age_s: float) 
     for f in arrived:
         event = emit_event(
             event=EVENT,
+            # One id per file version: if this run dies between sending and saving the state, the
+            # next run sends the same event again and the server drops it as already seen.
+            id=uuid.uuid5(uuid.NAMESPACE_URL, json.dumps([f.where, f.signature])),
             resource={"prefect.resource.id": RESOURCE_PREFIX + f.where, "prefect.resource.name": f.relative.name},
             payload={"path": f.where, "name": slug(f.relative), "folder": str(root), "size": f.size},
         )
