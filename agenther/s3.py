@@ -117,6 +117,14 @@ def error_code(exc: Exception) -> str:
 NOT_FOUND = ("404", "NoSuchKey", "NotFound")
 
 
+def store_errors() -> tuple[type[Exception], ...]:
+    """What a call to the store raises when it fails: an S3 error answer (ClientError) or no
+    answer at all (connection, timeout: BotoCoreError). botocore is imported on first need."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return ClientError, BotoCoreError
+
+
 # -- log objects: what ingest and the watcher read from a bucket -------------------------------------
 @dataclass(frozen=True)
 class S3Object:
@@ -166,7 +174,7 @@ class S3Object:
             raise ValueError(f"{self.url}: S3 objects are read-only here (mode 'rb'), not {mode!r}")
         try:
             body = shared_client().get_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)["Body"]
-        except Exception as exc:
+        except store_errors() as exc:
             code = error_code(exc)
             if code in NOT_FOUND:
                 raise FileNotFoundError(f"{self.url}: gone since it was listed") from None
@@ -223,16 +231,14 @@ def find_logs(url: str) -> tuple[list[S3Object], bool]:
         if key and not url.endswith("/"):
             try:
                 head = shared_client().head_object(Bucket=bucket, Key=key)
-            except Exception as exc:
+            except store_errors() as exc:
                 if error_code(exc) not in NOT_FOUND:
                     raise
             else:
                 return [S3Object(bucket, key, head["ETag"], head["ContentLength"],
                                  head["LastModified"].timestamp())], True
         return list(list_objects(bucket, folder_prefix(key))), False
-    except Exception as exc:
-        if type(exc).__module__.split(".")[0] != "botocore":
-            raise
+    except store_errors() as exc:
         raise OSError(f"{url}: cannot list ({error_code(exc) or exc})") from exc
 
 

@@ -84,7 +84,7 @@ class FolderLister:
     def exists(self) -> bool:
         return self.root.is_dir()
 
-    def list(self) -> dict[str, Listed]:
+    def files(self) -> dict[str, Listed]:
         now, found = time.time(), {}
         for p in sorted(self.root.rglob("*")):
             relative = PurePosixPath(p.relative_to(self.root).as_posix())
@@ -107,7 +107,7 @@ class PrefixLister:
     def exists(self) -> bool:
         return True  # an empty prefix is an empty folder: objects may come
 
-    def list(self) -> dict[str, Listed]:
+    def files(self) -> dict[str, Listed]:
         now, found = time.time(), {}
         for o in list_objects(self.bucket, self.prefix):
             relative = PurePosixPath(o.key.removeprefix(self.prefix))
@@ -163,7 +163,7 @@ def watch_logs(folder: str = "data/incoming", state_file: str | None = None, min
 
 
 def _announce(root: FolderLister | PrefixLister, state: Path, min_age_s: float) -> list[str]:
-    listed = root.list()
+    listed = root.files()
     seen = {p: sig for p, sig in _load(state).items() if p in listed}  # forget deleted files
     arrived = [f for where, f in listed.items() if f.age_s >= min_age_s and seen.get(where) != f.signature]
     sent = []

@@ -23,7 +23,16 @@ import threading
 from pathlib import Path
 
 from agenther.llm.errors import LLMError
-from agenther.s3 import error_code, is_s3_url, parse_s3_url
+from agenther.s3 import (
+    NOT_FOUND,
+    ensure_bucket,
+    error_code,
+    is_s3_url,
+    parse_s3_url,
+    s3_settings,
+    shared_client,
+    store_errors,
+)
 
 log = logging.getLogger("agenther.llm")
 
@@ -124,12 +133,10 @@ REFUSED = ("403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId")
 
 
 def _s3_get(cache_dir: str, key: str) -> str | None:
-    from agenther.s3 import NOT_FOUND, shared_client
-
     bucket, name = entry_object(cache_dir, key)
     try:
         return shared_client().get_object(Bucket=bucket, Key=name)["Body"].read().decode()
-    except Exception as exc:  # botocore's errors (client, connection), or bytes that are not UTF-8
+    except (*store_errors(), UnicodeDecodeError) as exc:
         if error_code(exc) in (*NOT_FOUND, "NoSuchBucket"):  # a first put creates the bucket
             return None
         log.warning("unreadable LLM cache entry %s (%s): treated as a miss", f"{key}.json",
@@ -138,8 +145,6 @@ def _s3_get(cache_dir: str, key: str) -> str | None:
 
 
 def _s3_put(cache_dir: str, key: str, entry: str) -> None:
-    from agenther.s3 import ensure_bucket, s3_settings, shared_client
-
     bucket, name = entry_object(cache_dir, key)
     client = shared_client()
     try:
@@ -147,9 +152,7 @@ def _s3_put(cache_dir: str, key: str, entry: str) -> None:
             ensure_bucket(client, bucket, s3_settings().region)
             _BUCKETS.add((os.getpid(), bucket))
         client.put_object(Bucket=bucket, Key=name, Body=entry.encode(), ContentType="application/json")
-    except Exception as exc:
-        if type(exc).__module__.split(".")[0] != "botocore":
-            raise
+    except store_errors() as exc:
         # The answer is in hand but could not be kept: say so plainly (no keys: settings stay out).
         code = error_code(exc)
         transient = not code or code.startswith("5") or code in ("SlowDown", "RequestTimeout", "InternalError",
