@@ -99,14 +99,16 @@ def code_digest() -> str:
 
 
 def logs_digest(params: dict) -> str:
-    """sha256 of the log files ingest reads (their names under the input and their bytes)."""
-    from agenther.adapters import input_files
+    """sha256 of the log files ingest reads: their names under the input and their bytes; for
+    S3 objects their ETags and sizes (reading every object back to digest it would cost a
+    download per rerun, and a new upload gets a new ETag)."""
+    from agenther.adapters import log_input
 
-    root = Path(params["ingest"]["input"])
+    found = log_input(params["ingest"]["input"])
     h = hashlib.sha256()
-    for path in input_files(root):
-        name = path.name if path == root else str(path.relative_to(root))
-        h.update(f"{name}\0{file_digest(path)}\0".encode())
+    for f in found.files:
+        content = file_digest(f) if isinstance(f, Path) else f.signature
+        h.update(f"{found.name_of(f)}\0{content}\0".encode())
     return h.hexdigest()
 
 

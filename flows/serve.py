@@ -13,7 +13,8 @@ scripts/prefect-server.sh) and runs their flow runs as subprocesses of this proc
   hindsight/on-new-logs  triggered by each `agenther.logs.arrived` event: input = the new file,
                          out_dir = <out>/incoming/<file name>
   watch-logs/watch       every --watch-every seconds: emits `agenther.logs.arrived` for new
-                         files in --watch (flows/watch.py)
+                         files in --watch, a folder or an s3://bucket/prefix/ (flows/watch.py;
+                         S3 settings and keys from the environment: agenther/s3.py)
 
 prefect.yaml declares the same deployments for `prefect deploy --all` and a process worker.
 Relative paths are taken from the current folder; runs execute in the project root, where
@@ -30,13 +31,14 @@ from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
+from agenther.s3 import is_s3_url
 from flows.hindsight import hindsight
 from flows.watch import EVENT, RESOURCE_PREFIX, watch_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def deployments(params_file: Path, watch: Path, out: Path, cron: str | None = "0 3 * * *",
+def deployments(params_file: Path, watch: Path | str, out: Path, cron: str | None = "0 3 * * *",
                 interval: float | None = None, watch_every: float = 60.0,
                 watch_state: Path | None = None) -> list[RunnerDeployment]:
     base = {"params_file": str(params_file), "out_dir": str(out)}
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file for every hindsight run")
-    parser.add_argument("--watch", default="data/incoming", help="folder the watcher lists for new logs")
+    parser.add_argument("--watch", default="data/incoming", help="folder or s3://bucket/prefix/ the watcher lists for new logs")
     parser.add_argument("--out", default="out/prefect", help="output folder (new logs: <out>/incoming/<name>)")
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--cron", default="0 3 * * *", help="schedule of hindsight/scheduled (UTC)")
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=4, help="flow runs at once in this process")
     args = parser.parse_args(argv)
 
-    absolute = {name: Path(getattr(args, name)).resolve() for name in ("params", "watch", "out")}
+    absolute = {name: Path(getattr(args, name)).resolve() for name in ("params", "out")}
+    absolute["watch"] = args.watch if is_s3_url(args.watch) else Path(args.watch).resolve()
     os.chdir(ROOT)
     state = Path(args.watch_state).resolve() if args.watch_state else None
     serve(*deployments(absolute["params"], absolute["watch"], absolute["out"], cron=args.cron,

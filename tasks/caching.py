@@ -27,7 +27,7 @@ from typing import Any
 import polars as pl
 
 from agenther import prompts
-from agenther.adapters import input_files
+from agenther.adapters import log_input
 from agenther.params import RUNTIME_ONLY
 
 KEY_VERSION = "agenther-prefect-cache-v1"  # bump to invalidate every entry at once
@@ -62,14 +62,17 @@ def frame_digest(df: pl.DataFrame) -> str:
 
 
 def files_digest(path: str | Path) -> str:
-    """sha256 of the log files ingest would read under `path` (names, sizes and bytes)."""
-    root = Path(path)
-    if not root.exists():
-        return sha256("missing", str(root))  # ingest raises its own clear error
-    files = input_files(root)
+    """sha256 of the log files ingest would read under `path` (names, sizes and bytes; for S3
+    objects names, ETags and sizes: see agenther.workdir.logs_digest)."""
+    try:
+        found = log_input(path)
+    except (OSError, ValueError) as exc:
+        return sha256("unreadable", str(path), str(exc))  # ingest raises its own clear error
+    if not found.exists:
+        return sha256("missing", str(path))
     h = hashlib.sha256()
-    for f in files:
-        h.update(sha256(str(f.relative_to(root)) if f != root else f.name, f.read_bytes()).encode())
+    for f in found.files:
+        h.update(sha256(found.name_of(f), f.read_bytes() if isinstance(f, Path) else f.signature).encode())
     return h.hexdigest()
 
 

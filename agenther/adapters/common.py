@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agenther.s3 import S3Object
 from agenther.schema import ROLES
+
+# A log file: local, or an S3 object streamed from the store (same attributes an adapter uses).
+LogFile = Path | S3Object
 
 EXCERPT_CHARS = 200
 
@@ -55,7 +59,7 @@ def excerpt(raw: Any) -> str:
     return raw[:EXCERPT_CHARS]
 
 
-def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
+def iter_records(path: LogFile) -> Iterator[tuple[str, Any]]:
     """Yield (record_pointer, record) for every record of a file, or (pointer, Quarantined).
 
     JSONL is read line by line (streaming; a bad line is quarantined and reading goes on).
@@ -85,7 +89,7 @@ def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def convert_records(
-    path: Path, convert: Callable[[Any, Path, str], dict], label_pointer: bool = False
+    path: LogFile, convert: Callable[[Any, LogFile, str], dict], label_pointer: bool = False
 ) -> Iterator[dict | Quarantined]:
     """Every record of the file through `convert`; a RecordError quarantines that record only.
     `label_pointer`: prefix the reason with the record pointer (for formats whose reasons
@@ -101,7 +105,7 @@ def convert_records(
             yield Quarantined(str(path), pointer, f"{where}{exc}", excerpt(record))
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+def _iter_jsonl(path: LogFile) -> Iterator[tuple[str, Any]]:
     # Bytes, not text mode: one non-UTF-8 line must cost that line only, not the file.
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
@@ -123,7 +127,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 )
 
 
-def first_record(path: Path) -> Any:
+def first_record(path: LogFile) -> Any:
     """The first record of a file (None if it has none), reading as little as possible."""
     for _, record in iter_records(path):
         if not isinstance(record, Quarantined):

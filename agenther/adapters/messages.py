@@ -14,10 +14,10 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from agenther.adapters.common import (
+    LogFile,
     Quarantined,
     RecordError,
     canonical_messages,
@@ -152,7 +152,7 @@ def _optional(record: Any, dotted: str | None, resolved: Counter | None = None) 
     return value
 
 
-def read(path: Path, mapping: MessagesMapping | None = None) -> Iterator[dict | Quarantined]:
+def read(path: LogFile, mapping: MessagesMapping | None = None) -> Iterator[dict | Quarantined]:
     mapping = mapping or MessagesMapping()
     return convert_records(path, lambda record, p, pointer: convert(record, p, pointer, mapping), label_pointer=True)
 
@@ -170,7 +170,7 @@ def _turns(record: dict, mapping: MessagesMapping) -> tuple[Any, str, str, str]:
     raise RecordError(f"no list of turns at {mapping.messages_path!r} (nor 'messages'/'conversations')")
 
 
-def convert(record: Any, path: Path, pointer: str, mapping: MessagesMapping) -> dict:
+def convert(record: Any, path: LogFile, pointer: str, mapping: MessagesMapping) -> dict:
     if not isinstance(record, dict):
         raise RecordError(f"record is not an object (got {type_name(record)})")
     seen = mapping.resolved

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agenther.adapters.common import (
+    LogFile,
     Quarantined,
     RecordError,
     canonical_messages,
@@ -30,7 +31,7 @@ def looks_like(record: Any) -> bool:
     return isinstance(record, dict) and "traj" in record and "task_id" in record
 
 
-def read(path: Path) -> Iterator[dict | Quarantined]:
+def read(path: LogFile) -> Iterator[dict | Quarantined]:
     """One trajectory dict (or Quarantined) per record of the file."""
     return convert_records(path, convert)
 
@@ -50,7 +51,7 @@ def _dict(value: Any, field: str) -> dict:
     return value
 
 
-def convert(record: Any, path: Path, pointer: str) -> dict:
+def convert(record: Any, path: LogFile, pointer: str) -> dict:
     if not isinstance(record, dict):
         raise RecordError(f"record is not an object (got {type_name(record)})")
     task_id, trial = _int_like(record, "task_id"), _int_like(record, "trial")

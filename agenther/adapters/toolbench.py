@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from agenther.adapters.common import (
+    LogFile,
     Quarantined,
     RecordError,
     canonical_messages,
@@ -63,7 +63,7 @@ def looks_like(record: Any) -> bool:
     return isinstance(record, dict) and "answer_generation" in record
 
 
-def read(path: Path) -> Iterator[dict | Quarantined]:
+def read(path: LogFile) -> Iterator[dict | Quarantined]:
     return convert_records(path, convert)
 
 
@@ -84,7 +84,7 @@ def _count(value: Any, field: str) -> int | None:
     raise RecordError(f"{field}: expected an integer, got {type_name(value)}")
 
 
-def convert(record: Any, path: Path, pointer: str) -> dict:
+def convert(record: Any, path: LogFile, pointer: str) -> dict:
     if not isinstance(record, dict):
         raise RecordError(f"record is not an object (got {type_name(record)})")
     gen = parse_jsonish(record.get("answer_generation"), "answer_generation")

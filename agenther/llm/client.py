@@ -52,7 +52,7 @@ class LLMClient:
     api_base: str | None = None
     api_key: str | None = None  # never logged, never part of a cache key
     identity: str | None = None  # what the cache key calls this model (default: model)
-    cache_dir: Path | None = None
+    cache_dir: Path | str | None = None  # a folder, or s3://bucket/prefix (agenther/llm/cache.py)
     max_tokens: int = 384
     timeout_s: float = 120.0
     max_retries: int = 3

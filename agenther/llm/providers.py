@@ -7,8 +7,8 @@ import dataclasses
 import os
 import threading
 from contextlib import ExitStack
-from pathlib import Path
 
+from agenther.llm.cache import cache_location
 from agenther.llm.client import LLMClient
 from agenther.llm.limits import Budget, RateLimiter
 from agenther.llm.transport import call_litellm
@@ -124,7 +124,7 @@ class LLMs:
     def _client(self, model: str) -> LLMClient:
         p = self.params
         common = {
-            "cache_dir": Path(p["cache_dir"]) if p.get("cache_dir") else None,
+            "cache_dir": cache_location(p.get("cache_dir")),
             "max_tokens": p["max_tokens"],
             "timeout_s": p["timeout_s"],
             "max_retries": p["max_retries"],

@@ -1,4 +1,7 @@
-"""Ingest: agent logs (a file or a folder) -> the TRAJECTORY and QUARANTINE tables.
+"""Ingest: agent logs (a file or a folder, local or on S3) -> the TRAJECTORY and QUARANTINE tables.
+
+An s3:// input is an object or a prefix read as a folder; objects are streamed (agenther/s3.py
+S3Object), never held whole unless a JSON array file must be, as a local file is.
 
 Only whole-input problems raise (IngestError: missing path, unknown format, nothing to read).
 A bad record never raises: it lands in quarantine with its file, pointer and reason, and
@@ -13,8 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agenther.adapters import FORMATS, input_files, messages, tau_bench, toolbench
-from agenther.adapters.common import Quarantined, UnreadableFile, excerpt, first_record, iter_records
+from agenther.adapters import FORMATS, LogInput, log_input, messages, tau_bench, toolbench
+from agenther.adapters.common import LogFile, Quarantined, UnreadableFile, excerpt, first_record, iter_records
 from agenther.adapters.messages import MessagesMapping
 
 # A trajectory bigger than this is quarantined (params ingest.max_trajectory_mb): no model
@@ -60,7 +63,7 @@ class IngestReport:
                 "partial_paths": self.partial}
 
 
-def _detect_file(path: Path, mapping: MessagesMapping) -> str:
+def _detect_file(path: LogFile, mapping: MessagesMapping) -> str:
     try:
         record = first_record(path)  # JSONL: reads up to the first good line only
     except UnreadableFile as exc:
@@ -83,13 +86,11 @@ def _detect_file(path: Path, mapping: MessagesMapping) -> str:
 
 def detect_format(path: str | Path, mapping: MessagesMapping | None = None) -> str:
     """The format of a file ("tau-bench", "toolbench" or "messages"), or of a folder whose readable files agree."""
-    root, mapping = Path(path), mapping or MessagesMapping()
-    if not root.exists():
-        raise IngestError(f"input not found: {path}")
-    if root.is_file():
-        return _detect_file(root, mapping)
-    found: dict[str, Path] = {}
-    for f in input_files(root):
+    root, mapping = _resolve(path), mapping or MessagesMapping()
+    if root.single:
+        return _detect_file(root.files[0], mapping)
+    found: dict[str, LogFile] = {}
+    for f in root.files:
         try:
             found.setdefault(_detect_file(f, mapping), f)
         except IngestError:
@@ -100,7 +101,7 @@ def detect_format(path: str | Path, mapping: MessagesMapping | None = None) -> s
     return next(iter(found))
 
 
-def _read_file(path: Path, fmt: str, mapping: MessagesMapping) -> Iterator[dict | Quarantined]:
+def _read_file(path: LogFile, fmt: str, mapping: MessagesMapping) -> Iterator[dict | Quarantined]:
     if fmt == "auto":
         fmt = _detect_file(path, mapping)
     if fmt == "tau-bench":
@@ -132,14 +133,12 @@ def read_logs(
     is quarantined.
     """
     report = report if report is not None else IngestReport()
-    root, mapping = Path(path), mapping or MessagesMapping()
-    if not root.exists():
-        raise IngestError(f"input not found: {path}")
+    root, mapping = _resolve(path), mapping or MessagesMapping()
     if fmt not in ("auto", *FORMATS):
         raise IngestError(f"unknown format {fmt!r} (expected auto, {', '.join(FORMATS)})")
     if limit is not None and limit < 0:
         raise IngestError(f"limit must be >= 0, not {limit}")
-    files = input_files(root)
+    files = root.files
     if not files:
         raise IngestError(f"{path}: no .json or .jsonl files under it")
 
@@ -176,7 +175,7 @@ def read_logs(
                 if limit is not None and kept >= limit:
                     break
         except (IngestError, UnreadableFile) as exc:
-            if root.is_file():
+            if root.single:
                 raise IngestError(str(exc)) from exc
             # Inside a folder one unreadable file must not sink the others.
             with f.open("rb") as fh:
@@ -185,13 +184,24 @@ def read_logs(
         check_paths(report.mapping, report)
 
 
+def _resolve(path: str | Path) -> LogInput:
+    """The input's files (an S3 prefix is listed here); IngestError if there is no such input."""
+    try:
+        found = log_input(path)
+    except (OSError, ValueError) as exc:  # an unreachable store, a bucket we may not list, a bad URL
+        raise IngestError(str(exc)) from exc  # it names the input
+    if not found.exists:
+        raise IngestError(f"input not found: {path}")
+    return found
+
+
 def _content_digest(row: dict) -> str:
     """What a record says, apart from where it was read."""
     body = {k: v for k, v in row.items() if k not in ("source_file", "record_pointer")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _detected(files: list[Path], fmt: str, mapping: MessagesMapping, report: IngestReport) -> MessagesMapping:
+def _detected(files: list[LogFile], fmt: str, mapping: MessagesMapping, report: IngestReport) -> MessagesMapping:
     """The mapping with chat-log fields detected from the first records of the logs."""
     sample: list = []
     for f in files:

@@ -1,0 +1,152 @@
+"""The watcher on an S3 prefix, end to end: a real SeaweedFS, a real Prefect server and
+`python -m flows.serve --watch s3://...` (stopped and started again with the same state file),
+with LLM answers from the scripted server. Each new or changed object must give exactly one
+completed `hindsight/on-new-logs` run whose input is that object's URL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import ROOT, TAU
+from llm_server import FakeLLMServer, picky_brain
+from test_prefect import _try, flow_params, free_port, stop, wait_for  # also isolates this process's Prefect
+
+from agenther.devtools.seaweedfs import SeaweedFS
+from agenther.s3 import s3_client
+
+pytestmark = pytest.mark.slow  # real servers
+
+BUCKET, PREFIX = "incoming", "logs/"
+WATCHED = f"s3://{BUCKET}/{PREFIX}"
+
+
+class Watched:
+    """The servers, and `flows.serve` watching WATCHED, startable and stoppable."""
+
+    def __init__(self, root: Path, api: str, store: SeaweedFS, env: dict[str, str], params: Path):
+        self.root, self.api, self.store, self.env, self.params = root, api, store, env, params
+        self.out, self.logs = root / "out", [root / "server.log"]
+        self.serving: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = self.root / f"serve-{len(self.logs)}.log"
+        self.logs.append(log)
+        self.serving = subprocess.Popen(
+            [sys.executable, "-m", "flows.serve", "--params", str(self.params), "--watch", WATCHED,
+             "--out", str(self.out), "--watch-every", "8", "--limit", "3",
+             "--watch-state", str(self.root / "watch-state.json")],
+            env=self.env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.serving is not None:
+            stop(self.serving)
+            self.serving = None
+
+    def put(self, key: str, records: list) -> str:
+        s3_client(self.store.settings()).put_object(Bucket=BUCKET, Key=PREFIX + key, Body=json.dumps(records).encode())
+        return WATCHED + key
+
+    def runs(self, deployment: str) -> list:
+        from prefect.client.orchestration import SyncPrefectClient
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+        with SyncPrefectClient(self.api) as client:
+            d = client.read_deployment_by_name(deployment)
+            return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[d.id])))
+
+    def completed(self, deployment: str) -> list:
+        return [r for r in self.runs(deployment) if r.state and r.state.is_completed()]
+
+    def wait_completed(self, deployment: str, n: int, timeout_s: float = 300) -> list:
+        return wait_for(f"{n} completed run(s) of {deployment}",
+                        lambda: _try(lambda: (done := self.completed(deployment)) and len(done) >= n and done),
+                        timeout_s, self.logs, every_s=2)
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory) -> Iterator[Watched]:
+    root = tmp_path_factory.mktemp("watched")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_HOME": str(root / "server-home"),
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root}/server.db"}
+    server: subprocess.Popen | None = None
+    watched: Watched | None = None
+    with SeaweedFS(root / "s3") as store, FakeLLMServer(picky_brain) as llm:
+        s3_client(store.settings()).create_bucket(Bucket=BUCKET)
+        try:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                 "--analytics-off"], env=env, cwd=root, stdout=(root / "server.log").open("w"),
+                stderr=subprocess.STDOUT, start_new_session=True)
+            api = f"http://127.0.0.1:{port}/api"
+
+            def healthy() -> bool:
+                try:
+                    with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                        return r.status == 200
+                except OSError:
+                    return False
+
+            wait_for("the Prefect server to answer", healthy, 120, [root / "server.log"])
+            params = flow_params(root / "params.yaml", llm.api_base, root / "cache")
+            # The store's keys reach the watcher and its flow runs through the environment only.
+            serve_env = {k: v for k, v in env.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}
+            serve_env |= {"PREFECT_API_URL": api, "PREFECT_HOME": str(root / "serve-home"),
+                          "PREFECT_RUNNER_POLL_FREQUENCY": "2", "AGENTHER_S3_ENDPOINT": store.endpoint,
+                          "AWS_ACCESS_KEY_ID": store.access_key, "AWS_SECRET_ACCESS_KEY": store.secret_key}
+            watched = Watched(root, api, store, serve_env, params)
+            yield watched
+        finally:
+            if watched is not None:
+                watched.stop()
+            if server is not None:
+                stop(server)
+
+
+def test_each_object_uploaded_while_watching_or_stopped_triggers_exactly_one_run(watched):
+    records = json.loads(TAU.read_text())
+    watched.start()
+    first = watched.put("run-a.json", records[100:106])
+    runs = watched.wait_completed("hindsight/on-new-logs", 1)
+    assert [r.parameters["input"] for r in runs] == [first]
+    out = watched.out / "incoming" / "run-a"
+    assert runs[0].parameters["out_dir"] == str(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input"]["path"] == first  # the hindsight run read the object itself
+    assert summary["stages"]["ingest"]["in"] == 6 and summary["reconciliation"]["ok"]
+    trajectories = pl.read_parquet(out / "00_trajectories.parquet")
+    assert set(trajectories["source_file"]) == {first}
+
+    # Uploaded while nobody watches: found when the watcher is back, from the same state file.
+    watched.stop()
+    second = watched.put("day 2/run-b.json", records[106:110])
+    s3_client(watched.store.settings()).put_object(Bucket=BUCKET, Key=PREFIX + "notes.txt", Body=b"not a log")
+    watched.start()
+    runs = watched.wait_completed("hindsight/on-new-logs", 2)
+    assert sorted(r.parameters["input"] for r in runs) == sorted([first, second])
+    summary = json.loads((watched.out / "incoming" / "day-2-run-b" / "summary.json").read_text())
+    assert summary["input"]["path"] == second and summary["stages"]["ingest"]["in"] == 4
+
+    # A changed object (new ETag and size) is news once more.
+    watched.put("run-a.json", records[110:113])
+    runs = watched.wait_completed("hindsight/on-new-logs", 3)
+    assert sorted(r.parameters["input"] for r in runs) == sorted([first, first, second])
+    assert json.loads((out / "summary.json").read_text())["stages"]["ingest"]["in"] == 3
+
+    # Listed again unchanged, on later watcher runs: nothing more.
+    ticks = len(watched.completed("watch-logs/watch"))
+    watched.wait_completed("watch-logs/watch", ticks + 3)
+    assert len(watched.runs("hindsight/on-new-logs")) == 3
+    state = json.loads((watched.root / "watch-state.json").read_text())["seen"]
+    assert sorted(state) == sorted([first, second])
+    for text in [p.read_text(errors="replace") for p in watched.logs if p.exists()]:
+        assert watched.store.secret_key not in text
