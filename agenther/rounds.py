@@ -6,7 +6,7 @@ data/incoming). A round processes only what no earlier round of its lineage proc
     <root>/<lineage>/manifest.json      the rounds: counts, when, input, the files each read
                    /round-0001/         a run folder of the round's new trajectories only: the
                    /round-0002/ ...     stage tables and stats, the round's own exports and summary
-                   /published/          the union of every round, packaged as one run
+                   /published/          the union of every round, packaged as one run (+ manifest.json)
 
 - A **lineage** is what produces the data: the params hash (without `ingest.input` and
   `ingest.limit`, which say which logs, not how they are processed) and the prompt templates'
@@ -229,7 +229,9 @@ def _round(params: dict, folder: Path, lineage: dict, llms: LLMs, executor: Loca
         "checks": checks, "reconciled": all(checks.values()),
     }
     manifest["rounds"] = [*rounds, entry]
-    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    write_text_atomic(folder / PUBLISHED / MANIFEST, text)  # the union says which rounds it holds (pushed with it)
+    write_text_atomic(folder / MANIFEST, text)  # last: the round counts once it is in the lineage's manifest
     return RoundResult(lineage["id"], folder, number,
                        f"round {number}: {new} new trajectories ({skipped + skipped_q} skipped as seen), "
                        f"{counts['hindsight_samples']} hindsight samples; published: "

@@ -279,7 +279,7 @@ def test_rounds_of_the_flow_run_only_new_logs_through_the_tasks_and_push_each_ro
     # Each round and the union are versioned in S3 under the lineage.
     lineage = first["lineage"]
     assert {f"rounds/{lineage}/round-{n:04d}/{name}" for n in (1, 2) for name in ("summary.json", "01_classified.parquet")} <= keys
-    assert {f"rounds/{lineage}/published/{name}" for name in ("summary.json", "sft.jsonl")} <= keys
+    assert {f"rounds/{lineage}/published/{name}" for name in ("summary.json", "sft.jsonl", "manifest.json")} <= keys
     assert [p["url"] for p in second["pushed"]] == [f"s3://agenther/rounds/{lineage}/round-0002",
                                                     f"s3://agenther/rounds/{lineage}/published"]
     assert third["pushed"] == []

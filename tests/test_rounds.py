@@ -102,6 +102,7 @@ def test_rounds_process_only_new_logs_and_publish_the_union_of_a_single_run(roun
     assert round2_requests and not any(json.dumps(r["messages"], sort_keys=True) in day1_requests
                                        for r in round2_requests)
     assert len(round2_requests) == stats["llm"]["total"]["calls"]
+    assert stats["llm"]["total"]["cache_hits"] == 0  # day 1's runs again would be answered by the LLM cache
 
     # The union equals one run on all the logs (its own LLM cache: every answer asked again).
     single_params = write_params(tmp_path / "single.yaml", server, cache=tmp_path / "single-cache",
@@ -126,6 +127,9 @@ def test_rounds_process_only_new_logs_and_publish_the_union_of_a_single_run(roun
     assert summary["reconciliation"]["ok"], summary["reconciliation"]
     single_summary = json.loads((single / "summary.json").read_text())
     assert summary["stages"] == single_summary["stages"]
+    # and the two rounds asked the LLM exactly what the single run asked, no call more or less
+    assert round1_calls + len(round2_requests) == single_summary["llm"]["total"]["calls"]
+    assert summary["llm"]["total"]["calls"] == round1_calls + len(round2_requests)
 
     # `agenther rounds` lists the lineage with both rounds and their counts.
     capsys.readouterr()
