@@ -140,6 +140,9 @@ class RoundResult:
 def run_round(params: dict, root: str | Path, llms: LLMs, executor: LocalExecutor = LOCAL,
               fuse: bool = False) -> RoundResult:
     """One round on `params["ingest"]["input"]` under `root` (see the module docstring)."""
+    source = Path(params["ingest"]["input"])
+    if not source.exists():  # before any folder is made for it
+        raise IngestError(f"input not found: {source}")
     lineage = lineage_of(params)
     folder = Path(root) / lineage["id"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -157,10 +160,10 @@ def _round(params: dict, folder: Path, lineage: dict, llms: LLMs, executor: Loca
     started, started_at = time.monotonic(), _now()
 
     source = Path(params["ingest"]["input"])
-    if not source.exists():
-        raise IngestError(f"input not found: {source}")
     known = {path: digest for r in rounds for path, digest in r["files"].items()}
     digests = {f: file_digest(f) for f in input_files(source)}
+    if not digests:
+        raise IngestError(f"{source}: no .json or .jsonl files under it")
     todo = [f for f, d in digests.items() if known.get(str(f.resolve())) != d]
     if not todo:
         return RoundResult(lineage["id"], folder, None, f"no new or changed log files in {source} "

@@ -173,3 +173,33 @@ def _params(path: Path) -> dict:
     from agenther.params import load_params
 
     return load_params(path)
+
+
+def test_a_changed_file_is_read_again_and_only_its_new_or_corrected_runs_make_the_round(rounds):
+    records = json.loads(TAU.read_text())[:12]
+    broken = {"task_id": 99, "trial": 0, "reward": "high", "info": {}, "traj": []}  # quarantined: reward
+    _write_day(rounds.incoming, "day1", [records[0], broken, *records[1:10]])
+    code, first = rounds.run_round()
+    assert code == 0 and (first["new_trajectories"], first["quarantined"]) == (10, 1)
+
+    # The same file, rewritten: run 0 corrected (same id, other content), two runs appended; the
+    # broken record is still there.
+    corrected = json.loads(json.dumps(records[0]))
+    user = next(m for m in corrected["traj"] if m["role"] == "user")
+    user["content"] += " Thanks!"
+    _write_day(rounds.incoming, "day1", [corrected, broken, *records[1:12]])
+    code, second = rounds.run_round()
+    assert code == 0 and second["reconciled"], second
+    # 13 records read: run 0 (corrected) and the two appended are new; 9 runs and the broken record
+    # were seen by round 1
+    assert (second["records_read"], second["new_trajectories"], second["skipped_seen"], second["quarantined"]) \
+        == (13, 3, 10, 0)
+    folder = Path(second["folder"])
+    published = pl.read_parquet(folder / PUBLISHED / TABLES["classified"])
+    assert published.height == 12 and published["id"].n_unique() == 12  # the corrected run once
+    (run0,) = published.filter(pl.col("id").str.ends_with("/task0-trial0")).to_dicts()
+    assert any("Thanks!" in (m["content"] or "") for m in run0["messages"])  # its latest version
+    assert pl.read_parquet(folder / PUBLISHED / TABLES["quarantine"]).height == 1
+    summary = json.loads((folder / PUBLISHED / "summary.json").read_text())
+    assert summary["reconciliation"]["ok"], summary["reconciliation"]
+    assert summary["stages"]["ingest"]["out"] == 12
