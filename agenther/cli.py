@@ -35,6 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "--map roles.human=user")
     run.add_argument("-v", "--verbose", action="store_true")
 
+    one_round = sub.add_parser("round", help="one incremental round: only logs no earlier round of this lineage "
+                                              "processed, then the union of rounds published (agenther/rounds.py)")
+    one_round.add_argument("--input", help="log file or folder (default: params ingest.input)")
+    one_round.add_argument("--root", required=True, help="rounds root: <root>/<lineage>/round-NNNN, published/")
+    one_round.add_argument("--format", choices=FORMATS, help="log format (default: params ingest.format)")
+    one_round.add_argument("--limit", type=int, help="only the first N trajectories of the new files")
+    one_round.add_argument("--params", help="params.yaml (default: built-in defaults)")
+    one_round.add_argument("--model", help="litellm model for relabeling, or 'local'")
+    one_round.add_argument("--judge-model", help="litellm model for the evidence judge")
+    one_round.add_argument("--api-base", help="OpenAI-compatible endpoint for --model")
+    one_round.add_argument("--map", action="append", default=[], metavar="KEY=VALUE", help="as for run")
+    one_round.add_argument("--push-url", help="upload the round and the union to <url>/<lineage>/round-NNNN and "
+                                              "<url>/<lineage>/published (S3 settings from the environment)")
+    one_round.add_argument("-v", "--verbose", action="store_true")
+
+    rounds = sub.add_parser("rounds", help="list the lineages under a rounds root and their rounds with counts")
+    rounds.add_argument("--root", default="data/rounds", help="rounds root (default: data/rounds, as dvc.yaml)")
+    rounds.add_argument("--json", action="store_true", help="the manifests as JSON")
+
     stage = sub.add_parser("stage", help="run one stage, file to file (what dvc.yaml calls)")
     stage.add_argument("name", help="ingest | classify | extract | relabel | verify | package")
     stage.add_argument("--params", default="params.yaml")
@@ -104,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return s3_cli.run(args)
     if args.command == "review":
         return _review(args)
+    if args.command == "rounds":
+        return _rounds(args)
     with stopping.on_signals():
         try:
             return _main(args)
@@ -126,6 +147,8 @@ def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "stage":
             return _stage(args, load_params(args.params))
+        if args.command == "round":
+            return _round(args, load_params(args.params, _overrides(args)))
         if args.command == "inspect":
             from agenther.inspect import inspect_logs, print_report
 
@@ -174,6 +197,34 @@ def _stage(args: argparse.Namespace, params: dict) -> int:
     if args.name == "package":
         result = {"gates": result["gates"], "reconciled": result["reconciliation"]["ok"]}
     print(json.dumps({args.name: result}, sort_keys=True))
+    return 0
+
+
+def _round(args: argparse.Namespace, params: dict) -> int:
+    from agenther.llm import LLMs
+    from agenther.pipeline import fuse_relabel_verify
+    from agenther.rounds import push_targets, run_round
+
+    with LLMs.from_params(params) as llms:
+        result = run_round(params, args.root, llms, fuse=fuse_relabel_verify(llms))
+    print(f"agenther round: {result.message}", file=sys.stderr)
+    pushed = []
+    if args.push_url:
+        from agenther.s3 import push_dir
+
+        for local, url in push_targets(result, args.push_url):
+            pushed.append({"url": url, "objects": len(push_dir(local, url))})
+    print(json.dumps({"lineage": result.lineage, "round": result.round, "folder": str(result.folder),
+                      **result.entry.get("counts", {}), "published": result.entry.get("published"),
+                      "reconciled": result.reconciled, "pushed": pushed}, indent=2))
+    return 0 if result.reconciled else 1
+
+
+def _rounds(args: argparse.Namespace) -> int:
+    from agenther.rounds import format_rounds, list_lineages
+
+    lineages = list_lineages(args.root)
+    print(json.dumps(lineages, indent=2) if args.json else format_rounds(lineages))
     return 0
 
 

@@ -134,12 +134,13 @@ class LocalExecutor:
 LOCAL = LocalExecutor()
 
 
-def ingest_tables(params: dict, work: Path) -> dict:
-    """The logs into the trajectories and quarantine tables, `io.batch_rows` records at a time."""
+def ingest_tables(params: dict, work: Path, files: list[Path] | None = None) -> dict:
+    """The logs into the trajectories and quarantine tables, `io.batch_rows` records at a time
+    (`files`: only these files of the input, as agenther/rounds.py reads the new ones)."""
     ingest, p = _stage_module("ingest"), params["ingest"]
     report = ingest.IngestReport()
     logs = ingest.read_logs(p["input"], fmt=p["format"], mapping=ingest.MessagesMapping.from_params(p["messages"] or {}),
-                            limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"], report=report)
+                            limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"], report=report, files=files)
     size = params["io"]["batch_rows"]
     pending: dict[str, list[dict]] = {"trajectories": [], "quarantine": []}
     with (TableWriter(Path(work) / TABLES["trajectories"], schema.TRAJECTORY) as good,

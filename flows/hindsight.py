@@ -8,6 +8,8 @@ the same tables, stats and stamps: a stage that is up to date is skipped), with 
 cached, retried Prefect task (tasks/stages.py). `params_file` gives every parameter;
 the other arguments override the main knobs (None = as in the file). Outputs default to
 out/prefect (git-ignored), apart from data/interim and data/processed, which `dvc repro` owns.
+With `rounds_root`, a run is an incremental round instead (agenther/rounds.py): only the logs no
+earlier round of the lineage processed go through the stages, and the union is published.
 
     .venv/bin/python -m flows.hindsight --limit 20     # one run from a shell (temporary local API)
 """
@@ -23,6 +25,7 @@ from prefect.runtime import flow_run
 
 from agenther.llm import LLMs
 from agenther.params import load_params, params_hash
+from agenther.rounds import push_targets, run_round
 from agenther.runner import run_stage
 from tasks import stages
 
@@ -62,13 +65,17 @@ def hindsight(
     out_dir: str = "out/prefect",
     work_dir: str | None = None,
     push_url: str | None = None,
+    rounds_root: str | None = None,
 ) -> dict:
     """Relabel the failed runs in `input` into training data in `out_dir` (stage tables in
     `work_dir`, default `out_dir`, as with `agenther run`); upload `out_dir` to `push_url`
-    (e.g. s3://agenther/datasets) when given."""
+    (e.g. s3://agenther/datasets) when given. With `rounds_root`: one incremental round under it
+    instead (out_dir and work_dir unused), pushed to <push_url>/<lineage>/round-NNNN and published/."""
     params = load_params(params_file, overrides(
         input=input, format=format, limit=limit, model=model, judge_model=judge_model, api_base=api_base,
         confidence_threshold=confidence_threshold, policy=policy, batch_size=batch_size))
+    if rounds_root:
+        return _round(params, Path(rounds_root), push_url)
     out = Path(out_dir)
     work = Path(work_dir) if work_dir else out
     work.mkdir(parents=True, exist_ok=True)
@@ -103,10 +110,26 @@ def hindsight(
     return summary
 
 
+def _round(params: dict, root: Path, push_url: str | None) -> dict:
+    """One round (agenther.rounds.run_round) with the stages' batches as Prefect tasks; each
+    round's outputs pushed by the push task."""
+    with LLMs.from_params(params) as llms:
+        result = run_round(params, root, llms, stages.PrefectExecutor())
+    print(result.message)
+    pushed = [{"url": url, "objects": len(stages.push(local, url, params))}
+              for local, url in push_targets(result, push_url)] if push_url else []
+    if not result.reconciled:
+        failed = [name for name, ok in result.entry["checks"].items() if not ok]
+        get_run_logger().error("counts did not reconcile: %s", failed)
+        raise RuntimeError(f"counts did not reconcile: {failed}")
+    return {"lineage": result.lineage, "round": result.round, "folder": str(result.folder),
+            "message": result.message, **result.entry, "pushed": pushed}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.hindsight", description=hindsight.__doc__)
     parser.add_argument("--params", dest="params_file", default="params.yaml")
-    for name in ("input", "format", "model", "judge_model", "api_base", "policy", "work_dir", "push_url"):
+    for name in ("input", "format", "model", "judge_model", "api_base", "policy", "work_dir", "push_url", "rounds_root"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name)
     parser.add_argument("--limit", type=int)
     parser.add_argument("--batch-size", type=int, dest="batch_size")

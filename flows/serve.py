@@ -9,9 +9,10 @@ scripts/prefect-server.sh) and runs their flow runs as subprocesses of this proc
 
   hindsight/manual       no schedule: start it from the UI (Deployments > hindsight > manual >
                          Run, parameters editable there) or `prefect deployment run hindsight/manual`
-  hindsight/scheduled    on --cron (default 03:00 UTC daily) or every --interval seconds
-  hindsight/on-new-logs  triggered by each `agenther.logs.arrived` event: input = the new file,
-                         out_dir = <out>/incoming/<file name>
+  hindsight/scheduled    on --cron (default 03:00 UTC daily) or every --interval seconds: an
+                         incremental round under --rounds (only logs no earlier round processed)
+  hindsight/on-new-logs  triggered by each `agenther.logs.arrived` event: a round on the new file
+                         (--rounds; `--rounds ""`: a plain run, out_dir = <out>/incoming/<file name>)
   watch-logs/watch       every --watch-every seconds: emits `agenther.logs.arrived` for new
                          files in --watch, a folder or an s3://bucket/prefix/ (flows/watch.py;
                          S3 settings and keys from the environment: agenther/s3.py)
@@ -40,8 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def deployments(params_file: Path, watch: Path | str, out: Path, cron: str | None = "0 3 * * *",
                 interval: float | None = None, watch_every: float = 60.0,
-                watch_state: Path | None = None) -> list[RunnerDeployment]:
+                watch_state: Path | None = None, rounds: Path | None = None) -> list[RunnerDeployment]:
     base = {"params_file": str(params_file), "out_dir": str(out)}
+    rounds_base = base | ({"rounds_root": str(rounds)} if rounds else {})  # agenther/rounds.py
     schedule = {"interval": interval} if interval else {"cron": cron}
     new_logs = DeploymentEventTrigger(
         name="agenther: new logs -> hindsight",
@@ -53,9 +55,9 @@ def deployments(params_file: Path, watch: Path | str, out: Path, cron: str | Non
     return [
         hindsight.to_deployment(name="manual", parameters=base, tags=["agenther"],
                                 description="Start by hand (UI or `prefect deployment run hindsight/manual`)."),
-        hindsight.to_deployment(name="scheduled", parameters=base, tags=["agenther"], **schedule,
+        hindsight.to_deployment(name="scheduled", parameters=rounds_base, tags=["agenther"], **schedule,
                                 description="The configured input on a schedule; cached batches make reruns cheap."),
-        hindsight.to_deployment(name="on-new-logs", parameters=base, tags=["agenther"], triggers=[new_logs],
+        hindsight.to_deployment(name="on-new-logs", parameters=rounds_base, tags=["agenther"], triggers=[new_logs],
                                 description=f"One run per `{EVENT}` event (flows/watch.py)."),
         # Overlapping watcher runs are kept apart by a file lock (flows/watch.py), not a
         # deployment concurrency limit: a killed run would hold that slot and silence the watcher.
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file for every hindsight run")
     parser.add_argument("--watch", default="data/incoming", help="folder or s3://bucket/prefix/ the watcher lists for new logs")
     parser.add_argument("--out", default="out/prefect", help="output folder (new logs: <out>/incoming/<name>)")
+    parser.add_argument("--rounds", help="rounds root of the scheduled and new-logs runs (default <out>/rounds; "
+                                         "\"\": plain runs that reprocess their whole input)")
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--cron", default="0 3 * * *", help="schedule of hindsight/scheduled (UTC)")
     when.add_argument("--interval", type=float, help="run hindsight/scheduled every N seconds instead")
@@ -83,8 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     absolute["watch"] = args.watch if is_s3_url(args.watch) else Path(args.watch).resolve()
     os.chdir(ROOT)
     state = Path(args.watch_state).resolve() if args.watch_state else None
+    rounds = absolute["out"] / "rounds" if args.rounds is None else Path(args.rounds).resolve() if args.rounds else None
     serve(*deployments(absolute["params"], absolute["watch"], absolute["out"], cron=args.cron,
-                       interval=args.interval, watch_every=args.watch_every, watch_state=state), limit=args.limit)
+                       interval=args.interval, watch_every=args.watch_every, watch_state=state, rounds=rounds),
+          limit=args.limit)
 
 
 if __name__ == "__main__":

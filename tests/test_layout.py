@@ -13,17 +13,25 @@ from agenther.workdir import STAGES
 from tasks.caching import agenther_imports, agenther_modules, module_file
 
 
-def stage_code(stage: str) -> set[str]:
-    """The .py files `agenther stage <stage>` runs: the runner and the stage's module, every agenther
-    module they import (inside functions too), and the packages those live in."""
-    names = set(agenther_modules("agenther.runner", f"agenther.stages.{stage}"))
+def code_of(*modules: str) -> set[str]:
+    """The .py files of `modules`, every agenther module they import (inside functions too), and
+    the packages those live in."""
+    names = set(agenther_modules(*modules))
     names |= {name.rsplit(".", depth)[0] for name in names for depth in range(1, name.count(".") + 1)}
     return {str(module_file(name).relative_to(ROOT)) for name in names}
 
 
-def dvc_code_deps(stage: str) -> set[str]:
-    """The .py files a dvc.yaml stage lists as deps (a listed folder stands for its .py files)."""
-    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
+def stage_code(stage: str) -> set[str]:
+    """The .py files `agenther stage <stage>` runs: the runner and the stage's module, and their imports."""
+    return code_of("agenther.runner", f"agenther.stages.{stage}")
+
+
+def dvc_code_deps(stage: str, pipeline: str = "dvc.yaml") -> set[str]:
+    """The .py files a dvc.yaml stage lists as deps (a listed folder stands for its .py files;
+    paths are relative to the stage's wdir)."""
+    spec = yaml.safe_load((ROOT / pipeline).read_text())["stages"][stage]
+    assert ((ROOT / pipeline).parent / spec.get("wdir", ".")).resolve() == ROOT  # its paths: from the project root
+    deps = spec["deps"]
     files: set[str] = set()
     for dep in deps:
         path = ROOT / dep
@@ -39,6 +47,15 @@ def test_dvc_yaml_lists_exactly_the_code_each_stage_runs():
         expected, listed = stage_code(stage), dvc_code_deps(stage)
         assert listed == expected, (f"dvc.yaml stage {stage}: missing {sorted(expected - listed)}, "
                                     f"not imported {sorted(listed - expected)}")
+
+
+def test_the_rounds_pipeline_lists_exactly_the_code_a_round_runs():
+    # `agenther round`: agenther.rounds, which runs every stage (the runner imports them by name)
+    expected = code_of("agenther.rounds", *(f"agenther.stages.{stage}" for stage in STAGES))
+    listed = dvc_code_deps("rounds", "rounds/dvc.yaml")
+    assert "agenther/rounds.py" in listed
+    assert listed == expected, (f"rounds/dvc.yaml: missing {sorted(expected - listed)}, "
+                                f"not imported {sorted(listed - expected)}")
 
 
 def import_graph() -> dict[str, set[str]]:

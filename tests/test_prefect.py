@@ -248,6 +248,43 @@ def test_push_uploads_the_outputs_under_params_hash_and_run_id(tmp_path, fake_ll
     assert len(keys) == summary["pushed"]["objects"]
 
 
+def test_rounds_of_the_flow_run_only_new_logs_through_the_tasks_and_push_each_round(tmp_path, fake_llm, monkeypatch):
+    records = json.loads(TAU.read_text())
+    incoming = tmp_path / "incoming"
+
+    def land(day: str, part: slice) -> None:
+        (incoming / day).mkdir(parents=True)
+        (incoming / day / "gpt-4o-airline.json").write_text(json.dumps(records[part]))
+
+    params = flow_params(tmp_path / "params.yaml", fake_llm.api_base, tmp_path / "cache",
+                         ingest={"input": str(incoming), "limit": None})
+    root, states = tmp_path / "rounds", []
+    with SeaweedFS(tmp_path / "s3") as store:
+        monkeypatch.setenv("AGENTHER_S3_ENDPOINT", store.endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", store.access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", store.secret_key)
+        for day, part in (("day1", slice(0, 8)), ("day2", slice(50, 58)), (None, None)):  # then nothing new
+            if day:
+                land(day, part)
+            states.append(hindsight(params_file=str(params), rounds_root=str(root), push_url="s3://agenther/rounds",
+                                    return_state=True))
+        keys = set(list_keys("s3://agenther/rounds", store.settings()))
+    assert all(state.is_completed() for state in states), states
+    first, second, third = (state.result() for state in states)
+    assert (first["round"], second["round"], third["round"]) == (1, 2, None)
+    assert second["counts"]["new_trajectories"] == 8 and second["reconciled"]
+    # Round 2's stage tasks got the 8 new records only: one batch of 8 per stage.
+    names = [r.name for r in task_runs_of(states[1].state_details.flow_run_id)]
+    assert [n for n in names if stage_of(n) == "classify"] == ["classify[0:8]"]
+    # Each round and the union are versioned in S3 under the lineage.
+    lineage = first["lineage"]
+    assert {f"rounds/{lineage}/round-{n:04d}/{name}" for n in (1, 2) for name in ("summary.json", "01_classified.parquet")} <= keys
+    assert {f"rounds/{lineage}/published/{name}" for name in ("summary.json", "sft.jsonl", "manifest.json")} <= keys
+    assert [p["url"] for p in second["pushed"]] == [f"s3://agenther/rounds/{lineage}/round-0002",
+                                                    f"s3://agenther/rounds/{lineage}/published"]
+    assert third["pushed"] == []
+
+
 # -- deployments on a real local server ---------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -341,9 +378,12 @@ def served(tmp_path_factory) -> Iterator[Served]:
 def test_interval_deployment_creates_and_completes_a_flow_run(served):
     runs = wait_for("a completed run of hindsight/scheduled",
                     lambda: _try(lambda: served.completed("hindsight/scheduled")), 180, served.logs, every_s=2)
-    summary = json.loads((served.out / "summary.json").read_text())
+    # a round (agenther/rounds.py) under <out>/rounds: the configured input's 12 records, all new
+    assert runs[0].parameters["rounds_root"] == str(served.out / "rounds")
+    (first,) = served.out.glob("rounds/*/round-0001")
+    summary = json.loads((first / "summary.json").read_text())
     assert summary["stages"]["ingest"]["in"] == 12 and summary["reconciliation"]["ok"]
-    assert runs[0].parameters["out_dir"] == str(served.out)
+    assert json.loads((first.parent / "published/summary.json").read_text())["reconciliation"]["ok"]
     assert served.llm.requests, "the served run asked the test LLM"
 
 
@@ -356,9 +396,11 @@ def test_a_new_log_file_triggers_a_run_on_that_file(served):
     runs = wait_for("a completed run of hindsight/on-new-logs",
                     lambda: _try(lambda: served.completed("hindsight/on-new-logs")), 180, served.logs, every_s=2)
     assert runs[0].parameters["input"] == str(dropped.resolve())
-    out = served.out / "incoming" / "batch-7"
-    assert runs[0].parameters["out_dir"] == str(out)
-    summary = json.loads((out / "summary.json").read_text())
+    # A round on that file only, after the scheduled round(s) of the same lineage: its 6 records, all new.
+    (manifest,) = served.out.glob("rounds/*/manifest.json")
+    (latest,) = [r for r in json.loads(manifest.read_text())["rounds"] if r["input"] == str(dropped.resolve())]
+    assert latest["round"] >= 2 and latest["counts"]["new_trajectories"] == 6 and latest["reconciled"]
+    summary = json.loads((manifest.parent / f"round-{latest['round']:04d}/summary.json").read_text())
     assert summary["input"]["path"] == str(dropped.resolve())
     assert summary["stages"]["ingest"]["in"] == 6 and summary["reconciliation"]["ok"]
     assert len(served.runs("hindsight/on-new-logs")) == 1  # one file, one event, one run

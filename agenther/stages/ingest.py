@@ -118,6 +118,7 @@ def read_logs(
     limit: int | None = None,
     max_trajectory_mb: float | None = DEFAULT_MAX_TRAJECTORY_MB,
     report: IngestReport | None = None,
+    files: list[Path] | None = None,
 ) -> Iterator[dict | Quarantined]:
     """Every raw record of a file or a folder (*.json / *.jsonl, recursive, sorted), in reading
     order: a trajectory row (schema.TRAJECTORY) or a Quarantined row. One record at a time
@@ -130,7 +131,8 @@ def read_logs(
     A later record with an id already seen is a trial of the same task when its content differs
     (kept, id suffixed #2, #3, ...) and a repeat when it is the same (dropped, counted in `report`).
     A trajectory whose text (contents, tool arguments, tool schemas) exceeds `max_trajectory_mb`
-    is quarantined.
+    is quarantined. `files`: read only these of the input's files (a round reads the new and changed
+    ones: agenther/rounds.py), in the input's reading order.
     """
     report = report if report is not None else IngestReport()
     root, mapping = _resolve(path), mapping or MessagesMapping()
@@ -138,9 +140,15 @@ def read_logs(
         raise IngestError(f"unknown format {fmt!r} (expected auto, {', '.join(FORMATS)})")
     if limit is not None and limit < 0:
         raise IngestError(f"limit must be >= 0, not {limit}")
-    files = root.files
-    if not files:
+    all_files = root.files
+    if not all_files:
         raise IngestError(f"{path}: no .json or .jsonl files under it")
+    if files is not None:
+        chosen = set(files)  # Paths or S3Objects, as the input lists them
+        if not chosen <= set(all_files):
+            raise IngestError(f"{sorted(map(str, chosen - set(all_files)))[0]}: not a log file under {path}")
+        all_files = [f for f in all_files if f in chosen]
+    files = all_files
 
     if fmt in ("auto", messages.FORMAT):
         mapping = _detected(files, fmt, mapping, report)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import polars as pl
@@ -26,7 +27,10 @@ from agenther.workdir import read_stats, write_text_atomic
 LLM_STAGES = ("classify", "extract", "relabel", "verify")
 
 
-def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
+def package_run(params: dict, work: Path, out: Path, llms: LLMs, round_of: Mapping[str, int] | None = None) -> dict:
+    """Package the work folder's accepted samples into `out` and write the run's summary.
+    `round_of` (trajectory id -> round; agenther/rounds.py publishing the union of rounds): each
+    sample's metadata also says the round that made it."""
     classified_path = gate_table(work, "classified", params)  # big: read in batches
     verified = read_table(work, "verified", params)  # small: one row per judged relabel
     lineage = {
@@ -36,7 +40,7 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs) -> dict:
         "prompt_hashes": prompts.all_hashes(),
     }
     packaged = export_samples(verified.filter(pl.col("verified")), classified_path, params["package"], lineage, out,
-                              batch_rows(params), tokenizer_model=params["llm"].get("local_model"))
+                              batch_rows(params), tokenizer_model=params["llm"].get("local_model"), round_of=round_of)
     rejected = pl.concat([read_table(work, f"{s}_rejected", params) for s in ("extract", "relabel", "verify")]
                          + [packaged.rejections])
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")

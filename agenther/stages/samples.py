@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,14 +313,17 @@ Batches = Callable[..., Iterable[pl.DataFrame]]  # batches(columns=None): the ta
 
 
 def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict, lineage: dict,
-                 batch_rows: int = DEFAULT_BATCH_ROWS) -> tuple[pl.DataFrame, dict]:
+                 batch_rows: int = DEFAULT_BATCH_ROWS, round_of: Mapping[str, int] | None = None,
+                 ) -> tuple[pl.DataFrame, dict]:
     """package() over a `classified` table read in batches, rows to `sink.add(file, row)`.
 
     Memory is bounded by a batch, not by the table: accepted relabels are few (one per judged
     LLM answer) and held whole; `classified` is read three times: its light columns (which
     tasks can pair), then batch by batch (successes go straight out; rows of tasks that can
     pair are spilled to Parquet buckets of about `batch_rows` rows, whole tasks per bucket),
-    then bucket by bucket for the preference pairs. Returns (rejections, counts)."""
+    then bucket by bucket for the preference pairs. Returns (rejections, counts).
+    `round_of` (trajectory id -> round, when packaging the union of rounds): every row's metadata
+    gets `round`, the latest round of the runs it holds (a pair exists once both runs have arrived)."""
     p = DEFAULTS | (params or {})
     if p["dpo_pairs"] not in PAIR_LEVELS:
         raise ValueError(f"package.dpo_pairs must be one of {PAIR_LEVELS}, not {p['dpo_pairs']!r}")
@@ -336,6 +339,9 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
     by_id = {r["id"]: r for r in rows}
 
     def emit(name: str, row: dict) -> None:
+        if round_of is not None:
+            meta = row["metadata"]
+            meta["round"] = max(round_of[meta[k]] for k in ("trajectory_id", "chosen_id", "rejected_id") if meta.get(k))
         if name == "sharegpt.jsonl":
             counts["sharegpt_assistant_text_dropped"] += row["metadata"]["assistant_text_dropped"]
         sink.add(name, row)
@@ -571,14 +577,15 @@ def _append_valid(
 
 def export_samples(verified: pl.DataFrame, classified: Path, params: dict, lineage: dict, out: Path,
                    batch_rows: int = DEFAULT_BATCH_ROWS, tokenizer_model: str | None = None,
-                   measure_tokens: bool = True) -> Exported:
+                   measure_tokens: bool = True, round_of: Mapping[str, int] | None = None) -> Exported:
     """The package stage's product: `package_into` over the classified table at `classified`
     (read in batches), its rows written to the export files in `out` (sorted by sample id,
     bounded memory: SortedJsonlSink), then the token lengths of the TRL files measured with the
-    local model's tokenizer (`tokenizer_model`, else the first one installed)."""
+    local model's tokenizer (`tokenizer_model`, else the first one installed). `round_of`: package_into."""
     sink = SortedJsonlSink(out, batch_rows)
     rejections, counts = package_into(
-        sink, verified, lambda columns=None: iter_batches(classified, batch_rows, columns), params, lineage, batch_rows)
+        sink, verified, lambda columns=None: iter_batches(classified, batch_rows, columns), params, lineage, batch_rows,
+        round_of)
     digests = sink.close()
     lengths = measure_lengths(Path(out), digests, tokenizer_model) if measure_tokens else {
         "tokenizer": None, "not_measured": "not asked"}
