@@ -158,6 +158,7 @@ class Tools:
     _kinds: dict[str, Kind] = field(default_factory=dict, repr=False, compare=False)
     _requests: dict[tuple, tuple[frozenset[str], frozenset[str]]] = field(default_factory=dict, repr=False,
                                                                            compare=False)
+    _sentences: dict[str, list[list[str]]] = field(default_factory=dict, repr=False, compare=False)  # text -> words
 
     @classmethod
     def of(cls, tools_json: str | None, params: dict | None = None) -> Tools:
@@ -223,8 +224,10 @@ class Tools:
     def requested(self, name: str, text: str, all_writes: Iterable[str]) -> bool:
         """Does one sentence of `text` ask for (or speak of) a `name` write?"""
         verbs, objects = self.request_words(name, all_writes)
-        for sentence in SENTENCE.split(text):
-            tokens = words(sentence)
+        sentences = self._sentences.get(text)
+        if sentences is None:  # one text is asked about every write tool in turn
+            sentences = self._sentences[text] = [words(sentence) for sentence in SENTENCE.split(text)]
+        for tokens in sentences:
             if verbs.intersection(tokens) and (not objects or mentions(tokens, objects)):
                 return True
         return False
