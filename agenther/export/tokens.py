@@ -7,12 +7,14 @@ rendered with the chat template the way transformers renders it (trim_blocks, ls
 `messages` + `tools`; preference rows as prompt + chosen and prompt + rejected (DPO's `max_length`
 bounds the pair's longer side).
 
-Tokenizing is the slow part (llama.cpp's BPE runs at ~0.3 MB/s here, and a tau-bench row is ~22 kB
-of which ~16 kB is the same policy and tool schemas in every row). llama.cpp splits a text at its
-special tokens first and tokenizes each piece on its own, so the count of a row is the count of its
-special tokens plus the counts of the pieces between them: the pieces between the template's turn
-markers (ChatML's `<|im_start|>` / `<|im_end|>`) are counted once per distinct text (a bounded
-cache keyed by their digest) and the system turn shared by every row is tokenized once per run.
+Tokenizing is the slow part (llama.cpp's BPE: ~12 ms of CPU for a ~22 kB tau-bench row, ~16 kB of
+which is the same policy and tool schemas in every row). llama.cpp splits a text at its special
+tokens first and tokenizes each piece on its own, so the count of a row is the count of its special
+tokens plus the counts of the pieces between them: the text is split at the template's turn markers
+that the vocabulary parses as one special token (ChatML's `<|im_start|>` / `<|im_end|>`), and each
+piece is counted once per distinct text (a bounded cache keyed by its digest): the system turn
+shared by every row is tokenized once per run (tests/test_exports.py checks the sum against
+llama.cpp's count of the whole text).
 
 `max_length` is what the card's loading snippets set: the longest row plus a margin for tokenizer
 differences, rounded up to a multiple of 128, so that no sample is cut.
