@@ -23,17 +23,18 @@ import json
 from pathlib import Path
 
 STAGES = ("ingest", "classify", "extract", "package")
-# bench/stages_scale.py, this branch, 10,000 synthetic tau-bench records (bench/README.md, "Per-core
-# speed"): CPU-seconds per stage (time.process_time), bytes of the JSONL input and of the exports.
+# bench/stages_scale.py --sizes 100000 --json, this branch, 100,000 synthetic tau-bench records
+# (bench/README.md, "Per-core speed"): CPU-seconds per stage (time.process_time), bytes of the JSONL
+# input and of the output folder.
 MEASURED_SCALE = {
-    "records": 10_000,
-    "cpu_seconds": {"ingest": 4.69, "classify": 6.89, "extract": 9.30, "package": 25.99},
-    "input_jsonl": 179_462_210,
+    "records": 100_000,
+    "cpu_seconds": {"ingest": 44.99, "classify": 39.43, "extract": 87.30, "package": 226.33},
+    "input_jsonl": 1_794_724_060,
     # The synthetic log repeats 200 trajectories, which zstd compresses away inside a row group
-    # (12.5 MB of tables for 10k, 1.2 kB per trajectory): the work tables are taken from a whole run
+    # (124 MB of tables for 100k, 1.2 kB per trajectory): the work tables are taken from a whole run
     # on the 200 distinct shipped records instead (out/tau-bench: every *.parquet, 1,037,771 bytes).
-    "tables": 1_037_771 * 10_000 // 200,
-    "exports": 595_167_480,  # every file of the output folder (a real run: 13.7 MB for 200, 68 kB each)
+    "tables": 1_037_771 * 100_000 // 200,
+    "exports": 5_947_609_323,  # every file of the output folder (a real run: 13.7 MB for 200, 68 kB each)
 }
 # bench/quality.py, tau-bench, 200 records (out/bench-quality/tau-bench/summary.json, commit b6ed4dc)
 MEASURED_LLM = {"records": 200, "failures": 116, "candidates": 29, "relabel_calls": 66, "judge_calls": 17,
