@@ -76,13 +76,18 @@ def child(log: Path, work: Path, batch_rows: int | None) -> None:
                     write_table(schema.empty(kept), work / TABLES["relabeled" if stage == "relabel" else "verified"])
                     write_table(schema.empty(schema.REJECTION), work / TABLES[f"{stage}_rejected"])
                     write_stats(work, stage, {"in": 0, "out": 0, "rejected": 0, "usage": vars(Usage()).copy()})
-            start, gate_s[0] = time.perf_counter(), 0.0
+            start, cpu, gate_s[0] = time.perf_counter(), time.process_time(), 0.0
             result = run_stage(name, params, work, work / "out", llms)
             report["stages"][name] = {"seconds": time.perf_counter() - start, "gates": gate_s[0],
+                                      "cpu_seconds": time.process_time() - cpu,  # every thread of the process
                                       "peak_rss_mb": peak_mb()}
             if name == "ingest":
                 report["trajectories"] = result["trajectories"]
     report["packaged"] = result["stages"]["package"]
+    # Bytes on disk: the input, each stage's table, the exports (for bench/model_10m.py).
+    report["bytes"] = {"input_jsonl": log.stat().st_size,
+                       "tables": {p.name: p.stat().st_size for p in sorted(work.glob("*.parquet"))},
+                       "exports": sum(p.stat().st_size for p in (work / "out").rglob("*") if p.is_file())}
     print(json.dumps(report))
 
 
@@ -91,6 +96,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--keep", action="store_true", help="keep the generated logs and work folders")
     parser.add_argument("--batch-rows", type=int, help="io.batch_rows (default: params.yaml's)")
+    parser.add_argument("--json", type=Path, help="also write every size's report (stage times, CPU, bytes) here")
     parser.add_argument("--child", nargs=2, metavar=("LOG", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -125,16 +131,19 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print("\n| records | input | stage | time | of which gates | records/s | MB/s | peak RSS so far |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    if args.json:
+        args.json.write_text(json.dumps([{"records": n, "input_mb": mb, **report} for n, mb, report in results], indent=1))
+    print("\n| records | input | stage | time | CPU | of which gates | records/s | MB/s | peak RSS so far |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, mb, report in results:
         for name, v in report["stages"].items():
-            print(f"| {n} | {mb:.0f} MB | {name} | {v['seconds']:.2f} s | {v['gates']:.2f} s | {n / v['seconds']:.0f} | "
-                  f"{mb / v['seconds']:.1f} | {v['peak_rss_mb']:.0f} MB |")
+            print(f"| {n} | {mb:.0f} MB | {name} | {v['seconds']:.2f} s | {v['cpu_seconds']:.2f} s | {v['gates']:.2f} s | "
+                  f"{n / v['seconds']:.0f} | {mb / v['seconds']:.1f} | {v['peak_rss_mb']:.0f} MB |")
         total = sum(v["seconds"] for v in report["stages"].values())
+        cpu = sum(v["cpu_seconds"] for v in report["stages"].values())
         gate_total = sum(v["gates"] for v in report["stages"].values())
-        print(f"| {n} | {mb:.0f} MB | **all four** | {total:.2f} s | {gate_total:.2f} s | {n / total:.0f} | {mb / total:.1f} | "
-              f"{max(v['peak_rss_mb'] for v in report['stages'].values()):.0f} MB |")
+        print(f"| {n} | {mb:.0f} MB | **all four** | {total:.2f} s | {cpu:.2f} s | {gate_total:.2f} s | {n / total:.0f} | "
+              f"{mb / total:.1f} | {max(v['peak_rss_mb'] for v in report['stages'].values()):.0f} MB |")
     print("\n| records | input MB | peak RSS | RSS after imports | peak / input |")
     print("| --- | --- | --- | --- | --- |")
     for n, mb, report in results:

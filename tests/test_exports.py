@@ -376,6 +376,34 @@ def test_token_lengths_are_measured_with_the_local_models_tokenizer(tmp_path):
     assert fallback["skipped"][0].startswith("smollm2-135m: its chat template failed")
 
 
+def test_token_counts_by_piece_equal_llama_cpp_on_the_whole_text(tmp_path):
+    """The count per piece between turn markers (cached per distinct piece) is llama.cpp's count of
+    the whole rendered row, for every TRL row of real tau-bench exports, twice over (cache hits),
+    and the stage's percentiles are those of the whole-text counts."""
+    from agenther.export import tokens
+
+    verified, classified = tau_inputs(range(12), with_tools=True)
+    result = package(verified, classified, PARAMS, LINEAGE, out=tmp_path, measure_tokens=True)
+    tok, why = tokens.local_tokenizer(None)
+    assert tok is not None, why
+    assert tok._markers == {"<|im_start|>", "<|im_end|>"}  # ChatML: the text is split at these
+
+    def whole(messages: list[dict], tools: list[dict]) -> int:
+        text = tok.template.render(messages=messages, tools=tools or None, add_generation_prompt=False)
+        return len(tok.vocab.tokenize(text.encode(), add_bos=False, special=True))
+
+    sft = [(r["messages"], json.loads(r["tools"])) for r in _lines(tmp_path / trl.SFT_FILE)]
+    dpo = [[(r["prompt"] + r[side], json.loads(r["tools"])) for side in ("chosen", "rejected")]
+           for r in _lines(tmp_path / trl.DPO_FILE)]
+    assert len(sft) > 10 and len(dpo) > 5
+    for _ in range(2):
+        for messages, tools in [*sft, *(side for pair in dpo for side in pair)]:
+            assert tok.count(messages, tools) == (whole(messages, tools), True)
+    files = result.exported.token_lengths["files"]
+    assert files[trl.SFT_FILE] == tokens.stats([(whole(*row), True) for row in sft])
+    assert files[trl.DPO_FILE] == tokens.stats([(max(whole(*side) for side in pair), True) for pair in dpo])
+
+
 # --- dataset card -------------------------------------------------------------------------------
 
 

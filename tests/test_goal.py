@@ -367,3 +367,24 @@ def test_without_ground_truth_the_policy_judge_reads_the_rules_and_the_writes(tm
     assert "# Airline Agent Policy" in text and "cancel reservation" in text  # the rules and the writes
     if not accepted:
         assert "policy_violation" in policy["reason"] and out.rejected["reason"].to_list() == ["rejected_by_policy"]
+
+
+def test_a_value_is_said_only_as_a_whole_word_as_the_regex_defines_it():
+    """goal._said (a find loop) against the definition it replaced: re's (?<!\\w)value(?!\\w), on
+    random texts over word characters of several scripts, digits, "_", spaces and punctuation."""
+    import random
+    import re
+
+    from agenther.evidence.goal import _said
+
+    def by_regex(value: str, low_text: str) -> bool:
+        v = value.lower()
+        return len(v) >= 2 and re.search(rf"(?<![\w]){re.escape(v)}(?![\w])", low_text) is not None
+
+    alphabet = "ab_1 -.é²٣\u00a0x/#"
+    rng = random.Random(13)
+    for _ in range(50_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4)))
+        assert _said(value, text) == by_regex(value, text), (value, text)
+    assert _said("HAT041", "flight hat041, then hat0412") and not _said("HAT041", "flight hat0412")

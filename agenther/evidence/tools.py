@@ -153,6 +153,12 @@ class Tools:
     handoffs: frozenset[str] = frozenset()
     requests: dict[str, list[str]] = field(default_factory=dict)  # tool -> words that ask for it
     default_kind: Kind = "read"
+    # What kind() and request_words() worked out, per tool: the goal's rules ask again for every
+    # turn and every call (a hundred thousand times per ten thousand runs), the answer never changes.
+    _kinds: dict[str, Kind] = field(default_factory=dict, repr=False, compare=False)
+    _requests: dict[tuple, tuple[frozenset[str], frozenset[str]]] = field(default_factory=dict, repr=False,
+                                                                           compare=False)
+    _sentences: dict[str, list[list[str]]] = field(default_factory=dict, repr=False, compare=False)  # text -> words
 
     @classmethod
     def of(cls, tools_json: str | None, params: dict | None = None) -> Tools:
@@ -167,6 +173,12 @@ class Tools:
         )
 
     def kind(self, name: str) -> Kind:
+        found = self._kinds.get(name)
+        if found is None:
+            found = self._kinds[name] = self._kind(name)
+        return found
+
+    def _kind(self, name: str) -> Kind:
         if name in self.writes:
             return "write"
         if name in self.reads:
@@ -186,6 +198,13 @@ class Tools:
     def request_words(self, name: str, all_writes: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
         """(verb words, object words) that ask for `name`; object words are empty when the tool
         has no distinctive object (a word of its name no other write tool has)."""
+        key = (name, *all_writes)
+        found = self._requests.get(key)
+        if found is None:
+            found = self._requests[key] = self._request_words(name, key[1:])
+        return found
+
+    def _request_words(self, name: str, all_writes: tuple[str, ...]) -> tuple[frozenset[str], frozenset[str]]:
         if name in self.requests:
             return frozenset(self.requests[name]), frozenset()
         tokens = words(name)
@@ -205,8 +224,10 @@ class Tools:
     def requested(self, name: str, text: str, all_writes: Iterable[str]) -> bool:
         """Does one sentence of `text` ask for (or speak of) a `name` write?"""
         verbs, objects = self.request_words(name, all_writes)
-        for sentence in SENTENCE.split(text):
-            tokens = words(sentence)
+        sentences = self._sentences.get(text)
+        if sentences is None:  # one text is asked about every write tool in turn
+            sentences = self._sentences[text] = [words(sentence) for sentence in SENTENCE.split(text)]
+        for tokens in sentences:
             if verbs.intersection(tokens) and (not objects or mentions(tokens, objects)):
                 return True
         return False

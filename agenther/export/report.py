@@ -43,18 +43,19 @@ def _charts(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame, class
     if failures.height:
         charts.append(("Failure types", alt.Chart(failures.group_by("failure_type").len("failures")).mark_bar().encode(
             x="failures:Q", y=alt.Y("failure_type:N", sort="-x"), tooltip=["failure_type", "failures"])))
-        charts.append(("Severity of the failures", alt.Chart(failures.select("severity")).mark_bar().encode(
-            x=alt.X("severity:Q", bin=alt.Bin(step=0.1)), y="count():Q")))
+        charts.append(("Severity of the failures", alt.Chart(_binned(failures, "severity", 0.1, "failures")).mark_bar().encode(
+            x=alt.X("severity:Q", bin="binned"), x2="severity_end:Q", y="failures:Q")))
     if verified.height:
         judged = verified.select("relabel_confidence", pl.when(pl.col("verified")).then(pl.lit("accepted"))
                                  .otherwise(pl.lit("rejected")).alias("verdict"))
-        charts.append(("Relabel confidence: accepted vs rejected by the judges", alt.Chart(judged).mark_bar(
-            opacity=0.7).encode(x=alt.X("relabel_confidence:Q", bin=alt.Bin(step=0.05)), y="count():Q",
-                                color="verdict:N")))
+        charts.append(("Relabel confidence: accepted vs rejected by the judges", alt.Chart(
+            _binned(judged, "relabel_confidence", 0.05, "relabels", by="verdict")).mark_bar(opacity=0.7).encode(
+                x=alt.X("relabel_confidence:Q", bin="binned"), x2="relabel_confidence_end:Q", y="relabels:Q",
+                color="verdict:N")))
         verdicts = _verdicts(verified)
-        charts.append(("Each judge's verdicts", alt.Chart(verdicts).mark_bar().encode(
-            x="count():Q", y="judge:N", color=alt.Color("verdict:N", scale=alt.Scale(
-                domain=["accept", "reject"], range=["#4a4", "#c44"])))))
+        charts.append(("Each judge's verdicts", alt.Chart(verdicts.group_by("judge", "verdict").len("relabels"))
+                       .mark_bar().encode(x="relabels:Q", y="judge:N", color=alt.Color("verdict:N", scale=alt.Scale(
+                           domain=["accept", "reject"], range=["#4a4", "#c44"])))))
         agreement = _agreement(verdicts)
         if agreement.height:
             charts.append(("Agreement between judges (share of relabels both judged)", alt.Chart(agreement).mark_rect()
@@ -82,6 +83,19 @@ def _charts(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame, class
         charts.append(("Token lengths per export (percentiles)", alt.Chart(pl.DataFrame(rows)).mark_point(size=80)
                        .encode(x="tokens:Q", y="file:N", color=alt.Color("percentile:N", sort=None))))
     return [(title, chart.properties(width=560).to_dict()) for title, chart in charts]
+
+
+def _binned(df: pl.DataFrame, column: str, step: float, count: str, by: str | None = None) -> pl.DataFrame:
+    """Rows (`count`) per bin of `column` (`step` wide; `column` and `<column>_end` are its bounds), counted
+    here: a chart embeds one row per bin, not per record (altair refuses data over 5,000 rows, and
+    a report of a million failures would carry them all)."""
+    per = round(1 / step)  # bins as integers: 0.3 / 0.1 is 2.999..., its floor the wrong bin
+    index = (pl.col(column) * per + 1e-9).floor()
+    keys = [by] if by else []
+    counted = (df.filter(pl.col(column).is_not_null()).group_by(index.alias("bin"), *keys)
+               .len(count).sort("bin", *keys))
+    return counted.with_columns((pl.col("bin") / per).alias(column),
+                                ((pl.col("bin") + 1) / per).alias(f"{column}_end")).drop("bin")
 
 
 def _verdicts(verified: pl.DataFrame) -> pl.DataFrame:

@@ -177,7 +177,7 @@ def classify(trajectories: pl.DataFrame, params: dict, llm: LLMClient | None = N
         severity = round(min(1.0, max(0.0, float(severity))), 4)
         is_failure = kind != schema.NOT_A_FAILURE
         recoverable = bool(is_failure and recoverable and severity <= max_severity)
-        return row | {
+        return {
             "is_failure": is_failure,
             "failure_type": kind,
             "severity": severity,
@@ -186,8 +186,14 @@ def classify(trajectories: pl.DataFrame, params: dict, llm: LLMClient | None = N
             "classify_mode": row_mode,
         }
 
-    rows = map_concurrent(one, trajectories.to_dicts(), params["llm"]["concurrency"] if mode == "llm" else 1)
-    return schema.frame(rows, schema.CLASSIFIED)
+    # Only the columns the rules read become dicts, and the verdicts are added as columns: turning
+    # every row (messages and all) into dicts and back was half of the stage.
+    rows = trajectories.select("messages", "metadata", "success", "final_answer").to_dicts()
+    verdicts = map_concurrent(one, rows, params["llm"]["concurrency"] if mode == "llm" else 1)
+    return trajectories.select(list(schema.TRAJECTORY)).cast(schema.TRAJECTORY).hstack(schema.frame(verdicts, ADDED))
+
+
+ADDED = {k: v for k, v in schema.CLASSIFIED.items() if k not in schema.TRAJECTORY}  # the columns classify adds
 
 
 def _llm_classify(row: dict, signals: str, params: dict, llm: LLMClient | None) -> tuple | None:

@@ -31,7 +31,8 @@ def valid_steps(steps: list[int], messages: list[dict]) -> list[int]:
 def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None) -> schema.StageOutput:
     """Candidates are the failures; a failure without an evidenced achievement is rejected."""
     mode = params["extract"]["mode"]
-    failures = classified.filter(pl.col("is_failure")).to_dicts()
+    failed = classified.filter(pl.col("is_failure"))
+    failures = failed.to_dicts()
 
     def one(row: dict) -> tuple[dict | None, dict | None]:
         if row["classify_mode"] == "llm-budget":  # classify never got an answer for it
@@ -65,12 +66,19 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
         if not found:
             return None, schema.rejection(row["id"], STAGE, "no_evidenced_achievement",
                                           "no achievement with evidence in the trajectory")
-        return row | {"achievements": found, "extract_mode": mode, "achieved_goal": goal.model_dump_json()}, None
+        return {"achievements": found, "extract_mode": mode, "achieved_goal": goal.model_dump_json()}, None
 
     results = map_concurrent(one, failures, params["llm"]["concurrency"] if mode == "llm" else 1)
-    kept = [k for k, _ in results if k is not None]
+    # The kept rows are the input's rows plus the added columns: not rebuilt from dicts (messages and
+    # all), which took as long as the rules.
+    added = [k for k, _ in results if k is not None]
+    kept = (failed.select(list(schema.CLASSIFIED)).cast(schema.CLASSIFIED)
+            .filter(pl.Series([k is not None for k, _ in results], dtype=pl.Boolean)).hstack(schema.frame(added, ADDED)))
     rejected = [r for _, r in results if r is not None]
-    return schema.StageOutput(schema.frame(kept, schema.EXTRACTED), schema.frame(rejected, schema.REJECTION))
+    return schema.StageOutput(kept, schema.frame(rejected, schema.REJECTION))
+
+
+ADDED = {k: v for k, v in schema.EXTRACTED.items() if k not in schema.CLASSIFIED}  # the columns extract adds
 
 
 def _why_not_recoverable(row: dict, params: dict) -> str:
