@@ -17,6 +17,7 @@ import polars as pl
 import pytest
 from conftest import ROOT, TAU, TOOLBENCH, ingest, list_keys, write_params
 
+from agenther.cli import main
 from agenther.devtools.seaweedfs import SeaweedFS
 from agenther.llm import cache
 from agenther.params import load_params
@@ -211,3 +212,45 @@ def test_s3_input_digest_follows_etags_and_errors_name_the_url(tmp_path, store, 
     with pytest.raises(IngestError, match="must not carry credentials") as leaked:
         ingest("s3://AKIDLEAK:wJalrSECRET@digests/in")  # type: ignore[arg-type]
     assert "wJalrSECRET" not in str(leaked.value)
+
+
+# -- rounds over logs that land in a bucket -----------------------------------------------------------
+def test_rounds_over_an_s3_prefix_read_only_the_objects_that_landed_since(tmp_path, store, s3_env, llm_server,
+                                                                          capsys):
+    """`agenther round --input s3://…/` twice: the second round reads the new object only (an object is its
+    URL, its version its ETag and size), and the unchanged prefix a third time makes no round."""
+    records = json.loads(TAU.read_text())
+    days = tmp_path / "days"
+    days.mkdir()
+    for name, part in (("day1.json", records[:12]), ("day2.json", records[50:62])):
+        (days / name).write_text(json.dumps(part))
+    params = write_params(tmp_path / "params.yaml", llm_server, cache=tmp_path / "cache")
+    root = tmp_path / "rounds"
+
+    def round_() -> tuple[int, dict]:
+        capsys.readouterr()
+        code = main(["round", "--input", "s3://landing/airline/", "--root", str(root), "--params", str(params)])
+        printed = capsys.readouterr()
+        return code, json.loads(printed.out) if printed.out.strip() else {"said": printed.err}
+
+    upload(store, days / "day1.json", "s3://landing/airline")
+    code, first = round_()
+    assert code == 0, first
+    assert (first["round"], first["records_read"], first["new_trajectories"]) == (1, 12, 12)
+    calls = len(llm_server.requests)
+
+    upload(store, days / "day2.json", "s3://landing/airline")
+    code, second = round_()
+    assert code == 0, second
+    assert (second["round"], second["records_read"], second["new_trajectories"], second["skipped_seen"]) == (2, 12, 12, 0)
+    manifest = json.loads((Path(second["folder"]) / "manifest.json").read_text())
+    assert list(manifest["rounds"][1]["files"]) == ["s3://landing/airline/day2.json"]
+    assert manifest["rounds"][1]["files"]["s3://landing/airline/day2.json"].startswith("etag ")
+    assert len(llm_server.requests) > calls
+    published = pl.read_parquet(Path(second["folder"]) / "published" / "01_classified.parquet")
+    assert published.height == 24 and all(s.startswith("s3://landing/airline/") for s in published["source_file"])
+
+    calls = len(llm_server.requests)
+    code, third = round_()
+    assert code == 0 and third.get("round") is None, third
+    assert len(llm_server.requests) == calls
