@@ -293,6 +293,8 @@ def test_hindsight_pair_is_one_step_against_a_run_that_lacks_its_evidence(packag
         assert _role_texts([chosen]) == _role_texts([sample[len(row["prompt"])]])
         assert calls_of([chosen]) != calls_of([rejected]) or bool(chosen.get("tool_calls")) != bool(
             rejected.get("tool_calls"))
+        # the step is one the relabel rests on: the chosen turn makes a call the rejected run never made
+        assert calls_of([chosen]) - calls_of(canonical_openai(rejected_src["messages"]))
 
 
 def canonical_openai(messages: list[dict]) -> list[dict]:

@@ -528,7 +528,10 @@ def _hindsight_pairs(
         if level == "step":
             for other in hindsight_candidates(r | {"messages": sample}, by_task.get(r.get("task_key"), [])):
                 pair = step_pair(sample, other["messages"], trained_only=True)
-                if pair is not None:
+                # The step must be one the relabel rests on: the chosen turn makes a call the other
+                # run never made. Diverging earlier (asking vs acting, another lookup first) says
+                # nothing about the hindsight prompt, and the other run's turn there may be as good.
+                if pair is not None and tool_evidence(pair[1]) - tool_evidence(other["messages"]):
                     found = other, pair
                     break
         else:
