@@ -113,6 +113,10 @@ def _drop_call_type(row):
     next(m for m in row["messages"] if m.get("tool_calls"))["tool_calls"][0].pop("type")
 
 
+def _bad_tool_name(row):  # the row's tool list was validated (and remembered) before it broke
+    row["tools"][-1]["function"]["name"] = "has spaces in it"
+
+
 def _end_on_user(row):
     row["messages"].append({"role": "user", "content": "thanks"})
 
@@ -129,6 +133,7 @@ def _flatten_results(row):  # the reference implementation's way: results as ass
     [
         (_break_tool_id, "answers no pending tool call"),
         (_drop_call_type, "'type' is a required property"),
+        (_bad_tool_name, r"sft/tools/\d+/function/name: 'has spaces in it' does not match"),
         (_end_on_user, "must end on an assistant turn"),
         (_flatten_results, "unknown role 'function'"),
     ],

@@ -19,6 +19,7 @@ Each validator raises ValueError naming the first problem found.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import jsonschema
@@ -103,6 +104,7 @@ TOOL_SCHEMA = {
     },
 }
 
+_TOOLS = {"type": "array", "items": TOOL_SCHEMA}
 _MESSAGE_LIST = {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"]}}
 _EXTRAS = {"weight": {"type": "number", "minimum": 0}, "metadata": {"type": "object"}}
 
@@ -112,7 +114,7 @@ SFT_SCHEMA = {
     "additionalProperties": False,
     "properties": {
         "messages": _MESSAGE_LIST,
-        "tools": {"type": "array", "items": TOOL_SCHEMA},
+        "tools": _TOOLS,
         "parallel_tool_calls": {"type": "boolean"},
         **_EXTRAS,
     },
@@ -126,7 +128,7 @@ DPO_SCHEMA = {
         "prompt": _MESSAGE_LIST,
         "chosen": _MESSAGE_LIST,
         "rejected": _MESSAGE_LIST,
-        "tools": {"type": "array", "items": TOOL_SCHEMA},
+        "tools": _TOOLS,
         **_EXTRAS,
     },
 }
@@ -167,11 +169,49 @@ def _validator(schema: dict) -> jsonschema.Draft202012Validator:
 
 
 def _check(instance: Any, schema: dict, where: str) -> None:
-    errors = sorted(_validator(schema).iter_errors(instance), key=lambda e: list(e.path))
-    if errors:
-        err = errors[0]
+    tools = None
+    if isinstance(instance, dict) and "tools" in instance and schema.get("properties", {}).get("tools") is _TOOLS:
+        # A run's tool list is the same on each of its rows (tau-bench: 14 schemas on every row):
+        # checked once per distinct list (agenther.export.schemas._check_tools), not once per row.
+        tools, instance = instance["tools"], {k: v for k, v in instance.items() if k != "tools"}
+        schema = _tools_apart(schema)
+    _raise_first(_validator(schema).iter_errors(instance), where)
+    if tools is not None:
+        _check_tools(tools, where)
+
+
+def _raise_first(errors: Iterable[jsonschema.ValidationError], where: str) -> None:
+    ordered = sorted(errors, key=lambda e: list(e.path))
+    if ordered:
+        err = ordered[0]
         path = "/".join(str(p) for p in err.path)
         raise ValueError(f"{where}{'/' + path if path else ''}: {err.message}")
+
+
+_TOOLS_APART: dict[int, dict] = {}  # id of a row schema -> the same with `tools` only an array
+_TOOLS_CHECKED: dict[str, str | None] = {}  # canonical JSON of a tool list -> its first problem, or None
+
+
+def _tools_apart(schema: dict) -> dict:
+    apart = _TOOLS_APART.get(id(schema))
+    if apart is None:
+        apart = _TOOLS_APART[id(schema)] = {**schema, "properties": {**schema["properties"], "tools": {"type": "array"}}}
+    return apart
+
+
+def _check_tools(tools: Any, where: str) -> None:
+    key = json.dumps(tools, sort_keys=True, default=str)
+    if key not in _TOOLS_CHECKED:
+        if len(_TOOLS_CHECKED) >= 4096:  # logs with a tool list per record: memory stays bounded
+            _TOOLS_CHECKED.clear()
+        try:
+            _raise_first(_validator(_TOOLS).iter_errors(tools), "tools")
+            _TOOLS_CHECKED[key] = None
+        except ValueError as exc:
+            _TOOLS_CHECKED[key] = str(exc)
+    problem = _TOOLS_CHECKED[key]
+    if problem is not None:
+        raise ValueError(f"{where}/{problem}")
 
 
 def _check_messages(messages: list[dict], where: str) -> None:
