@@ -20,6 +20,10 @@ in-flight limit and the other run-wide limits then hold across the workers (task
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -44,6 +48,7 @@ from agenther.workdir import TABLES, file_digest
 from tasks.caching import files_digest, frame_digest, stage_key
 
 if TYPE_CHECKING:
+    from prefect.filesystems import WritableFileSystem
     from prefect_dask import DaskTaskRunner
 
     from tasks.dask import WorkerLLMs
@@ -124,10 +129,37 @@ def push_task(local: str, url: str) -> list[str]:
 
 
 def configured(t: Task, params: dict) -> Task:
-    """`t` with the retry settings of params' `prefect:` section."""
+    """`t` with the retry settings and the result storage of params' `prefect:` section."""
     p = params["prefect"]
+    storage = {"result_storage": result_storage(p["result_storage"], os.environ.get("AGENTHER_S3_ENDPOINT"))} \
+        if p["result_storage"] else {}
     return t.with_options(retries=p["retries"], retry_delay_seconds=exponential_backoff(backoff_factor=p["retry_backoff_s"]),
-                          retry_jitter_factor=p["retry_jitter"])
+                          retry_jitter_factor=p["retry_jitter"], **storage)
+
+
+@functools.cache  # one block document per storage (and S3 endpoint) and process, not one per batch
+def result_storage(url: str, endpoint: str | None = None) -> WritableFileSystem:
+    """Where the batch cache (Prefect's persisted task results) lives when every worker must read
+    it: s3://bucket/prefix through fsspec (s3fs), or a folder all workers mount; saved as a block
+    (Prefect wants result storage persisted server-side). The block holds the endpoint only: s3fs
+    takes the keys from each process's environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or
+    boto's chain), so no key is in a block document, a task parameter or a log. (`endpoint` keys
+    the cache: agenther.s3 reads it from AGENTHER_S3_ENDPOINT.)"""
+    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+    if url.startswith("s3://"):
+        from agenther.s3 import s3_settings
+
+        settings = s3_settings()
+        client = {"region_name": settings.region} | ({"endpoint_url": settings.endpoint} if settings.endpoint else {})
+        block: WritableFileSystem = RemoteFileSystem(basepath=url.rstrip("/"), settings={"client_kwargs": client})
+    elif "://" in url:
+        raise ValueError(f"prefect.result_storage {url!r}: expected s3://bucket/prefix or a folder")
+    else:
+        block = LocalFileSystem(basepath=str(Path(url).resolve()))
+    digest = hashlib.sha256(json.dumps(block.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+    block.save(f"agenther-results-{digest}", overwrite=True)
+    return block
 
 
 # -- the executor -------------------------------------------------------------------------------

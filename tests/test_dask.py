@@ -10,6 +10,7 @@ would make a second run of the same records all cache hits, so each run here ref
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TAU, write_params
+from conftest import TAU, list_keys, write_params
 from llm_server import FakeLLMServer, picky_brain, slow
 
 _HOME = Path(tempfile.mkdtemp(prefix="agenther-dask-test-"))
@@ -41,6 +42,8 @@ os.environ.pop("PREFECT_API_URL", None)
 atexit.register(shutil.rmtree, _HOME, True)
 
 import distributed  # noqa: E402
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 from prefect.settings import (  # noqa: E402
     PREFECT_API_DATABASE_CONNECTION_URL,
     PREFECT_API_URL,
@@ -49,7 +52,10 @@ from prefect.settings import (  # noqa: E402
     PREFECT_TASKS_REFRESH_CACHE,
     temporary_settings,
 )
+from prefect.states import State  # noqa: E402
 
+from agenther.devtools.seaweedfs import SeaweedFS  # noqa: E402
+from agenther.s3 import s3_client  # noqa: E402
 from flows.hindsight import hindsight  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a Dask cluster, Prefect's API and an LLM server per test
@@ -96,15 +102,26 @@ def fresh(server: FakeLLMServer) -> FakeLLMServer:
     return server
 
 
-def run_flow(tmp_path: Path, name: str, server: FakeLLMServer, **knobs: object) -> dict:
-    """The flow on RECORDS tau-bench records in batches of BATCH, with an LLM cache of its own."""
+def run_flow_state(tmp_path: Path, name: str, server: FakeLLMServer, prefect: dict | None = None,
+                   **knobs: object) -> tuple[State, dict]:
+    """The flow on RECORDS tau-bench records in batches of BATCH, with an LLM cache of its own:
+    (its final state, its summary)."""
     params = write_params(tmp_path / f"{name}.yaml", server, cache=tmp_path / f"{name}-cache",
                           ingest={"input": str(TAU), "limit": RECORDS},
                           llm={"max_retries": 1, "concurrency": 2},
-                          prefect={"batch_size": BATCH, "retries": 2, "retry_backoff_s": 0.1})
+                          prefect={"batch_size": BATCH, "retries": 2, "retry_backoff_s": 0.1} | (prefect or {}))
     state = hindsight(params_file=str(params), out_dir=str(tmp_path / name), return_state=True, **knobs)
     assert state.is_completed(), state
-    return state.result()
+    return state, state.result()
+
+
+def run_flow(tmp_path: Path, name: str, server: FakeLLMServer, prefect: dict | None = None, **knobs: object) -> dict:
+    return run_flow_state(tmp_path, name, server, prefect, **knobs)[1]
+
+
+def task_runs_of(flow_run_id: object) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +193,30 @@ def test_the_in_flight_limit_holds_across_workers(tmp_path, reference, fresh):
     summary = run_flow(tmp_path, "limited", fresh, task_runner="dask", dask_workers=2)  # a LocalCluster of its own
     assert fresh.max_open == 2, fresh.max_open
     assert_same_outputs(tmp_path / "limited", summary, reference)
+
+
+def test_the_batch_cache_on_s3_is_read_by_every_worker(tmp_path, reference, fresh, monkeypatch):
+    """prefect.result_storage s3://…: the batch results the workers persist land in the store
+    (a SeaweedFS here), and a second run on a new cluster finds every batch there: all cached,
+    no LLM call. The keys reach the workers through their environment, never a block or a log."""
+    with SeaweedFS(tmp_path / "s3") as store:
+        for name, value in (("AGENTHER_S3_ENDPOINT", store.endpoint), ("AWS_ACCESS_KEY_ID", store.access_key),
+                            ("AWS_SECRET_ACCESS_KEY", store.secret_key)):
+            monkeypatch.setenv(name, value)
+        s3_client(store.settings()).create_bucket(Bucket="agenther")
+        storage = {"result_storage": "s3://agenther/prefect-results"}
+        first = run_flow(tmp_path, "first", fresh, task_runner="dask", dask_workers=2, prefect=storage)
+        assert_same_outputs(tmp_path / "first", first, reference)
+        calls = len(fresh.requests)
+        keys = list_keys("s3://agenther/prefect-results", store.settings())
+        assert len(keys) >= 6 + 6 + 2 + 2 + 1, keys  # a result per batch (classify, extract, relabel, verify), ingest's
+        with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: False}):
+            state, second = run_flow_state(tmp_path, "second", fresh, task_runner="dask", dask_workers=2, prefect=storage)
+        assert len(fresh.requests) == calls  # every batch came from the store
+        runs = [r for r in task_runs_of(state.state_details.flow_run_id) if "[" in r.name]
+        assert runs and all(r.state.name == "Cached" for r in runs), [(r.name, r.state.name) for r in runs]
+        assert_same_outputs(tmp_path / "second", second, reference)
+        with get_client(sync_client=True) as client:
+            documents = client.read_block_documents(include_secrets=True)
+        assert not any(store.secret_key in json.dumps(d.data, default=str) for d in documents)
+        assert not any(store.secret_key in key for key in keys)
