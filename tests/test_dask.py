@@ -83,7 +83,8 @@ def isolated_prefect() -> Iterator[None]:
 def cluster() -> Iterator[distributed.Client]:
     """Two worker processes, one thread each (the flow's task runs tell them the Prefect API)."""
     with (distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local,
-          distributed.Client(local) as client):
+          # not the process's default client: prefect-dask would run a flow's own LocalCluster's tasks on it
+          distributed.Client(local, set_as_default=False) as client):
         yield client
 
 
