@@ -1,9 +1,9 @@
 """The non-LLM stages through the flow's executor on Dask: 1 and 2 workers, and the cost of Dask.
 
-    .venv/bin/python bench/dask_scale.py [--records 100000] [--batch-size 1000] [--repeats 3]
+    .venv/bin/python bench/dask_scale.py [--records 100000] [--batch-size 1000] [--repeats 3] [--workers 1 2]
 
-Part 1 (scale): a JSONL log of `--records` synthetic tau-bench records (bench/stages_scale.py's
-generator: the 200 real records cycled with unique task ids; not timed) goes through ingest,
+Part 1 (scale; `--workers 0` is the local task runner): a JSONL log of `--records` synthetic
+tau-bench records (bench/stages_scale.py's generator: the 200 real records cycled with unique task ids; not timed) goes through ingest,
 classify and extract (rules mode) and package, as the hindsight flow runs them: the same
 `tasks.stages.executor` and `agenther.runner.run_stage` inside a Prefect flow, every batch a
 cached, persisted task run on a DaskTaskRunner's LocalCluster of 1, then 2 worker processes (one
@@ -114,18 +114,19 @@ def run_once(log: Path, overrides: dict, tag: str) -> tuple[float, dict]:
     return wall, report
 
 
-def scale(records: int, batch_size: int) -> None:
+def scale(records: int, batch_size: int, worker_counts: list[int]) -> None:
     log = HOME / f"tau-{records}.jsonl"
     generate(records, log)
     mb = log.stat().st_size / 1e6
     print(f"## scale: {records} synthetic records ({mb:.0f} MB JSONL), prefect.batch_size {batch_size}\n", flush=True)
     rows = []
-    for workers in (1, 2):
-        overrides = {"prefect": {"batch_size": batch_size, "task_runner": "dask", "dask_workers": workers}}
+    for workers in worker_counts:  # 0: the local task runner (batches in the flow's thread), for comparison
+        overrides = {"prefect": {"batch_size": batch_size, "task_runner": "dask" if workers else "local",
+                                 "dask_workers": max(workers, 1)}}
         wall, report = run_once(log, overrides, f"scale-{workers}")
         rows.append((workers, wall, report))
-        print(f"{workers} worker(s): {wall:.1f} s wall; " + ", ".join(f"{s} {v:.1f} s" for s, v in report["stages"].items())
-              + f"; flow peak {report['flow_peak_rss_mb']:.0f} MB, workers' peaks {report['worker_peak_rss_mb']} MB",
+        print(f"{workers or 'local'} worker(s): {wall:.1f} s wall; " + ", ".join(f"{s} {v:.1f} s" for s, v in report["stages"].items())
+              + f"; flow peak {report['flow_peak_rss_mb']:.0f} MB, workers' peaks {report.get('worker_peak_rss_mb')} MB",
               flush=True)
     log.unlink()
     print("\n| workers | stage | time | records/s |")
@@ -134,13 +135,13 @@ def scale(records: int, batch_size: int) -> None:
         for name, seconds in report["stages"].items():
             print(f"| {workers} | {name} | {seconds:.1f} s | {records / seconds:.0f} |")
         spread = report["stages"]["classify"] + report["stages"]["extract"]
-        print(f"| {workers} | classify + extract (on the workers) | {spread:.1f} s | {records / spread:.0f} |")
+        print(f"| {workers} | classify + extract (spread) | {spread:.1f} s | {records / spread:.0f} |")
         print(f"| {workers} | **whole flow** | {wall:.1f} s | {records / wall:.0f} |")
     print("\n| workers | flow process peak RSS | each worker's peak RSS |")
     print("| --- | --- | --- |")
     for workers, _, report in rows:
         print(f"| {workers} | {report['flow_peak_rss_mb']:.0f} MB | "
-              f"{', '.join(f'{m:.0f} MB' for m in report['worker_peak_rss_mb'])} |")
+              f"{', '.join(f'{m:.0f} MB' for m in report.get('worker_peak_rss_mb', [])) or '(no workers)'} |")
 
 
 def overhead(repeats: int, batch_size: int) -> None:
@@ -169,12 +170,14 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=1000, help="prefect.batch_size for the scale part")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="Dask worker counts for the scale part (0: the local task runner)")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
     args = parser.parse_args()
     try:
         if not args.skip_scale:
-            scale(args.records, args.batch_size)
+            scale(args.records, args.batch_size, args.workers)
         if not args.skip_overhead:
             overhead(args.repeats, 32)
     finally:

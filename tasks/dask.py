@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import distributed
 from prefect_dask import DaskTaskRunner
@@ -58,6 +59,23 @@ def check_llm_params(llm_params: dict) -> None:
             f"llm.processes={llm_params['processes']} does not apply on Dask: the Dask workers are the processes "
             "that spread the calls (their batches run side by side); set llm.processes: 0 and add workers "
             "(--dask-workers, or more workers on the cluster) instead")
+
+
+def check_reachable(llms: WorkerLLMs, scheduler_address: str | None) -> None:
+    """A model server on this machine's loopback (the embedded model, or an api_base on 127.0.0.1)
+    is out of reach of workers on other machines: say so before any batch fails on it."""
+    if scheduler_address is None or _loopback(urlparse(scheduler_address).hostname):
+        return  # a LocalCluster, or a cluster on this machine: its workers share the loopback
+    for endpoint in (llms.main, llms.judge):
+        if endpoint is not None and endpoint.api_base and _loopback(urlparse(endpoint.api_base).hostname):
+            raise ValueError(
+                f"the model at {endpoint.api_base} listens on this machine's loopback, which the Dask workers of "
+                f"{scheduler_address} cannot reach: set llm.api_base to a model server they can reach "
+                "(the embedded local model serves this machine only)")
+
+
+def _loopback(host: str | None) -> bool:
+    return host in (None, "localhost") or (host or "").startswith("127.") or host == "::1"
 
 
 class ClusterState:

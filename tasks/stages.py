@@ -188,11 +188,12 @@ class PrefectExecutor(LocalExecutor):
         if self.task_runner is None:
             yield from super().map_steps(stages, batches, params, llms)
             return
-        from tasks.dask import WorkerLLMs
+        from tasks.dask import WorkerLLMs, check_reachable
 
         (stage,) = stages
         # Workers get the clients' description; the model server (if any) is started here, once
         described = WorkerLLMs.of(llms, self.run, runner.uses_llm(stage, params))
+        check_reachable(described, self.task_runner.client.scheduler.address)
         ahead = 2 * sum(self.task_runner.client.nthreads().values())  # a worker never waits for its next batch
         pending: deque[tuple[pl.DataFrame, PrefectFuture]] = deque()
         try:

@@ -55,8 +55,10 @@ from prefect.settings import (  # noqa: E402
 from prefect.states import State  # noqa: E402
 
 from agenther.devtools.seaweedfs import SeaweedFS  # noqa: E402
+from agenther.llm.providers import Endpoint  # noqa: E402
 from agenther.s3 import s3_client  # noqa: E402
 from flows.hindsight import hindsight  # noqa: E402
+from tasks.dask import WorkerLLMs, check_reachable  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a Dask cluster, Prefect's API and an LLM server per test
 
@@ -134,6 +136,10 @@ def reference(tmp_path_factory, server) -> tuple[Path, dict, int]:
     return tmp / "local", summary, len(server.requests)
 
 
+def cache_keys(cache: Path) -> list[str]:
+    return sorted(entry.name for entry in cache.rglob("*.json"))
+
+
 def executed_per_worker(client: distributed.Client) -> dict[str, int]:
     return client.run(lambda dask_worker: dask_worker.state.executed_count)
 
@@ -155,6 +161,8 @@ def test_the_flow_on_two_dask_workers_writes_what_the_local_runner_writes(tmp_pa
     calls = len(fresh.requests)
     assert_same_outputs(tmp_path / "dask", summary, reference)
     assert calls == reference[2] and summary["llm"]["total"]["calls"] == calls  # each call once, none lost
+    # the workers' clients ask under the flow's cache keys: the same LLM cache entries as the local run's
+    assert cache_keys(tmp_path / "dask-cache") == cache_keys(reference[0].parent / "local-cache")
     ran = {worker: n - before[worker] for worker, n in executed_per_worker(cluster).items()}
     # 30 records in batches of 5: 6 classify + 6 extract batches at least, spread over both workers
     assert len(ran) == 2 and all(n >= 2 for n in ran.values()), ran
@@ -221,3 +229,48 @@ def test_the_batch_cache_on_s3_is_read_by_every_worker(tmp_path, reference, fres
             documents = client.read_block_documents(include_secrets=True)
         assert not any(store.secret_key in json.dumps(d.data, default=str) for d in documents)
         assert not any(store.secret_key in key for key in keys)
+
+
+def _spend_until_refused(run: str, tokens_per_call: int) -> int:
+    """On a worker: the run's budget (llm.budget_tokens=20, on the cluster), charged call by call
+    until it refuses; how many calls this worker was let through."""
+    from agenther.llm import BudgetExhausted
+    from tasks.dask import ClusterLimits
+
+    limits = ClusterLimits({"concurrency": 2, "budget_tokens": 20, "budget_usd": None}, run)
+    allowed = 0
+    while True:
+        try:
+            limits.budget.check()
+        except BudgetExhausted:
+            return allowed
+        allowed += 1
+        time.sleep(0.01)  # the other worker gets its turn in between
+        limits.budget.charge(tokens_per_call, 0.0)
+
+
+def test_the_budget_holds_across_workers(cluster):
+    """Two worker processes spend one run's budget of 20 tokens, 1 token a call: together they
+    are let through 20 calls (plus at most one per worker already past its check), where two
+    process-local budgets would let through 40."""
+    workers = list(cluster.scheduler_info()["workers"])
+    futures = [cluster.submit(_spend_until_refused, "budget-test", 1, workers=[w], pure=False) for w in workers]
+    allowed = [f.result() for f in futures]
+    assert all(n > 0 for n in allowed), allowed  # both spent from it
+    assert 20 <= sum(allowed) <= 20 + len(workers) - 1, allowed
+
+
+def test_what_cannot_run_on_dask_is_refused_before_the_run(tmp_path, fresh):
+    # llm.processes: the workers are the processes
+    params = write_params(tmp_path / "params.yaml", fresh, ingest={"input": str(TAU), "limit": 4},
+                          llm={"processes": 2})
+    state = hindsight(params_file=str(params), out_dir=str(tmp_path / "out"), task_runner="dask", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match=r"llm.processes=2 does not apply on Dask.*--dask-workers"):
+        state.result()
+    assert not (tmp_path / "out" / "00_trajectories.parquet").exists()  # refused before ingest
+    # a model on this machine's loopback, workers on another machine
+    local_model = WorkerLLMs("{}", Endpoint("openai/local", "http://127.0.0.1:8080/v1", "local/qwen"), None, "r")
+    with pytest.raises(ValueError, match=r"127.0.0.1:8080/v1 listens on this machine's loopback.*tcp://10.1.2.3:8786"):
+        check_reachable(local_model, "tcp://10.1.2.3:8786")
+    check_reachable(local_model, "tcp://127.0.0.1:8786")  # a cluster on this machine reaches it
