@@ -12,9 +12,11 @@ worker needs to make the run's LLM calls under the run's limits.
 - Run-wide limits on the cluster's own primitives (ClusterLimits): the in-flight limit is a
   distributed.Semaphore (the leases of a worker that dies expire after
   distributed.scheduler.locks.lease-timeout, 30 s by default, so a killed worker cannot hold
-  slots for ever); the budget's and each provider's rate-limiter counters are a
-  distributed.Variable guarded by a distributed.Lock (a lease-based Semaphore of one). The
-  arithmetic is agenther.llm.limits' Budget and RateLimiter; only where their counters live differs.
+  slots for ever); the budget's and each provider's rate-limiter counters are a small dict in the
+  scheduler's metadata store (Client.get_metadata/set_metadata: unlike a distributed.Variable, a
+  first read has a default instead of an error) guarded by a distributed.Lock (a lease-based
+  Semaphore of one). The arithmetic is agenther.llm.limits' Budget and RateLimiter; only where
+  their counters live differs.
   Prefect's global concurrency limits would do the in-flight limit too, but each slot is an
   HTTP round trip to the Prefect API (and a slot of a killed worker is held until its lease
   ends as well); the scheduler is already there and a round trip to it costs about a millisecond.
@@ -79,27 +81,23 @@ def _loopback(host: str | None) -> bool:
 
 
 class ClusterState:
-    """agenther.llm.limits.SharedState on the cluster: the values in a distributed.Variable, one
-    read-modify-write at a time under a distributed.Lock. Made in a worker's task thread (where
-    distributed finds the worker's scheduler connection); usable from any thread after."""
+    """agenther.llm.limits.SharedState on the cluster: the values in the scheduler's metadata
+    store, one read-modify-write at a time under a distributed.Lock. Made in a worker's task
+    thread (where distributed finds the worker's client); usable from any thread after."""
 
     def __init__(self, name: str):
-        self.name = name
+        self.key = ["agenther", name]
         self._lock = distributed.Lock(f"{name}-lock")
-        self._values = distributed.Variable(f"{name}-values")
-        self._values.client  # noqa: B018 -- binds the worker's client now, in the task thread
+        self._client = distributed.get_client()
 
     @contextmanager
     def hold(self) -> Iterator[dict]:
         with self._lock:
-            try:
-                values = dict(self._values.get(timeout=0))
-            except TimeoutError:  # never set: the run's first use
-                values = {}
+            values = dict(self._client.get_metadata(self.key, default={}))  # {} the first time: counters at zero
             try:
                 yield values
             finally:  # also when the holder raises (a refused call still counts as refused)
-                self._values.set(values)
+                self._client.set_metadata(self.key, values)
 
 
 class ClusterLimits(Limits):

@@ -10,6 +10,7 @@ would make a second run of the same records all cache hits, so each run here ref
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import os
 import shutil
@@ -245,7 +246,7 @@ def _spend_until_refused(run: str, tokens_per_call: int) -> int:
         except BudgetExhausted:
             return allowed
         allowed += 1
-        time.sleep(0.01)  # the other worker gets its turn in between
+        time.sleep(0.05)  # the other worker gets its turn in between
         limits.budget.charge(tokens_per_call, 0.0)
 
 
@@ -254,6 +255,7 @@ def test_the_budget_holds_across_workers(cluster):
     are let through 20 calls (plus at most one per worker already past its check), where two
     process-local budgets would let through 40."""
     workers = list(cluster.scheduler_info()["workers"])
+    cluster.run(importlib.import_module, "tasks.dask")  # imported first: both workers start spending at once
     futures = [cluster.submit(_spend_until_refused, "budget-test", 1, workers=[w], pure=False) for w in workers]
     allowed = [f.result() for f in futures]
     assert all(n > 0 for n in allowed), allowed  # both spent from it
