@@ -9,7 +9,7 @@ classify and extract (rules mode) and package, as the hindsight flow runs them: 
 cached, persisted task run on a DaskTaskRunner's LocalCluster of 1, then 2 worker processes (one
 thread each). relabel and verify (the LLM stages) are replaced by empty tables, as in
 stages_scale.py, so package exports the successes and the natural preference pairs. Prints per
-stage the wall time and records/s, the flow process's and each worker's peak RSS (ru_maxrss).
+stage the wall time and records/s, the flow process's and each worker's peak RSS (VmHWM).
 Ingest and package are one task each in the flow process (not spread); classify and extract are.
 
 Part 2 (overhead): the 200 real records, the same flow with the local task runner and on Dask
@@ -38,7 +38,6 @@ os.environ.pop("PREFECT_API_URL", None)
 sys.path.insert(0, str(ROOT / "bench"))
 
 import argparse  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -65,7 +64,12 @@ TAU = ROOT / "data/raw/tau-bench/gpt-4o-airline.json"
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS: VmHWM, not ru_maxrss, which a spawned worker inherits from the
+    process that forked it (Linux keeps the larger of the two across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def pid_and_peak_mb() -> tuple[int, float]:
