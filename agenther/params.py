@@ -179,6 +179,10 @@ class Prefect(_Section):
     retries: Count = 3
     retry_backoff_s: NonNegative = 2.0
     retry_jitter: NonNegative = 0.5
+    task_runner: Literal["local", "dask"] = "local"  # dask: batches on a Dask cluster (tasks/dask.py)
+    dask_address: str | None = None  # tcp://host:8786 of a running cluster; None = a LocalCluster for the run
+    dask_workers: PositiveCount = 2  # worker processes of that LocalCluster
+    result_storage: str | None = None  # the batch cache: None = PREFECT_RESULTS_LOCAL_STORAGE_PATH; s3://bucket/prefix
 
 
 class Review(_Section):
@@ -308,7 +312,8 @@ def _stated(values: Any, source: str) -> dict:
 RUNTIME_ONLY = {"llm": ("cache_dir", "concurrency", "processes", "timeout_s", "max_retries", "requests_per_minute",
                         "tokens_per_minute"),
                 "io": ("batch_rows",),
-                "prefect": ("batch_size", "retries", "retry_backoff_s", "retry_jitter")}
+                "prefect": ("batch_size", "retries", "retry_backoff_s", "retry_jitter", "task_runner", "dask_address",
+                            "dask_workers", "result_storage")}
 
 
 def params_hash(params: dict, sections: tuple[str, ...] | None = None) -> str:

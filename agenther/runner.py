@@ -10,7 +10,9 @@ one call each.
 
 What differs between the callers is only how a step runs, the executor (datatrove's idea):
 `LocalExecutor` calls `step()` in this process, in `io.batch_rows` batches; the Prefect flow's
-executor (tasks/stages.py) runs it as a cached, retried task per `prefect.batch_size` batch.
+executor (tasks/stages.py) runs it as a cached, retried task per `prefect.batch_size` batch,
+on a Dask cluster several batches at once. Either way `map_steps` hands the results back in
+input order, so the tables are the same whoever ran the steps.
 
 Relabel and verify may run fused (`run_stages(..., fuse=True)`, `agenther run` without an LLM
 budget): one pass over the extracted table in which each record is judged as soon as its relabel
@@ -70,7 +72,7 @@ class BatchResult:
 
 
 # -- the step: one batch through one stage (or relabel + verify fused) --------------------------------
-def _uses_llm(stage: str, params: dict) -> bool:
+def uses_llm(stage: str, params: dict) -> bool:
     return stage in ("relabel", "verify") or params[stage]["mode"] == "llm"
 
 
@@ -78,7 +80,7 @@ def step(stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs)
     """Run `stages` (one stage, or relabel and verify fused) on one batch: {stage: its result}.
     The calls go through a view of `llms` (same clients and cache, counters of its own), so each
     result carries exactly what its batch cost; no model is started for a stage without calls."""
-    view = llms.view() if any(_uses_llm(s, params) for s in stages) else None
+    view = llms.view() if any(uses_llm(s, params) for s in stages) else None
 
     def usage(stage: str) -> dict:
         return vars(view.usage().get(stage, Usage())).copy() if view is not None else vars(Usage()).copy()
@@ -123,6 +125,13 @@ class LocalExecutor:
 
     def step(self, stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs) -> dict[str, BatchResult]:
         return step(stages, batch, params, llms)
+
+    def map_steps(self, stages: tuple[str, ...], batches: Iterator[pl.DataFrame], params: dict,
+                  llms: LLMs) -> Iterator[tuple[pl.DataFrame, dict[str, BatchResult]]]:
+        """(batch, its step's results) for each batch, in input order. Here one after another;
+        an executor that runs steps elsewhere may run several at once, but yields in this order."""
+        for batch in batches:
+            yield batch, self.step(stages, batch, params, llms)
 
     def ingest(self, params: dict, work: Path) -> dict:
         return ingest_tables(params, work)
@@ -204,10 +213,8 @@ def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LL
         batches = _batches(stages[0], work, params, executor)
         progress = stack.enter_context(Progress("+".join(names), count_rows(work / TABLES[stages[0].source]),
                                                 lambda: sum(u.calls for u in llms.usage().values())))
-        for batch in batches:
-            if batch.height == 0:
-                continue  # nothing to ask: no model is started for an empty table
-            results = executor.step(names, batch, params, llms)
+        nonempty = (b for b in batches if b.height)  # nothing to ask: no model is started for an empty table
+        for batch, results in executor.map_steps(names, nonempty, params, llms):
             last = results[names[-1]].kept  # verify keeps every judged row: "kept" is the accepted ones
             progress.advance(batch.height, kept=int(last["verified"].sum()) if "verified" in last.columns else last.height)
             upstream = batch

@@ -3,6 +3,7 @@
     .venv/bin/python -m flows.serve                       # leave it running; Ctrl-C stops it
     .venv/bin/python -m flows.serve --params params.yaml --watch data/incoming \\
         --cron "0 3 * * *" --watch-every 60 --out out/prefect
+    .venv/bin/python -m flows.serve --task-runner dask --dask-address tcp://10.0.0.5:8786   # runs on a cluster
 
 It registers four deployments with the Prefect API (PREFECT_API_URL; see
 scripts/prefect-server.sh) and runs their flow runs as subprocesses of this process:
@@ -41,8 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def deployments(params_file: Path, watch: Path | str, out: Path, cron: str | None = "0 3 * * *",
                 interval: float | None = None, watch_every: float = 60.0,
-                watch_state: Path | None = None, rounds: Path | None = None) -> list[RunnerDeployment]:
-    base = {"params_file": str(params_file), "out_dir": str(out)}
+                watch_state: Path | None = None, rounds: Path | None = None,
+                engine: dict | None = None) -> list[RunnerDeployment]:
+    """`engine`: the hindsight runs' task_runner / dask_address / dask_workers (unset: the params file's)."""
+    base = {"params_file": str(params_file), "out_dir": str(out)} | {k: v for k, v in (engine or {}).items() if v is not None}
     rounds_base = base | ({"rounds_root": str(rounds)} if rounds else {})  # agenther/rounds.py
     schedule = {"interval": interval} if interval else {"cron": cron}
     new_logs = DeploymentEventTrigger(
@@ -81,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--watch-every", type=float, default=60.0, help="seconds between watcher runs")
     parser.add_argument("--watch-state", help="the watcher's memory (default .agenther-cache/watch/<folder>-<hash>.json)")
     parser.add_argument("--limit", type=int, default=4, help="flow runs at once in this process")
+    parser.add_argument("--task-runner", choices=("local", "dask"), help="where hindsight runs' batches run "
+                        "(default: the params file's prefect.task_runner)")
+    parser.add_argument("--dask-address", help="tcp://host:8786 of a running Dask cluster (with --task-runner dask)")
+    parser.add_argument("--dask-workers", type=int, help="worker processes of a run's own LocalCluster (no address)")
     args = parser.parse_args(argv)
 
     absolute = {name: Path(getattr(args, name)).resolve() for name in ("params", "out")}
@@ -89,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     state = Path(args.watch_state).resolve() if args.watch_state else None
     rounds = absolute["out"] / "rounds" if args.rounds is None else Path(args.rounds).resolve() if args.rounds else None
     serve(*deployments(absolute["params"], absolute["watch"], absolute["out"], cron=args.cron,
-                       interval=args.interval, watch_every=args.watch_every, watch_state=state, rounds=rounds),
-          limit=args.limit)
+                       interval=args.interval, watch_every=args.watch_every, watch_state=state, rounds=rounds,
+                       engine={"task_runner": args.task_runner, "dask_address": args.dask_address,
+                               "dask_workers": args.dask_workers}), limit=args.limit)
 
 
 if __name__ == "__main__":

@@ -10,22 +10,34 @@ and `dvc repro`; Prefect supplies the per-batch step and the two whole-run stage
 - retries: exponential backoff with jitter, transient errors only (retry.py).
 Ingest is one task that streams the logs into the tables; its cached result is their digests,
 and a cache hit copies them from the folder they were written to.
-Batches of one stage run one after another: `llm.concurrency` already bounds the calls in
-flight inside a batch, and running batches side by side would multiply that bound.
+With the local task runner, batches of one stage run one after another in the flow's thread:
+`llm.concurrency` already bounds the calls in flight inside a batch. With the Dask task runner
+(tasks/dask.py) a stage's batches are submitted to the cluster, at most two per worker thread
+ahead of the one the stage loop waits for (the flow's memory stays flat), and their results come
+back to the stage loop in input order (the tables are the ones the local runner writes); the
+in-flight limit and the other run-wide limits then hold across the workers (tasks/dask.py).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
 import shutil
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture
+from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from agenther import runner
@@ -34,6 +46,12 @@ from agenther.runner import BatchResult, LocalExecutor
 from agenther.stages.package import package_run
 from agenther.workdir import TABLES, file_digest
 from tasks.caching import files_digest, frame_digest, stage_key
+
+if TYPE_CHECKING:
+    from prefect.filesystems import WritableFileSystem
+    from prefect_dask import DaskTaskRunner
+
+    from tasks.dask import WorkerLLMs
 from tasks.retry import retry_if_transient
 
 # Defaults; PrefectExecutor applies params' `prefect:` section with `configured()`.
@@ -57,8 +75,9 @@ def _ingest_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 # -- the tasks: one call into agenther each -----------------------------------------------------
 def _batch(stage: str) -> Task:
     @task(name=f"{stage}-batch", cache_key_fn=_batch_key(stage), **CACHED, **RETRY)
-    def run_batch(batch: pl.DataFrame, params: dict, llms: LLMs) -> BatchResult:
-        return runner.step((stage,), batch, params, llms)[stage]
+    def run_batch(batch: pl.DataFrame, params: dict, llms: LLMs | WorkerLLMs) -> BatchResult:
+        # On a Dask worker `llms` is a description (tasks/dask.py): this process's clients for the run
+        return runner.step((stage,), batch, params, llms if isinstance(llms, LLMs) else llms.llms())[stage]
 
     return run_batch
 
@@ -110,34 +129,87 @@ def push_task(local: str, url: str) -> list[str]:
 
 
 def configured(t: Task, params: dict) -> Task:
-    """`t` with the retry settings of params' `prefect:` section."""
+    """`t` with the retry settings and the result storage of params' `prefect:` section."""
     p = params["prefect"]
+    storage = {"result_storage": result_storage(p["result_storage"], os.environ.get("AGENTHER_S3_ENDPOINT"))} \
+        if p["result_storage"] else {}
     return t.with_options(retries=p["retries"], retry_delay_seconds=exponential_backoff(backoff_factor=p["retry_backoff_s"]),
-                          retry_jitter_factor=p["retry_jitter"])
+                          retry_jitter_factor=p["retry_jitter"], **storage)
+
+
+@functools.cache  # one block document per storage (and S3 endpoint) and process, not one per batch
+def result_storage(url: str, endpoint: str | None = None) -> WritableFileSystem:
+    """Where the batch cache (Prefect's persisted task results) lives when every worker must read
+    it: s3://bucket/prefix through fsspec (s3fs), or a folder all workers mount; saved as a block
+    (Prefect wants result storage persisted server-side). The block holds the endpoint only: s3fs
+    takes the keys from each process's environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or
+    boto's chain), so no key is in a block document, a task parameter or a log. (`endpoint` keys
+    the cache: agenther.s3 reads it from AGENTHER_S3_ENDPOINT.)"""
+    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+    if url.startswith("s3://"):
+        from agenther.s3 import s3_settings
+
+        settings = s3_settings()
+        client = {"region_name": settings.region} | ({"endpoint_url": settings.endpoint} if settings.endpoint else {})
+        block: WritableFileSystem = RemoteFileSystem(basepath=url.rstrip("/"), settings={"client_kwargs": client})
+    elif "://" in url:
+        raise ValueError(f"prefect.result_storage {url!r}: expected s3://bucket/prefix or a folder")
+    else:
+        block = LocalFileSystem(basepath=str(Path(url).resolve()))
+    digest = hashlib.sha256(json.dumps(block.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+    block.save(f"agenther-results-{digest}", overwrite=True)
+    return block
 
 
 # -- the executor -------------------------------------------------------------------------------
 class PrefectExecutor(LocalExecutor):
-    """agenther.runner's executor with every step a Prefect task run (cached, retried)."""
+    """agenther.runner's executor with every step a Prefect task run (cached, retried): in the
+    flow's thread, or, given a DaskTaskRunner, on its cluster (`run` names the run's cluster-wide limits)."""
 
-    def __init__(self) -> None:
+    def __init__(self, task_runner: DaskTaskRunner | None = None, run: str = "local") -> None:
         self._started: dict[str, int] = {}  # rows handed out per stage: names the task runs
+        self.task_runner, self.run = task_runner, run
 
     def batch_rows(self, params: dict) -> int:
         return params["prefect"]["batch_size"]
 
-    def step(self, stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs) -> dict[str, BatchResult]:
-        (stage,) = stages  # the flow does not fuse: each stage's batches are cached on their own
+    def _named(self, stage: str, batch: pl.DataFrame, params: dict) -> Task:
         start = self._started.get(stage, 0)
         self._started[stage] = start + batch.height
-        named = configured(BATCH_TASKS[stage], params).with_options(task_run_name=f"{stage}[{start}:{start + batch.height}]")
-        state = named(batch, params, llms, return_state=True)
-        result: BatchResult = state.result()  # raises the task's error once its retries are spent
-        if state.name == "Cached":  # no call was made now: what it once cost is now a cache hit
-            usage = Usage(**result.usage)
-            result = BatchResult(result.kept, result.rejected,
-                                 vars(Usage(cache_hits=usage.calls + usage.cache_hits)).copy())
-        return {stage: result}
+        return configured(BATCH_TASKS[stage], params).with_options(task_run_name=f"{stage}[{start}:{start + batch.height}]")
+
+    def step(self, stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs) -> dict[str, BatchResult]:
+        (stage,) = stages  # the flow does not fuse: each stage's batches are cached on their own
+        return {stage: _settled(self._named(stage, batch, params)(batch, params, llms, return_state=True))}
+
+    def map_steps(self, stages: tuple[str, ...], batches: Iterator[pl.DataFrame], params: dict,
+                  llms: LLMs) -> Iterator[tuple[pl.DataFrame, dict[str, BatchResult]]]:
+        if self.task_runner is None:
+            yield from super().map_steps(stages, batches, params, llms)
+            return
+        from tasks.dask import WorkerLLMs, check_reachable
+
+        (stage,) = stages
+        # Workers get the clients' description; the model server (if any) is started here, once
+        described = WorkerLLMs.of(llms, self.run, runner.uses_llm(stage, params))
+        check_reachable(described, self.task_runner.client.scheduler.address)
+        ahead = 2 * sum(self.task_runner.client.nthreads().values())  # a worker never waits for its next batch
+        pending: deque[tuple[pl.DataFrame, PrefectFuture]] = deque()
+        try:
+            for batch in batches:
+                task_ = self._named(stage, batch, params)
+                pending.append((batch, self.task_runner.submit(task_, {"batch": batch, "params": params,
+                                                                       "llms": described})))
+                if len(pending) > ahead:
+                    done, future = pending.popleft()
+                    yield done, {stage: _settled(future.wrapped_future.result())}
+            while pending:
+                done, future = pending.popleft()
+                yield done, {stage: _settled(future.wrapped_future.result())}
+        finally:  # a failed batch stops the stage: the ones still queued behind it are not run
+            for _, future in pending:
+                future.wrapped_future.cancel()
 
     def ingest(self, params: dict, work: Path) -> dict:
         t = configured(ingest_task, params)
@@ -148,6 +220,40 @@ class PrefectExecutor(LocalExecutor):
 
     def package(self, params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
         return package_task(params, str(work), str(out_dir), llms)
+
+
+def _settled(state: State) -> BatchResult:
+    """A batch task's final state as the stage loop takes it: its result (raises the task's error
+    once its retries are spent); a cached batch's calls counted as cache hits."""
+    result: BatchResult = state.result()
+    if state.name == "Cached":  # no call was made now: what it once cost is now a cache hit
+        usage = Usage(**result.usage)
+        result = BatchResult(result.kept, result.rejected, vars(Usage(cache_hits=usage.calls + usage.cache_hits)).copy())
+    return result
+
+
+@contextmanager
+def executor(params: dict, run: str) -> Iterator[PrefectExecutor]:
+    """The flow's executor for params' `prefect.task_runner`: "local" (batches in the flow's thread)
+    or "dask" (on `prefect.dask_address`, or on a LocalCluster of `prefect.dask_workers` processes,
+    closed when the block ends)."""
+    p = params["prefect"]
+    if p["task_runner"] == "local":
+        yield PrefectExecutor()
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks import dask  # distributed and prefect-dask: imported only for a run on Dask
+
+    dask.check_llm_params(params["llm"])
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url)
+    # Task runs carry the flow's settings to the workers: with Prefect's temporary local API (no
+    # PREFECT_API_URL) they would each start a temporary API of their own, so name the flow's.
+    with (temporary_settings(updates={PREFECT_API_URL: api_url}),
+          dask.task_runner(p["dask_address"], p["dask_workers"]) as task_runner):
+        yield PrefectExecutor(task_runner, run)
 
 
 def push(out: Path, url: str, params: dict) -> list[str]:

@@ -61,6 +61,8 @@ class FakeLLMServer:
         self.requests: list[dict] = []
         self.answered: list[dict] = []  # requests whose full 200 answer was written
         self.errors: list[str] = []  # what the brain raised (a prompt it has no answer for)
+        self.open = 0  # requests being answered now
+        self.max_open = 0  # the most requests ever open at once (an in-flight limit, seen from here)
         self._lock = threading.Lock()
         server = self
 
@@ -72,6 +74,16 @@ class FakeLLMServer:
                 self._send(200, {"object": "list", "data": [{"id": "local", "object": "model"}]})
 
             def do_POST(self):
+                with server._lock:
+                    server.open += 1
+                    server.max_open = max(server.max_open, server.open)
+                try:
+                    self._answer()
+                finally:
+                    with server._lock:
+                        server.open -= 1
+
+            def _answer(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server._lock:
                     server.requests.append(body)

@@ -12,26 +12,65 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
 
 from agenther import stopping
 from agenther.llm.errors import BudgetExhausted
 
 
+class SharedState(Protocol):
+    """Where a Budget's or a RateLimiter's counters live and what guards them: `hold()` gives
+    the values (a dict) for one read-modify-write, seen by no one else until it ends. The
+    arithmetic stays in Budget and RateLimiter; only this part differs between one process
+    (ProcessState) and a cluster (tasks/dask.py: a distributed.Lock and Variable)."""
+
+    def hold(self) -> Iterator[dict]: ...
+
+
+class ProcessState:
+    """Counters in this process, guarded by a thread lock."""
+
+    def __init__(self) -> None:
+        self._values: dict = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self) -> Iterator[dict]:
+        with self._lock:
+            yield self._values
+
+
 class Budget:
-    """A run-wide spending cap, shared by every client of the run (thread-safe).
+    """A run-wide spending cap, shared by every client of the run (thread-safe; with a cluster's
+    `state`, by every process of the run).
 
     `check()` before a call raises BudgetExhausted once spent >= a limit; `charge()` after
     it adds the real usage. Calls already in flight when the cap is reached still finish,
     so spent can exceed a limit by at most (concurrency - 1) calls."""
 
-    def __init__(self, usd: float | None = None, tokens: int | None = None):
+    def __init__(self, usd: float | None = None, tokens: int | None = None, state: SharedState | None = None):
         self.usd = None if usd is None else float(usd)
         self.tokens = None if tokens is None else int(tokens)
-        self.spent_usd = 0.0
-        self.spent_tokens = 0
-        self.refused = 0  # calls that did not start because the budget was spent
-        self._lock = threading.Lock()
+        self._state = state if state is not None else ProcessState()
+
+    def _read(self, name: str) -> float:
+        with self._state.hold() as values:
+            return values.get(name, 0)
+
+    @property
+    def spent_usd(self) -> float:
+        return float(self._read("spent_usd"))
+
+    @property
+    def spent_tokens(self) -> int:
+        return int(self._read("spent_tokens"))
+
+    @property
+    def refused(self) -> int:
+        """Calls that did not start because the budget was spent."""
+        return int(self._read("refused"))
 
     @classmethod
     def from_params(cls, llm_params: dict) -> Budget:
@@ -42,25 +81,29 @@ class Budget:
         return self.usd is not None or self.tokens is not None
 
     def exhausted(self) -> bool:
-        with self._lock:
-            return self._reached()
+        if not self.limited:
+            return False
+        with self._state.hold() as values:
+            return self._reached(values)
 
-    def _reached(self) -> bool:
-        return ((self.usd is not None and self.spent_usd >= self.usd)
-                or (self.tokens is not None and self.spent_tokens >= self.tokens))
+    def _reached(self, values: dict) -> bool:
+        return ((self.usd is not None and values.get("spent_usd", 0.0) >= self.usd)
+                or (self.tokens is not None and values.get("spent_tokens", 0) >= self.tokens))
 
     def check(self) -> None:
-        with self._lock:
-            if self._reached():
-                self.refused += 1
+        if not self.limited:
+            return  # nothing to hold: no round trip to a cluster's lock for an unlimited run
+        with self._state.hold() as values:
+            if self._reached(values):
+                values["refused"] = values.get("refused", 0) + 1
                 raise BudgetExhausted(
-                    f"LLM budget spent: {self.spent_tokens} tokens / ${self.spent_usd:.6f} "
+                    f"LLM budget spent: {values.get('spent_tokens', 0)} tokens / ${values.get('spent_usd', 0.0):.6f} "
                     f"(limits: tokens={self.tokens}, usd={self.usd})")
 
     def charge(self, tokens: int, usd: float) -> None:
-        with self._lock:
-            self.spent_tokens += int(tokens)
-            self.spent_usd += float(usd)
+        with self._state.hold() as values:
+            values["spent_tokens"] = values.get("spent_tokens", 0) + int(tokens)
+            values["spent_usd"] = values.get("spent_usd", 0.0) + float(usd)
 
 
 class RateLimiter:
@@ -68,32 +111,34 @@ class RateLimiter:
 
     Both buckets start full and refill continuously. `acquire(tokens)` blocks until one
     request and `tokens` tokens are available, then takes them; `correct(actual - estimate)`
-    settles the token bucket once the real usage is known. Thread-safe; `clock` and `sleep`
-    are injectable so a test can drive it without waiting."""
+    settles the token bucket once the real usage is known. Thread-safe; with a cluster's
+    `state` (and a clock every process shares, time.time), one pair of buckets for every process
+    of the run. `clock` and `sleep` are injectable so a test can drive it without waiting."""
 
     def __init__(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = stopping.sleep):
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = stopping.sleep,
+                 state: SharedState | None = None):
         self.rpm = float(requests_per_minute) if requests_per_minute else None
         self.tpm = float(tokens_per_minute) if tokens_per_minute else None
         self.clock, self.sleep = clock, sleep
-        self._requests = self.rpm or 0.0
-        self._tokens = self.tpm or 0.0
-        self._last = clock()
-        self._lock = threading.Lock()
-        self.waited_s = 0.0  # total time callers spent waiting here
+        self._state = state if state is not None else ProcessState()
+        self.waited_s = 0.0  # total time callers in this process spent waiting here
 
     @property
     def limited(self) -> bool:
         return self.rpm is not None or self.tpm is not None
 
-    def _refill(self) -> None:
+    def _refill(self, values: dict) -> None:
+        """Bring the buckets in `values` up to now (full ones when first seen)."""
         now = self.clock()
-        elapsed = max(0.0, now - self._last)
-        self._last = now
+        if "last" not in values:
+            values.update(requests=self.rpm or 0.0, tokens=self.tpm or 0.0, last=now)
+        elapsed = max(0.0, now - values["last"])
+        values["last"] = now
         if self.rpm:
-            self._requests = min(self.rpm, self._requests + elapsed * self.rpm / 60.0)
+            values["requests"] = min(self.rpm, values["requests"] + elapsed * self.rpm / 60.0)
         if self.tpm:
-            self._tokens = min(self.tpm, self._tokens + elapsed * self.tpm / 60.0)
+            values["tokens"] = min(self.tpm, values["tokens"] + elapsed * self.tpm / 60.0)
 
     def acquire(self, tokens: int = 0) -> float:
         """Wait until the call may start; returns the seconds waited."""
@@ -102,18 +147,18 @@ class RateLimiter:
         tokens = min(float(tokens), self.tpm) if self.tpm else 0.0  # one huge call must still pass
         waited = 0.0
         while True:
-            with self._lock:
-                self._refill()
+            with self._state.hold() as values:
+                self._refill(values)
                 wait = 0.0
-                if self.rpm and self._requests < 1.0:
-                    wait = (1.0 - self._requests) * 60.0 / self.rpm
-                if self.tpm and self._tokens < tokens:
-                    wait = max(wait, (tokens - self._tokens) * 60.0 / self.tpm)
+                if self.rpm and values["requests"] < 1.0:
+                    wait = (1.0 - values["requests"]) * 60.0 / self.rpm
+                if self.tpm and values["tokens"] < tokens:
+                    wait = max(wait, (tokens - values["tokens"]) * 60.0 / self.tpm)
                 if wait <= 1e-9:
                     if self.rpm:
-                        self._requests -= 1.0
+                        values["requests"] -= 1.0
                     if self.tpm:
-                        self._tokens -= tokens
+                        values["tokens"] -= tokens
                     self.waited_s += waited
                     return waited
             self.sleep(wait)
@@ -123,9 +168,9 @@ class RateLimiter:
         """Settle the token bucket: delta = real tokens - the estimate taken by acquire()."""
         if not self.tpm or not delta_tokens:
             return
-        with self._lock:
-            self._refill()
-            self._tokens = min(self.tpm, self._tokens - delta_tokens)
+        with self._state.hold() as values:
+            self._refill(values)
+            values["tokens"] = min(self.tpm, values["tokens"] - delta_tokens)
 
 
 def estimate_tokens(messages: list[dict], max_tokens: int) -> int:

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import threading
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 from agenther.llm.cache import cache_location
 from agenther.llm.client import LLMClient
@@ -15,6 +16,46 @@ from agenther.llm.transport import call_litellm
 from agenther.llm.usage import Usage
 
 LOCAL = "local"
+
+
+class Limits:
+    """What every client of a run shares: one Budget (llm.budget_usd / llm.budget_tokens), one
+    in-flight limit (llm.concurrency requests open at once) and one RateLimiter per provider
+    (model + api_base, llm.requests_per_minute / llm.tokens_per_minute). These hold across the
+    threads of this process; tasks/dask.py's ClusterLimits holds them across a Dask cluster's workers."""
+
+    def __init__(self, llm_params: dict, budget: Budget | None = None):
+        self.budget = budget if budget is not None else Budget.from_params(llm_params)
+        self.inflight = threading.BoundedSemaphore(llm_params["concurrency"])
+        self.rpm, self.tpm = llm_params.get("requests_per_minute"), llm_params.get("tokens_per_minute")
+        self._limiters: dict[tuple[str, str | None], RateLimiter] = {}
+        self._lock = threading.Lock()
+
+    def limiter(self, model: str, api_base: str | None) -> RateLimiter | None:
+        """The provider's rate limiter (one per model + api_base), or None without limits."""
+        if not self.rpm and not self.tpm:
+            return None
+        with self._lock:
+            if (model, api_base) not in self._limiters:
+                self._limiters[(model, api_base)] = self.new_limiter(model, api_base)
+            return self._limiters[(model, api_base)]
+
+    def new_limiter(self, model: str, api_base: str | None) -> RateLimiter:
+        return RateLimiter(self.rpm, self.tpm)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a client's calls go and what its cache keys call the model, without its API key:
+    what another process needs to make the same client (a Dask worker: tasks/dask.py), which
+    reads the key from its own environment (AGENTHER_LLM_API_KEY), as this one does."""
+    model: str
+    api_base: str | None
+    identity: str | None
+
+    @classmethod
+    def of(cls, client: LLMClient) -> Endpoint:
+        return cls(client.model, client.api_base, client.identity)
 
 
 class LLMs:
@@ -28,14 +69,14 @@ class LLMs:
     (llm.requests_per_minute / llm.tokens_per_minute), and send their calls from this process
     or, with llm.processes > 0, through the process's pool of worker processes."""
 
-    def __init__(self, params: dict, clients: tuple[LLMClient, LLMClient | None] | None = None):
+    def __init__(self, params: dict, clients: tuple[LLMClient, LLMClient | None] | None = None,
+                 limits: Limits | None = None):
         self.params = params["llm"]
         self._stack = ExitStack()
         self._main, self._judge = clients if clients else (None, None)
         given = self._main.budget if self._main is not None else None
-        self.budget = given if given is not None else Budget.from_params(self.params)
-        self.inflight = threading.BoundedSemaphore(self.params["concurrency"])
-        self._limiters: dict[tuple[str, str | None], RateLimiter] = {}
+        self.limits = limits if limits is not None else Limits(self.params, given)
+        self.budget, self.inflight = self.limits.budget, self.limits.inflight
         self._made = threading.RLock()  # guards the lazy creation of the clients
         self._views: list[LLMs] = []
         self.transport = call_litellm
@@ -51,6 +92,21 @@ class LLMs:
     @classmethod
     def of(cls, params: dict, main: LLMClient, judge: LLMClient | None = None) -> LLMs:
         return cls(params, (main, judge))
+
+    @classmethod
+    def connect(cls, params: dict, main: Endpoint, judge: Endpoint | None, limits: Limits) -> LLMs:
+        """Clients for endpoints another process resolved (`endpoints()`): the same models and
+        cache keys, this process's API key, the given run-wide limits. Starts no model server."""
+        llms = cls(params, limits=limits)
+        llms._main = llms._client_for(main)
+        llms._judge = llms._client_for(judge) if judge is not None else None
+        return llms
+
+    def endpoints(self) -> tuple[Endpoint, Endpoint | None]:
+        """The main model's and (when another) the judge model's endpoints, starting the embedded
+        model server if the run uses it: that server lives as long as this LLMs."""
+        main, judge = self.main(), self.judge()
+        return Endpoint.of(main), (None if judge is main else Endpoint.of(judge))
 
     def __enter__(self) -> LLMs:
         return self
@@ -116,14 +172,12 @@ class LLMs:
 
     def limiter(self, model: str, api_base: str | None) -> RateLimiter | None:
         """The provider's rate limiter (one per model + api_base), or None without limits."""
-        rpm, tpm = self.params.get("requests_per_minute"), self.params.get("tokens_per_minute")
-        if not rpm and not tpm:
-            return None
-        return self._limiters.setdefault((model, api_base), RateLimiter(rpm, tpm))
+        return self.limits.limiter(model, api_base)
 
-    def _client(self, model: str) -> LLMClient:
+    def _common(self) -> dict:
+        """The client settings every model of the run shares."""
         p = self.params
-        common = {
+        return {
             "cache_dir": cache_location(p.get("cache_dir")),
             "max_tokens": p["max_tokens"],
             "timeout_s": p["timeout_s"],
@@ -132,6 +186,14 @@ class LLMs:
             "inflight": self.inflight,
             "transport": self.transport,
         }
+
+    def _client_for(self, endpoint: Endpoint) -> LLMClient:
+        return LLMClient(model=endpoint.model, api_base=endpoint.api_base, identity=endpoint.identity,
+                         api_key=_api_key(endpoint.model, endpoint.api_base),
+                         limiter=self.limiter(endpoint.model, endpoint.api_base), **self._common())
+
+    def _client(self, model: str) -> LLMClient:
+        p, common = self.params, self._common()
         if model == LOCAL and not p.get("api_base"):
             from agenther.llm.server import LocalLLMServer
 
@@ -141,11 +203,16 @@ class LLMs:
                              limiter=self.limiter(server.model, server.api_base), **common)
         if model == LOCAL:  # a llama.cpp (or other OpenAI-compatible) server the user runs
             model = "openai/local"
-        api_key = os.environ.get("AGENTHER_LLM_API_KEY")
-        if api_key is None and p.get("api_base") and model.startswith("openai/") and "OPENAI_API_KEY" not in os.environ:
-            api_key = "none"  # OpenAI-compatible local servers want some key and ignore it
-        return LLMClient(model=model, api_base=p.get("api_base"), api_key=api_key,
+        return LLMClient(model=model, api_base=p.get("api_base"), api_key=_api_key(model, p.get("api_base")),
                          limiter=self.limiter(model, p.get("api_base")), **common)
+
+
+def _api_key(model: str, api_base: str | None) -> str | None:
+    """The key from this process's environment (never from params, never passed between processes)."""
+    api_key = os.environ.get("AGENTHER_LLM_API_KEY")
+    if api_key is None and api_base and model.startswith("openai/") and "OPENAI_API_KEY" not in os.environ:
+        api_key = "none"  # OpenAI-compatible local servers want some key and ignore it
+    return api_key
 
 
 class _View(LLMs):
