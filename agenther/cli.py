@@ -17,35 +17,33 @@ from agenther.devtools import s3_cli
 FORMATS = ("auto", "tau-bench", "toolbench", "messages")
 
 
+def _run_args(parser: argparse.ArgumentParser, limit: str) -> None:
+    """What `run` and `round` both take: the logs, the params and the models."""
+    parser.add_argument("--input", help="log file or folder, or s3://bucket/prefix/ (default: params ingest.input)")
+    parser.add_argument("--format", choices=FORMATS, help="log format (default: params ingest.format)")
+    parser.add_argument("--limit", type=int, help=limit)
+    parser.add_argument("--params", help="params.yaml (default: built-in defaults)")
+    parser.add_argument("--model", help="litellm model for relabeling, or 'local' (default: params llm.model)")
+    parser.add_argument("--judge-model", help="litellm model for the evidence judge")
+    parser.add_argument("--api-base", help="OpenAI-compatible endpoint for --model")
+    parser.add_argument("--map", action="append", default=[], metavar="KEY=VALUE",
+                        help="messages format mapping, e.g. --map messages_path=data.turns --map role_key=from "
+                             "--map roles.human=user")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agenther", description="Turn failed agent runs into training data.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the whole pipeline on a log file or folder")
-    run.add_argument("--input", help="log file or folder (default: params ingest.input)")
-    run.add_argument("--format", choices=FORMATS, help="log format (default: params ingest.format)")
     run.add_argument("--out", required=True, help="output folder")
-    run.add_argument("--limit", type=int, help="only the first N trajectories")
-    run.add_argument("--params", help="params.yaml (default: built-in defaults)")
-    run.add_argument("--model", help="litellm model for relabeling, or 'local' (default: params llm.model)")
-    run.add_argument("--judge-model", help="litellm model for the evidence judge")
-    run.add_argument("--api-base", help="OpenAI-compatible endpoint for --model")
-    run.add_argument("--map", action="append", default=[], metavar="KEY=VALUE",
-                     help="messages format mapping, e.g. --map messages_path=data.turns --map role_key=from "
-                          "--map roles.human=user")
+    _run_args(run, limit="only the first N trajectories")
     run.add_argument("-v", "--verbose", action="store_true")
 
     one_round = sub.add_parser("round", help="one incremental round: only logs no earlier round of this lineage "
                                               "processed, then the union of rounds published (agenther/rounds.py)")
-    one_round.add_argument("--input", help="log file or folder (default: params ingest.input)")
     one_round.add_argument("--root", required=True, help="rounds root: <root>/<lineage>/round-NNNN, published/")
-    one_round.add_argument("--format", choices=FORMATS, help="log format (default: params ingest.format)")
-    one_round.add_argument("--limit", type=int, help="only the first N trajectories of the new files")
-    one_round.add_argument("--params", help="params.yaml (default: built-in defaults)")
-    one_round.add_argument("--model", help="litellm model for relabeling, or 'local'")
-    one_round.add_argument("--judge-model", help="litellm model for the evidence judge")
-    one_round.add_argument("--api-base", help="OpenAI-compatible endpoint for --model")
-    one_round.add_argument("--map", action="append", default=[], metavar="KEY=VALUE", help="as for run")
+    _run_args(one_round, limit="only the first N trajectories of the new files")
     one_round.add_argument("--push-url", help="upload the round and the union to <url>/<lineage>/round-NNNN and "
                                               "<url>/<lineage>/published (S3 settings from the environment)")
     one_round.add_argument("-v", "--verbose", action="store_true")

@@ -9,13 +9,10 @@ would make a second run of the same records all cache hits, so each run here ref
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import json
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,23 +21,10 @@ from pathlib import Path
 import pytest
 from conftest import TAU, list_keys, write_params
 from llm_server import FakeLLMServer, picky_brain, slow
+from prefect_isolation import isolate
 
-_HOME = Path(tempfile.mkdtemp(prefix="agenther-dask-test-"))
-_ENV = {
-    "PREFECT_HOME": str(_HOME),
-    "PREFECT_PROFILES_PATH": str(_HOME / "profiles.toml"),
-    "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{_HOME}/prefect.db",
-    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_HOME / "storage"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "PREFECT_LOGGING_TO_API_ENABLED": "false",
-    # A killed worker's in-flight slots come back after this (30 s by default): the kill test waits less
-    "DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_TIMEOUT": "6s",
-}
-os.environ.update(_ENV)
-os.environ.pop("PREFECT_API_URL", None)
-atexit.register(shutil.rmtree, _HOME, True)
+# A killed worker's in-flight slots come back after the lease timeout (30 s by default): the kill test waits less
+_HOME, _ENV = isolate("agenther-dask-test-", DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_TIMEOUT="6s")
 
 import distributed  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402

@@ -9,7 +9,6 @@ subprocesses on free ports. LLM answers come from the scripted FakeLLMServer.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -18,9 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,21 +25,9 @@ from typing import Any
 import pytest
 from conftest import ROOT, TAU, list_keys, write_params
 from llm_server import FakeLLMServer, Reply, picky_brain
+from prefect_isolation import isolate, server_env, start_server, wait_for
 
-_HOME = Path(tempfile.mkdtemp(prefix="agenther-prefect-test-"))
-_ENV = {
-    "PREFECT_HOME": str(_HOME),
-    "PREFECT_PROFILES_PATH": str(_HOME / "profiles.toml"),
-    "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{_HOME}/prefect.db",
-    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_HOME / "storage"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",  # fresh starts of 15 s seen on 2 loaded cores
-    "PREFECT_LOGGING_TO_API_ENABLED": "false",
-}
-os.environ.update(_ENV)
-os.environ.pop("PREFECT_API_URL", None)  # the temporary local API, never a user's server
-atexit.register(shutil.rmtree, _HOME, True)  # registered first: runs after prefect's own exit handlers
+_HOME, _ENV = isolate("agenther-prefect-test-")
 
 # Only now prefect (it reads its settings at import), and what imports it.
 from prefect.client.orchestration import SyncPrefectClient, get_client  # noqa: E402
@@ -292,18 +277,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float, logs: list[Path], every_s: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    tails = "\n".join(f"--- {p} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:])
-                      for p in logs if p.exists())
-    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tails}")
-
-
 def stop(process: subprocess.Popen) -> None:
     """SIGTERM the process group (the served process's flow runs too), SIGKILL if it lingers."""
     if process.poll() is None:
@@ -337,27 +310,13 @@ def served(tmp_path_factory) -> Iterator[Served]:
     with their own PREFECT_HOME; killed (process groups) at the end, whatever happened."""
     root = tmp_path_factory.mktemp("served")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_HOME": str(root / "server-home"),
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root}/server.db"}
+    env = server_env(root)
     logs = [root / "server.log", root / "serve.log"]
     processes: list[subprocess.Popen] = []
     with FakeLLMServer(picky_brain) as llm:
         try:
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                 "--analytics-off"], env=env, cwd=root, stdout=logs[0].open("w"), stderr=subprocess.STDOUT,
-                start_new_session=True))
-            api = f"http://127.0.0.1:{port}/api"
-
-            def healthy() -> bool:
-                try:
-                    with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                        return r.status == 200
-                except OSError:
-                    return False
-
-            wait_for("the Prefect server to answer", healthy, 120, logs)
+            server, api = start_server(root, env, port, logs[0])
+            processes.append(server)
             served = Served(root, api, llm, logs)
             served.incoming.mkdir()
             params = flow_params(root / "params.yaml", llm.api_base, root / "cache", ingest={"limit": 12})

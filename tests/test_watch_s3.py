@@ -6,10 +6,8 @@ completed `hindsight/on-new-logs` run whose input is that object's URL."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,8 @@ import polars as pl
 import pytest
 from conftest import ROOT, TAU
 from llm_server import FakeLLMServer, picky_brain
-from test_prefect import _try, flow_params, free_port, stop, wait_for  # also isolates this process's Prefect
+from prefect_isolation import server_env, start_server, wait_for
+from test_prefect import _try, flow_params, free_port, stop  # also isolates this process's Prefect
 
 from agenther.devtools.seaweedfs import SeaweedFS
 from agenther.s3 import s3_client
@@ -75,28 +74,13 @@ class Watched:
 def watched(tmp_path_factory) -> Iterator[Watched]:
     root = tmp_path_factory.mktemp("watched")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_HOME": str(root / "server-home"),
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root}/server.db"}
+    env = server_env(root)
     server: subprocess.Popen | None = None
     watched: Watched | None = None
     with SeaweedFS(root / "s3") as store, FakeLLMServer(picky_brain) as llm:
         s3_client(store.settings()).create_bucket(Bucket=BUCKET)
         try:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                 "--analytics-off"], env=env, cwd=root, stdout=(root / "server.log").open("w"),
-                stderr=subprocess.STDOUT, start_new_session=True)
-            api = f"http://127.0.0.1:{port}/api"
-
-            def healthy() -> bool:
-                try:
-                    with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                        return r.status == 200
-                except OSError:
-                    return False
-
-            wait_for("the Prefect server to answer", healthy, 120, [root / "server.log"])
+            server, api = start_server(root, env, port, root / "server.log")
             params = flow_params(root / "params.yaml", llm.api_base, root / "cache")
             # The store's keys reach the watcher and its flow runs through the environment only.
             serve_env = {k: v for k, v in env.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}
