@@ -64,6 +64,15 @@ class Watched:
     def completed(self, deployment: str) -> list:
         return [r for r in self.runs(deployment) if r.state and r.state.is_completed()]
 
+    def rounds_of(self, url: str) -> list[dict]:
+        """The manifest entries of the rounds (one lineage, under <out>/rounds) that read `url`."""
+        (manifest,) = (self.out / "rounds").glob("*/manifest.json")
+        return [r for r in json.loads(manifest.read_text())["rounds"] if r["input"] == url]
+
+    def round_dir(self, entry: dict) -> Path:
+        (lineage,) = (self.out / "rounds").glob("*/manifest.json")
+        return lineage.parent / f"round-{entry['round']:04d}"
+
     def wait_completed(self, deployment: str, n: int, timeout_s: float = 300) -> list:
         return wait_for(f"{n} completed run(s) of {deployment}",
                         lambda: _try(lambda: (done := self.completed(deployment)) and len(done) >= n and done),
@@ -102,12 +111,14 @@ def test_each_object_uploaded_while_watching_or_stopped_triggers_exactly_one_run
     first = watched.put("run-a.json", records[100:106])
     runs = watched.wait_completed("hindsight/on-new-logs", 1)
     assert [r.parameters["input"] for r in runs] == [first]
-    out = watched.out / "incoming" / "run-a"
-    assert runs[0].parameters["out_dir"] == str(out)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["input"]["path"] == first  # the hindsight run read the object itself
+    # Each run is an incremental round on that object (flows.serve's default, under <out>/rounds).
+    (entry,) = watched.rounds_of(first)
+    assert entry["counts"]["new_trajectories"] == 6 and entry["reconciled"]
+    folder = watched.round_dir(entry)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["input"]["path"] == first  # the round read the object itself
     assert summary["stages"]["ingest"]["in"] == 6 and summary["reconciliation"]["ok"]
-    trajectories = pl.read_parquet(out / "00_trajectories.parquet")
+    trajectories = pl.read_parquet(folder / "00_trajectories.parquet")
     assert set(trajectories["source_file"]) == {first}
 
     # Uploaded while nobody watches: found when the watcher is back, from the same state file.
@@ -117,14 +128,17 @@ def test_each_object_uploaded_while_watching_or_stopped_triggers_exactly_one_run
     watched.start()
     runs = watched.wait_completed("hindsight/on-new-logs", 2)
     assert sorted(r.parameters["input"] for r in runs) == sorted([first, second])
-    summary = json.loads((watched.out / "incoming" / "day-2-run-b" / "summary.json").read_text())
+    (entry,) = watched.rounds_of(second)
+    summary = json.loads((watched.round_dir(entry) / "summary.json").read_text())
     assert summary["input"]["path"] == second and summary["stages"]["ingest"]["in"] == 4
 
-    # A changed object (new ETag and size) is news once more.
+    # A changed object (new ETag and size) is news once more: a round of its 3 new runs.
     watched.put("run-a.json", records[110:113])
     runs = watched.wait_completed("hindsight/on-new-logs", 3)
     assert sorted(r.parameters["input"] for r in runs) == sorted([first, first, second])
-    assert json.loads((out / "summary.json").read_text())["stages"]["ingest"]["in"] == 3
+    assert [e["counts"]["new_trajectories"] for e in watched.rounds_of(first)] == [6, 3]
+    published = json.loads((watched.round_dir(entry).parent / "published" / "summary.json").read_text())
+    assert published["stages"]["ingest"]["in"] == 13 and published["reconciliation"]["ok"]
 
     # Listed again unchanged, on later watcher runs: nothing more.
     ticks = len(watched.completed("watch-logs/watch"))
