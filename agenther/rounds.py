@@ -52,10 +52,10 @@ from agenther.adapters import LogFile, log_input
 from agenther.llm import LLMs, Usage
 from agenther.params import params_hash
 from agenther.runner import LOCAL, LocalExecutor, ingest_tables, run_stages
-from agenther.stages.ingest import IngestError
+from agenther.stages.ingest import IngestError, content_digest
 from agenther.stages.package import package_run
 from agenther.tables import TableWriter, iter_batches
-from agenther.workdir import STATS, TABLES, file_digest, read_stats, write_stats, write_text_atomic
+from agenther.workdir import STATS, TABLES, log_file_version, read_stats, write_stats, write_text_atomic
 
 MANIFEST = "manifest.json"
 PUBLISHED = "published"
@@ -84,21 +84,9 @@ def lineage_of(params: dict) -> dict:
     return {"id": f"{hashed}-{prompts_digest}", "params_hash": hashed, "prompt_hashes": prompt_hashes}
 
 
-def trajectory_digest(row: dict) -> str:
-    """What a trajectory says, apart from where it was read (so a moved file is not new)."""
-    body = {k: v for k, v in row.items() if k not in ("source_file", "record_pointer")}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _file_id(f: LogFile | str) -> str:
     """A log file's name across rounds: an object's s3:// URL, a local file's absolute path."""
     return str(f) if str(f).startswith("s3://") else str(Path(f).resolve())
-
-
-def _file_version(f: LogFile) -> str:
-    """What changes when a log file does: a local file's sha256; an object's ETag and size (S3 gives
-    no content digest for free, and a new upload gets a new ETag)."""
-    return file_digest(f) if isinstance(f, Path) else f.signature
 
 
 def _quarantine_key(row: dict) -> str:
@@ -172,7 +160,7 @@ def _round(params: dict, folder: Path, lineage: dict, llms: LLMs, executor: Loca
 
     source = params["ingest"]["input"]
     known = {path: digest for r in rounds for path, digest in r["files"].items()}
-    digests = {f: _file_version(f) for f in log_input(source).files}
+    digests = {f: log_file_version(f) for f in log_input(source).files}
     if not digests:
         raise IngestError(f"{source}: no .json or .jsonl files under it")
     todo = [f for f, d in digests.items() if known.get(_file_id(f)) != d]
@@ -192,7 +180,7 @@ def _round(params: dict, folder: Path, lineage: dict, llms: LLMs, executor: Loca
           TableWriter(work / SEEN, SEEN_SCHEMA) as keys):
         for frame in iter_batches(scratch / TABLES["trajectories"], batch):
             rows = frame.to_dicts()
-            digests_now = [trajectory_digest(r) for r in rows]
+            digests_now = [content_digest(r) for r in rows]
             fresh = [i for i, (r, d) in enumerate(zip(rows, digests_now, strict=True)) if (r["id"], d) not in seen]
             skipped += len(rows) - len(fresh)
             new += len(fresh)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from agenther.llm import BUDGET_EXHAUSTED, Usage
 
@@ -107,9 +108,13 @@ def logs_digest(params: dict) -> str:
     found = log_input(params["ingest"]["input"])
     h = hashlib.sha256()
     for f in found.files:
-        content = file_digest(f) if isinstance(f, Path) else f.signature
-        h.update(f"{found.name_of(f)}\0{content}\0".encode())
+        h.update(f"{found.name_of(f)}\0{log_file_version(f)}\0".encode())
     return h.hexdigest()
+
+
+def log_file_version(f: Any) -> str:
+    """What changes when a log file does: a local file's sha256, an S3 object's ETag and size."""
+    return file_digest(f) if isinstance(f, Path) else f.signature
 
 
 def _stamp_path(work: Path, stage: str) -> Path:

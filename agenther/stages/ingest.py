@@ -164,7 +164,7 @@ def read_logs(
                 if isinstance(item, Quarantined):
                     yield item
                     continue
-                digest = _content_digest(item)
+                digest = content_digest(item)
                 repeats = seen.setdefault(item["id"], set())
                 if digest in repeats:
                     report.duplicates += 1  # the same record again: once is enough
@@ -203,7 +203,7 @@ def _resolve(path: str | Path) -> LogInput:
     return found
 
 
-def _content_digest(row: dict) -> str:
+def content_digest(row: dict) -> str:
     """What a record says, apart from where it was read."""
     body = {k: v for k, v in row.items() if k not in ("source_file", "record_pointer")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
