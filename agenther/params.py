@@ -24,6 +24,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictInt, ValidationError
 from pydantic_core import PydanticCustomError
 
+from agenther.judges import JUDGE_NAMES
+
 
 class ParamsError(ValueError):
     pass
@@ -71,7 +73,6 @@ Temperature = _number(0.0, to_float=True)
 Count = Annotated[StrictInt, Field(ge=0)]
 PositiveCount = Annotated[StrictInt, Field(ge=1)]
 Range = Annotated[list[int | float], PlainValidator(_range)]
-JUDGE_NAMES = ("coverage", "grounding", "policy", "trajectory", "evidence")  # agenther.stages.verify.JUDGES
 
 
 class _Section(BaseModel):
@@ -103,7 +104,7 @@ class Relabel(_Section):
     max_attempts: PositiveCount = 3
     # attempt i uses temperatures[i] (the last one repeats); floats as the LLM requests state them
     temperatures: Annotated[list[Temperature], Field(min_length=1)] = Field(default_factory=lambda: [0.2, 0.5, 0.8])
-    max_goal_similarity: Unit = 0.9
+    max_goal_similarity: Unit = 0.9  # a rewritten turn that had something to drop, this close to its original: echoed
 
 
 class Verify(_Section):

@@ -463,8 +463,8 @@ def test_dataset_card_tolerates_missing_keys():
 def test_shuffled_relabels_do_not_change_rejections():
     verified, classified = tau_inputs(range(5))
     rows = verified.to_dicts()
-    dup = copy.deepcopy(rows[0]) | {"id": rows[1]["id"]}  # another run's relabel with the same prompt text
-    rows[1]["hindsight_prompt"] = dup["hindsight_prompt"]
+    # another run relabeled into the same conversation: its user side duplicates the first one's
+    rows[1] = copy.deepcopy(rows[0]) | {"id": rows[1]["id"]}
     a = package(schema.frame(rows, schema.VERIFIED), classified, PARAMS, LINEAGE)
     b = package(
         schema.frame(random.Random(3).sample(rows, len(rows)), schema.VERIFIED), classified, PARAMS, LINEAGE

@@ -236,6 +236,7 @@ def _counts(stages: dict, gates: dict) -> list[str]:
             k: _n(pkg.get(k))
             for k in (
                 "hindsight_samples",
+                "rewritten_turns",
                 "success_samples",
                 "duplicates",
                 "near_duplicates",
@@ -246,8 +247,13 @@ def _counts(stages: dict, gates: dict) -> list[str]:
         lines += [
             "",
             f"Packaging: {g['hindsight_samples']} hindsight samples, {g['success_samples']} original "
-            f"successes; {g['duplicates']} exact and {g['near_duplicates']} near-duplicate prompts removed; "
+            f"successes; {g['duplicates']} exact and {g['near_duplicates']} near-duplicate user sides removed; "
             f"{g['dpo_natural']} natural and {g['dpo_hindsight']} hindsight preference pairs.",
+            "",
+            f"Rewritten: {g['rewritten_turns']} user turns across the hindsight samples, so that each "
+            "conversation asks for what its run achieved (each sample's `metadata.rewrites` holds every "
+            "rewritten turn's original: step, before, after). The agent's turns, tool calls and tool "
+            "results are never rewritten.",
         ]
     return lines
 

@@ -53,7 +53,7 @@ from pathlib import Path
 import polars as pl
 
 from agenther import schema
-from agenther.evidence.goal import AchievedGoal, first_user_index, sample_messages
+from agenther.evidence.goal import AchievedGoal, first_user_index, rewrites_of, sample_messages, sample_steps
 from agenther.export import formats as exports
 from agenther.export import tokens, trl
 from agenther.export.card import render_dataset_card
@@ -73,7 +73,7 @@ DEFAULTS = {
 }
 PAIR_LEVELS = ("step", "trajectory")
 COUNTS = (  # Packaged.counts keys; hindsight_samples + rejections = accepted_in
-    *("accepted_in", "hindsight_samples", "success_samples", "success_unexportable"),
+    *("accepted_in", "hindsight_samples", "rewritten_turns", "success_samples", "success_unexportable"),
     *("duplicates", "near_duplicates", "unexportable", "sharegpt_assistant_text_dropped"),
     *("dpo_natural", "dpo_natural_skipped", "dpo_hindsight", "dpo_hindsight_unpaired", "dpo_invalid"),
 )
@@ -111,13 +111,19 @@ def trim_trailing(messages: list[dict]) -> list[dict]:
 
 
 def hindsight_messages(row: dict) -> list[dict]:
-    """The hindsight sample of an accepted relabel (goal.sample_messages), each assistant turn
-    weighted 1 (trains) or 0 (context only), ending on an assistant turn."""
+    """The hindsight sample of an accepted relabel (goal.sample_messages: its window of the run, the
+    rewritten user turns in place), each assistant turn weighted 1 (trains) or 0 (context only),
+    ending on an assistant turn."""
     goal = AchievedGoal.model_validate_json(row["achieved_goal"])
     train = set(goal.train_steps)
-    sample = sample_messages(row["messages"], goal, row["hindsight_prompt"])
-    return trim_trailing([{**m, "weight": int(i in train)} if m["role"] == "assistant" else m
-                          for i, m in enumerate(sample)])
+    sample = sample_messages(row["messages"], goal, rewrites_of(row))
+    return trim_trailing([{**m, "weight": int(step in train)} if m["role"] == "assistant" else m
+                          for step, m in zip(sample_steps(row["messages"], goal), sample, strict=True)])
+
+
+def user_side(messages: list[dict]) -> str:
+    """The user turns of a sample, one per line: what a hindsight request is as a whole."""
+    return "\n".join(m.get("content") or "" for m in messages if m["role"] == "user")
 
 
 def _canonical_args(arguments: str | None) -> str:
@@ -299,6 +305,8 @@ def _sample_meta(row: dict, kind: str, base: dict) -> dict:
         "relabel_confidence": _float(row.get("relabel_confidence")) if hindsight else None,
         "relabel_model": row.get("relabel_model") if hindsight else None,
         "judges": _judges(row) if hindsight else [],
+        # the user turns the relabeler rewrote: [{step, before, after}] (step: in the source trajectory)
+        "rewrites": json.loads(row.get("rewrites") or "[]") if hindsight else [],
     }
 
 
@@ -346,18 +354,20 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
             counts["sharegpt_assistant_text_dropped"] += row["metadata"]["assistant_text_dropped"]
         sink.add(name, row)
 
-    # 1. Dedup the hindsight prompts (an empty prompt is no sample at all).
-    with_prompt = []
+    # 1. Dedup the hindsight requests: a sample's whole user side (an empty opening is no sample at all).
+    samples: dict[str, list[dict]] = {}
     for r in rows:
-        if (r.get("hindsight_prompt") or "").strip():
-            with_prompt.append(r)
-        else:
-            rejections.append(
-                schema.rejection(r["id"], STAGE, "unexportable", "accepted without a hindsight prompt")
-            )
+        why = "accepted without a hindsight prompt" if not (r.get("hindsight_prompt") or "").strip() else None
+        if why is None:
+            try:
+                samples[r["id"]] = hindsight_messages(r)
+            except ValueError as exc:
+                why = str(exc)
+        if why is not None:
+            rejections.append(schema.rejection(r["id"], STAGE, "unexportable", why))
             counts["unexportable"] += 1
     result = dedup_prompts(
-        [(r["id"], r["hindsight_prompt"], r.get("relabel_confidence")) for r in with_prompt],
+        [(r["id"], user_side(samples[r["id"]]), r.get("relabel_confidence")) for r in rows if r["id"] in samples],
         p["near_dup_threshold"],
     )
     for d in result.dropped:
@@ -367,7 +377,7 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
                 d.id,
                 STAGE,
                 d.reason,
-                f"hindsight prompt duplicates the one kept for {d.kept_id} (similarity {d.similarity})",
+                f"the sample's user side duplicates the one kept for {d.kept_id} (similarity {d.similarity})",
             )
         )
 
@@ -377,8 +387,7 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
         r = by_id[row_id]
         weight = sample_weight(r.get("severity"), p["weight_alpha"], p["min_weight"])
         try:
-            messages = hindsight_messages(r)
-            pair = _sample_rows(messages, r, weight, _sample_meta(r, "hindsight", base))
+            pair = _sample_rows(samples[row_id], r, weight, _sample_meta(r, "hindsight", base))
         except ValueError as exc:
             rejections.append(schema.rejection(row_id, STAGE, "unexportable", str(exc)))
             counts["unexportable"] += 1
@@ -386,6 +395,7 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
         emit("sft.jsonl", pair[0])
         emit("sharegpt.jsonl", pair[1])
         hindsight_kept.append((r, weight))
+        counts["rewritten_turns"] += len(pair[0]["metadata"]["rewrites"])
     counts["hindsight_samples"] = len(hindsight_kept)
 
     # 3. Which tasks can pair: a success and a failure (natural), or a kept relabel and another run.

@@ -1,17 +1,21 @@
 """Stage 4: independent judges decide whether a sample fully satisfies its hindsight prompt.
 
-Every judge sees the sample (the run cut after what proves its goal, agenther.evidence.goal), not the
-whole run. Judges (params verify.judges), deterministic ones first so a rejection costs no call:
-- coverage: deterministic; the prompt asks for every write the sample trains on and the sample
-  meets every requirement of the prompt (agenther.evidence.coverage);
-- grounding: deterministic; every number, ID, date and name in the prompt occurs in the sample;
+Every judge sees the sample as the trainer will (its window of the run, the relabeler's rewritten
+user turns in place: agenther.evidence.goal.sample_messages), not the whole run. Judges (params
+verify.judges), deterministic ones first so a rejection costs no call:
+- coverage: deterministic; the user side asks for every write the sample trains on, before it, and
+  the sample meets every requirement of the user side (agenther.evidence.coverage);
+- grounding: deterministic; every number, ID, date and name in a rewritten turn occurs in the sample;
+- coherence: deterministic; the conversation read turn by turn: no trained turn asks for what the
+  user gave or speaks of a write the goal lacks, no user turn contradicts the request, every ID a
+  trained call uses was given before it (agenther.evidence.coherence);
 - policy: the sample's writes break no rule the agent was given. Where the log carries ground
   truth, extract has already kept every write the correct run would not make out of the goal;
   elsewhere an LLM reads the agent's rules (its system prompt) and the sample's writes;
 - trajectory: an LLM reads the (compacted) sample and the prompt, never the relabeler's
   rationale or confidence, and checks agreement with what the user said;
-- evidence: an LLM (judge_model) sees only the sample's tool calls and tool results, no
-  narration, and must point every requirement at the tool result that proves it.
+- evidence: an LLM (judge_model) sees only the user side and the sample's tool calls and tool
+  results, no narration, and must point every requirement at the tool result that proves it.
 Policy `all`: one rejection is final (no fallback path accepts it; remaining judges are
 not even asked). Policy `majority`: strictly more than half must accept.
 A judge that cannot be asked because the run's LLM budget is spent ends the record's
@@ -27,8 +31,15 @@ from collections.abc import Callable
 import polars as pl
 
 from agenther import schema
-from agenther.evidence import coverage
-from agenther.evidence.goal import describe_action, evidence_messages, metadata_of, sample_messages
+from agenther.evidence import coherence, coverage
+from agenther.evidence.goal import (
+    describe_action,
+    evidence_messages,
+    metadata_of,
+    rewrites_of,
+    sample_messages,
+    sample_steps,
+)
 from agenther.evidence.grounding import ungrounded
 from agenther.evidence.render import defuse, render, tool_calls
 from agenther.evidence.tools import is_error
@@ -38,19 +49,27 @@ from agenther.llm.ask import Asked, ask
 from agenther.stages.relabel import goal_of, relabel_one, relabel_output
 
 STAGE = "verify"
-JUDGE_NAMES = ("coverage", "grounding", "policy", "trajectory", "evidence")
 RULES_CHARS = 6000  # of the agent's system prompt shown to the policy judge
 
 Judgement = dict  # schema.JUDGEMENT: judge, model, accept, confidence, reason
 
 
-def sample_of(row: dict) -> list[dict]:
-    """The sample as the judges read it: as it will be trained on (the run cut after what proves
-    its goal, the hindsight prompt in place of the first user turn: goal.sample_messages), plus
-    the results of its writes where the cut ends on a call."""
+def sample_of(row: dict) -> tuple[list[dict], set[int]]:
+    """The sample as the judges read it: as it will be trained on (goal.sample_messages: its window,
+    the rewritten user turns in place), plus the results of its writes where the cut ends on a call;
+    and the positions in it of the steps that evidence the goal (a transcript keeps them)."""
     goal = goal_of(row)
-    end = max([goal.sample_end, *(a.result_step + 1 for a in goal.actions)])
-    return sample_messages(row["messages"], goal.model_copy(update={"sample_end": end}), row["hindsight_prompt"])
+    goal = goal.model_copy(update={"sample_end": max([goal.sample_end, *(a.result_step + 1 for a in goal.actions)])})
+    position = {step: i for i, step in enumerate(sample_steps(row["messages"], goal))}
+    evidence = {position[s] for s in goal.evidence_steps() if s in position}
+    return sample_messages(row["messages"], goal, rewrites_of(row)), evidence
+
+
+def user_side(row: dict) -> list[tuple[int, str]]:
+    """(run step, text) of the sample's user turns as the trainer sees them."""
+    goal, rewrites = goal_of(row), rewrites_of(row)
+    return [(i, rewrites.get(i, row["messages"][i].get("content") or ""))
+            for i in sample_steps(row["messages"], goal) if row["messages"][i]["role"] == "user"]
 
 
 def _transcript_tokens(params: dict) -> int:
@@ -58,16 +77,28 @@ def _transcript_tokens(params: dict) -> int:
 
 
 def judge_coverage(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    missed = coverage.misses(row["hindsight_prompt"], goal_of(row), row, params)
-    reason = ("the prompt asks for every write of the sample, and the sample meets every requirement"
+    missed = coverage.misses(user_side(row), goal_of(row), row, params, rewritten=rewrites_of(row))
+    reason = ("the user side asks for every write of the sample, and the sample meets every requirement"
               if not missed else "; ".join(f"{code}: {detail}" for code, detail in missed))
     return {"judge": "coverage", "model": "rules", "accept": not missed, "confidence": 1.0, "reason": reason}
 
 
 def judge_grounding(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    missing = ungrounded(row["hindsight_prompt"], evidence_messages(row["messages"], goal_of(row)))
-    reason = "every detail occurs in the sample" if not missing else "not in the sample: " + ", ".join(missing)
+    rewrites = rewrites_of(row)
+    written = "\n".join(rewrites.values())
+    missing = ungrounded(written, evidence_messages(row["messages"], goal_of(row))) if written else []
+    reason = ("no rewritten turn" if not rewrites else
+              "every detail occurs in the sample" if not missing else "not in the sample: " + ", ".join(missing))
     return {"judge": "grounding", "model": "rules", "accept": not missing, "confidence": 1.0, "reason": reason}
+
+
+def judge_coherence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+    goal = goal_of(row)
+    turns = coherence.sample_turns(row["messages"], sample_steps(row["messages"], goal), goal, rewrites_of(row))
+    found = coherence.defects(turns, goal, row, params)
+    reason = ("every turn follows from the request and what the user said before it" if not found else
+              "; ".join(f"{d.code}: step {d.step}: {d.detail}" for d in found))
+    return {"judge": "coherence", "model": "rules", "accept": not found, "confidence": 1.0, "reason": reason}
 
 
 def judge_policy(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
@@ -105,7 +136,8 @@ def _ruled(judge: str, reason: str) -> Judgement:
 
 
 def judge_trajectory(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    transcript = render(sample_of(row), keep=goal_of(row).evidence_steps(), budget_tokens=_transcript_tokens(params))
+    messages, evidence = sample_of(row)
+    transcript = render(messages, keep=evidence, budget_tokens=_transcript_tokens(params))
     asked = ask(llm, "judge_trajectory", TrajectoryAnswer, stage=STAGE, temperatures=[0.0], attempts=2,
                 request=defuse(row["hindsight_prompt"]), transcript=transcript)
     if asked.answer is None:
@@ -118,11 +150,12 @@ def judge_trajectory(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClie
 
 
 def judge_evidence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    messages = sample_of(row)
-    transcript = render(messages, keep=goal_of(row).evidence_steps(), roles=("tool",),
+    messages, evidence = sample_of(row)
+    transcript = render(messages, keep=evidence, roles=("tool",),
                         budget_tokens=_transcript_tokens(params))
+    request = "\n".join(text for _, text in user_side(row))
     asked = ask(judge_llm, "judge_evidence", EvidenceAnswer, stage=STAGE, temperatures=[0.0], attempts=2,
-                request=defuse(row["hindsight_prompt"]), transcript=transcript)
+                request=defuse(request), transcript=transcript)
     if asked.answer is None:
         return _invalid("evidence", judge_llm, asked)
     d = asked.answer
@@ -139,6 +172,7 @@ def judge_evidence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient
 JUDGES: dict[str, Callable[..., Judgement]] = {
     "coverage": judge_coverage,
     "grounding": judge_grounding,
+    "coherence": judge_coherence,
     "policy": judge_policy,
     "trajectory": judge_trajectory,
     "evidence": judge_evidence,
