@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 
@@ -71,7 +81,7 @@ Temperature = _number(0.0, to_float=True)
 Count = Annotated[StrictInt, Field(ge=0)]
 PositiveCount = Annotated[StrictInt, Field(ge=1)]
 Range = Annotated[list[int | float], PlainValidator(_range)]
-JUDGE_NAMES = ("coverage", "grounding", "policy", "trajectory", "evidence")  # agenther.stages.verify.JUDGES
+JUDGE_NAMES = ("replay", "coverage", "grounding", "policy", "trajectory", "evidence")  # agenther.stages.verify.JUDGES
 
 
 class _Section(BaseModel):
@@ -112,6 +122,23 @@ class Verify(_Section):
         default_factory=lambda: list(JUDGE_NAMES))
     judge_confidence_threshold: Unit = 0.6
     transcript_tokens: PositiveCount = 600  # the sample as an LLM judge reads it, compacted to about this
+
+
+class Replay(_Section):
+    """Which replayable environment (agenther/envs) proves samples and makes tasks: `auto` picks one
+    by the record's source format (tau-bench airline logs: tau-bench-airline), `none` turns replay
+    off, a name (an installed entry point of group agenther.envs) is used for every record."""
+    env: str = "auto"
+
+    @field_validator("env")
+    @classmethod
+    def _installed(cls, value: str) -> str:
+        # a name only, read from the installed metadata (agenther.envs.GROUP): loading is the judge's
+        known = sorted(ep.name for ep in importlib.metadata.entry_points(group="agenther.envs"))
+        if value not in ("auto", "none", *known):
+            raise PydanticCustomError("unknown_env", f"Input should be auto, none or an installed environment "
+                                                     f"({', '.join(known) or 'none installed'})")
+        return value
 
 
 class Tools(_Section):
@@ -197,6 +224,7 @@ class Params(_Section):
     extract: Extract = Field(default_factory=Extract)
     relabel: Relabel = Field(default_factory=Relabel)
     verify: Verify = Field(default_factory=Verify)
+    replay: Replay = Field(default_factory=Replay)
     tools: Tools = Field(default_factory=Tools)
     package: Package = Field(default_factory=Package)
     gates: Gates = Field(default_factory=Gates)

@@ -134,7 +134,8 @@ class LLMs:
         judge = self._judge.name if self._judge else self._declared(self.params.get("judge_model") or
                                                                      self.params["model"])
         # policy asks the judge model only where the log has no ground truth; by rules otherwise
-        names = {"coverage": "rules", "grounding": "rules", "policy": judge, "trajectory": self.main_name(),
+        names = {"replay": "environment", "coverage": "rules", "grounding": "rules", "policy": judge,
+                 "trajectory": self.main_name(),
                  "evidence": judge}
         return [names[j] for j in params["verify"]["judges"]]
 
