@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from agenther.judges import JUDGE_NAMES
@@ -115,6 +125,23 @@ class Verify(_Section):
     transcript_tokens: PositiveCount = 600  # the sample as an LLM judge reads it, compacted to about this
 
 
+class Replay(_Section):
+    """Which replayable environment (agenther/envs) proves samples and makes tasks: `auto` picks one
+    by the record's source format (tau-bench airline logs: tau-bench-airline), `none` turns replay
+    off, a name (an installed entry point of group agenther.envs) is used for every record."""
+    env: str = "auto"
+
+    @field_validator("env")
+    @classmethod
+    def _installed(cls, value: str) -> str:
+        # a name only, read from the installed metadata (agenther.envs.GROUP): loading is the judge's
+        known = sorted(ep.name for ep in importlib.metadata.entry_points(group="agenther.envs"))
+        if value not in ("auto", "none", *known):
+            raise PydanticCustomError("unknown_env", f"Input should be auto, none or an installed environment "
+                                                     f"({', '.join(known) or 'none installed'})")
+        return value
+
+
 class Tools(_Section):
     """Which tools change state (agenther/evidence/tools.py): by default from each tool's name and
     schema description; these lists always win. `requests`: tool -> the words that ask for it."""
@@ -198,6 +225,7 @@ class Params(_Section):
     extract: Extract = Field(default_factory=Extract)
     relabel: Relabel = Field(default_factory=Relabel)
     verify: Verify = Field(default_factory=Verify)
+    replay: Replay = Field(default_factory=Replay)
     tools: Tools = Field(default_factory=Tools)
     package: Package = Field(default_factory=Package)
     gates: Gates = Field(default_factory=Gates)

@@ -57,11 +57,30 @@ def sentences(text: str) -> list[str]:
     return [s for s in SENTENCE.split(text or "") if s.strip()]
 
 
+# Who does what: a participle after one of these is an action ("I cancelled", "it cannot be canceled"),
+# after anything else a state ("flights booked on the same day").
+ACTORS = frozenset(["i", "we", "you", "they", "he", "she", "it", "have", "has", "had", "will", "would", "can", "could", "to", "please", "let", "i'll", "i've", "we've", "you've", "be"])
+# An event's name ("the flight cancellation") speaks of the action only where something is offered or asked.
+OFFERING = re.compile(r"\?|\b(can|could|would|will|shall|eligible|proceed|able|unable|like|want|need|policy|"
+                      r"allowed|possible|please|let me|i'll)\b", re.I)
+
+
 def _describes_state(sentence: str, verbs: frozenset[str]) -> bool:
-    """Every word of the write's verb group in the sentence is a state ("is booked"), none an action."""
-    found = [m.group(3).lower() for m in STATE.finditer(sentence)]
-    said = [w for w in words(sentence) if w in verbs]
-    return bool(said) and all(w in found for w in said)
+    """Every word of the write's verb group in the sentence is a state ("is booked", "flights booked
+    on May 12") or an event's name without an offer ("the inconvenience of the flight cancellation"),
+    none an action."""
+    found = {m.group(3).lower() for m in STATE.finditer(sentence)}
+    tokens = re.findall(r"[a-z']+", sentence.lower())
+    said = [(i, w) for i, w in enumerate(tokens) if w in verbs]
+
+    def state(i: int, w: str) -> bool:
+        if w in found:
+            return True
+        if w.endswith("ed"):
+            return i > 0 and tokens[i - 1] not in ACTORS
+        return w.endswith(("tion", "tions")) and not OFFERING.search(sentence)
+
+    return bool(said) and all(state(i, w) for i, w in said)
 
 
 def argument_words(arguments: Iterable[str]) -> set[str]:

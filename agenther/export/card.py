@@ -31,6 +31,9 @@ FILES = {  # file: (format, who reads it as it is)
     "hf/data/success-*.parquet": ("config `sft`, split `success`", "datasets.load_dataset(\"hf\", \"sft\")"),
     "hf/data/preference-*.parquet": ("config `preference`, split `train`",
                                    "datasets.load_dataset(\"hf\", \"preference\")"),
+    "tasks/*.jsonl": ("tau-bench tasks: `user_id`, `instruction`, `actions` (`[{name, kwargs}]`), `outputs`; "
+                      "`sample_id`, `data_hash`, `told`, `source`",
+                      "a tau-bench runner (the environment's name is the file's)"),
     "sft.jsonl": ("annotated: OpenAI-format `messages`, `tools`, `weight`, `metadata` (lineage)",
                   "agenther's own record (every file above is derived from these three)"),
     "dpo.jsonl": ("annotated: `prompt`, `chosen`, `rejected`, `tools`, `weight`, `metadata`", "agenther's own record"),
@@ -55,7 +58,9 @@ METHOD = """\
    the failed goal or the transcript. Attempts that fail a check (confidence, coverage,
    grounding, pasting the record) are retried with the reason, then dropped.
 4. **verify**: judges check the prompt against the sample; a judge's rejection is final.
-   Deterministic first: coverage (the prompt asks for every write the sample trains on, and
+   Deterministic first: replay, where the log's environment can be replayed (tau-bench airline:
+   the sample's trained writes, run from the initial state, reach the run's state at its cut),
+   coverage (the prompt asks for every write the sample trains on, and
    the sample meets every requirement of the prompt) and grounding (every number, ID, date and
    name of the prompt occurs in the sample); then policy (the writes break no rule the agent
    was given), and LLM judges of the whole sample and of its tool evidence.
@@ -255,6 +260,9 @@ def _counts(stages: dict, gates: dict) -> list[str]:
             "rewritten turn's original: step, before, after). The agent's turns, tool calls and tool "
             "results are never rewritten.",
         ]
+        if pkg.get("hindsight_tasks") is not None:
+            lines += ["", f"Hindsight tasks with a verifiable reward (`tasks/`): {_n(pkg['hindsight_tasks'])}; each one's "
+                          "`actions`, replayed from the environment's initial state, give its `data_hash`."]
     return lines
 
 

@@ -134,7 +134,7 @@ class LLMs:
     def judge_names(self, params: dict) -> list[str]:
         judge = self._judge.name if self._judge else self._declared(self.params.get("judge_model") or
                                                                      self.params["model"])
-        names = {"rules": "rules", "main": self.main_name(), "judge": judge}
+        names = {"rules": "rules", "environment": "environment", "main": self.main_name(), "judge": judge}
         return [names[JUDGE_MODELS[j]] for j in params["verify"]["judges"]]
 
     def view(self) -> LLMs:

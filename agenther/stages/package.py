@@ -18,6 +18,7 @@ from agenther import prompts
 from agenther.export import parquet
 from agenther.export.card import parquet_card, render_dataset_card
 from agenther.export.report import render_report
+from agenther.export.tasks import export_tasks
 from agenther.llm import BUDGET_EXHAUSTED, LLMs, Usage
 from agenther.params import params_hash
 from agenther.stages.samples import Exported, export_samples
@@ -41,6 +42,7 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs, round_of: Mappi
     }
     packaged = export_samples(verified.filter(pl.col("verified")), classified_path, params["package"], lineage, out,
                               batch_rows(params), tokenizer_model=params["llm"].get("local_model"), round_of=round_of)
+    add_tasks(packaged, verified, params, out)
     rejected = pl.concat([read_table(work, f"{s}_rejected", params) for s in ("extract", "relabel", "verify")]
                          + [packaged.rejections])
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
@@ -62,6 +64,15 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs, round_of: Mappi
         card_path.unlink(missing_ok=True)
     write_text_atomic(out / "report.html", render_report(summary, verified, rejected, classified, work, out))
     return summary
+
+
+def add_tasks(packaged: Exported, verified: pl.DataFrame, params: dict, out: Path) -> None:
+    """The hindsight tasks of the exported samples (agenther/export/tasks.py), counted with the exports."""
+    exported = verified.filter(pl.col("verified") & ~pl.col("id").is_in(packaged.rejections["id"].to_list()))
+    tasks = export_tasks(exported.to_dicts(), params, out)
+    packaged.digests.update(tasks.digests)
+    packaged.files.update(tasks.rows)
+    packaged.counts.update(hindsight_tasks=sum(tasks.rows.values()), hindsight_tasks_skipped=len(tasks.skipped))
 
 
 def _by_reason(rejected: pl.DataFrame, stage: str) -> dict[str, int]:

@@ -3,6 +3,10 @@
 Every judge sees the sample as the trainer will (its window of the run, the relabeler's rewritten
 user turns in place: agenther.evidence.goal.sample_messages), not the whole run. Judges (params
 verify.judges), deterministic ones first so a rejection costs no call:
+- replay: deterministic, where the log's environment can be replayed (agenther/envs; params
+  replay.env); elsewhere it does not apply. The sample's trained writes, replayed from the
+  initial state, all succeed and reach the run's state at the sample's cut; else `replay_mismatch`
+  with the first call that differs (agenther/envs/proof.py);
 - coverage: deterministic; the user side asks for every write the sample trains on, before it, and
   the sample meets every requirement of the user side (agenther.evidence.coverage);
 - grounding: deterministic; every number, ID, date and name in a rewritten turn occurs in the sample;
@@ -31,6 +35,8 @@ from collections.abc import Callable
 import polars as pl
 
 from agenther import schema
+from agenther.envs import open_env
+from agenther.envs.proof import REPLAY_MISMATCH, env_for, prove
 from agenther.evidence import coherence, coverage
 from agenther.evidence.goal import (
     describe_action,
@@ -74,6 +80,15 @@ def user_side(row: dict) -> list[tuple[int, str]]:
 
 def _transcript_tokens(params: dict) -> int:
     return params["verify"]["transcript_tokens"]
+
+
+def judge_replay(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement | None:
+    """None (does not apply) where no environment replays the record's log."""
+    env = env_for(row, params)
+    if env is None:
+        return None
+    proof = prove(row["messages"], goal_of(row), open_env(env))
+    return {"judge": "replay", "model": f"env:{env}", "accept": proof.ok, "confidence": 1.0, "reason": proof.reason}
 
 
 def judge_coverage(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
@@ -169,7 +184,8 @@ def judge_evidence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient
     return {"judge": "evidence", "model": judge_llm.name, "accept": accept, "confidence": confidence, "reason": reason}
 
 
-JUDGES: dict[str, Callable[..., Judgement]] = {
+JUDGES: dict[str, Callable[..., Judgement | None]] = {
+    "replay": judge_replay,
     "coverage": judge_coverage,
     "grounding": judge_grounding,
     "coherence": judge_coherence,
@@ -206,7 +222,7 @@ def _threshold(params: dict) -> float:
 def decide(judgements: list[Judgement], policy: str, n_judges: int) -> bool:
     accepts = sum(j["accept"] for j in judgements)
     if policy == "all":
-        return len(judgements) == n_judges and accepts == n_judges
+        return 0 < n_judges == len(judgements) == accepts  # no judge that applies: not verified
     return accepts * 2 > n_judges
 
 
@@ -214,23 +230,31 @@ def verify_one(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) ->
     names = list(params["verify"]["judges"])
     policy = params["verify"]["policy"]
     judgements: list[Judgement] = []
+    applied = 0
     for name in names:
-        judgements.append(JUDGES[name](row, params, llm, judge_llm))
+        judgement = JUDGES[name](row, params, llm, judge_llm)
+        if judgement is None:
+            continue  # the judge does not apply to this record (replay: no environment)
+        applied += 1
+        judgements.append(judgement)
         if _undone(judgements[-1]):
             return row | {"judgements": judgements, "verified": False}  # budget spent: left undone
         if policy == "all" and not judgements[-1]["accept"]:
             break  # final: no later judge can overturn it
-    return row | {"judgements": judgements, "verified": decide(judgements, policy, len(names))}
+    return row | {"judgements": judgements, "verified": decide(judgements, policy, applied)}
 
 
 def _rejection_reason(judgements: list[Judgement]) -> str:
     """budget_exhausted (left undone); invalid_llm_answer when every judge that did not accept gave
-    no valid verdict; else rejected_by_<the judges that did not accept>."""
+    no valid verdict; replay_mismatch when replay did not accept; else rejected_by_<the judges that
+    did not accept>."""
     if any(_undone(j) for j in judgements):
         return BUDGET_EXHAUSTED
     refused = [j for j in judgements if not j["accept"]]
     if refused and all(_invalid_answer(j) for j in refused):
         return INVALID_LLM_ANSWER
+    if refused and all(j["reason"].startswith(REPLAY_MISMATCH) for j in refused):
+        return REPLAY_MISMATCH
     return "rejected_by_" + "+".join(j["judge"] for j in refused)
 
 
