@@ -1,7 +1,8 @@
 """Hindsight tasks: each exported hindsight sample of a replayable log as a task with a verifiable reward.
 
-A hindsight goal plus the writes that achieve it is a new task: the instruction (the hindsight
-prompt), the expected actions (the sample's trained writes, in order) and the hash of the state
+A hindsight goal plus the writes that achieve it is a new task: the instruction (what the user
+says in the sample, turn by turn: a simulated user needs the details the user gives later, where
+the agent asks for them, not only the opening), the expected actions (the sample's trained writes, in order) and the hash of the state
 they produce. `<out>/tasks/<env>.jsonl` has one per sample, sorted by `sample_id`, in tau-bench's
 task shape (`user_id`, `actions` as `[{name, kwargs}]`, `instruction`, `outputs`), so a tau-bench
 runner can score an agent on them, plus `sample_id`, `data_hash` (the state after replaying
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from agenther.envs import open_env
 from agenther.envs.proof import as_calls, changes, env_for, run_calls, trained_writes
-from agenther.evidence.goal import AchievedGoal, metadata_of
+from agenther.evidence.goal import AchievedGoal, metadata_of, rewrites_of, sample_steps
 from agenther.export.files import file_sha256
 from agenther.workdir import write_text_atomic
 
@@ -40,6 +41,17 @@ class Tasks:
 OPENS_AFTER_A_CHANGE = "the run changed the state before the sample's opening"
 
 
+def instruction(row: dict, goal: AchievedGoal) -> str:
+    """A simulated user's brief: the sample's user turns, in order, as the trainer sees them."""
+    rewrites = rewrites_of(row)
+    said = [rewrites.get(i, row["messages"][i].get("content") or "") for i in sample_steps(row["messages"], goal)
+            if row["messages"][i]["role"] == "user"]
+    if len(said) == 1:
+        return said[0]
+    return "You open with: " + said[0] + "\nThen, as the agent asks, you say in turn:\n" + "\n".join(
+        f"- {text}" for text in said[1:])
+
+
 def hindsight_task(row: dict, goal: AchievedGoal, data_hash: str) -> dict:
     meta = metadata_of(row)
     actions = [{"name": a.tool, "kwargs": a.arguments} for a in trained_writes(goal)]
@@ -48,7 +60,7 @@ def hindsight_task(row: dict, goal: AchievedGoal, data_hash: str) -> dict:
     return {
         "sample_id": f"hindsight:{row['id']}",
         "user_id": user,
-        "instruction": row["hindsight_prompt"],
+        "instruction": instruction(row, goal),
         "actions": actions,
         "outputs": [] if actions else facts,
         "told": facts if actions else [],

@@ -31,6 +31,7 @@ that only such judges turned down is rejected as `invalid_llm_answer`, with the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import polars as pl
 
@@ -226,22 +227,38 @@ def decide(judgements: list[Judgement], policy: str, n_judges: int) -> bool:
     return accepts * 2 > n_judges
 
 
-def verify_one(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> dict:
-    names = list(params["verify"]["judges"])
-    policy = params["verify"]["policy"]
-    judgements: list[Judgement] = []
-    applied = 0
-    for name in names:
-        judgement = JUDGES[name](row, params, llm, judge_llm)
+@dataclass
+class _Judging:
+    """One record's judgements as they come in, judge after judge."""
+    row: dict
+    judgements: list[Judgement] = field(default_factory=list)
+    applied: int = 0  # judges that applied to the record (replay applies only where an environment does)
+    undone: bool = False  # a judge could not be asked: the run's budget is spent
+    over: bool = False  # no later judge is asked
+
+    def add(self, judgement: Judgement | None, policy: str) -> None:
         if judgement is None:
-            continue  # the judge does not apply to this record (replay: no environment)
-        applied += 1
-        judgements.append(judgement)
-        if _undone(judgements[-1]):
-            return row | {"judgements": judgements, "verified": False}  # budget spent: left undone
-        if policy == "all" and not judgements[-1]["accept"]:
-            break  # final: no later judge can overturn it
-    return row | {"judgements": judgements, "verified": decide(judgements, policy, applied)}
+            return  # the judge does not apply to this record (replay: no environment)
+        self.applied += 1
+        self.judgements.append(judgement)
+        if _undone(judgement):
+            self.undone = self.over = True  # budget spent: left undone
+        elif policy == "all" and not judgement["accept"]:
+            self.over = True  # final: no later judge can overturn it
+
+    def result(self, policy: str) -> dict:
+        verified = not self.undone and decide(self.judgements, policy, self.applied)
+        return self.row | {"judgements": self.judgements, "verified": verified}
+
+
+def verify_one(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> dict:
+    policy = params["verify"]["policy"]
+    judging = _Judging(row)
+    for name in params["verify"]["judges"]:
+        if judging.over:
+            break
+        judging.add(JUDGES[name](row, params, llm, judge_llm), policy)
+    return judging.result(policy)
 
 
 def _rejection_reason(judgements: list[Judgement]) -> str:
@@ -279,9 +296,18 @@ def verify(relabeled: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: LLM
     """Kept: every judged row with its judgements and `verified`; rejected: the unverified."""
     check_judges(params)
     judge_llm = judge_llm or llm
-    rows = map_concurrent(lambda r: verify_one(r, params, llm, judge_llm), relabeled.to_dicts(),
-                          params["llm"]["concurrency"])
-    return verify_output(rows)
+    policy = params["verify"]["policy"]
+    judgings = [_Judging(r) for r in relabeled.to_dicts()]
+    # Judge by judge over the records (the same judgements as verify_one's record by record): calls
+    # in a row share their template's fixed instructions, which llama.cpp's and providers' prompt
+    # caches then reuse.
+    for name in params["verify"]["judges"]:
+        todo = [j for j in judgings if not j.over]
+        verdicts = map_concurrent(lambda j: JUDGES[name](j.row, params, llm, judge_llm), todo,  # noqa: B023
+                                  params["llm"]["concurrency"])
+        for judging, verdict in zip(todo, verdicts, strict=True):
+            judging.add(verdict, policy)
+    return verify_output([j.result(policy) for j in judgings])
 
 
 # -- relabel and verify fused: no barrier between the stages ----------------------------------
