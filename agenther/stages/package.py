@@ -15,8 +15,8 @@ import polars as pl
 
 import agenther
 from agenther import prompts
-from agenther.export import parquet
-from agenther.export.card import parquet_card, render_dataset_card
+from agenther.export.card import render_dataset_card
+from agenther.export.registry import exporters
 from agenther.export.report import render_report
 from agenther.export.tasks import export_tasks
 from agenther.llm import BUDGET_EXHAUSTED, LLMs, Usage
@@ -57,11 +57,9 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs, round_of: Mappi
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     card = render_dataset_card(summary)
     write_text_atomic(out / "dataset_card.md", card)
-    card_path = out / parquet.CARD
-    if summary["exports"]["parquet_configs"]:  # the Parquet dataset's own card names its files
-        write_text_atomic(card_path, parquet_card(summary, card))
-    else:
-        card_path.unlink(missing_ok=True)
+    for exporter in exporters():  # files made from the summary and the card (the Parquet dataset's README)
+        if exporter.publish is not None:
+            exporter.publish(out, summary, card)
     write_text_atomic(out / "report.html", render_report(summary, verified, rejected, classified, work, out))
     return summary
 
@@ -140,8 +138,7 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
         "llm": {s: _rounded(u) for s, u in usage.items()} | {"total": _rounded(total)}
                | _accounting(params, total, rejected, accepted),
         "exports": {"files": packaged.digests, **packaged.rows, "rows": packaged.files,
-                    "not_written": packaged.not_written, "token_lengths": packaged.token_lengths,
-                    "parquet_configs": parquet.configs(packaged.digests)},
+                    "not_written": packaged.not_written, "token_lengths": packaged.token_lengths},
         "lineage": lineage,
         "notes": llms.notes(),
     }

@@ -55,10 +55,11 @@ import polars as pl
 from agenther import schema
 from agenther.evidence.goal import AchievedGoal, first_user_index, rewrites_of, sample_messages, sample_steps
 from agenther.export import formats as exports
-from agenther.export import tokens, trl
+from agenther.export import tokens
 from agenther.export.card import render_dataset_card
 from agenther.export.dedup import dedup_prompts
 from agenther.export.files import ANNOTATED, SortedJsonlSink
+from agenther.export.registry import exporters
 from agenther.export.schemas import validate_dpo, validate_sft
 from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter, iter_batches
 
@@ -90,7 +91,7 @@ class Exported:
     rows: dict[str, int]  # sft / dpo / sharegpt -> rows written (the annotated files)
     files: dict[str, int]  # every export file written -> rows (dataset_info.json: datasets named)
     not_written: dict[str, str]  # export file -> why it was not written
-    token_lengths: dict  # per TRL file: percentiles and the max_length that cuts no row (or why none)
+    token_lengths: dict  # per measured file (TRL's): percentiles, total, the max_length that cuts no row (or why none)
 
 
 # --- message helpers ---------------------------------------------------------------------
@@ -593,8 +594,8 @@ def export_samples(verified: pl.DataFrame, classified: Path, params: dict, linea
                    measure_tokens: bool = True, round_of: Mapping[str, int] | None = None) -> Exported:
     """The package stage's product: `package_into` over the classified table at `classified`
     (read in batches), its rows written to the export files in `out` (sorted by sample id,
-    bounded memory: SortedJsonlSink), then the token lengths of the TRL files measured with the
-    local model's tokenizer (`tokenizer_model`, else the first one installed). `round_of`: package_into."""
+    bounded memory: SortedJsonlSink), then the token lengths of the files the exporters name as
+    `measured` (TRL's), with the local model's tokenizer (`tokenizer_model`, else the first one installed). `round_of`: package_into."""
     sink = SortedJsonlSink(out, batch_rows)
     rejections, counts = package_into(
         sink, verified, lambda columns=None: iter_batches(classified, batch_rows, columns), params, lineage, batch_rows,
@@ -607,11 +608,10 @@ def export_samples(verified: pl.DataFrame, classified: Path, params: dict, linea
 
 
 def measure_lengths(out: Path, written: dict, model: str | None) -> dict:
-    """{"tokenizer": model name, "files": {TRL file: tokens.stats}} or {"tokenizer": None, "not_measured": why}."""
-    todo = [(name, fn) for name, fn in ((trl.SFT_FILE, tokens.sft_lengths), (trl.DPO_FILE, tokens.dpo_lengths))
-            if name in written]
+    """{"tokenizer": model name, "files": {file: tokens.stats}} or {"tokenizer": None, "not_measured": why}."""
+    todo = [name for e in exporters() for name in e.measured if name in written]
     if not todo:
-        return {"tokenizer": None, "not_measured": "no TRL file written"}
+        return {"tokenizer": None, "not_measured": "no trainer file written"}
     reasons = []
     for tok, why in tokens.local_tokenizers(model):  # the run's local model first, then any installed one
         if tok is None:
@@ -619,9 +619,9 @@ def measure_lengths(out: Path, written: dict, model: str | None) -> dict:
             continue
         try:
             files = {}
-            for name, fn in todo:
+            for name in todo:
                 with (out / name).open(encoding="utf-8") as fh:
-                    files[name] = tokens.stats(fn(tok, fh))
+                    files[name] = tokens.stats(tokens.row_lengths(tok, fh))
         except Exception as exc:  # a chat template that cannot render these rows (tool calls, null content)
             reasons.append(f"{tok.name}: its chat template failed ({type(exc).__name__}: {exc})")
             continue
