@@ -228,7 +228,7 @@ def _round(args: argparse.Namespace, params: dict) -> int:
 
 
 def _rounds(args: argparse.Namespace) -> int:
-    from agenther.rounds import format_rounds, list_lineages
+    from agenther.lineage import format_rounds, list_lineages
 
     lineages = list_lineages(args.root)
     print(json.dumps(lineages, indent=2) if args.json else format_rounds(lineages))
@@ -283,7 +283,7 @@ def carry_budget(llms, stage: str, work: Path) -> dict | None:
     charged before the first call, so the cap holds for the run as in `agenther run`, where
     one process shares one Budget (which never calls this: no double counting).
     Returns what was carried in, or None for stages that make no LLM call."""
-    from agenther.stages.package import LLM_STAGES
+    from agenther.stages import LLM_STAGES
     from agenther.workdir import read_stats
 
     if stage not in LLM_STAGES:

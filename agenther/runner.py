@@ -6,7 +6,8 @@ up to date (its stamp matches: agenther/workdir.py); gate its input table (Great
 agenther/gates.py); read it in batches; hand each batch to the executor's `step`; append each
 result to the stage's tables as it comes (never a whole table in memory); write the stage's stats
 (NN_<stage>.json) and stamp it. Ingest (logs in, not a table) and package (the run's files out) are
-one call each.
+one call each. Which stage is which, what it reads and writes and which function does it: its
+record (agenther/stages/__init__.py).
 
 What differs between the callers is only how a step runs, the executor (datatrove's idea):
 `LocalExecutor` calls `step()` in this process, in `io.batch_rows` batches; the Prefect flow's
@@ -22,45 +23,22 @@ before any verify table is written.
 
 from __future__ import annotations
 
-import importlib
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import polars as pl
 
 from agenther import schema
-from agenther.adapters.common import Quarantined
 from agenther.llm import LLMs, Usage
 from agenther.progress import Progress
+from agenther.stages import FUSED, FUSED_STEP, STAGES, Stage, load, stage
 from agenther.tables import CONTRACTS, TableWriter, count_rows, gate_table, iter_batches
-from agenther.workdir import STAGES, TABLES, stamp_stage, unchanged_stage, unstamp, write_stats
+from agenther.workdir import TABLES, stamp_stage, unchanged_stage, unstamp, write_stats
 
-
-@dataclass(frozen=True)
-class TableStage:
-    """A stage that maps its input table, batch by batch, to a kept table (and a rejected one)."""
-    name: str
-    source: str  # the table it reads
-    kept: str  # the table it writes
-    rejects: bool  # it also writes <name>_rejected
-
-    def count_in(self, batch: pl.DataFrame) -> int:
-        # extract's input is the failures (successes pass through classify only); the others' every row
-        return int(batch["is_failure"].sum()) if self.name == "extract" else batch.height
-
-
-TABLE_STAGES = {s.name: s for s in (
-    TableStage("classify", "trajectories", "classified", rejects=False),
-    TableStage("extract", "classified", "extracted", rejects=True),
-    TableStage("relabel", "extracted", "relabeled", rejects=True),
-    TableStage("verify", "relabeled", "verified", rejects=True),
-)}
-FUSED = ("relabel", "verify")
+TABLE_STAGES = {s.name: s for s in STAGES.values() if s.batched}
 
 
 @dataclass
@@ -72,8 +50,8 @@ class BatchResult:
 
 
 # -- the step: one batch through one stage (or relabel + verify fused) --------------------------------
-def uses_llm(stage: str, params: dict) -> bool:
-    return stage in ("relabel", "verify") or params[stage]["mode"] == "llm"
+def uses_llm(name: str, params: dict) -> bool:
+    return stage(name).uses_llm(params)
 
 
 def step(stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs) -> dict[str, BatchResult]:
@@ -82,8 +60,8 @@ def step(stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs)
     result carries exactly what its batch cost; no model is started for a stage without calls."""
     view = llms.view() if any(uses_llm(s, params) for s in stages) else None
 
-    def usage(stage: str) -> dict:
-        return vars(view.usage().get(stage, Usage())).copy() if view is not None else vars(Usage()).copy()
+    def usage(name: str) -> dict:
+        return vars(view.usage().get(name, Usage())).copy() if view is not None else vars(Usage()).copy()
 
     if stages == FUSED:
         main = view.main()
@@ -91,29 +69,15 @@ def step(stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs)
         # Two records per request slot when every call waits for the run's in-flight limit
         # (llm.concurrency requests open at most, whatever the number of threads).
         shared = main.inflight is not None and main.inflight is llms.inflight and concurrency > 1
-        relabeled, verified = _stage_module("verify").relabel_verify(batch, params, main, view.judge,
-                                                    workers=2 * concurrency if shared else concurrency)
+        relabeled, verified = load(FUSED_STEP)(batch, params, main, view.judge,
+                                               workers=2 * concurrency if shared else concurrency)
         return {"relabel": BatchResult(relabeled.kept, relabeled.rejected, usage("relabel")),
                 "verify": BatchResult(verified.kept, verified.rejected, usage("verify"))}
-    (stage,) = stages
-    llm = view.main() if view is not None else None
-    if stage == "classify":
-        return {stage: BatchResult(_stage_module(stage).classify(batch, params, llm), None, usage(stage))}
-    if stage == "extract":
-        out = _stage_module(stage).extract(batch, params, llm)
-    elif stage == "relabel":
-        out = _stage_module(stage).relabel(batch, params, llm)
-    elif stage == "verify":
-        out = _stage_module(stage).verify(batch, params, llm, view.judge())
-    else:
-        raise ValueError(f"{stage!r} is not a table stage; table stages: {', '.join(TABLE_STAGES)}")
-    return {stage: BatchResult(out.kept, out.rejected, usage(stage))}
-
-
-def _stage_module(name: str) -> ModuleType:
-    """agenther.stages.<name>, imported when its first batch comes: by name, so that the runner's
-    own imports are not every stage's (dvc.yaml lists each stage's code: tests/test_layout.py)."""
-    return importlib.import_module(f"agenther.stages.{name}")
+    (name,) = stages
+    if name not in TABLE_STAGES:
+        raise ValueError(f"{name!r} is not a table stage; table stages: {', '.join(TABLE_STAGES)}")
+    out = TABLE_STAGES[name].load()(batch, params, view)
+    return {name: BatchResult(out.kept, out.rejected, usage(name))}
 
 
 # -- executors: how a step (and the two whole-run stages) run ---------------------------------------
@@ -134,49 +98,23 @@ class LocalExecutor:
             yield batch, self.step(stages, batch, params, llms)
 
     def ingest(self, params: dict, work: Path) -> dict:
-        return ingest_tables(params, work)
+        return stage("ingest").load()(params, work)
 
     def package(self, params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
-        return _stage_module("package").package_run(params, work, out_dir, llms)
+        return stage("package").load()(params, work, out_dir, llms)
 
 
 LOCAL = LocalExecutor()
-
-
-def ingest_tables(params: dict, work: Path, files: list[Path] | None = None) -> dict:
-    """The logs into the trajectories and quarantine tables, `io.batch_rows` records at a time
-    (`files`: only these files of the input, as agenther/rounds.py reads the new ones)."""
-    ingest, p = _stage_module("ingest"), params["ingest"]
-    report = ingest.IngestReport()
-    logs = ingest.read_logs(p["input"], fmt=p["format"], mapping=ingest.MessagesMapping.from_params(p["messages"] or {}),
-                            limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"], report=report, files=files)
-    size = params["io"]["batch_rows"]
-    pending: dict[str, list[dict]] = {"trajectories": [], "quarantine": []}
-    with (TableWriter(Path(work) / TABLES["trajectories"], schema.TRAJECTORY) as good,
-          TableWriter(Path(work) / TABLES["quarantine"], schema.QUARANTINE) as bad):
-        writers = {"trajectories": good, "quarantine": bad}
-        for item in logs:
-            table = "quarantine" if isinstance(item, Quarantined) else "trajectories"
-            pending[table].append(item.row() if isinstance(item, Quarantined) else item)
-            if len(pending[table]) >= size:
-                writers[table].write_rows(pending[table])
-                pending[table] = []
-        for table, rows in pending.items():
-            writers[table].write_rows(rows)
-    for line in report.describe():
-        print(line, file=sys.stderr)
-    return {"records_in": good.rows + bad.rows + report.duplicates, "trajectories": good.rows,
-            "quarantined": bad.rows, **report.stats()}
 
 
 # -- the loop -------------------------------------------------------------------------------------
 class _Outputs:
     """A table stage's writers and counts while its batches come in."""
 
-    def __init__(self, stage: TableStage, work: Path, stack: ExitStack):
+    def __init__(self, stage: Stage, work: Path, stack: ExitStack):
         self.stage, self.n_in, self.usage = stage, 0, Usage()
         self.kept = stack.enter_context(TableWriter(work / TABLES[stage.kept], CONTRACTS[stage.kept]))
-        self.rejected = (stack.enter_context(TableWriter(work / TABLES[f"{stage.name}_rejected"], schema.REJECTION))
+        self.rejected = (stack.enter_context(TableWriter(work / TABLES[stage.writes[1]], schema.REJECTION))
                          if stage.rejects else None)
 
     def add(self, result: BatchResult, n_in: int) -> None:
@@ -197,9 +135,15 @@ class _Outputs:
         return stats
 
 
-def _batches(stage: TableStage, work: Path, params: dict, executor: LocalExecutor) -> Iterator[pl.DataFrame]:
+def _count_in(stage: Stage, batch: pl.DataFrame) -> int:
+    """How many of the batch's rows are the stage's input (extract's: the failures; successes pass
+    through classify only)."""
+    return int(batch[stage.counted].sum()) if stage.counted else batch.height
+
+
+def _batches(stage: Stage, work: Path, params: dict, executor: LocalExecutor) -> Iterator[pl.DataFrame]:
     """The input table, gated, in the executor's batches. The gate runs before the first batch."""
-    return iter_batches(gate_table(work, stage.source, params), executor.batch_rows(params))
+    return iter_batches(gate_table(work, stage.reads[0], params), executor.batch_rows(params))
 
 
 def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LLMs,
@@ -211,7 +155,7 @@ def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LL
     with ExitStack() as stack:
         outputs = [_Outputs(s, work, stack) for s in stages]
         batches = _batches(stages[0], work, params, executor)
-        progress = stack.enter_context(Progress("+".join(names), count_rows(work / TABLES[stages[0].source]),
+        progress = stack.enter_context(Progress("+".join(names), count_rows(work / TABLES[stages[0].reads[0]]),
                                                 lambda: sum(u.calls for u in llms.usage().values())))
         nonempty = (b for b in batches if b.height)  # nothing to ask: no model is started for an empty table
         for batch, results in executor.map_steps(names, nonempty, params, llms):
@@ -220,7 +164,7 @@ def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LL
             upstream = batch
             for out in outputs:
                 result = results[out.stage.name]
-                out.add(result, out.stage.count_in(upstream) if out is outputs[0] else upstream.height)
+                out.add(result, _count_in(out.stage, upstream) if out is outputs[0] else upstream.height)
                 upstream = result.kept
         stats = {}
         for out in outputs:
@@ -241,9 +185,8 @@ def run_stages(names: tuple[str, ...], params: dict, work: Path, out_dir: Path, 
                executor: LocalExecutor = LOCAL, fuse: bool = False) -> dict[str, dict]:
     """Run `names` in order, each unless up to date; with `fuse`, relabel and verify as one pass
     when both are to run. Returns {stage: its stats}."""
-    unknown = [n for n in names if n not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
+    for name in names:
+        stage(name)  # an unknown name is a ValueError before anything runs
     work, out_dir = Path(work), Path(out_dir)
     results: dict[str, dict] = {}
     for name in names:
@@ -255,14 +198,14 @@ def run_stages(names: tuple[str, ...], params: dict, work: Path, out_dir: Path, 
             continue
         together = FUSED if fuse and name == FUSED[0] and FUSED[1] in names else (name,)
         unstamp(work, *together)  # a stage stopped half-way leaves no stamp: its rerun runs it again
-        if name == "ingest":
+        if STAGES[name].batched:
+            results |= _run_table_stages(together, params, work, llms, executor)
+            continue
+        if not STAGES[name].reads:  # ingest: the logs in
             started = time.monotonic()
             results[name] = {**executor.ingest(params, work), "seconds": round(time.monotonic() - started, 3)}
             write_stats(work, name, results[name])
-        elif name == "package":
+        else:  # package: the output folder out
             results[name] = executor.package(params, work, out_dir, llms)
-        else:
-            results |= _run_table_stages(together, params, work, llms, executor)
-            continue
         stamp_stage(name, params, work, out_dir)
     return results

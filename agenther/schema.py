@@ -140,9 +140,10 @@ def frame(rows: list[dict], schema: dict[str, pl.DataType]) -> pl.DataFrame:
 
 
 class StageOutput:
-    """What a filtering stage returns: the rows it carries forward and the ones it rejected."""
+    """What a table stage returns: the rows it carries forward and the ones it rejected (None: a
+    stage that rejects nothing, classify)."""
 
-    def __init__(self, kept: pl.DataFrame, rejected: pl.DataFrame):
+    def __init__(self, kept: pl.DataFrame, rejected: pl.DataFrame | None):
         self.kept = kept
         self.rejected = rejected
 

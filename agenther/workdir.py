@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from agenther.llm import BUDGET_EXHAUSTED, Usage
+from agenther.stages import NAMES, PIPELINE
 
-STAGES = ("ingest", "classify", "extract", "relabel", "verify", "package")
+STAGES = NAMES  # the stages in pipeline order (their records: agenther/stages/__init__.py)
 
 TABLES = {
     "trajectories": "00_trajectories.parquet",
@@ -29,8 +30,7 @@ TABLES = {
     "verified": "04_verified.parquet",
     "verify_rejected": "04_verify_rejected.parquet",
 }
-STATS = {"ingest": "00_ingest.json", "classify": "01_classify.json", "extract": "02_extract.json",
-         "relabel": "03_relabel.json", "verify": "04_verify.json"}
+STATS = {s.name: s.stats for s in PIPELINE if s.stats}  # every stage's but package's (summary.json)
 
 
 def file_digest(path: str | Path) -> str:
@@ -66,13 +66,7 @@ def read_stats(work: Path, stage: str) -> dict:
 # A stage that left records undone for a spent budget is never stamped: its rerun must try
 # them again.
 STAMPED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # stage: (input tables, output tables)
-    "ingest": ((), ("trajectories", "quarantine")),
-    "classify": (("trajectories",), ("classified",)),
-    "extract": (("classified",), ("extracted", "extract_rejected")),
-    "relabel": (("extracted",), ("relabeled", "relabel_rejected")),
-    "verify": (("relabeled",), ("verified", "verify_rejected")),
-    "package": (("classified", "verified", "extract_rejected", "relabel_rejected", "verify_rejected"), ()),
-}
+    s.name: (s.reads, s.writes) for s in PIPELINE}
 # What package may write into its output folder (agenther/stages/package.py package_run; the export
 # layout is agenther.export.files.LAYOUT, checked equal by tests/test_exports.py). An export with no
 # rows is not written: a stamp digests the files that are there (a pattern: the files matching it).

@@ -30,6 +30,7 @@ from agenther.llm import LLMs
 from agenther.params import load_params, params_hash
 from agenther.rounds import push_targets, run_round
 from agenther.runner import run_stage
+from agenther.stages import PIPELINE
 from tasks import stages
 
 
@@ -90,15 +91,9 @@ def hindsight(
 
     # One model server for the whole run, stopped at its end (after the cluster, whose workers call it)
     with LLMs.from_params(params) as llms, stages.executor(params, str(flow_run.id or "local")) as executor:
-        def stage(name: str) -> dict:
-            return run_stage(name, params, work, out, llms, executor)
-
-        stage("ingest")
-        stage("classify")
-        stage("extract")
-        stage("relabel")
-        stage("verify")
-        summary = stage("package")
+        # ingest -> classify -> extract -> relabel -> verify -> package (agenther/stages/__init__.py)
+        for stage in PIPELINE:
+            summary = run_stage(stage.name, params, work, out, llms, executor)
 
     if push_url:
         prefix = push_prefix(push_url, params)

@@ -2,7 +2,8 @@
 
 A key is the sha256 of
 - the content of the task's input (a batch's Parquet bytes, or the input log files' bytes),
-- the stage's params section(s), without settings that change how a run goes but not what it
+- the params sections the stage's record names (agenther/stages/__init__.py: its `sections`, and
+  `llm` when it asks the LLM; so `tools` for extract, relabel and verify), without settings that change how a run goes but not what it
   produces (agenther.params.RUNTIME_ONLY); llm.api_base is in: another server serving the same
   model name may answer otherwise (the LLM response cache keys on it too),
 - the code version: the sha256 of the stage module's source and of every agenther module it
@@ -31,18 +32,10 @@ from agenther import prompts
 from agenther.adapters import log_input
 from agenther.envs import GROUP
 from agenther.params import RUNTIME_ONLY
+from agenther.stages import STAGES
 
 KEY_VERSION = "agenther-prefect-cache-v1"  # bump to invalidate every entry at once
 
-# The params sections each stage's output depends on. classify/extract read `llm` only in llm mode.
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "ingest": ("ingest",),
-    "classify": ("classify",),
-    "extract": ("extract",),
-    "relabel": ("relabel", "llm"),
-    "verify": ("verify", "replay", "llm"),
-}
-STAGE_MODULES = {stage: f"agenther.stages.{stage}" for stage in STAGE_SECTIONS}
 WRAPPERS = ("tasks.stages", "tasks.caching")
 NOT_IN_KEY = {"llm": RUNTIME_ONLY.get("llm", ())}
 
@@ -76,13 +69,6 @@ def files_digest(path: str | Path) -> str:
     for f in found.files:
         h.update(sha256(found.name_of(f), f.read_bytes() if isinstance(f, Path) else f.signature).encode())
     return h.hexdigest()
-
-
-def sections_for(stage: str, params: dict) -> tuple[str, ...]:
-    sections = STAGE_SECTIONS[stage]
-    if stage in ("classify", "extract") and params[stage]["mode"] == "llm":
-        sections += ("llm",)
-    return sections
 
 
 def params_digest(params: dict, sections: tuple[str, ...]) -> str:
@@ -158,7 +144,8 @@ def wrappers_version() -> str:
 
 def stage_key(stage: str, params: dict, content_digest: str) -> str:
     """The cache key of one run of `stage` over input content `content_digest`."""
-    code = sha256(code_version(STAGE_MODULES[stage]), wrappers_version())
+    record = STAGES[stage]  # the params sections its output depends on, the module that computes it
+    code = sha256(code_version(record.module), wrappers_version())
     prompt_hashes = json.dumps(prompts.all_hashes(), sort_keys=True) if stage != "ingest" else ""
-    return sha256(KEY_VERSION, stage, content_digest, params_digest(params, sections_for(stage, params)),
+    return sha256(KEY_VERSION, stage, content_digest, params_digest(params, record.params_read(params)),
                   code, prompt_hashes)

@@ -43,7 +43,7 @@ from prefect.tasks import exponential_backoff
 from agenther import runner
 from agenther.llm import LLMs, Usage
 from agenther.runner import BatchResult, LocalExecutor
-from agenther.stages.package import package_run
+from agenther.stages import stage
 from agenther.workdir import TABLES, file_digest
 from tasks.caching import files_digest, frame_digest, stage_key
 
@@ -73,11 +73,11 @@ def _ingest_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 # -- the tasks: one call into agenther each -----------------------------------------------------
-def _batch(stage: str) -> Task:
-    @task(name=f"{stage}-batch", cache_key_fn=_batch_key(stage), **CACHED, **RETRY)
+def _batch(name: str) -> Task:
+    @task(name=f"{name}-batch", cache_key_fn=_batch_key(name), **CACHED, **RETRY)
     def run_batch(batch: pl.DataFrame, params: dict, llms: LLMs | WorkerLLMs) -> BatchResult:
         # On a Dask worker `llms` is a description (tasks/dask.py): this process's clients for the run
-        return runner.step((stage,), batch, params, llms if isinstance(llms, LLMs) else llms.llms())[stage]
+        return runner.step((name,), batch, params, llms if isinstance(llms, LLMs) else llms.llms())[name]
 
     return run_batch
 
@@ -87,9 +87,9 @@ BATCH_TASKS = {stage: _batch(stage) for stage in runner.TABLE_STAGES}
 
 @task(name="ingest", task_run_name="ingest", cache_key_fn=_ingest_key, **CACHED, **RETRY)
 def ingest_task(params: dict, work: str) -> dict:
-    """Streams the logs into the work folder's tables (agenther.runner.ingest_tables); the
+    """Streams the logs into the work folder's tables (the ingest stage's function); the
     result (kept by Prefect) is small: the stats, where the tables were written and their digests."""
-    stats = runner.ingest_tables(params, Path(work))
+    stats = stage("ingest").load()(params, Path(work))
     return {"work": work, "stats": stats, "digests": _table_digests(Path(work))}
 
 
@@ -118,7 +118,7 @@ def _restore_ingest(result: dict, work: Path) -> bool:
 # Never cached: they write files and objects (a cache hit would skip the writing) and are cheap.
 @task(name="package", task_run_name="package", cache_policy=NO_CACHE, persist_result=False)
 def package_task(params: dict, work: str, out: str, llms: LLMs) -> dict:
-    return package_run(params, Path(work), Path(out), llms)
+    return stage("package").load()(params, Path(work), Path(out), llms)
 
 
 @task(name="push", task_run_name="push", cache_policy=NO_CACHE, persist_result=False, **RETRY)

@@ -80,17 +80,17 @@ def opening_rewritten(row: dict, prompt: str, goal_json: str | None = None) -> d
 
 
 def ingest(path: Path, fmt: str = "auto", mapping: dict | None = None, limit: int | None = None) -> SimpleNamespace:
-    """The ingest stage as every run calls it (agenther.runner.ingest_tables), into a temporary
+    """The ingest stage as every run calls it (agenther.stages.ingest.write_tables), into a temporary
     work folder: its two tables read back, and records_in."""
     import polars as pl
 
     from agenther.params import load_params
-    from agenther.runner import ingest_tables
+    from agenther.stages.ingest import write_tables
     from agenther.workdir import TABLES
 
     params = load_params(None, {"ingest": {"input": str(path), "format": fmt, "messages": mapping or {}, "limit": limit}})
     with tempfile.TemporaryDirectory() as tmp:
-        stats = ingest_tables(params, Path(tmp))
+        stats = write_tables(params, Path(tmp))
         return SimpleNamespace(trajectories=pl.read_parquet(Path(tmp) / TABLES["trajectories"]),
                                quarantine=pl.read_parquet(Path(tmp) / TABLES["quarantine"]),
                                records_in=stats["records_in"], stats=stats)
@@ -98,12 +98,12 @@ def ingest(path: Path, fmt: str = "auto", mapping: dict | None = None, limit: in
 
 def package(verified, classified, params: dict, lineage: dict, batch_rows: int = 500,
             out: Path | None = None, measure_tokens: bool = False) -> SimpleNamespace:
-    """The package stage's exports as every run writes them (agenther.stages.samples.export_samples,
+    """The package stage's exports as every run writes them (agenther.stages.packaging.export_samples,
     classified read from a Parquet file in batches), into `out` (default: a temporary folder): the
     rows of each export file as written, and the stage's rejections, counts and digests."""
     import json
 
-    from agenther.stages.samples import export_samples
+    from agenther.stages.packaging import export_samples
 
     with tempfile.TemporaryDirectory() as tmp:
         classified_path = Path(tmp) / "classified.parquet"

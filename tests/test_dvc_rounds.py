@@ -14,7 +14,7 @@ from llm_server import FakeLLMServer, careful_brain
 from test_dvc import Repo
 
 from agenther.devtools.seaweedfs import SeaweedFS
-from agenther.rounds import read_manifest
+from agenther.lineage import read_manifest
 from agenther.s3 import ensure_bucket, s3_client
 
 pytestmark = pytest.mark.slow  # real DVC, SeaweedFS, and `agenther round` as DVC's command

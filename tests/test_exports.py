@@ -24,7 +24,7 @@ from agenther.export.exporter import ANNOTATED
 from agenther.export.files import sink_layout
 from agenther.export.registry import exporters, layout
 from agenther.export.schemas import validate_dpo, validate_sft, validate_sharegpt
-from agenther.stages.samples import measure_lengths
+from agenther.stages.packaging import measure_lengths
 from agenther.workdir import PACKAGE_FILES
 
 

@@ -1,4 +1,4 @@
-"""The ingest stage (conftest.ingest: agenther.runner.ingest_tables): the shipped logs end to end, generic chat logs, quarantine and reconciliation."""
+"""The ingest stage (conftest.ingest: agenther.stages.ingest.write_tables): the shipped logs end to end, generic chat logs, quarantine and reconciliation."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The code's shape, checked: dvc.yaml lists exactly the code each stage runs, no module imports
-itself back (no cycles), and the product never imports the dev tooling."""
+"""The code's shape, checked: dvc.yaml lists exactly the code, the tables and the params each stage's
+record names (agenther/stages/__init__.py), no module imports itself back (no cycles), and the product
+never imports the dev tooling."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import yaml
 from conftest import ROOT
 
 import agenther
-from agenther.workdir import STAGES
+from agenther.stages import PIPELINE, STAGES
+from agenther.workdir import STATS, TABLES
 from tasks.caching import agenther_imports, agenther_modules, module_file
 
 
@@ -22,8 +24,9 @@ def code_of(*modules: str) -> set[str]:
 
 
 def stage_code(stage: str) -> set[str]:
-    """The .py files `agenther stage <stage>` runs: the runner and the stage's module, and their imports."""
-    return code_of("agenther.runner", f"agenther.stages.{stage}")
+    """The .py files `agenther stage <stage>` runs: the runner and the module of the stage's function
+    (its record), and their imports."""
+    return code_of("agenther.runner", STAGES[stage].module)
 
 
 def dvc_code_deps(stage: str, pipeline: str = "dvc.yaml") -> set[str]:
@@ -49,9 +52,32 @@ def test_dvc_yaml_lists_exactly_the_code_each_stage_runs():
                                     f"not imported {sorted(listed - expected)}")
 
 
+def test_dvc_yaml_reads_writes_and_params_are_each_stage_record():
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(spec) == [s.name for s in PIPELINE]
+    for stage in PIPELINE:
+        deps, outs = spec[stage.name]["deps"], spec[stage.name]["outs"]
+        tables = {f"data/interim/{TABLES[t]}" for t in stage.reads}
+        assert tables <= set(deps), f"dvc.yaml stage {stage.name}: its input tables {sorted(tables - set(deps))}"
+        written = [f"data/interim/{TABLES[t]}" for t in stage.writes] + (
+            [f"data/interim/{STATS[stage.name]}"] if stage.stats else ["data/processed"])
+        assert outs == written, f"dvc.yaml stage {stage.name}: outs {outs}, its record writes {written}"
+        # params: the record's sections; `llm` (its keys that change answers) when the stage may ask the
+        # LLM; `gates` for a stage whose input table is gated
+        listed = {p.split(".")[0] for p in spec[stage.name]["params"]}
+        expected = set(stage.sections) | ({"llm"} if stage.llm != "never" else set()) | (
+            {"gates"} if stage.batched else set())
+        assert listed == expected, f"dvc.yaml stage {stage.name}: params {sorted(listed)}, its record {sorted(expected)}"
+
+
+def test_every_stage_record_names_a_function_that_exists():
+    for stage in PIPELINE:
+        assert callable(stage.load()), stage.function
+
+
 def test_the_rounds_pipeline_lists_exactly_the_code_a_round_runs():
     # `agenther round`: agenther.rounds, which runs every stage (the runner imports them by name)
-    expected = code_of("agenther.rounds", *(f"agenther.stages.{stage}" for stage in STAGES))
+    expected = code_of("agenther.rounds", *(s.module for s in PIPELINE))
     listed = dvc_code_deps("rounds", "rounds/dvc.yaml")
     assert "agenther/rounds.py" in listed
     assert listed == expected, (f"rounds/dvc.yaml: missing {sorted(expected - listed)}, "

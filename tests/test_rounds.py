@@ -14,7 +14,7 @@ from conftest import TAU, write_params
 from llm_server import FakeLLMServer, careful_brain
 
 from agenther.cli import main
-from agenther.rounds import PUBLISHED, lineage_of, read_manifest
+from agenther.lineage import PUBLISHED, lineage_of, read_manifest
 from agenther.workdir import TABLES
 
 # tau-bench's file holds trial 0 of tasks 0-49, then trial 1 of tasks 0-49, ...: day 1 brings trial 0

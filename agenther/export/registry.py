@@ -4,7 +4,7 @@ The package stage writes the ANNOTATED rows (`sft.jsonl`, `dpo.jsonl`, `sharegpt
 sample with its `weight`, per-turn weights and lineage). Every consumer format is derived from
 them by an exporter, and an exporter is all a format is: its rows, the files it writes at the end,
 its part of the dataset card. The sink (agenther.export.files), the card (agenther.export.card) and
-the token measure (agenther.stages.samples) read the exporters from `exporters()` only, so adding a
+the token measure (agenther.stages.packaging) read the exporters from `exporters()` only, so adding a
 format is one module and one line in BUILTIN (or, outside this package, an entry point in the
 group `agenther.exporters` naming an `Exporter`): no other export changes.
 

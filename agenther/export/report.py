@@ -18,9 +18,8 @@ from pathlib import Path
 
 import polars as pl
 
+from agenther.stages import LLM_STAGES, NAMES, STAGES
 from agenther.workdir import STATS, read_stats
-
-LLM_STAGES = ("classify", "extract", "relabel", "verify")
 
 
 def _charts(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame, classified: pl.DataFrame,
@@ -29,15 +28,16 @@ def _charts(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame, class
 
     stages = summary["stages"]
     charts = []
-    funnel = pl.DataFrame([{"stage": s, "records": stages[s]["in"]} for s in ("ingest", "classify", "extract",
-                                                                            "relabel", "verify")]
+    funnel = pl.DataFrame([{"stage": s, "records": stages[s]["in"]} for s in NAMES[:-1]]
                           + [{"stage": "accepted", "records": summary["gates"]["exported_hindsight_samples"]}])
     charts.append(("Stage funnel: records in", alt.Chart(funnel).mark_bar().encode(
         x=alt.X("stage:N", sort=None), y="records:Q", tooltip=["stage", "records"])))
     if rejected.height:
         reasons = rejected.group_by("stage", "reason").len("records")
         charts.append(("Rejections by stage and reason", alt.Chart(reasons).mark_bar().encode(
-            y=alt.Y("stage:N", sort=["extract", "relabel", "verify", "package"]), x="records:Q", color="reason:N",
+            # the stages that reject, in order; package's (duplicates, unexportable) are in rejected.parquet too
+            y=alt.Y("stage:N", sort=[*(s for s in NAMES if STAGES[s].rejects), "package"]), x="records:Q",
+            color="reason:N",
             tooltip=["stage", "reason", "records"])))
     failures = classified.filter(pl.col("is_failure"))
     if failures.height:

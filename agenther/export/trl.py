@@ -10,7 +10,7 @@ What TRL 1.x's SFTTrainer / DPOTrainer read as they are, from `datasets.load_dat
   this: TRL reads no per-message weight, `assistant_only_loss` trains every assistant turn and needs
   a chat template with `{% generation %}` markers, and the default trains every token.
 - DPO: `prompt` / `chosen` / `rejected`, chosen and rejected ONE assistant turn each (DPO scores only
-  those); a hindsight pair's chosen turn is one of weight 1 (agenther.stages.samples).
+  those); a hindsight pair's chosen turn is one of weight 1 (agenther.stages.pairs).
 - Messages: tool calls carry `arguments` as a JSON object, as Hugging Face chat templates expect
   (Qwen's renders `arguments | tojson`: a JSON-text argument would be encoded twice); no weights.
 - `tools`: the tool schemas as JSON text in every row (`"[]"` when the source logged none). TRL

@@ -20,7 +20,7 @@ import polars as pl
 from agenther import schema
 from agenther.evidence.render import prompt_budget, render, tool_calls
 from agenther.evidence.tools import Tools, is_error
-from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
+from agenther.llm import BUDGET_EXHAUSTED, LLMClient, LLMs, map_concurrent
 from agenther.llm.answers import ClassifyAnswer
 from agenther.llm.ask import ask
 
@@ -194,6 +194,11 @@ def classify(trajectories: pl.DataFrame, params: dict, llm: LLMClient | None = N
 
 
 ADDED = {k: v for k, v in schema.CLASSIFIED.items() if k not in schema.TRAJECTORY}  # the columns classify adds
+
+
+def step(batch: pl.DataFrame, params: dict, llms: LLMs | None) -> schema.StageOutput:
+    """The stage (agenther/stages/__init__.py): every row kept, with its verdict; nothing rejected."""
+    return schema.StageOutput(classify(batch, params, llms.main() if llms is not None else None), None)
 
 
 def _llm_classify(row: dict, signals: str, params: dict, llm: LLMClient | None) -> tuple | None:

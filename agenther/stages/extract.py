@@ -17,7 +17,7 @@ from agenther import schema
 from agenther.evidence.conversation import goal_from_facts, hindsight_goal
 from agenther.evidence.goal import Fact, NoGoal, goal_achievements
 from agenther.evidence.render import prompt_budget, render, tool_calls
-from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
+from agenther.llm import BUDGET_EXHAUSTED, LLMClient, LLMs, map_concurrent
 from agenther.llm.answers import INVALID_LLM_ANSWER, ExtractAnswer
 from agenther.llm.ask import ask
 
@@ -80,6 +80,11 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
 
 
 ADDED = {k: v for k, v in schema.EXTRACTED.items() if k not in schema.CLASSIFIED}  # the columns extract adds
+
+
+def step(batch: pl.DataFrame, params: dict, llms: LLMs | None) -> schema.StageOutput:
+    """The stage (agenther/stages/__init__.py)."""
+    return extract(batch, params, llms.main() if llms is not None else None)
 
 
 def _why_not_recoverable(row: dict, params: dict) -> str:

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agenther import schema
 from agenther.adapters import FORMATS, LogInput, log_input, messages, tau_bench, toolbench
 from agenther.adapters.common import LogFile, Quarantined, UnreadableFile, excerpt, first_record, iter_records
 from agenther.adapters.messages import MessagesMapping
+from agenther.tables import TableWriter
+from agenther.workdir import TABLES
 
 # A trajectory bigger than this is quarantined (params ingest.max_trajectory_mb): no model
 # context holds it, and one 50 MB tool dump would otherwise flow into every export.
@@ -255,3 +259,30 @@ def trajectory_chars(row: dict) -> int:
         total += sum(len(c.get("arguments") or "") for c in m.get("tool_calls") or [])
     return total
 
+
+
+def write_tables(params: dict, work: Path, files: list[LogFile] | None = None) -> dict:
+    """The stage (agenther/stages/__init__.py): the logs into the trajectories and quarantine tables,
+    `io.batch_rows` records at a time (`files`: only these files of the input, as agenther/rounds.py
+    reads the new ones). Returns the stage's stats."""
+    p = params["ingest"]
+    report = IngestReport()
+    logs = read_logs(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p["messages"] or {}),
+                     limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"], report=report, files=files)
+    size = params["io"]["batch_rows"]
+    pending: dict[str, list[dict]] = {"trajectories": [], "quarantine": []}
+    with (TableWriter(Path(work) / TABLES["trajectories"], schema.TRAJECTORY) as good,
+          TableWriter(Path(work) / TABLES["quarantine"], schema.QUARANTINE) as bad):
+        writers = {"trajectories": good, "quarantine": bad}
+        for item in logs:
+            table = "quarantine" if isinstance(item, Quarantined) else "trajectories"
+            pending[table].append(item.row() if isinstance(item, Quarantined) else item)
+            if len(pending[table]) >= size:
+                writers[table].write_rows(pending[table])
+                pending[table] = []
+        for table, rows in pending.items():
+            writers[table].write_rows(rows)
+    for line in report.describe():
+        print(line, file=sys.stderr)
+    return {"records_in": good.rows + bad.rows + report.duplicates, "trajectories": good.rows,
+            "quarantined": bad.rows, **report.stats()}

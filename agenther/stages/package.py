@@ -21,11 +21,10 @@ from agenther.export.report import render_report
 from agenther.export.tasks import export_tasks
 from agenther.llm import BUDGET_EXHAUSTED, LLMs, Usage
 from agenther.params import params_hash
-from agenther.stages.samples import Exported, export_samples
+from agenther.stages import LLM_STAGES
+from agenther.stages.packaging import Exported, export_samples
 from agenther.tables import batch_rows, gate_table, read_table, scan_columns, write_table
 from agenther.workdir import read_stats, write_text_atomic
-
-LLM_STAGES = ("classify", "extract", "relabel", "verify")
 
 
 def package_run(params: dict, work: Path, out: Path, llms: LLMs, round_of: Mapping[str, int] | None = None) -> dict:

@@ -33,7 +33,7 @@ from agenther.evidence.conversation import AFFIRMATIVE
 from agenther.evidence.goal import AchievedGoal, TurnEdit, describe_goal, first_user_index, sample_steps
 from agenther.evidence.mention import rule_written
 from agenther.evidence.render import defuse, tool_calls
-from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
+from agenther.llm import BUDGET_EXHAUSTED, LLMClient, LLMs, map_concurrent
 from agenther.llm.answers import RelabelAnswer
 from agenther.llm.ask import ask
 
@@ -325,3 +325,6 @@ def relabel(extracted: pl.DataFrame, params: dict, llm: LLMClient) -> schema.Sta
     return relabel_output(results)
 
 
+def step(batch: pl.DataFrame, params: dict, llms: LLMs) -> schema.StageOutput:
+    """The stage (agenther/stages/__init__.py)."""
+    return relabel(batch, params, llms.main())

@@ -50,7 +50,7 @@ from agenther.evidence.goal import (
 from agenther.evidence.grounding import ungrounded
 from agenther.evidence.render import defuse, render, tool_calls
 from agenther.evidence.tools import is_error
-from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
+from agenther.llm import BUDGET_EXHAUSTED, LLMClient, LLMs, map_concurrent
 from agenther.llm.answers import INVALID_LLM_ANSWER, EvidenceAnswer, PolicyAnswer, TrajectoryAnswer
 from agenther.llm.ask import Asked, ask
 from agenther.stages.relabel import goal_of, relabel_one, relabel_output
@@ -308,6 +308,11 @@ def verify(relabeled: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: LLM
         for judging, verdict in zip(todo, verdicts, strict=True):
             judging.add(verdict, policy)
     return verify_output([j.result(policy) for j in judgings])
+
+
+def step(batch: pl.DataFrame, params: dict, llms: LLMs) -> schema.StageOutput:
+    """The stage (agenther/stages/__init__.py)."""
+    return verify(batch, params, llms.main(), llms.judge())
 
 
 # -- relabel and verify fused: no barrier between the stages ----------------------------------
