@@ -87,6 +87,11 @@ def test_successes_are_not_failures_and_not_recoverable(tau_classified):
 
 def test_toolbench_give_up_and_errors(tmp_path):
     classified = classify(ingest(TOOLBENCH).trajectories, make_params(tmp_path))
+    metas = [json.loads(m) for m in classified["metadata"]]
+    # every shipped record is classified, and each branch below has records to check
+    assert classified.height == 15
+    assert {m["win"] for m in metas} == {True, False} and any(m["finish_type"] == "give_up" for m in metas)
+    assert any(not m["win"] and m["finish_type"] != "give_up" for m in metas)
     for row in classified.iter_rows(named=True):
         meta = json.loads(row["metadata"])
         if meta["win"]:

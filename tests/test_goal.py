@@ -24,6 +24,7 @@ from agenther.evidence.goal import AchievedGoal, NoGoal, TurnEdit, sample_steps
 from agenther.evidence.tools import Tools, is_error
 from agenther.llm import LLMClient
 from agenther.llm.answers import RelabelAnswer
+from agenther.params import load_params
 from agenther.stages import relabel
 from agenther.stages.classify import classify
 from agenther.stages.extract import extract
@@ -39,7 +40,7 @@ QUESTION = "tau-bench/gpt-4o-airline/task14-trial3"  # looked up YAX4DR, reporte
 
 @cache
 def tau_classified() -> pl.DataFrame:
-    params = make_params(Path("/tmp"))
+    params = rules()
     return classify(ingest(TAU).trajectories, params)
 
 
@@ -49,14 +50,20 @@ def tau_row(trajectory_id: str) -> dict:
 
 @cache
 def tau_extracted() -> pl.DataFrame:
-    params = make_params(Path("/tmp"))
+    params = rules()
     return extract(tau_classified(), params).kept
 
 
 def goal_of(row: dict) -> AchievedGoal:
-    goal = hindsight_goal(row, make_params(Path("/tmp")))
+    goal = hindsight_goal(row, rules())
     assert isinstance(goal, AchievedGoal), goal
     return goal
+
+
+def rules(**sections: dict) -> dict:
+    """Params for the rule-mode stages and checks called here: they ask no LLM, so no response cache
+    (no folder shared between tests or runs)."""
+    return load_params(None, {"llm": {"cache_dir": None}} | sections)
 
 
 def misses(request: str, goal: AchievedGoal, row: dict) -> list[tuple[str, str]]:
@@ -75,7 +82,7 @@ def test_airline_schemas_tell_writes_from_reads():
 
 
 def test_params_override_a_tool_kind():
-    params = make_params(Path("/tmp"), tools={"writes": ["think"], "reads": ["cancel_reservation"]})
+    params = rules(tools={"writes": ["think"], "reads": ["cancel_reservation"]})
     tools = Tools.of(tau_row(TASK47)["tools"], params)
     assert tools.kind("think") == "write" and tools.kind("cancel_reservation") == "read"
 
@@ -101,7 +108,7 @@ def test_real_results_are_not_errors(result):
 
 def test_an_error_result_never_becomes_an_achievement():
     """The ToolBench record whose news API answered 401 Authentication required."""
-    params = make_params(Path("/tmp"))
+    params = rules()
     rows = classify(ingest(TOOLBENCH).trajectories, params).to_dicts()
     row = next(r for r in rows if "69_ChatGPT_DFS_woFilter_w2" in r["id"])
     step_401 = next(i for i, m in enumerate(row["messages"]) if "Authentication required" in (m["content"] or ""))
@@ -119,7 +126,7 @@ def test_a_forbidden_write_is_no_achievement_and_no_sample_contains_it():
     row = tau_row(TASK47)
     cancel_step = next(i for i, m in enumerate(row["messages"])
                        for c in m["tool_calls"] or [] if c["name"] == "cancel_reservation")
-    goal = hindsight_goal(row, make_params(Path("/tmp")))
+    goal = hindsight_goal(row, rules())
     if isinstance(goal, AchievedGoal):  # before the violation, or opening after it: never holding it
         assert cancel_step not in sample_steps(row["messages"], goal)
         assert all(a.call_step != cancel_step for a in goal.actions)
@@ -219,7 +226,7 @@ def test_the_relabel_gate_wants_the_users_own_request(opening, reason):
     goal = GOAL.model_copy(update={"edits": [TurnEdit(step=1, opening=True, ask=["update_reservation_flights"])]})
     row |= {"achieved_goal": goal.model_dump_json()}
     answer = RelabelAnswer(turns=[{"turn": 1, "text": opening}], confidence=0.9)
-    verdict, _ = relabel.gate(answer, row, make_params(Path("/tmp")), goal.edits, {})
+    verdict, _ = relabel.gate(answer, row, rules(), goal.edits, {})
     assert (verdict and verdict[0]) == reason, verdict
 
 
@@ -268,7 +275,7 @@ def test_no_user_turn_kept_in_a_sample_asks_for_something_the_sample_does_not_do
 
 def _left_out_or_rewritten(row: dict, step: int, words: str) -> None:
     """The turn at `step` is outside the sample, or planned for a rewrite that no longer asks for `words`."""
-    goal = hindsight_goal(row, make_params(Path("/tmp")))
+    goal = hindsight_goal(row, rules())
     if isinstance(goal, NoGoal) or step not in sample_steps(row["messages"], goal):
         return
     edit = next(e for e in goal.edits if e.step == step)
@@ -288,7 +295,7 @@ def test_a_user_turn_asking_in_words_for_a_change_no_write_makes_is_left_out_or_
     row = tau_row("tau-bench/gpt-4o-airline/task5-trial0")
     asks = next(i for i, m in enumerate(row["messages"])
                 if m["role"] == "user" and "like to modify the reservation" in (m["content"] or ""))
-    goal = hindsight_goal(row, make_params(Path("/tmp")))
+    goal = hindsight_goal(row, rules())
     assert isinstance(goal, AchievedGoal)
     if not any(a.tool.startswith("update_") for a in goal.actions):  # else a write of the goal answers it
         _left_out_or_rewritten(row, asks, "modify")
@@ -297,7 +304,7 @@ def test_a_user_turn_asking_in_words_for_a_change_no_write_makes_is_left_out_or_
 
 
 def test_failed_and_repeated_calls_stay_as_context_with_weight_zero():
-    params = make_params(Path("/tmp"))
+    params = rules()
     zero_weighted = 0
     for row in tau_extracted().to_dicts():
         goal = AchievedGoal.model_validate_json(row["achieved_goal"])
@@ -369,11 +376,19 @@ def test_odd_records_give_a_goal_or_a_reason_never_a_traceback():
         base | {"messages": [m for m in base["messages"] if m["role"] != "user"]},
         base | {"messages": [m | {"content": None} for m in base["messages"]]},
     ]
+    kept = []
     for row in variants:
-        goal = hindsight_goal(row, make_params(Path("/tmp")))
+        goal = hindsight_goal(row, rules())
         assert isinstance(goal, AchievedGoal | NoGoal)
-        if isinstance(goal, AchievedGoal):
-            assert misses("Please cancel 8C8K4E.", goal, row) is not None
+        if isinstance(goal, NoGoal):
+            assert goal.reason and goal.detail
+        else:
+            kept.append((row, goal))
+    assert kept, "no variant kept a goal: the coverage check of an odd record never ran"
+    for row, goal in kept:
+        # the request names one of the run's five cancellations: the others are reported, in words
+        found = misses("Please cancel 8C8K4E.", goal, row)
+        assert len(found) >= len(goal.actions) - 1 and all(isinstance(r, str) and d for r, d in found)
 
 
 @pytest.mark.parametrize("answer,accepted", [

@@ -25,6 +25,15 @@ GONE_WITHIN_S = 5.0
 TIMINGS: dict[str, float] = {}
 LOG_DIRS: list[str] = []
 
+
+@pytest.fixture(scope="module", autouse=True)
+def report_timings():
+    """Not a check: how soon each server was gone after its parent died, printed once the module is
+    done (`pytest -s`); each test asserts its own bound (GONE_WITHIN_S)."""
+    yield
+    for name, took in TIMINGS.items():
+        print(f"\n  server gone after its parent was killed: {name}: {took:.2f} s", end="")
+
 # A parent that starts a tied child (from the main thread or a pool thread that then ends),
 # prints "<child pid> <extra>" and waits to be killed.
 SPAWN_STANDIN = """
@@ -163,9 +172,3 @@ def test_sigterm_of_the_cli_stops_the_server_cleanly():
         assert not os.path.exists(log_dir), "stop() did not run"
     finally:
         _cleanup(parent, pid, created)
-
-
-def test_report_timings():
-    print("\nserver gone after its parent was killed:")
-    for name, took in TIMINGS.items():
-        print(f"  {name}: {took:.2f} s")
