@@ -602,3 +602,20 @@ def test_shuffled_relabels_do_not_change_rejections():
         schema.frame(random.Random(3).sample(rows, len(rows)), schema.VERIFIED), classified, PARAMS, LINEAGE
     )
     assert a.rejections.height == 1 and a.rejections.equals(b.rejections)
+
+
+def test_a_rows_tools_serialized_once_give_the_bytes_of_the_whole_row_serialized():
+    # dumps splices the tool list's text (serialized once per list) into the row's: the same bytes as
+    # json.dumps of the whole row, also when a text of the row holds the placeholder's own characters
+    text = json.dumps([{"name": "book_é", "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}},
+                       {"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}])
+    tools = exports.parse_tools(text)
+    assert exports.parse_tools(text) is tools  # one list per distinct text: the rows of a run share it
+    for content in ("hello", "\x00agenther:tools\x00", "\u2028 ünï"):
+        row = exports.sft_row([{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}],
+                              tools, 0.5, {"sample_id": "s", "tools": "x"})
+        assert row["tools"] is tools
+        assert exports.dumps(row) == json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        assert json.loads(exports.dumps(row)) == row
+    assert exports.tools_text(tools) == json.dumps(tools, ensure_ascii=False, sort_keys=True)
+    assert exports.tools_text(None) == exports.tools_text([]) == "[]"

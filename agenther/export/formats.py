@@ -31,8 +31,41 @@ from agenther.export.schemas import validate_sharegpt
 
 
 def dumps(row: Any) -> str:
-    """One canonical JSON line: sorted keys, real UTF-8, no spaces (byte-stable)."""
-    return json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """One canonical JSON line: sorted keys, real UTF-8, no spaces (byte-stable). A row's `tools`
+    list (parse_tools': one list per distinct source text) is serialized once per list, not per row:
+    a tau-bench row is ~16 kB of tool schemas, the same in every row of the run."""
+    tools = row.get("tools") if isinstance(row, dict) else None
+    if isinstance(tools, list) and tools:
+        body = _dumps(row | {"tools": _TOOLS_SLOT})
+        if body.count(_TOOLS_SLOT_JSON) == 1:  # the slot's text occurs nowhere else in the row: splice
+            return body.replace(_TOOLS_SLOT_JSON, _serialized(tools, "row"), 1)
+    return _dumps(row)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def tools_text(tools: list[dict] | None) -> str:
+    """A tool list as JSON text with sorted keys (TRL's `tools` column, the Parquet dataset's)."""
+    return _serialized(tools, "text") if tools else "[]"
+
+
+_TOOLS_SLOT = "\x00agenther:tools\x00"  # stands for the tools in a row while the rest is serialized
+_TOOLS_SLOT_JSON = json.dumps(_TOOLS_SLOT, ensure_ascii=False)
+_FORMS = {"row": _dumps, "text": lambda v: json.dumps(v, ensure_ascii=False, sort_keys=True)}
+_SERIALIZED: dict[tuple[int, str], tuple[list, str]] = {}  # (id of a tool list, form) -> (the list, its text)
+
+
+def _serialized(tools: list[dict], form: str) -> str:
+    # Keyed by the list's identity, the list held so its id is never reused while the entry lives;
+    # parse_tools hands out one list per distinct text, and nothing changes a tool list after it.
+    hit = _SERIALIZED.get((id(tools), form))
+    if hit is None or hit[0] is not tools:
+        if len(_SERIALIZED) >= 2048:  # logs with a tool list per record: memory stays bounded
+            _SERIALIZED.clear()
+        hit = _SERIALIZED[(id(tools), form)] = (tools, _FORMS[form](tools))
+    return hit[1]
 
 
 # --- OpenAI / TRL messages -------------------------------------------------------------
@@ -77,9 +110,22 @@ def parse_tools(tools_json: str | None) -> list[dict] | None:
 
     Bare function schemas ({name, parameters}) are wrapped as {"type": "function", "function": ...}.
     Raises ValueError when the text is there but is not a JSON list of objects.
+    One list per distinct text (the rows of a run share it, and its serialization: `dumps`): read only.
     """
     if tools_json is None or not tools_json.strip():
         return None
+    parsed = _PARSED.get(tools_json)
+    if parsed is None:
+        if len(_PARSED) >= 1024:
+            _PARSED.clear()
+        parsed = _PARSED[tools_json] = _parse_tools(tools_json)
+    return parsed
+
+
+_PARSED: dict[str, list[dict] | None] = {}
+
+
+def _parse_tools(tools_json: str) -> list[dict] | None:
     try:
         tools = json.loads(tools_json)
     except json.JSONDecodeError as exc:

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from agenther.export.exporter import Exporter, Lines
-from agenther.export.formats import trains
+from agenther.export.formats import tools_text, trains
 from agenther.workdir import write_text_atomic
 
 FOLDER = "hf"
@@ -62,7 +62,7 @@ def _record(row: dict, keys: tuple[str, ...]) -> dict:
     meta = row["metadata"]
     return {"sample_id": meta["sample_id"], "kind": meta["kind"], "sample_weight": float(row["weight"]),
             **{k: [_message(m, k == "messages") for m in row[k]] for k in keys},
-            "tools": json.dumps(row.get("tools") or [], ensure_ascii=False, sort_keys=True),
+            "tools": tools_text(row.get("tools")),
             "metadata": json.dumps(meta, ensure_ascii=False, sort_keys=True)}
 
 

@@ -65,8 +65,20 @@ class ChatTokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[jinja2.ext.loopcontrols])
 
+        seen: dict[tuple, tuple[object, str]] = {}  # (id, options) -> (the object, its JSON)
+
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+            # The tool schemas are rendered into every row (the rows of a run share one parsed list,
+            # row_lengths): each schema serialized once, kept by identity, the object held so its id
+            # is not reused while the entry lives
+            key = (id(x), ensure_ascii, indent, separators, sort_keys)
+            hit = seen.get(key)
+            if hit is None or hit[0] is not x:
+                if len(seen) >= 4096:
+                    seen.clear()
+                hit = seen[key] = (x, json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                                                 sort_keys=sort_keys))
+            return hit[1]
 
         def raise_exception(message):
             raise jinja2.exceptions.TemplateError(message)
@@ -187,10 +199,16 @@ def conversations(row: dict) -> list[list[dict]]:
 def row_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[tuple[int, bool]]:
     """(tokens, exact) per JSONL row: its longest conversation, rendered with the row's `tools`."""
     out = []
+    parsed: dict[str, list] = {}  # one list per distinct `tools` text: its schemas rendered once (tojson)
     for line in lines:
         row = json.loads(line)
         tools = row.get("tools")
-        tools = json.loads(tools) if isinstance(tools, str) else tools
+        if isinstance(tools, str):
+            if tools not in parsed:
+                if len(parsed) >= 256:
+                    parsed.clear()
+                parsed[tools] = json.loads(tools)
+            tools = parsed[tools]
         counts = [tok.count(messages, tools) for messages in conversations(row)]
         out.append((max(n for n, _ in counts), all(exact for _, exact in counts)))
     return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 
 from agenther.export.exporter import Exporter
-from agenther.export.formats import trains
+from agenther.export.formats import tools_text, trains
 
 SFT_FILE = "trl/sft.jsonl"
 DPO_FILE = "trl/dpo.jsonl"
@@ -43,10 +43,6 @@ def trl_message(message: dict) -> dict:
     if message["role"] == "tool":
         out["tool_call_id"] = message.get("tool_call_id")
     return out
-
-
-def tools_text(tools: list[dict] | None) -> str:
-    return json.dumps(tools or [], ensure_ascii=False, sort_keys=True)
 
 
 def sft_rows(sft: dict) -> list[dict]:
