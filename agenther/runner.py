@@ -24,17 +24,18 @@ before any verify table is written.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from agenther import schema
 from agenther.llm import LLMs, Usage
 from agenther.progress import Progress
-from agenther.stages import FUSED, FUSED_STEP, STAGES, Stage, load, stage
+from agenther.stages import FUSED, FUSED_STEP, STAGES, Stage, in_process, load, stage
 from agenther.tables import CONTRACTS, TableWriter, count_rows, gate_table, iter_batches
 from agenther.workdir import TABLES, stamp_stage, unchanged_stage, unstamp, write_stats
 
@@ -97,11 +98,15 @@ class LocalExecutor:
         for batch in batches:
             yield batch, self.step(stages, batch, params, llms)
 
+    def spread(self, fn: Callable[[Any], Any], jobs: list) -> Iterator[Any]:
+        """fn(job) for each job, results in order (the shards of a whole-run stage): here one after another."""
+        return in_process(fn, jobs)
+
     def ingest(self, params: dict, work: Path) -> dict:
         return stage("ingest").load()(params, work)
 
     def package(self, params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
-        return stage("package").load()(params, work, out_dir, llms)
+        return stage("package").load()(params, work, out_dir, llms, self.spread)
 
 
 LOCAL = LocalExecutor()

@@ -97,7 +97,7 @@ def ingest(path: Path, fmt: str = "auto", mapping: dict | None = None, limit: in
 
 
 def package(verified, classified, params: dict, lineage: dict, batch_rows: int = 500,
-            out: Path | None = None, measure_tokens: bool = False) -> SimpleNamespace:
+            out: Path | None = None, measure_tokens: bool = False, spread=None) -> SimpleNamespace:
     """The package stage's exports as every run writes them (agenther.stages.packaging.export_samples,
     classified read from a Parquet file in batches), into `out` (default: a temporary folder): the
     rows of each export file as written, and the stage's rejections, counts and digests."""
@@ -110,7 +110,7 @@ def package(verified, classified, params: dict, lineage: dict, batch_rows: int =
         classified.write_parquet(classified_path)
         folder = out or Path(tmp) / "out"
         exported = export_samples(verified, classified_path, params, lineage, folder, batch_rows,
-                                  measure_tokens=measure_tokens)
+                                  measure_tokens=measure_tokens, **({"spread": spread} if spread else {}))
         # a file with no rows is not written: no rows
         rows = {name: [json.loads(line) for line in (folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
                 if (folder / f"{name}.jsonl").exists() else [] for name in ("sft", "dpo", "sharegpt")}

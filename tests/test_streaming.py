@@ -9,6 +9,9 @@ outputs of one batch holding everything.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -30,6 +33,36 @@ def test_package_in_tiny_batches_equals_one_batch():
     assert tiny.counts == whole.counts
     assert tiny.sft == whole.sft and tiny.dpo == whole.dpo and tiny.sharegpt == whole.sharegpt
     assert tiny.rejections.equals(whole.rejections)
+
+
+def test_a_package_split_in_shards_run_by_other_processes_is_the_single_process_package_byte_for_byte(tmp_path):
+    # The package stage's shards (agenther/stages/packaging.py), run by a pool of worker processes that
+    # share only the output folder, against one shard in this process: every file, byte for byte.
+    verified, classified = tau_inputs(range(200), with_tools=True)
+    whole = package(verified, classified, PARAMS, LINEAGE, batch_rows=10_000, out=tmp_path / "whole", measure_tokens=True)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        ran: set[int] = set()
+
+        def spread(fn, jobs):
+            for result, pid in pool.map(_in_worker, [fn] * len(jobs), jobs):
+                ran.add(pid)
+                yield result
+
+        shards = package(verified, classified, PARAMS, LINEAGE, batch_rows=16, out=tmp_path / "shards",
+                         measure_tokens=True, spread=spread)
+    assert len(ran) == 2 and os.getpid() not in ran  # every shard ran elsewhere, on both workers
+    assert whole.counts["dpo_natural"] > 10 and whole.counts["success_samples"] > 50 and whole.counts["dpo_hindsight"]
+    assert shards.counts == whole.counts and shards.rejections.equals(whole.rejections)
+    files = sorted(str(p.relative_to(tmp_path / "whole")) for p in (tmp_path / "whole").rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(tmp_path / "shards")) for p in (tmp_path / "shards").rglob("*") if p.is_file())
+    assert {"sft.jsonl", "dpo.jsonl", "trl/sft.jsonl", "llamafactory/hindsight.jsonl"} <= set(files)
+    for name in files:
+        assert (tmp_path / "shards" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert shards.exported.token_lengths == whole.exported.token_lengths
+
+
+def _in_worker(fn, job):
+    return fn(job), os.getpid()
 
 
 def test_sorted_sink_merges_reversed_runs_into_the_files_one_buffer_writes(tmp_path):

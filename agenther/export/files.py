@@ -13,6 +13,10 @@ the files and lets each exporter `finish` (the Parquet dataset, LLaMA-Factory's 
   `not_written` says which and why.
 - Every file is written through a temporary file renamed into place, and comes back with its
   sha256: identical rows give byte-identical files.
+- Rows may be added by several sinks, in other processes (the package stage's shards): each shard's
+  sink writes its sorted runs into a folder of the main sink's `scratch` (`shard_sink`, `finish_runs`),
+  and the main sink merges them with its own (`adopt`). Keys are unique, so the files are the same
+  bytes whichever sink added a row.
 """
 
 from __future__ import annotations
@@ -64,11 +68,17 @@ def file_sha256(path: Path) -> str:
 class SortedJsonlSink:
     """Annotated rows in (`add`), every export file of the layout out (`close`), in `out_dir`."""
 
-    def __init__(self, out_dir: Path, buffer_rows: int = DEFAULT_BATCH_ROWS):
+    def __init__(self, out_dir: Path, buffer_rows: int = DEFAULT_BATCH_ROWS, runs_dir: Path | None = None):
         self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.buffer_rows = buffer_rows
-        self._tmp = tempfile.TemporaryDirectory(prefix="agenther-exports-", dir=self.out)
+        if runs_dir is None:  # the main sink: its runs, and its shards' (scratch), removed on close
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._tmp: tempfile.TemporaryDirectory | None = tempfile.TemporaryDirectory(
+                prefix="agenther-exports-", dir=self.out)
+            self.scratch = Path(self._tmp.name)
+        else:  # a shard's sink: runs only, into runs_dir (finish_runs)
+            self._tmp, self.scratch = None, Path(runs_dir)
+            self.scratch.mkdir(parents=True, exist_ok=True)
         self.buffers: dict[str, list[tuple[list, str]]] = {}  # JSONL file -> [(sort key, line)]
         self.runs: dict[str, list[Path]] = {}
         self.layout = sink_layout()
@@ -91,7 +101,7 @@ class SortedJsonlSink:
             self._spill(name)
 
     def _spill(self, name: str) -> None:
-        run = Path(self._tmp.name) / f"{name.replace('/', '__')}.{len(self.runs[name]):05d}"
+        run = self.scratch / f"{name.replace('/', '__')}.{len(self.runs[name]):05d}"
         with run.open("w", encoding="utf-8") as fh:
             # json.dumps escapes tabs and newlines, so "<key>\t<line>" splits unambiguously
             fh.writelines(f"{json.dumps(key)}\t{line}\n" for key, line in sorted(self.buffers[name]))
@@ -101,6 +111,22 @@ class SortedJsonlSink:
     def _sorted_lines(self, name: str) -> Iterator[str]:
         runs = [_read_run(path) for path in self.runs[name]]
         return (line for _, line in heapq.merge(*runs, iter(sorted(self.buffers[name])), key=lambda kv: kv[0]))
+
+    def finish_runs(self) -> tuple[dict[str, list[str]], dict[str, int]]:
+        """A shard's sink: every row to a sorted run; ({file: its runs}, {file: rows}) for `adopt`."""
+        for name in list(self.buffers):
+            if self.buffers[name]:
+                self._spill(name)
+        return ({name: [str(p) for p in runs] for name, runs in self.runs.items() if runs},
+                {name: n for name, n in self.rows.items() if n})
+
+    def adopt(self, runs: dict[str, list[str]], rows: dict[str, int]) -> None:
+        """Take a shard's runs (finish_runs) into this sink's files."""
+        for name, paths in runs.items():
+            self.buffers.setdefault(name, [])
+            self.runs.setdefault(name, []).extend(Path(p) for p in paths)
+        for name, n in rows.items():
+            self.rows[name] += n
 
     def close(self) -> dict[str, str]:
         """Write the export files; returns {file: sha256} of the files written."""
@@ -115,7 +141,8 @@ class SortedJsonlSink:
                     self.rows[name] = n
                     digests[name] = file_sha256(self.out / name)
         finally:
-            self._tmp.cleanup()
+            if self._tmp is not None:
+                self._tmp.cleanup()
         for name in self.layout:
             if not any(fnmatch.fnmatch(f, name) for f in digests):
                 self.not_written[name] = NO_ROWS

@@ -16,12 +16,14 @@ every stage's module here would make every stage's code a dependency of every ot
 A table stage's function is `step(batch, params, llms) -> StageOutput`: one batch of its input table
 (`reads[0]`) in, its kept rows and its rejections out (`llms`: the run's clients, a per-batch view;
 None when the stage asks no LLM with these params). Ingest's function writes the logs into its tables
-(`(params, work) -> stats`); package's writes the output folder (`(params, work, out, llms) -> summary`).
+(`(params, work) -> stats`); package's writes the output folder (`(params, work, out, llms, spread) ->
+summary`, `spread(fn, jobs)`: the executor runs its shards, agenther/stages/packaging.py).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -92,6 +94,12 @@ NAMES = tuple(STAGES)
 LLM_STAGES = tuple(s.name for s in PIPELINE if s.llm != "never")  # the stages whose stats carry LLM usage
 FUSED = ("relabel", "verify")  # may run as one pass (agenther/runner.py): each record judged once relabeled
 FUSED_STEP = "agenther.stages.verify:relabel_verify"  # that pass: (batch, params, llm, judge, workers) -> (relabel's, verify's)
+
+
+def in_process(fn: Callable[[Any], Any], jobs: list) -> Iterator[Any]:
+    """fn(job) for each job, one after another in this process, results in order: how a stage's shards
+    run when no executor spreads them (agenther.runner.LocalExecutor.spread)."""
+    return (fn(job) for job in jobs)
 
 
 def stage(name: str) -> Stage:

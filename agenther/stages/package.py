@@ -22,15 +22,17 @@ from agenther.export.tasks import export_tasks
 from agenther.llm import BUDGET_EXHAUSTED, LLMs, Usage
 from agenther.params import params_hash
 from agenther.stages import LLM_STAGES
-from agenther.stages.packaging import Exported, export_samples
+from agenther.stages.packaging import Exported, Spread, export_samples, in_process
 from agenther.tables import batch_rows, gate_table, read_table, scan_columns, write_table
 from agenther.workdir import read_stats, write_text_atomic
 
 
-def package_run(params: dict, work: Path, out: Path, llms: LLMs, round_of: Mapping[str, int] | None = None) -> dict:
+def package_run(params: dict, work: Path, out: Path, llms: LLMs, spread: Spread = in_process,
+                round_of: Mapping[str, int] | None = None) -> dict:
     """Package the work folder's accepted samples into `out` and write the run's summary.
-    `round_of` (trajectory id -> round; agenther/rounds.py publishing the union of rounds): each
-    sample's metadata also says the round that made it."""
+    `spread`: how the shards run (agenther/stages/packaging.py: in this process, or the executor's
+    workers). `round_of` (trajectory id -> round; agenther/rounds.py publishing the union of rounds):
+    each sample's metadata also says the round that made it."""
     classified_path = gate_table(work, "classified", params)  # big: read in batches
     verified = read_table(work, "verified", params)  # small: one row per judged relabel
     lineage = {
@@ -40,7 +42,8 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs, round_of: Mappi
         "prompt_hashes": prompts.all_hashes(),
     }
     packaged = export_samples(verified.filter(pl.col("verified")), classified_path, params["package"], lineage, out,
-                              batch_rows(params), tokenizer_model=params["llm"].get("local_model"), round_of=round_of)
+                              batch_rows(params), tokenizer_model=params["llm"].get("local_model"), round_of=round_of,
+                              spread=spread)
     add_tasks(packaged, verified, params, out)
     rejected = pl.concat([read_table(work, f"{s}_rejected", params) for s in ("extract", "relabel", "verify")]
                          + [packaged.rejections])

@@ -15,11 +15,12 @@ relabel candidates).
 
 from __future__ import annotations
 
-import tempfile
+import pickle
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -29,6 +30,7 @@ from agenther.export.dedup import dedup_prompts
 from agenther.export.files import ANNOTATED, SortedJsonlSink
 from agenther.export.registry import exporters
 from agenther.params import check_section
+from agenther.stages import in_process
 from agenther.stages.pairs import hindsight_pairs, natural_pairs
 from agenther.stages.samples import (
     hindsight_messages,
@@ -39,7 +41,7 @@ from agenther.stages.samples import (
     trim_trailing,
     user_side,
 )
-from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter, iter_batches
+from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter, count_rows
 
 STAGE = "package"
 COUNTS = (  # Packaged.counts keys; hindsight_samples + rejections = accepted_in
@@ -64,22 +66,58 @@ class Exported:
 # Columns of `classified` that say which rows package needs, read for the whole table (small).
 LIGHT = ["id", "task_key", "success", "is_failure"]
 
+Spread = Callable[[Callable[[Any], Any], list], Iterable[Any]]  # spread(fn, jobs): fn(job) per job, in order
 
-Batches = Callable[..., Iterable[pl.DataFrame]]  # batches(columns=None): the table, a batch at a time
+
+@dataclass(frozen=True)
+class Plan:
+    """What every shard of a package run needs, small: the package params, the lineage metadata, which
+    bucket each pairable task's rows go to, the kept hindsight relabels by task and each run's round."""
+    params: dict
+    base: dict
+    bucket_of: dict[str, int]
+    kept_by_task: dict[str, list[tuple[dict, float]]]
+    round_of: Mapping[str, int] | None
 
 
-def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict, lineage: dict,
+@dataclass(frozen=True)
+class Shard:
+    """One shard's work: `rows` (offset, count) of the classified table (successes out, pairable rows
+    spilled to their buckets) or one `bucket` (its preference pairs); its sink's runs go to `folder`."""
+    plan: Path  # the Plan, pickled in the run's scratch folder (read once per process)
+    classified: Path
+    folder: Path
+    buffer_rows: int
+    rows: tuple[int, int] | None = None
+    bucket: int | None = None
+
+
+@dataclass
+class ShardResult:
+    runs: dict[str, list[str]]  # the shard's sorted runs per export file (SortedJsonlSink.adopt)
+    rows: dict[str, int]
+    counts: dict
+    paired: list[str] = field(default_factory=list)  # the kept relabels this bucket paired (or tried to)
+
+
+def package_into(sink: SortedJsonlSink, verified: pl.DataFrame, classified: Path, params: dict, lineage: dict,
                  batch_rows: int = DEFAULT_BATCH_ROWS, round_of: Mapping[str, int] | None = None,
-                 ) -> tuple[pl.DataFrame, dict]:
-    """package() over a `classified` table read in batches, rows to `sink.add(file, row)`.
+                 spread: Spread = in_process) -> tuple[pl.DataFrame, dict]:
+    """Every sample and pair of a run, rows to `sink` (its main sink: the files come out of its close).
 
-    Memory is bounded by a batch, not by the table: accepted relabels are few (one per judged
-    LLM answer) and held whole; `classified` is read three times: its light columns (which
-    tasks can pair), then batch by batch (successes go straight out; rows of tasks that can
-    pair are spilled to Parquet buckets of about `batch_rows` rows, whole tasks per bucket),
-    then bucket by bucket for the preference pairs. Returns (rejections, counts).
-    `round_of` (trajectory id -> round, when packaging the union of rounds): every row's metadata
-    gets `round`, the latest round of the runs it holds (a pair exists once both runs have arrived)."""
+    Memory is bounded by a batch, not by the table, and the work spreads over shards (`spread`: in
+    this process, or an executor's workers; each shard writes its rows as sorted runs into the sink's
+    scratch folder, which the workers share, and the results are the same whoever ran them):
+    1. here: the accepted relabels (few: one per judged LLM answer), deduplicated by their requests,
+       become hindsight samples; the light columns of `classified` say which tasks can pair, and
+       each such task gets a bucket of about `batch_rows` rows (whole tasks);
+    2. a shard per `batch_rows` rows of `classified`: successes out, rows of pairable tasks spilled
+       to their bucket (a Parquet part per bucket and shard);
+    3. a shard per bucket: its preference pairs (natural, and the hindsight ones of its tasks);
+    4. here: the kept relabels of tasks no bucket holds (no other run) are counted unpaired.
+    Returns (rejections, counts). `round_of` (trajectory id -> round, when packaging the union of
+    rounds): every row's metadata gets `round`, the latest round of the runs it holds (a pair exists
+    once both runs have arrived)."""
     p = check_section("package", params)  # the section's defaults (agenther/params.py) and checks
     base = lineage_meta(lineage or {}) | {"pair_level": p["dpo_pairs"]}
     counts = dict.fromkeys(COUNTS, 0)
@@ -91,14 +129,7 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
     rows = sorted(accepted.to_dicts(), key=lambda r: r["id"])
     counts["accepted_in"] = len(rows)
     by_id = {r["id"]: r for r in rows}
-
-    def emit(name: str, row: dict) -> None:
-        if round_of is not None:
-            meta = row["metadata"]
-            meta["round"] = max(round_of[meta[k]] for k in ("trajectory_id", "chosen_id", "rejected_id") if meta.get(k))
-        if name == "sharegpt.jsonl":
-            counts["sharegpt_assistant_text_dropped"] += row["metadata"]["assistant_text_dropped"]
-        sink.add(name, row)
+    emit = _Emitter(sink, counts, round_of)
 
     # 1. Dedup the hindsight requests: a sample's whole user side (an empty opening is no sample at all).
     samples: dict[str, list[dict]] = {}
@@ -127,7 +158,7 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
             )
         )
 
-    # 2. Hindsight SFT + ShareGPT samples: both rows must validate, or neither is written.
+    # Hindsight SFT + ShareGPT samples: both rows must validate, or neither is written.
     hindsight_kept = []
     for row_id in sorted(result.kept):
         r = by_id[row_id]
@@ -144,8 +175,8 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
         counts["rewritten_turns"] += len(pair[0]["metadata"]["rewrites"])
     counts["hindsight_samples"] = len(hindsight_kept)
 
-    # 3. Which tasks can pair: a success and a failure (natural), or a kept relabel and another run.
-    light = pl.concat(list(classified(columns=LIGHT)) or [schema.empty({c: schema.CLASSIFIED[c] for c in LIGHT})])
+    # Which tasks can pair: a success and a failure (natural), or a kept relabel and another run.
+    light = pl.read_parquet(classified, columns=LIGHT)
     per_task = (light.filter(pl.col("task_key").is_not_null()).group_by("task_key")
                 .agg(pl.len().alias("rows"), pl.col("success").eq(True).any().alias("has_success"),
                      (pl.col("is_failure").eq(True) & pl.col("success").ne_missing(True)).any().alias("has_failure")))
@@ -154,44 +185,109 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
                                | (pl.col("task_key").is_in(list(hindsight_tasks)) & (pl.col("rows") > 1)))
     bucket_of = _buckets(pairable.sort("task_key").select("task_key", "rows").iter_rows(), batch_rows)
     del light, per_task, pairable
+    kept_by_task: dict[str, list[tuple[dict, float]]] = defaultdict(list)
+    for r, weight in hindsight_kept:
+        kept_by_task[r.get("task_key")].append((r, weight))
 
-    # 4. One pass over every row: successes out, rows of pairable tasks spilled to their bucket.
-    with tempfile.TemporaryDirectory(prefix="agenther-package-") as spill_dir:
-        spills = _Spills(Path(spill_dir), max(bucket_of.values(), default=-1) + 1)
-        for batch in classified():
-            for r in batch.to_dicts():
-                if p["include_successes"] and r.get("success") is True:
-                    try:
-                        pair = sample_rows(trim_trailing(r["messages"]), r, 1.0, sample_meta(r, "success", base))
-                    except ValueError:
-                        counts["success_unexportable"] += 1
-                    else:
-                        emit("sft.jsonl", pair[0])
-                        emit("sharegpt.jsonl", pair[1])
-                        counts["success_samples"] += 1
-            spills.add(batch, bucket_of)
-        spills.close()
+    # 2 and 3: the shards (the plan in a file every worker reads, not in every job).
+    plan = sink.scratch / "plan.pickle"
+    plan.write_bytes(pickle.dumps(Plan(p, base, bucket_of, dict(kept_by_task), round_of)))
+    total = count_rows(classified)
+    jobs = [Shard(plan, classified, sink.scratch / f"rows-{i:05d}", batch_rows, rows=(start, batch_rows))
+            for i, start in enumerate(range(0, total, batch_rows))]
+    _adopt(sink, counts, spread(rows_shard, jobs))
+    buckets = max(bucket_of.values(), default=-1) + 1
+    jobs = [Shard(plan, classified, sink.scratch / f"bucket-{b:05d}", batch_rows, bucket=b) for b in range(buckets)]
+    paired = _adopt(sink, counts, spread(bucket_shard, jobs))
 
-        # 5. Preference pairs, one bucket (a few whole tasks) at a time.
-        kept_by_task: dict[str, list[tuple[dict, float]]] = defaultdict(list)
-        for r, weight in hindsight_kept:
-            kept_by_task[r.get("task_key")].append((r, weight))
-        done: set[str] = set()
-        for bucket in spills.read():
-            by_task: dict[str, list[dict]] = defaultdict(list)
-            for r in sorted(bucket, key=lambda r: r["id"]):
-                by_task[r["task_key"]].append(r)
-            for row in natural_pairs(by_task, p["max_pairs_per_task"], base, counts, p["dpo_pairs"]):
-                emit("dpo.jsonl", row)
-            kept_here = [k for task in sorted(by_task) for k in kept_by_task.get(task, [])]
-            for row in hindsight_pairs(kept_here, by_task, base, counts, p["dpo_pairs"]):
-                emit("dpo.jsonl", row)
-            done.update(r["id"] for r, _ in kept_here)
-    unpaired = [k for k in hindsight_kept if k[0]["id"] not in done]  # a task with no other run
+    # 4. A kept relabel of a task no bucket holds: no other run to pair with.
+    unpaired = [k for k in hindsight_kept if k[0]["id"] not in paired]
     for row in hindsight_pairs(unpaired, {}, base, counts, p["dpo_pairs"]):
         emit("dpo.jsonl", row)
-
     return (schema.frame(sorted(rejections, key=lambda x: (x["id"], x["reason"])), schema.REJECTION), counts)
+
+
+class _Emitter:
+    """Rows to a sink, each with its round (rounds) and the ShareGPT text count."""
+
+    def __init__(self, sink: SortedJsonlSink, counts: dict, round_of: Mapping[str, int] | None):
+        self.sink, self.counts, self.round_of = sink, counts, round_of
+
+    def __call__(self, name: str, row: dict) -> None:
+        if self.round_of is not None:
+            meta = row["metadata"]
+            meta["round"] = max(self.round_of[meta[k]] for k in ("trajectory_id", "chosen_id", "rejected_id")
+                                if meta.get(k))
+        if name == "sharegpt.jsonl":
+            self.counts["sharegpt_assistant_text_dropped"] += row["metadata"]["assistant_text_dropped"]
+        self.sink.add(name, row)
+
+
+def _adopt(sink: SortedJsonlSink, counts: dict, results: Iterable[ShardResult]) -> set[str]:
+    """The shards' runs into the main sink, their counts added; the relabel ids they paired."""
+    paired: set[str] = set()
+    for result in results:
+        sink.adopt(result.runs, result.rows)
+        for key, n in result.counts.items():
+            counts[key] += n
+        paired.update(result.paired)
+    return paired
+
+
+_PLANS: dict[Path, Plan] = {}  # per process: a worker reads a run's plan once
+
+
+def _plan(path: Path) -> Plan:
+    if path not in _PLANS:
+        _PLANS.clear()  # another run's plan is done with
+        _PLANS[path] = pickle.loads(path.read_bytes())
+    return _PLANS[path]
+
+
+def rows_shard(shard: Shard) -> ShardResult:
+    """Successes out; the rows of pairable tasks spilled to their bucket (bucket-NNNNN/<shard>.parquet)."""
+    plan, counts = _plan(shard.plan), dict.fromkeys(COUNTS, 0)
+    sink = SortedJsonlSink(shard.folder, shard.buffer_rows, runs_dir=shard.folder)
+    emit = _Emitter(sink, counts, plan.round_of)
+    # only the row groups that hold these rows are read (polars pushes the slice down)
+    batch = pl.scan_parquet(shard.classified).slice(*shard.rows).collect()
+    if plan.params["include_successes"]:
+        for r in batch.filter(pl.col("success").eq(True)).to_dicts():
+            try:
+                pair = sample_rows(trim_trailing(r["messages"]), r, 1.0, sample_meta(r, "success", plan.base))
+            except ValueError:
+                counts["success_unexportable"] += 1
+            else:
+                emit("sft.jsonl", pair[0])
+                emit("sharegpt.jsonl", pair[1])
+                counts["success_samples"] += 1
+    if plan.bucket_of:
+        numbered = batch.with_columns(
+            pl.col("task_key").replace_strict(plan.bucket_of, default=None, return_dtype=pl.Int64).alias("_bucket"))
+        for (bucket,), part in numbered.filter(pl.col("_bucket").is_not_null()).group_by("_bucket"):
+            spill = shard.plan.parent / f"spill-{int(bucket):05d}" / f"{shard.folder.name}.parquet"
+            spill.parent.mkdir(parents=True, exist_ok=True)
+            with TableWriter(spill, schema.CLASSIFIED) as writer:
+                writer.write(part.drop("_bucket"))
+    return ShardResult(*sink.finish_runs(), counts)
+
+
+def bucket_shard(shard: Shard) -> ShardResult:
+    """The preference pairs of one bucket's tasks (its rows, spilled by every rows shard)."""
+    plan, counts = _plan(shard.plan), dict.fromkeys(COUNTS, 0)
+    p = plan.params
+    sink = SortedJsonlSink(shard.folder, shard.buffer_rows, runs_dir=shard.folder)
+    emit = _Emitter(sink, counts, plan.round_of)
+    parts = sorted((shard.plan.parent / f"spill-{shard.bucket:05d}").glob("*.parquet"))
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in sorted((r for part in parts for r in pl.read_parquet(part).to_dicts()), key=lambda r: r["id"]):
+        by_task[r["task_key"]].append(r)
+    for row in natural_pairs(by_task, p["max_pairs_per_task"], plan.base, counts, p["dpo_pairs"]):
+        emit("dpo.jsonl", row)
+    kept_here = [k for task in sorted(by_task) for k in plan.kept_by_task.get(task, [])]
+    for row in hindsight_pairs(kept_here, by_task, plan.base, counts, p["dpo_pairs"]):
+        emit("dpo.jsonl", row)
+    return ShardResult(*sink.finish_runs(), counts, [r["id"] for r, _ in kept_here])
 
 
 def _buckets(tasks: Iterable[tuple[str, int]], batch_rows: int) -> dict[str, int]:
@@ -206,40 +302,17 @@ def _buckets(tasks: Iterable[tuple[str, int]], batch_rows: int) -> dict[str, int
     return bucket_of
 
 
-class _Spills:
-    """Rows of pairable tasks, appended to one Parquet file per bucket, read back bucket by bucket."""
-
-    def __init__(self, folder: Path, buckets: int):
-        self.writers = [TableWriter(folder / f"bucket-{b:05d}.parquet", schema.CLASSIFIED) for b in range(buckets)]
-
-    def add(self, batch: pl.DataFrame, bucket_of: dict[str, int]) -> None:
-        if not self.writers:
-            return
-        numbered = batch.with_columns(
-            pl.col("task_key").replace_strict(bucket_of, default=None, return_dtype=pl.Int64).alias("_bucket"))
-        for (bucket,), part in numbered.filter(pl.col("_bucket").is_not_null()).group_by("_bucket"):
-            self.writers[int(bucket)].write(part.drop("_bucket"))
-
-    def close(self) -> None:
-        for w in self.writers:
-            w.close()
-
-    def read(self) -> Iterator[list[dict]]:
-        for w in self.writers:
-            yield pl.read_parquet(w.path).to_dicts()
-
-
 def export_samples(verified: pl.DataFrame, classified: Path, params: dict, lineage: dict, out: Path,
                    batch_rows: int = DEFAULT_BATCH_ROWS, tokenizer_model: str | None = None,
-                   measure_tokens: bool = True, round_of: Mapping[str, int] | None = None) -> Exported:
-    """The package stage's product: `package_into` over the classified table at `classified`
-    (read in batches), its rows written to the export files in `out` (sorted by sample id,
-    bounded memory: SortedJsonlSink), then the token lengths of the files the exporters name as
-    `measured` (TRL's), with the local model's tokenizer (`tokenizer_model`, else the first one installed). `round_of`: package_into."""
+                   measure_tokens: bool = True, round_of: Mapping[str, int] | None = None,
+                   spread: Spread = in_process) -> Exported:
+    """The package stage's product: `package_into` over the classified table at `classified`,
+    its rows written to the export files in `out` (sorted by sample id, bounded memory:
+    SortedJsonlSink), then the token lengths of the files the exporters name as `measured` (TRL's),
+    with the local model's tokenizer (`tokenizer_model`, else the first one installed).
+    `round_of`, `spread`: package_into."""
     sink = SortedJsonlSink(out, batch_rows)
-    rejections, counts = package_into(
-        sink, verified, lambda columns=None: iter_batches(classified, batch_rows, columns), params, lineage, batch_rows,
-        round_of)
+    rejections, counts = package_into(sink, verified, Path(classified), params, lineage, batch_rows, round_of, spread)
     digests = sink.close()
     lengths = measure_lengths(Path(out), digests, tokenizer_model) if measure_tokens else {
         "tokenizer": None, "not_measured": "not asked"}
