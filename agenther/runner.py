@@ -48,6 +48,7 @@ class BatchResult:
     kept: pl.DataFrame
     rejected: pl.DataFrame | None  # None for classify, which rejects nothing
     usage: dict = field(default_factory=lambda: vars(Usage()).copy())  # agenther.llm.Usage fields
+    n_in: int = 0  # the batch's rows that are the stage's input (extract's: the failures)
 
 
 # -- the step: one batch through one stage (or relabel + verify fused) --------------------------------
@@ -72,13 +73,19 @@ def step(stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs)
         shared = main.inflight is not None and main.inflight is llms.inflight and concurrency > 1
         relabeled, verified = load(FUSED_STEP)(batch, params, main, view.judge,
                                                workers=2 * concurrency if shared else concurrency)
-        return {"relabel": BatchResult(relabeled.kept, relabeled.rejected, usage("relabel")),
-                "verify": BatchResult(verified.kept, verified.rejected, usage("verify"))}
+        return {"relabel": BatchResult(relabeled.kept, relabeled.rejected, usage("relabel"), batch.height),
+                "verify": BatchResult(verified.kept, verified.rejected, usage("verify"), relabeled.kept.height)}
     (name,) = stages
     if name not in TABLE_STAGES:
         raise ValueError(f"{name!r} is not a table stage; table stages: {', '.join(TABLE_STAGES)}")
     out = TABLE_STAGES[name].load()(batch, params, view)
-    return {name: BatchResult(out.kept, out.rejected, usage(name))}
+    return {name: BatchResult(out.kept, out.rejected, usage(name), _count_in(TABLE_STAGES[name], batch))}
+
+
+def _count_in(stage: Stage, batch: pl.DataFrame) -> int:
+    """How many of the batch's rows are the stage's input (extract's: the failures; successes pass
+    through classify only)."""
+    return int(batch[stage.counted].sum()) if stage.counted else batch.height
 
 
 # -- executors: how a step (and the two whole-run stages) run ---------------------------------------
@@ -91,12 +98,15 @@ class LocalExecutor:
     def step(self, stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs) -> dict[str, BatchResult]:
         return step(stages, batch, params, llms)
 
-    def map_steps(self, stages: tuple[str, ...], batches: Iterator[pl.DataFrame], params: dict,
-                  llms: LLMs) -> Iterator[tuple[pl.DataFrame, dict[str, BatchResult]]]:
-        """(batch, its step's results) for each batch, in input order. Here one after another;
-        an executor that runs steps elsewhere may run several at once, but yields in this order."""
-        for batch in batches:
-            yield batch, self.step(stages, batch, params, llms)
+    def map_steps(self, stages: tuple[str, ...], table: Path, params: dict,
+                  llms: LLMs) -> Iterator[tuple[int, dict[str, BatchResult]]]:
+        """(rows, the step's results) for each batch of the (gated) input table, in its order; no step
+        for an empty table (no model is started for it). Here one batch after another, read in this
+        process; an executor that runs steps elsewhere may run several at once and let each read its
+        rows of the table itself (tasks/stages.py), but yields in this order."""
+        for batch in iter_batches(table, self.batch_rows(params)):
+            if batch.height:
+                yield batch.height, self.step(stages, batch, params, llms)
 
     def spread(self, fn: Callable[[Any], Any], jobs: list) -> Iterator[Any]:
         """fn(job) for each job, results in order (the shards of a whole-run stage): here one after another."""
@@ -122,8 +132,8 @@ class _Outputs:
         self.rejected = (stack.enter_context(TableWriter(work / TABLES[stage.writes[1]], schema.REJECTION))
                          if stage.rejects else None)
 
-    def add(self, result: BatchResult, n_in: int) -> None:
-        self.n_in += n_in
+    def add(self, result: BatchResult) -> None:
+        self.n_in += result.n_in
         self.usage.add(Usage(**result.usage))
         self.kept.write(result.kept)
         if self.rejected is not None:
@@ -140,17 +150,6 @@ class _Outputs:
         return stats
 
 
-def _count_in(stage: Stage, batch: pl.DataFrame) -> int:
-    """How many of the batch's rows are the stage's input (extract's: the failures; successes pass
-    through classify only)."""
-    return int(batch[stage.counted].sum()) if stage.counted else batch.height
-
-
-def _batches(stage: Stage, work: Path, params: dict, executor: LocalExecutor) -> Iterator[pl.DataFrame]:
-    """The input table, gated, in the executor's batches. The gate runs before the first batch."""
-    return iter_batches(gate_table(work, stage.reads[0], params), executor.batch_rows(params))
-
-
 def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LLMs,
                       executor: LocalExecutor) -> dict[str, dict]:
     """One table stage, or relabel + verify fused: each batch of the first stage's input goes
@@ -159,18 +158,14 @@ def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LL
     started = time.monotonic()
     with ExitStack() as stack:
         outputs = [_Outputs(s, work, stack) for s in stages]
-        batches = _batches(stages[0], work, params, executor)
-        progress = stack.enter_context(Progress("+".join(names), count_rows(work / TABLES[stages[0].reads[0]]),
+        source = gate_table(work, stages[0].reads[0], params)  # the gate runs before anything is written
+        progress = stack.enter_context(Progress("+".join(names), count_rows(source),
                                                 lambda: sum(u.calls for u in llms.usage().values())))
-        nonempty = (b for b in batches if b.height)  # nothing to ask: no model is started for an empty table
-        for batch, results in executor.map_steps(names, nonempty, params, llms):
+        for rows, results in executor.map_steps(names, source, params, llms):
             last = results[names[-1]].kept  # verify keeps every judged row: "kept" is the accepted ones
-            progress.advance(batch.height, kept=int(last["verified"].sum()) if "verified" in last.columns else last.height)
-            upstream = batch
+            progress.advance(rows, kept=int(last["verified"].sum()) if "verified" in last.columns else last.height)
             for out in outputs:
-                result = results[out.stage.name]
-                out.add(result, _count_in(out.stage, upstream) if out is outputs[0] else upstream.height)
-                upstream = result.kept
+                out.add(results[out.stage.name])
         stats = {}
         for out in outputs:
             stats[out.stage.name] = out.finish(work, time.monotonic() - started)

@@ -92,6 +92,12 @@ def iter_batches(path: str | Path, batch_rows: int = DEFAULT_BATCH_ROWS,
         parquet.close()
 
 
+def read_rows(path: str | Path, offset: int, rows: int) -> pl.DataFrame:
+    """Rows [offset, offset + rows) of the table: only the row groups that hold them are read (a worker
+    reads its batch of a table on shared storage, tasks/stages.py)."""
+    return pl.scan_parquet(path).slice(offset, rows).collect()
+
+
 def count_rows(path: str | Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 

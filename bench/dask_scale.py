@@ -10,7 +10,9 @@ cached, persisted task run on a DaskTaskRunner's LocalCluster of 1, then 2 worke
 thread each). relabel and verify (the LLM stages) are replaced by empty tables, as in
 stages_scale.py, so package exports the successes and the natural preference pairs. Prints per
 stage the wall time and records/s, the flow process's and each worker's peak RSS (VmHWM).
-Ingest and package are one task each in the flow process (not spread); classify and extract are.
+Classify and extract are spread batch by batch (each task reads its rows of the input table from the
+work folder: no batch is pickled into the task graph), package shard by shard (its rows and its
+preference-pair buckets, agenther/stages/packaging.py); ingest is one task in the flow process.
 
 Part 2 (overhead): the 200 real records, the same flow with the local task runner and on Dask
 (a LocalCluster of 2 started by the run, and an already running one given by address), medians

@@ -1,7 +1,8 @@
 """Cache keys for the stage tasks: what a batch's result depends on, and nothing else.
 
 A key is the sha256 of
-- the content of the task's input (a batch's Parquet bytes, or the input log files' bytes),
+- the content of the task's input (a batch: the sha256 of the table it reads and its rows' range;
+  ingest: the input log files' bytes),
 - the params sections the stage's record names (agenther/stages/__init__.py: its `sections`, and
   `llm` when it asks the LLM; so `tools` for extract, relabel and verify), without settings that change how a run goes but not what it
   produces (agenther.params.RUNTIME_ONLY); llm.api_base is in: another server serving the same
@@ -20,13 +21,10 @@ import ast
 import hashlib
 import importlib.metadata
 import importlib.util
-import io
 import json
 from functools import cache
 from pathlib import Path
 from typing import Any
-
-import polars as pl
 
 from agenther import prompts
 from agenther.adapters import log_input
@@ -34,7 +32,7 @@ from agenther.envs import GROUP
 from agenther.params import RUNTIME_ONLY
 from agenther.stages import STAGES
 
-KEY_VERSION = "agenther-prefect-cache-v1"  # bump to invalidate every entry at once
+KEY_VERSION = "agenther-prefect-cache-v2"  # bump to invalidate every entry at once (v2: BatchResult.n_in)
 
 WRAPPERS = ("tasks.stages", "tasks.caching")
 NOT_IN_KEY = {"llm": RUNTIME_ONLY.get("llm", ())}
@@ -47,13 +45,6 @@ def sha256(*parts: bytes | str) -> str:
         h.update(len(data).to_bytes(8, "big"))  # length-prefixed: no ambiguity between parts
         h.update(data)
     return h.hexdigest()
-
-
-def frame_digest(df: pl.DataFrame) -> str:
-    """sha256 of the frame's Parquet bytes (columns, dtypes, row order and values)."""
-    buf = io.BytesIO()
-    df.write_parquet(buf, statistics=False, compression="uncompressed")
-    return sha256(buf.getvalue())
 
 
 def files_digest(path: str | Path) -> str:

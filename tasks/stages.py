@@ -1,15 +1,19 @@
 """The stages as Prefect tasks: the runner's executor (agenther/runner.py) with each step a task.
 
 The stage loop (gates, batches, tables, stats, stamps) is agenther.runner's, as for `agenther run`
-and `dvc repro`; Prefect supplies the per-batch step and the two whole-run stages as tasks:
+and `dvc repro`; Prefect supplies the per-batch step, ingest and package's shards as tasks:
 - a batch of `prefect.batch_size` rows per task run (never one per trajectory: a task run costs
-  milliseconds to tens of ms of API traffic);
-- cache key: content of the batch + the stage's params + code and prompt versions (caching.py);
-  results are persisted, so an identical rerun is a cache hit for every batch and calls no LLM;
-  a cached batch's calls count as cache hits, as the LLM response cache counts them;
+  milliseconds to tens of ms of API traffic). A batch task is handed where its rows are (the input
+  table, which every worker reads on the shared work folder, and the rows' range), not the rows:
+  nothing big is pickled into the task graph; each reads its rows itself;
+- cache key: the input table's sha256 and the batch's range (so its content) + the stage's params
+  + code and prompt versions (caching.py); results are persisted, so an identical rerun is a cache
+  hit for every batch and calls no LLM; a cached batch's calls count as cache hits, as the LLM
+  response cache counts them;
 - retries: exponential backoff with jitter, transient errors only (retry.py).
 Ingest is one task that streams the logs into the tables; its cached result is their digests,
-and a cache hit copies them from the folder they were written to.
+and a cache hit copies them from the folder they were written to. Package runs in the flow and
+spreads its shards as tasks (agenther/stages/packaging.py), never cached: they write files.
 With the local task runner, batches of one stage run one after another in the flow's thread:
 `llm.concurrency` already bounds the calls in flight inside a batch. With the Dask task runner
 (tasks/dask.py) a stage's batches are submitted to the cluster, at most two per worker thread
@@ -32,11 +36,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import polars as pl
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
-from prefect.futures import PrefectFuture
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 
@@ -44,8 +46,9 @@ from agenther import runner
 from agenther.llm import LLMs, Usage
 from agenther.runner import BatchResult, LocalExecutor
 from agenther.stages import stage
+from agenther.tables import count_rows, read_rows
 from agenther.workdir import TABLES, file_digest
-from tasks.caching import files_digest, frame_digest, stage_key
+from tasks.caching import files_digest, sha256, stage_key
 
 if TYPE_CHECKING:
     from prefect.filesystems import WritableFileSystem
@@ -62,7 +65,8 @@ CACHED = {"persist_result": True, "cache_expiration": timedelta(days=30)}
 
 def _batch_key(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        return stage_key(stage, parameters["params"], frame_digest(parameters["batch"]))
+        offset, rows = parameters["rows"]  # the rows of a table with this sha256: the batch's content
+        return stage_key(stage, parameters["params"], sha256(parameters["table_digest"], str(offset), str(rows)))
 
     return key
 
@@ -75,8 +79,10 @@ def _ingest_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 # -- the tasks: one call into agenther each -----------------------------------------------------
 def _batch(name: str) -> Task:
     @task(name=f"{name}-batch", cache_key_fn=_batch_key(name), **CACHED, **RETRY)
-    def run_batch(batch: pl.DataFrame, params: dict, llms: LLMs | WorkerLLMs) -> BatchResult:
+    def run_batch(table: str, table_digest: str, rows: tuple[int, int], params: dict,
+                  llms: LLMs | WorkerLLMs) -> BatchResult:
         # On a Dask worker `llms` is a description (tasks/dask.py): this process's clients for the run
+        batch = read_rows(table, *rows)
         return runner.step((name,), batch, params, llms if isinstance(llms, LLMs) else llms.llms())[name]
 
     return run_batch
@@ -115,10 +121,11 @@ def _restore_ingest(result: dict, work: Path) -> bool:
     return True
 
 
-# Never cached: they write files and objects (a cache hit would skip the writing) and are cheap.
-@task(name="package", task_run_name="package", cache_policy=NO_CACHE, persist_result=False)
-def package_task(params: dict, work: str, out: str, llms: LLMs) -> dict:
-    return stage("package").load()(params, Path(work), Path(out), llms)
+# Never cached: they write files and objects (a cache hit would skip the writing).
+@task(name="shard", cache_policy=NO_CACHE, persist_result=False)
+def shard_task(fn: Callable[[Any], Any], job: Any) -> Any:
+    """One shard of a whole-run stage (package's): fn(job), on whichever worker runs it."""
+    return fn(job)
 
 
 @task(name="push", task_run_name="push", cache_policy=NO_CACHE, persist_result=False, **RETRY)
@@ -168,47 +175,56 @@ class PrefectExecutor(LocalExecutor):
     flow's thread, or, given a DaskTaskRunner, on its cluster (`run` names the run's cluster-wide limits)."""
 
     def __init__(self, task_runner: DaskTaskRunner | None = None, run: str = "local") -> None:
-        self._started: dict[str, int] = {}  # rows handed out per stage: names the task runs
         self.task_runner, self.run = task_runner, run
 
     def batch_rows(self, params: dict) -> int:
         return params["prefect"]["batch_size"]
 
-    def _named(self, stage: str, batch: pl.DataFrame, params: dict) -> Task:
-        start = self._started.get(stage, 0)
-        self._started[stage] = start + batch.height
-        return configured(BATCH_TASKS[stage], params).with_options(task_run_name=f"{stage}[{start}:{start + batch.height}]")
-
-    def step(self, stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs) -> dict[str, BatchResult]:
+    def map_steps(self, stages: tuple[str, ...], table: Path, params: dict,
+                  llms: LLMs) -> Iterator[tuple[int, dict[str, BatchResult]]]:
         (stage,) = stages  # the flow does not fuse: each stage's batches are cached on their own
-        return {stage: _settled(self._named(stage, batch, params)(batch, params, llms, return_state=True))}
+        size, total = self.batch_rows(params), count_rows(table)
+        if not total:
+            return  # no step for an empty table: no model is started for it
+        task_ = configured(BATCH_TASKS[stage], params)
+        args = {"table": str(table), "table_digest": file_digest(table), "params": params, "llms": llms}
+        if self.task_runner is not None:
+            from tasks.dask import WorkerLLMs, check_reachable
 
-    def map_steps(self, stages: tuple[str, ...], batches: Iterator[pl.DataFrame], params: dict,
-                  llms: LLMs) -> Iterator[tuple[pl.DataFrame, dict[str, BatchResult]]]:
+            # Workers get the clients' description; the model server (if any) is started here, once
+            args["llms"] = WorkerLLMs.of(llms, self.run, runner.uses_llm(stage, params))
+            check_reachable(args["llms"], self.task_runner.client.scheduler.address)
+        runs = [(task_.with_options(task_run_name=f"{stage}[{start}:{min(start + size, total)}]"),
+                 args | {"rows": (start, min(size, total - start))}) for start in range(0, total, size)]
+        for (_, kwargs), state in zip(runs, self._in_order(runs), strict=True):
+            yield kwargs["rows"][1], {stage: _settled(state)}
+
+    def spread(self, fn: Callable[[Any], Any], jobs: list) -> Iterator[Any]:
+        """Each shard a task run (`<stage>[<shard>]`), on the cluster when there is one."""
+        name = fn.__name__.removesuffix("_shard")
+        runs = [(shard_task.with_options(task_run_name=f"package[{name} {i}]"), {"fn": fn, "job": job})
+                for i, job in enumerate(jobs)]
+        return (state.result() for state in self._in_order(runs))
+
+    def _in_order(self, runs: list[tuple[Task, dict]]) -> Iterator[State]:
+        """Each task run's final state, in the order given: in the flow's thread one after another, or
+        submitted to the cluster at most two per worker thread ahead of the one waited for (the flow's
+        memory stays flat and a worker never waits for its next task)."""
         if self.task_runner is None:
-            yield from super().map_steps(stages, batches, params, llms)
+            for task_, kwargs in runs:
+                yield task_(**kwargs, return_state=True)
             return
-        from tasks.dask import WorkerLLMs, check_reachable
-
-        (stage,) = stages
-        # Workers get the clients' description; the model server (if any) is started here, once
-        described = WorkerLLMs.of(llms, self.run, runner.uses_llm(stage, params))
-        check_reachable(described, self.task_runner.client.scheduler.address)
-        ahead = 2 * sum(self.task_runner.client.nthreads().values())  # a worker never waits for its next batch
-        pending: deque[tuple[pl.DataFrame, PrefectFuture]] = deque()
+        ahead = 2 * sum(self.task_runner.client.nthreads().values())
+        todo, pending = iter(runs), deque()
         try:
-            for batch in batches:
-                task_ = self._named(stage, batch, params)
-                pending.append((batch, self.task_runner.submit(task_, {"batch": batch, "params": params,
-                                                                       "llms": described})))
+            for task_, kwargs in todo:
+                pending.append(self.task_runner.submit(task_, kwargs))
                 if len(pending) > ahead:
-                    done, future = pending.popleft()
-                    yield done, {stage: _settled(future.wrapped_future.result())}
+                    yield pending.popleft().wrapped_future.result()
             while pending:
-                done, future = pending.popleft()
-                yield done, {stage: _settled(future.wrapped_future.result())}
-        finally:  # a failed batch stops the stage: the ones still queued behind it are not run
-            for _, future in pending:
+                yield pending.popleft().wrapped_future.result()
+        finally:  # a failed task stops the stage: the ones still queued behind it are not run
+            for future in pending:
                 future.wrapped_future.cancel()
 
     def ingest(self, params: dict, work: Path) -> dict:
@@ -218,8 +234,6 @@ class PrefectExecutor(LocalExecutor):
             result = t.with_options(refresh_cache=True)(params, str(work))
         return result["stats"]
 
-    def package(self, params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
-        return package_task(params, str(work), str(out_dir), llms)
 
 
 def _settled(state: State) -> BatchResult:
@@ -228,7 +242,8 @@ def _settled(state: State) -> BatchResult:
     result: BatchResult = state.result()
     if state.name == "Cached":  # no call was made now: what it once cost is now a cache hit
         usage = Usage(**result.usage)
-        result = BatchResult(result.kept, result.rejected, vars(Usage(cache_hits=usage.calls + usage.cache_hits)).copy())
+        result = BatchResult(result.kept, result.rejected, vars(Usage(cache_hits=usage.calls + usage.cache_hits)).copy(),
+                             result.n_in)
     return result
 
 

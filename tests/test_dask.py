@@ -91,20 +91,21 @@ def fresh(server: FakeLLMServer) -> FakeLLMServer:
 
 
 def run_flow_state(tmp_path: Path, name: str, server: FakeLLMServer, prefect: dict | None = None,
-                   **knobs: object) -> tuple[State, dict]:
+                   io: dict | None = None, **knobs: object) -> tuple[State, dict]:
     """The flow on RECORDS tau-bench records in batches of BATCH, with an LLM cache of its own:
     (its final state, its summary)."""
     params = write_params(tmp_path / f"{name}.yaml", server, cache=tmp_path / f"{name}-cache",
                           ingest={"input": str(TAU), "limit": RECORDS},
-                          llm={"max_retries": 1, "concurrency": 2},
+                          llm={"max_retries": 1, "concurrency": 2}, io=io or {},
                           prefect={"batch_size": BATCH, "retries": 2, "retry_backoff_s": 0.1} | (prefect or {}))
     state = hindsight(params_file=str(params), out_dir=str(tmp_path / name), return_state=True, **knobs)
     assert state.is_completed(), state
     return state, state.result()
 
 
-def run_flow(tmp_path: Path, name: str, server: FakeLLMServer, prefect: dict | None = None, **knobs: object) -> dict:
-    return run_flow_state(tmp_path, name, server, prefect, **knobs)[1]
+def run_flow(tmp_path: Path, name: str, server: FakeLLMServer, prefect: dict | None = None, io: dict | None = None,
+             **knobs: object) -> dict:
+    return run_flow_state(tmp_path, name, server, prefect, io, **knobs)[1]
 
 
 def task_runs_of(flow_run_id: object) -> list:
@@ -141,10 +142,20 @@ def assert_same_outputs(out: Path, summary: dict, reference: tuple[Path, dict, i
 
 
 def test_the_flow_on_two_dask_workers_writes_what_the_local_runner_writes(tmp_path, cluster, reference, fresh):
+    """Every batch and every package shard on the workers (package split in shards of 4 rows, where the
+    reference packages in one shard in the flow's process): the same files, byte for byte."""
     before = executed_per_worker(cluster)
-    summary = run_flow(tmp_path, "dask", fresh, task_runner="dask", dask_address=cluster.scheduler.address)
+    state, summary = run_flow_state(tmp_path, "dask", fresh, io={"batch_rows": 4}, task_runner="dask",
+                                    dask_address=cluster.scheduler.address)
     calls = len(fresh.requests)
     assert_same_outputs(tmp_path / "dask", summary, reference)
+    out, ref_out = tmp_path / "dask", reference[0]
+    for folder in ("openai", "trl", "llamafactory", "hf", "tasks"):  # every consumer's file too
+        files = sorted(p.relative_to(ref_out) for p in (ref_out / folder).rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(out) for p in (out / folder).rglob("*") if p.is_file()), folder
+        assert all((out / f).read_bytes() == (ref_out / f).read_bytes() for f in files), folder
+    shards = [r.name for r in task_runs_of(state.state_details.flow_run_id) if r.name.startswith("package[")]
+    assert sum(n.startswith("package[rows") for n in shards) == 8 and any(n.startswith("package[bucket") for n in shards)
     assert calls == reference[2] and summary["llm"]["total"]["calls"] == calls  # each call once, none lost
     # the workers' clients ask under the flow's cache keys: the same LLM cache entries as the local run's
     assert cache_keys(tmp_path / "dask-cache") == cache_keys(reference[0].parent / "local-cache")
@@ -207,7 +218,9 @@ def test_the_batch_cache_on_s3_is_read_by_every_worker(tmp_path, reference, fres
         with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: False}):
             state, second = run_flow_state(tmp_path, "second", fresh, task_runner="dask", dask_workers=2, prefect=storage)
         assert len(fresh.requests) == calls  # every batch came from the store
-        runs = [r for r in task_runs_of(state.state_details.flow_run_id) if "[" in r.name]
+        # the stages' batches (package's shards write files: never cached)
+        runs = [r for r in task_runs_of(state.state_details.flow_run_id) if "[" in r.name and
+                not r.name.startswith("package[")]
         assert runs and all(r.state.name == "Cached" for r in runs), [(r.name, r.state.name) for r in runs]
         assert_same_outputs(tmp_path / "second", second, reference)
         with get_client(sync_client=True) as client:

@@ -109,7 +109,7 @@ class SortedJsonlSink:
         self.buffers[name] = []
 
     def _sorted_lines(self, name: str) -> Iterator[str]:
-        runs = [_read_run(path) for path in self.runs[name]]
+        runs = [read_run(path) for path in self.runs[name]]
         return (line for _, line in heapq.merge(*runs, iter(sorted(self.buffers[name])), key=lambda kv: kv[0]))
 
     def finish_runs(self) -> tuple[dict[str, list[str]], dict[str, int]]:
@@ -160,7 +160,8 @@ class SortedJsonlSink:
                 yield line.rstrip("\n")
 
 
-def _read_run(path: Path) -> Iterator[tuple[list, str]]:
+def read_run(path: Path) -> Iterator[tuple[list, str]]:
+    """A sorted run's (key, row line) pairs."""
     with path.open(encoding="utf-8") as fh:
         for entry in fh:
             key, line = entry.rstrip("\n").split("\t", 1)

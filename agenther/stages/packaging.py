@@ -15,6 +15,7 @@ relabel candidates).
 
 from __future__ import annotations
 
+import atexit
 import pickle
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -27,7 +28,7 @@ import polars as pl
 from agenther import schema
 from agenther.export import tokens
 from agenther.export.dedup import dedup_prompts
-from agenther.export.files import ANNOTATED, SortedJsonlSink
+from agenther.export.files import ANNOTATED, SortedJsonlSink, read_run
 from agenther.export.registry import exporters
 from agenther.params import check_section
 from agenther.stages import in_process
@@ -41,7 +42,7 @@ from agenther.stages.samples import (
     trim_trailing,
     user_side,
 )
-from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter, count_rows
+from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter, count_rows, read_rows
 
 STAGE = "package"
 COUNTS = (  # Packaged.counts keys; hindsight_samples + rejections = accepted_in
@@ -78,6 +79,7 @@ class Plan:
     bucket_of: dict[str, int]
     kept_by_task: dict[str, list[tuple[dict, float]]]
     round_of: Mapping[str, int] | None
+    tokens: tuple[bool, str | None] = (False, None)  # measure the trainer files' token lengths, with which model's
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,21 @@ class ShardResult:
     rows: dict[str, int]
     counts: dict
     paired: list[str] = field(default_factory=list)  # the kept relabels this bucket paired (or tried to)
+    lengths: Lengths | None = None  # its rows' token lengths (trainer files), when measured
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """A shard's rows of the measured files, tokenized by the first local tokenizer that loads."""
+    tokenizer: str | None  # None: none loads, or its chat template failed on a row (then measured at the end)
+    skipped: tuple[str, ...]  # the tokenizers before it that could not be had, and why
+    files: dict[str, list[tuple[int, bool]]]  # file -> (tokens, exact) per row
 
 
 def package_into(sink: SortedJsonlSink, verified: pl.DataFrame, classified: Path, params: dict, lineage: dict,
                  batch_rows: int = DEFAULT_BATCH_ROWS, round_of: Mapping[str, int] | None = None,
-                 spread: Spread = in_process) -> tuple[pl.DataFrame, dict]:
+                 spread: Spread = in_process, tokens_of: tuple[bool, str | None] = (False, None),
+                 ) -> tuple[pl.DataFrame, dict, list[Lengths | None]]:
     """Every sample and pair of a run, rows to `sink` (its main sink: the files come out of its close).
 
     Memory is bounded by a batch, not by the table, and the work spreads over shards (`spread`: in
@@ -115,7 +127,8 @@ def package_into(sink: SortedJsonlSink, verified: pl.DataFrame, classified: Path
        to their bucket (a Parquet part per bucket and shard);
     3. a shard per bucket: its preference pairs (natural, and the hindsight ones of its tasks);
     4. here: the kept relabels of tasks no bucket holds (no other run) are counted unpaired.
-    Returns (rejections, counts). `round_of` (trajectory id -> round, when packaging the union of
+    With `tokens_of` (measure?, the local model): each shard also measures its rows' token lengths.
+    Returns (rejections, counts, every shard's lengths). `round_of` (trajectory id -> round, when packaging the union of
     rounds): every row's metadata gets `round`, the latest round of the runs it holds (a pair exists
     once both runs have arrived)."""
     p = check_section("package", params)  # the section's defaults (agenther/params.py) and checks
@@ -129,7 +142,8 @@ def package_into(sink: SortedJsonlSink, verified: pl.DataFrame, classified: Path
     rows = sorted(accepted.to_dicts(), key=lambda r: r["id"])
     counts["accepted_in"] = len(rows)
     by_id = {r["id"]: r for r in rows}
-    emit = _Emitter(sink, counts, round_of)
+    own = SortedJsonlSink(sink.scratch / "main", batch_rows, runs_dir=sink.scratch / "main")  # rows made here
+    emit = _Emitter(own, counts, round_of)
 
     # 1. Dedup the hindsight requests: a sample's whole user side (an empty opening is no sample at all).
     samples: dict[str, list[dict]] = {}
@@ -191,20 +205,23 @@ def package_into(sink: SortedJsonlSink, verified: pl.DataFrame, classified: Path
 
     # 2 and 3: the shards (the plan in a file every worker reads, not in every job).
     plan = sink.scratch / "plan.pickle"
-    plan.write_bytes(pickle.dumps(Plan(p, base, bucket_of, dict(kept_by_task), round_of)))
+    plan.write_bytes(pickle.dumps(Plan(p, base, bucket_of, dict(kept_by_task), round_of, tokens_of)))
     total = count_rows(classified)
     jobs = [Shard(plan, classified, sink.scratch / f"rows-{i:05d}", batch_rows, rows=(start, batch_rows))
             for i, start in enumerate(range(0, total, batch_rows))]
-    _adopt(sink, counts, spread(rows_shard, jobs))
+    lengths: list[Lengths | None] = []
+    _adopt(sink, counts, spread(rows_shard, jobs), lengths)
     buckets = max(bucket_of.values(), default=-1) + 1
     jobs = [Shard(plan, classified, sink.scratch / f"bucket-{b:05d}", batch_rows, bucket=b) for b in range(buckets)]
-    paired = _adopt(sink, counts, spread(bucket_shard, jobs))
+    paired = _adopt(sink, counts, spread(bucket_shard, jobs), lengths)
 
     # 4. A kept relabel of a task no bucket holds: no other run to pair with.
     unpaired = [k for k in hindsight_kept if k[0]["id"] not in paired]
     for row in hindsight_pairs(unpaired, {}, base, counts, p["dpo_pairs"]):
         emit("dpo.jsonl", row)
-    return (schema.frame(sorted(rejections, key=lambda x: (x["id"], x["reason"])), schema.REJECTION), counts)
+    _adopt(sink, {}, [_finish(own, {}, tokens_of)], lengths)
+    return (schema.frame(sorted(rejections, key=lambda x: (x["id"], x["reason"])), schema.REJECTION), counts,
+            lengths)
 
 
 class _Emitter:
@@ -223,15 +240,54 @@ class _Emitter:
         self.sink.add(name, row)
 
 
-def _adopt(sink: SortedJsonlSink, counts: dict, results: Iterable[ShardResult]) -> set[str]:
-    """The shards' runs into the main sink, their counts added; the relabel ids they paired."""
+def _adopt(sink: SortedJsonlSink, counts: dict, results: Iterable[ShardResult], lengths: list) -> set[str]:
+    """The shards' runs into the main sink, their counts added, their token lengths to `lengths`; the
+    relabel ids they paired."""
     paired: set[str] = set()
     for result in results:
         sink.adopt(result.runs, result.rows)
         for key, n in result.counts.items():
             counts[key] += n
         paired.update(result.paired)
+        lengths.append(result.lengths)
     return paired
+
+
+def _finish(sink: SortedJsonlSink, counts: dict, tokens_of: tuple[bool, str | None],
+            paired: list[str] | None = None) -> ShardResult:
+    """A shard's sink closed into runs, and (if asked) its rows of the trainer files measured."""
+    runs, rows = sink.finish_runs()
+    measure, model = tokens_of
+    return ShardResult(runs, rows, counts, paired or [], _measure(runs, model) if measure else None)
+
+
+_TOKENIZER: list[tuple[object, tuple[str, ...]]] = []  # per process: (the first local tokenizer that loads, skipped)
+
+
+def _measure(runs: dict[str, list[str]], model: str | None) -> Lengths:
+    """The token lengths of a shard's rows of the measured files (tokens.row_lengths over its runs)."""
+    if not _TOKENIZER:
+        # freed at exit before the interpreter tears llama_cpp's module down (its __del__ needs it)
+        atexit.register(_TOKENIZER.clear)
+        skipped: list[str] = []
+        for tok, why in tokens.local_tokenizers(model):
+            if tok is not None:
+                _TOKENIZER.append((tok, tuple(skipped)))
+                break
+            skipped.append(why)
+        else:
+            _TOKENIZER.append((None, tuple(skipped)))
+    tok, skipped = _TOKENIZER[0]
+    if tok is None:
+        return Lengths(None, skipped, {})
+    files = {}
+    try:
+        for name in (n for e in exporters() for n in e.measured if n in runs):
+            files[name] = tokens.row_lengths(tok, (line for run in runs[name] for _, line in read_run(Path(run))))
+    except Exception:  # a chat template that cannot render a row: measure_lengths says why, at the end
+        return Lengths(None, skipped, {})
+    return Lengths(tok.name, skipped, files)  # type: ignore[attr-defined]
+
 
 
 _PLANS: dict[Path, Plan] = {}  # per process: a worker reads a run's plan once
@@ -249,8 +305,7 @@ def rows_shard(shard: Shard) -> ShardResult:
     plan, counts = _plan(shard.plan), dict.fromkeys(COUNTS, 0)
     sink = SortedJsonlSink(shard.folder, shard.buffer_rows, runs_dir=shard.folder)
     emit = _Emitter(sink, counts, plan.round_of)
-    # only the row groups that hold these rows are read (polars pushes the slice down)
-    batch = pl.scan_parquet(shard.classified).slice(*shard.rows).collect()
+    batch = read_rows(shard.classified, *shard.rows)
     if plan.params["include_successes"]:
         for r in batch.filter(pl.col("success").eq(True)).to_dicts():
             try:
@@ -269,7 +324,7 @@ def rows_shard(shard: Shard) -> ShardResult:
             spill.parent.mkdir(parents=True, exist_ok=True)
             with TableWriter(spill, schema.CLASSIFIED) as writer:
                 writer.write(part.drop("_bucket"))
-    return ShardResult(*sink.finish_runs(), counts)
+    return _finish(sink, counts, plan.tokens)
 
 
 def bucket_shard(shard: Shard) -> ShardResult:
@@ -287,7 +342,7 @@ def bucket_shard(shard: Shard) -> ShardResult:
     kept_here = [k for task in sorted(by_task) for k in plan.kept_by_task.get(task, [])]
     for row in hindsight_pairs(kept_here, by_task, plan.base, counts, p["dpo_pairs"]):
         emit("dpo.jsonl", row)
-    return ShardResult(*sink.finish_runs(), counts, [r["id"] for r, _ in kept_here])
+    return _finish(sink, counts, plan.tokens, [r["id"] for r, _ in kept_here])
 
 
 def _buckets(tasks: Iterable[tuple[str, int]], batch_rows: int) -> dict[str, int]:
@@ -312,12 +367,27 @@ def export_samples(verified: pl.DataFrame, classified: Path, params: dict, linea
     with the local model's tokenizer (`tokenizer_model`, else the first one installed).
     `round_of`, `spread`: package_into."""
     sink = SortedJsonlSink(out, batch_rows)
-    rejections, counts = package_into(sink, verified, Path(classified), params, lineage, batch_rows, round_of, spread)
+    rejections, counts, measured = package_into(sink, verified, Path(classified), params, lineage, batch_rows,
+                                                round_of, spread, (measure_tokens, tokenizer_model))
     digests = sink.close()
-    lengths = measure_lengths(Path(out), digests, tokenizer_model) if measure_tokens else {
-        "tokenizer": None, "not_measured": "not asked"}
+    lengths = (_lengths(measured, digests) or measure_lengths(Path(out), digests, tokenizer_model)) if measure_tokens \
+        else {"tokenizer": None, "not_measured": "not asked"}
     return Exported(rejections, counts, digests, {name.removesuffix(".jsonl"): sink.rows[name] for name in ANNOTATED},
                     {name: sink.rows[name] for name in digests}, dict(sink.not_written), lengths)
+
+
+def _lengths(measured: list[Lengths | None], written: dict) -> dict | None:
+    """measure_lengths' result from the shards' lengths, when every shard measured its rows with the same
+    tokenizer (the first that loads here: measure_lengths would use it too); else None."""
+    todo = [name for e in exporters() for name in e.measured if name in written]
+    if not todo or not measured or any(m is None or m.tokenizer is None for m in measured):
+        return None  # nothing to measure (measure_lengths says so), or a shard could not: measure the files
+    if len({(m.tokenizer, m.skipped) for m in measured}) != 1:  # type: ignore[union-attr]
+        return None
+    first = measured[0]
+    files = {name: tokens.stats([n for m in measured for n in m.files.get(name, [])]) for name in todo}  # type: ignore[union-attr]
+    return {"tokenizer": f"{first.tokenizer} (GGUF vocabulary and chat template)", "files": files} | (  # type: ignore[union-attr]
+        {"skipped": list(first.skipped)} if first.skipped else {})  # type: ignore[union-attr]
 
 
 def measure_lengths(out: Path, written: dict, model: str | None) -> dict:
