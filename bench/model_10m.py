@@ -49,6 +49,7 @@ def from_scale_report(path: Path, records: int | None = None) -> dict:
         r for r in sizes if r["records"] == records)
     return {"records": report["records"],
             "cpu_seconds": {s: report["stages"][s]["cpu_seconds"] for s in STAGES},
+            "package_shards_cpu_seconds": report["stages"]["package"]["shards_cpu_seconds"],
             "input_jsonl": report["bytes"]["input_jsonl"],
             "tables": sum(report["bytes"]["tables"].values()),
             "exports": report["bytes"]["exports"]}
@@ -69,15 +70,17 @@ def model(n: float, scale: dict, llm: dict, args: argparse.Namespace) -> list[st
     for s in STAGES:
         out.append(f"| {s} | {per[s] * 1e3:.2f} | {per[s] * n / 3600:,.1f} |")
     out.append(f"| **all four** | {sum(per.values()) * 1e3:.2f} | {cpu / 3600:,.1f} |")
-    # classify and extract run batch by batch (spread over workers); ingest and package are one
-    # call each (agenther/runner.py): one core whatever the cluster.
-    serial = (per["ingest"] + per["package"]) * n
-    spread = (per["classify"] + per["extract"]) * n
+    # classify and extract run batch by batch and package shard by shard (spread over workers); ingest
+    # and what package does around its shards (dedup, the merge of the files, the summary and report)
+    # run in one process: one core whatever the cluster.
+    shards = scale["package_shards_cpu_seconds"] / scale["records"]
+    serial = (per["ingest"] + per["package"] - shards) * n
+    spread = (per["classify"] + per["extract"] + shards) * n
     out.append("")
     for cores in args.cores:
-        out.append(f"- on {cores} cores: ingest + package on one core {serial / 3600:,.1f} h + classify and "
-                   f"extract spread {spread / 3600:,.1f} CPU-h / {cores} = **{stage_hours(serial, spread, cores):,.1f} h**"
-                   f" (all four spread too: {cpu / cores / 3600:,.2f} h)")
+        out.append(f"- on {cores} cores: ingest + package's merge on one core {serial / 3600:,.1f} h + classify, "
+                   f"extract and package's shards spread {spread / 3600:,.1f} CPU-h / {cores} = "
+                   f"**{stage_hours(serial, spread, cores):,.1f} h** (ingest spread too: {cpu / cores / 3600:,.2f} h)")
     gb = scale["records"] / n * 1e9  # bytes measured for `records` -> GB for n
     out.append("\nBytes (measured per trajectory, x N):\n")
     out.append("| what | bytes / trajectory | for N |")

@@ -155,7 +155,9 @@ def test_the_flow_on_two_dask_workers_writes_what_the_local_runner_writes(tmp_pa
         assert files == sorted(p.relative_to(out) for p in (out / folder).rglob("*") if p.is_file()), folder
         assert all((out / f).read_bytes() == (ref_out / f).read_bytes() for f in files), folder
     shards = [r.name for r in task_runs_of(state.state_details.flow_run_id) if r.name.startswith("package[")]
-    assert sum(n.startswith("package[rows") for n in shards) == 8 and any(n.startswith("package[bucket") for n in shards)
+    assert sum(n.startswith("package[rows") for n in shards) == 8  # 30 rows in shards of 4
+    # a preference pair comes from a bucket's shard (the 30 records here may hold no task that pairs)
+    assert any(n.startswith("package[bucket") for n in shards) or not summary["exports"]["dpo"]
     assert calls == reference[2] and summary["llm"]["total"]["calls"] == calls  # each call once, none lost
     # the workers' clients ask under the flow's cache keys: the same LLM cache entries as the local run's
     assert cache_keys(tmp_path / "dask-cache") == cache_keys(reference[0].parent / "local-cache")
