@@ -9,7 +9,8 @@ trajectory cost does not grow with N, bench/stages_scale.py); the assumptions (t
 funnel of the measured log, provider limits and prices) are arguments, printed with the result.
 
 - Non-LLM stages (ingest, classify, extract in rules mode, package): CPU-seconds and bytes per
-  trajectory from bench/stages_scale.py (synthetic tau-bench log, `--json`), final code.
+  trajectory from bench/stages_scale.py (synthetic tau-bench log, `--json`), final code; package's
+  shards spread over workers like classify and extract, its merge and ingest run in one process.
 - LLM stages (relabel, verify): calls and tokens per trajectory from bench/quality.py on the 200
   shipped tau-bench records with the embedded Qwen2.5-Coder-1.5B (out/bench-quality, summary.json):
   116 failures (58%) -> 29 relabel candidates -> 66 relabel calls + 17 judge calls = 83 calls,
@@ -23,18 +24,19 @@ import json
 from pathlib import Path
 
 STAGES = ("ingest", "classify", "extract", "package")
-# bench/stages_scale.py --sizes 100000 --json, this branch, 100,000 synthetic tau-bench records
-# (bench/README.md, "Per-core speed"): CPU-seconds per stage (time.process_time), bytes of the JSONL
-# input and of the output folder.
+# bench/stages_scale.py --sizes 20000 --json, commit aad1fad (issue 22; bench/README.md, "Per-core speed,
+# issue 22"), 20,000 synthetic tau-bench records: CPU-seconds per stage (time.process_time), of them
+# package's shards (what an executor spreads), bytes of the JSONL input and of the output folder.
 MEASURED_SCALE = {
-    "records": 100_000,
-    "cpu_seconds": {"ingest": 44.99, "classify": 39.43, "extract": 87.30, "package": 226.33},
-    "input_jsonl": 1_794_724_060,
-    # The synthetic log repeats 200 trajectories, which zstd compresses away inside a row group
-    # (124 MB of tables for 100k, 1.2 kB per trajectory): the work tables are taken from a whole run
-    # on the 200 distinct shipped records instead (out/tau-bench: every *.parquet, 1,037,771 bytes).
-    "tables": 1_037_771 * 100_000 // 200,
-    "exports": 5_947_609_323,  # every file of the output folder (a real run: 13.7 MB for 200, 68 kB each)
+    "records": 20_000,
+    "cpu_seconds": {"ingest": 10.85, "classify": 11.18, "extract": 66.58, "package": 97.12},
+    "package_shards_cpu_seconds": 65.37,
+    "input_jsonl": 358_926_860,
+    # The synthetic log repeats 200 trajectories, which zstd compresses away inside a row group: the
+    # work tables are taken from a whole run on the 200 distinct shipped records instead (out/tau-bench:
+    # every *.parquet, 1,037,771 bytes, issue 13).
+    "tables": 1_037_771 * 20_000 // 200,
+    "exports": 4_224_998_226,  # every file of the output folder (211 kB a trajectory: per-turn TRL/LLaMA-Factory rows)
 }
 # bench/quality.py, tau-bench, 200 records (out/bench-quality/tau-bench/summary.json, commit b6ed4dc)
 MEASURED_LLM = {"records": 200, "failures": 116, "candidates": 29, "relabel_calls": 66, "judge_calls": 17,
@@ -80,7 +82,7 @@ def model(n: float, scale: dict, llm: dict, args: argparse.Namespace) -> list[st
     for cores in args.cores:
         out.append(f"- on {cores} cores: ingest + package's merge on one core {serial / 3600:,.1f} h + classify, "
                    f"extract and package's shards spread {spread / 3600:,.1f} CPU-h / {cores} = "
-                   f"**{stage_hours(serial, spread, cores):,.1f} h** (ingest spread too: {cpu / cores / 3600:,.2f} h)")
+                   f"**{stage_hours(serial, spread, cores):,.1f} h** (if ingest and the merge spread too: {cpu / cores / 3600:,.2f} h)")
     gb = scale["records"] / n * 1e9  # bytes measured for `records` -> GB for n
     out.append("\nBytes (measured per trajectory, x N):\n")
     out.append("| what | bytes / trajectory | for N |")

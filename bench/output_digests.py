@@ -19,7 +19,8 @@ a fixed port (`--port`), so only runs with the same port compare.
 Digests (relative paths, out/... and work/...): the bytes of every file; Parquet also its content
 (polars read, write_ndjson: row groups and metadata aside); JSON also a normalised form, without the
 VOLATILE keys (each file lists those it had) and with the run's folder written "$DIR" in absolute
-paths. No file is left out. A JSON file is compared by its normalised digest, any other by its bytes.
+paths; report.html also with the stages' wall times (charted) zeroed. No file is left out. JSON and
+HTML files are compared by their normalised digest, any other by its bytes.
 The printout ends with the files that differ between the entry points of a tree (stage and prefect
 against run; by design, stage's NN_<stage>.json add budget_carried_in, the flow writes no stamps and
 its Parquet tables are written batch by batch: "content the same") and between trees (each against
@@ -33,6 +34,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,12 +57,16 @@ ENTRIES = ("run", "stage", "prefect")
 PACKAGES = ("agenther", "flows", "tasks")
 MODEL = "openai/local"
 # JSON keys (dotted paths, [] = any list element) that say how or where a run went, not what it made.
-# No output holds a wall-clock time; absolute paths (gates' results_file and source, the package
+# The stages' wall times (stats, stamps, report.html) are left out; absolute paths (gates' results_file and source, the package
 # stamp's out) are kept with the run's out/ or work/ folder written "$DIR".
 VOLATILE = {
     "stamp.code": "sha256 of the agenther source tree: differs between code trees by design",
     "stamp.params": "sha256 of all params, llm.cache_dir (an absolute temp path) included",
+    "seconds": "a stage's wall time (NN_<stage>.json)",
+    "stats.seconds": "a stage's wall time, as its stamp keeps its stats",
 }
+# report.html charts each stage's wall time: its normalised digest has those numbers zeroed.
+SECONDS = re.compile(rb'("seconds":\s*)-?[0-9][0-9.eE+-]*')
 
 
 brain = picky_brain  # careful_brain; the trajectory judge turns down about a third
@@ -94,6 +100,9 @@ def digest(path: Path, run_dir: str) -> dict:
         d["normalised"] = sha(json.dumps(normalise(json.loads(data), run_dir, removed), sort_keys=True).encode())
         d["removed"] = sorted(removed)
         d["paths"] = run_dir.encode() in data  # absolute paths written "$DIR"
+    elif path.suffix == ".html":
+        d["normalised"] = sha(SECONDS.sub(rb"\g<1>0", data))
+        d["removed"] = ["seconds"] if SECONDS.search(data) else []
     return d
 
 
