@@ -65,8 +65,10 @@ VOLATILE = {
     "seconds": "a stage's wall time (NN_<stage>.json)",
     "stats.seconds": "a stage's wall time, as its stamp keeps its stats",
 }
-# report.html charts each stage's wall time: its normalised digest has those numbers zeroed.
+# report.html charts each stage's wall time: its normalised digest has those numbers zeroed, and the
+# charts' dataset names (digests of their data) written "data-*".
 SECONDS = re.compile(rb'("seconds":\s*)-?[0-9][0-9.eE+-]*')
+DATASET = re.compile(rb'data-[0-9a-f]{32}')
 
 
 brain = picky_brain  # careful_brain; the trajectory judge turns down about a third
@@ -101,7 +103,7 @@ def digest(path: Path, run_dir: str) -> dict:
         d["removed"] = sorted(removed)
         d["paths"] = run_dir.encode() in data  # absolute paths written "$DIR"
     elif path.suffix == ".html":
-        d["normalised"] = sha(SECONDS.sub(rb"\g<1>0", data))
+        d["normalised"] = sha(DATASET.sub(b"data-*", SECONDS.sub(rb"\g<1>0", data)))
         d["removed"] = ["seconds"] if SECONDS.search(data) else []
     return d
 

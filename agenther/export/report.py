@@ -33,7 +33,8 @@ def _charts(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame, class
     charts.append(("Stage funnel: records in", alt.Chart(funnel).mark_bar().encode(
         x=alt.X("stage:N", sort=None), y="records:Q", tooltip=["stage", "records"])))
     if rejected.height:
-        reasons = rejected.group_by("stage", "reason").len("records")
+        # sorted: group_by's order is arbitrary, and the report's bytes would change from run to run
+        reasons = rejected.group_by("stage", "reason").len("records").sort("stage", "reason")
         charts.append(("Rejections by stage and reason", alt.Chart(reasons).mark_bar().encode(
             # the stages that reject, in order; package's (duplicates, unexportable) are in rejected.parquet too
             y=alt.Y("stage:N", sort=[*(s for s in NAMES if STAGES[s].rejects), "package"]), x="records:Q",
@@ -41,7 +42,7 @@ def _charts(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame, class
             tooltip=["stage", "reason", "records"])))
     failures = classified.filter(pl.col("is_failure"))
     if failures.height:
-        charts.append(("Failure types", alt.Chart(failures.group_by("failure_type").len("failures")).mark_bar().encode(
+        charts.append(("Failure types", alt.Chart(failures.group_by("failure_type").len("failures").sort("failure_type")).mark_bar().encode(
             x="failures:Q", y=alt.Y("failure_type:N", sort="-x"), tooltip=["failure_type", "failures"])))
         charts.append(("Severity of the failures", alt.Chart(_binned(failures, "severity", 0.1, "failures")).mark_bar().encode(
             x=alt.X("severity:Q", bin="binned"), x2="severity_end:Q", y="failures:Q")))
@@ -53,7 +54,7 @@ def _charts(summary: dict, verified: pl.DataFrame, rejected: pl.DataFrame, class
                 x=alt.X("relabel_confidence:Q", bin="binned"), x2="relabel_confidence_end:Q", y="relabels:Q",
                 color="verdict:N")))
         verdicts = _verdicts(verified)
-        charts.append(("Each judge's verdicts", alt.Chart(verdicts.group_by("judge", "verdict").len("relabels"))
+        charts.append(("Each judge's verdicts", alt.Chart(verdicts.group_by("judge", "verdict").len("relabels").sort("judge", "verdict"))
                        .mark_bar().encode(x="relabels:Q", y="judge:N", color=alt.Color("verdict:N", scale=alt.Scale(
                            domain=["accept", "reject"], range=["#4a4", "#c44"])))))
         agreement = _agreement(verdicts)
