@@ -88,7 +88,7 @@ def defects(turns: list[Turn], goal: AchievedGoal, row: dict, params: dict | Non
         elif role == "assistant" and t.trained:
             for key, values in by_key.items():
                 question = asks_for(text, key)
-                given = [v for v in values if asked(v, said)]
+                given = [v for v in sorted(values) if asked(v, said)]  # sorted: a set's order varies by process
                 if question and given and not any(asked(v, question) for v in values):
                     found.append(Defect(code="asks_given_value", step=t.step,
                                         detail=f"asks for the {key.replace('_', ' ')} the user gave ({given[0]}): "
