@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from agenther.evidence.conversation import argument_values, goal_arguments
 from agenther.evidence.coverage import asked
-from agenther.evidence.goal import ID_LIKE, AchievedGoal, enum_clashes, user_details
+from agenther.evidence.goal import ID_LIKE, AchievedGoal, enum_clashes, scanned, user_details
 from agenther.evidence.grounding import occurs
 from agenther.evidence.render import tool_calls
 from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words
@@ -67,7 +67,7 @@ def defects(turns: list[Turn], goal: AchievedGoal, row: dict, params: dict | Non
     arguments = goal_arguments(goal)
     done_verbs = set().union(*(tools.request_words(a.tool, known)[0] for a in goal.actions))
     # what the agent did and saw: a value the user names that is in none of it was never acted on
-    used = "\n".join(f"{c['name']} {json.dumps(c['arguments'])} {c['result'] or ''}" for c in calls).lower()
+    used = "\n".join(f"{c['name']} {json.dumps(c['arguments'])} {scanned(c['result'])}" for c in calls).lower()
     # the IDs the calls of the sample pass, by argument name: what "your reservation ID" refers to
     by_key: dict[str, set[str]] = {}
     for c in calls:
@@ -79,7 +79,7 @@ def defects(turns: list[Turn], goal: AchievedGoal, row: dict, params: dict | Non
     said = ""  # the user side so far
     results = ""  # tool results so far
     for t in turns:
-        role, text = t.message["role"], t.message.get("content") or ""
+        role, text = t.message["role"], scanned(t.message.get("content"))
         if role == "user":
             found += _user_defects(t.step, text, said, by_key, goal, tools, others, known, arguments, done_verbs, used)
             said += "\n" + text
@@ -154,7 +154,7 @@ def _user_defects(step: int, text: str, said: str, by_key: dict[str, set[str]], 
 
 def _agent_text(message: dict) -> str:
     calls = " ".join(f"{c['name']} {json.dumps(c.get('arguments'))}" for c in message.get("tool_calls") or [])
-    return f"{message.get('content') or ''} {calls}"
+    return f"{scanned(message.get('content'))} {calls}"
 
 
 def _parsed(arguments: object) -> dict:

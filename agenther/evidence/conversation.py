@@ -45,6 +45,7 @@ from agenther.evidence.goal import (
     identifying_values,
     metadata_of,
     not_allowed,
+    scanned,
     user_details,
     with_sample,
 )
@@ -203,7 +204,7 @@ CODE = re.compile(r"\b(?=[A-Za-z0-9_-]*\d)[A-Za-z][A-Za-z0-9_-]{2,}\b|\b[A-Z]{3}
 def left_out_text(messages: list[dict], goal: AchievedGoal) -> str:
     """What the run said (any role) between its first user turn and the sample's opening."""
     first = first_user_index(messages) or 0
-    return "\n".join(m.get("content") or "" for m in messages[first:goal.start])
+    return "\n".join(scanned(m.get("content")) for m in messages[first:goal.start])
 
 
 def refers_to_left_out(text: str, left_out: str, messages: list[dict], start: int, step: int) -> str | None:
@@ -212,7 +213,7 @@ def refers_to_left_out(text: str, left_out: str, messages: list[dict], start: in
     if not left_out:
         return None
     first = first_user_index(messages) or 0
-    before = "\n".join(m.get("content") or "" for m in [*messages[:first], *messages[start:step]])
+    before = "\n".join(scanned(m.get("content")) for m in [*messages[:first], *messages[start:step]])
     for token in dict.fromkeys(CODE.findall(text)):
         if re.search(rf"\b{re.escape(token)}\b", left_out) and not re.search(rf"\b{re.escape(token)}\b", before):
             return token
@@ -277,7 +278,7 @@ class _Plan:
         finds it); there, the one answering the agent's last question about it, else the last one
         that speaks of it, else the last one; else the opening."""
         shown = next((c["result_step"] for c in self.calls if c["result_step"] is not None
-                      and c["result_step"] < before and asked(value, c["result"] or "")), None)
+                      and c["result_step"] < before and asked(value, scanned(c["result"]))), None)
         after = self.goal.start if shown is None else shown
         candidates = [u for u in self.users if after <= u < before]
         for i in range(before - 1, after, -1):
@@ -297,7 +298,7 @@ class _Plan:
         others = [w for w in self.known if w not in done]
         arguments = goal_arguments(self.goal)
         done_verbs = set().union(*(self.tools.request_words(a.tool, self.known)[0] for a in self.goal.actions))
-        used = "\n".join(f"{c['name']} {json.dumps(c['arguments'])} {c['result'] or ''}" for c in self.calls).lower()
+        used = "\n".join(f"{c['name']} {json.dumps(c['arguments'])} {scanned(c['result'])}" for c in self.calls).lower()
         for i in self.users:
             text = self.text(i)
             unask = [w for w in others if speaks_of(self.tools, w, text, self.known, arguments)]
@@ -338,7 +339,7 @@ class _Plan:
             if c["step"] not in trained:
                 continue
             seen = "\n".join([system, self.user_text_before(c["step"]), *(
-                d["result"] or "" for d in self.calls if d["result_step"] is not None and d["result_step"] < c["step"])])
+                scanned(d["result"]) for d in self.calls if d["result_step"] is not None and d["result_step"] < c["step"])])
             for key, value in argument_values(c["arguments"]):
                 if ID_LIKE.match(value) and not asked(value, seen):
                     self.edit(self.turn_for(key, value, c["step"])).name.append(label(key, value))

@@ -94,6 +94,15 @@ class NoGoal(BaseModel):
     detail: str
 
 
+SCAN_CHARS = 65_536  # of one turn's text that the turn-by-turn rules read
+
+
+def scanned(text: str | None) -> str:
+    """The part of a turn's text the turn-by-turn rules read: an ID or detail an agent goes on to use
+    is near the start of a tool result; a 50 MB result must not be copied into every check."""
+    return (text or "")[:SCAN_CHARS]
+
+
 def first_user_index(messages: list[dict]) -> int | None:
     return next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
 

@@ -61,6 +61,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+SPILL_CHARS = 8 * 1024 * 1024  # a file's buffered rows beyond this go to a sorted run on disk
+
+
 class SortedJsonlSink:
     """Annotated rows in (`add`), every export file of the layout out (`close`), in `out_dir`."""
 
@@ -70,6 +73,8 @@ class SortedJsonlSink:
         self.buffer_rows = buffer_rows
         self._tmp = tempfile.TemporaryDirectory(prefix="agenther-exports-", dir=self.out)
         self.buffers: dict[str, list[tuple[list, str]]] = {}  # JSONL file -> [(sort key, line)]
+        self.buffered: dict[str, int] = {}  # JSONL file -> characters buffered
+        self.last_key: dict[str, list] = {}  # JSONL file -> the sort key of the last row its last run holds
         self.runs: dict[str, list[Path]] = {}
         self.layout = sink_layout()
         self.rows = dict.fromkeys(self.layout, 0)  # rows per file (dataset_info.json: datasets named)
@@ -84,19 +89,30 @@ class SortedJsonlSink:
     def _add(self, name: str, key: list, row: dict) -> None:
         if name not in self.rows:
             raise ValueError(f"{name} is no file of the export layout")
-        self.buffers.setdefault(name, []).append((key, formats.dumps(row)))
+        line = formats.dumps(row)
+        self.buffers.setdefault(name, []).append((key, line))
+        self.buffered[name] = self.buffered.get(name, 0) + len(line)
         self.runs.setdefault(name, [])
         self.rows[name] += 1
-        if len(self.buffers[name]) >= self.buffer_rows:
+        # by rows, and by size: one row per trained turn repeats the conversation before it, so a
+        # huge tool result would otherwise sit in memory once per later turn
+        if len(self.buffers[name]) >= self.buffer_rows or self.buffered[name] >= SPILL_CHARS:
             self._spill(name)
 
     def _spill(self, name: str) -> None:
-        run = Path(self._tmp.name) / f"{name.replace('/', '__')}.{len(self.runs[name]):05d}"
-        with run.open("w", encoding="utf-8") as fh:
+        rows = sorted(self.buffers[name])
+        runs = self.runs[name]
+        # Rows that come after everything the last run holds extend it (one sample's rows arrive in
+        # order): the merge then holds one line per run in memory, not one per spill.
+        extend = bool(runs) and self.last_key.get(name) is not None and rows[0][0] >= self.last_key[name]
+        if not extend:
+            runs.append(Path(self._tmp.name) / f"{name.replace('/', '__')}.{len(runs):05d}")
+        with runs[-1].open("a" if extend else "w", encoding="utf-8") as fh:
             # json.dumps escapes tabs and newlines, so "<key>\t<line>" splits unambiguously
-            fh.writelines(f"{json.dumps(key)}\t{line}\n" for key, line in sorted(self.buffers[name]))
-        self.runs[name].append(run)
+            fh.writelines(f"{json.dumps(key)}\t{line}\n" for key, line in rows)
+        self.last_key[name] = rows[-1][0]
         self.buffers[name] = []
+        self.buffered[name] = 0
 
     def _sorted_lines(self, name: str) -> Iterator[str]:
         runs = [_read_run(path) for path in self.runs[name]]
@@ -136,8 +152,8 @@ class SortedJsonlSink:
 def _read_run(path: Path) -> Iterator[tuple[list, str]]:
     with path.open(encoding="utf-8") as fh:
         for entry in fh:
-            key, line = entry.rstrip("\n").split("\t", 1)
-            yield json.loads(key), line
+            tab = entry.index("\t")
+            yield json.loads(entry[:tab]), entry[tab + 1 : -1]  # one copy of a long line, not two
 
 
 def _write_lines_atomic(path: Path, lines: Iterable[str]) -> str:
