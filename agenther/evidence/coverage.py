@@ -28,6 +28,7 @@ from agenther.evidence.goal import (
 )
 from agenther.evidence.grounding import ISO_DATE, MONTHS, ungrounded
 from agenther.evidence.render import tool_calls
+from agenther.evidence.text_evidence import acted_calls
 from agenther.evidence.tools import ALL_WRITE_WORDS, Tools, words
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -37,7 +38,7 @@ def misses(prompt: str, goal: AchievedGoal, row: dict, params: dict | None = Non
     """(reason, detail) of every way the prompt and the sample fail to cover each other."""
     messages = evidence_messages(row["messages"], goal)
     tools = Tools.of(row.get("tools"), params)
-    calls = tool_calls(row["messages"])
+    calls = acted_calls(tool_calls(row["messages"]), tools)
     known = tools.write_names(c["name"] for c in calls)
     done = {a.tool for a in goal.actions}
     request = "\n".join([prompt, *goal.user_words])
@@ -144,7 +145,8 @@ def required_details(goal: AchievedGoal, row: dict, params: dict | None = None) 
     for a goal of facts only, the values the agent reported (naming one is enough)."""
     if not goal.actions:
         return list(dict.fromkeys(fact_subjects(goal)))
-    tools, calls = Tools.of(row.get("tools"), params), tool_calls(row["messages"])
+    tools = Tools.of(row.get("tools"), params)
+    calls = acted_calls(tool_calls(row["messages"]), tools)
     keys = [v for a in goal.actions for k, v in a.arguments.items() if _is_key(k) and isinstance(v, str)]
     request = "\n".join([*keys, *goal.user_words])
     return list(

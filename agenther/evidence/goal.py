@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from agenther.evidence import grounding
 from agenther.evidence.grounding import ISO_DATE, occurs
 from agenther.evidence.render import tool_calls
+from agenther.evidence.text_evidence import acted_calls, supported_answers
 from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, is_error, words
 
 MAX_FACTS = 6
@@ -37,8 +38,9 @@ REPORT_CHARS = 300
 MAX_READS = 3  # lookups kept per fact (the last ones before the report)
 ID_LIKE = re.compile(r"^(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9][\w-]{2,}$")  # HAT050, MZDDS4, credit_card_7
 # Arguments that identify what a write acts on must be asked for; these keys follow from the
-# user's account instead (a natural request says "with my credit card", not its id).
-EXEMPT_KEYS = re.compile(r"payment|dob|birth|email|address|phone|zip|user_?id", re.I)
+# user's account instead (a natural request says "with my credit card", not its id), or from the
+# API the agent writes to (an HTTP-style agent's endpoint `url`: agenther/adapters/http_actions.py).
+EXEMPT_KEYS = re.compile(r"payment|dob|birth|email|address|phone|zip|user_?id|^url$", re.I)
 
 
 class Action(BaseModel):
@@ -46,6 +48,9 @@ class Action(BaseModel):
     arguments: dict[str, Any]
     call_step: int
     result_step: int
+    # What the agent saw right before a write by text (the page a button was pressed on: item,
+    # title, price; text_evidence.acted_calls): a request may name these, need not.
+    seen: dict[str, str] = {}
 
 
 class Fact(BaseModel):
@@ -116,7 +121,7 @@ def achieved_goal(row: dict, params: dict | None = None) -> AchievedGoal | NoGoa
     if first_user is None:
         return NoGoal(reason="no_user_turn", detail="the trajectory has no user turn to relabel")
     tools = Tools.of(row.get("tools"), params)
-    calls = tool_calls(messages)
+    calls = acted_calls(tool_calls(messages), tools)
     violations = not_allowed(calls, tools, metadata_of(row), row.get("failure_type"))
     end = min([len(messages), *violations])
     conflicts: list[str] = []
@@ -183,9 +188,12 @@ def _goal_before(
             excluded.append(Excluded(tool=c["name"], call_step=c["step"], reason="error_result"))
         elif c["result_step"] < end:
             actions.append(
-                Action(tool=c["name"], arguments=c["arguments"], call_step=c["step"], result_step=c["result_step"])
+                Action(tool=c["name"], arguments=c["arguments"], call_step=c["step"], result_step=c["result_step"],
+                       seen=c.get("seen") or {})
             )
-    return _with_sample(messages, calls, tools, actions, _facts(messages, calls, tools, end), excluded, end)
+    facts = _facts(messages, calls, tools, end)
+    facts = sorted(facts + _answer_facts(messages, calls, tools, end, facts), key=lambda f: f.steps[0])[-MAX_FACTS:]
+    return _with_sample(messages, calls, tools, actions, facts, excluded, end)
 
 
 def _with_sample(messages: list[dict], calls: list[dict], tools: Tools, actions: list[Action], facts: list[Fact],
@@ -215,7 +223,7 @@ def goal_from_facts(row: dict, params: dict | None, facts: list[Fact]) -> Achiev
     if first_user is None or not facts:
         return NoGoal(reason="no_evidenced_achievement", detail="no achievement with evidence in the trajectory")
     tools = Tools.of(row.get("tools"), params)
-    calls = tool_calls(messages)
+    calls = acted_calls(tool_calls(messages), tools)
     goal = _with_sample(messages, calls, tools, [], facts, [], len(messages))
     conflict = first_conflict(messages, goal, tools, calls, first_user)
     if conflict is not None:
@@ -309,6 +317,21 @@ def _facts(messages: list[dict], calls: list[dict], tools: Tools, end: int) -> l
     return facts[-MAX_FACTS:]
 
 
+def _answer_facts(messages: list[dict], calls: list[dict], tools: Tools, end: int, facts: list[Fact]) -> list[Fact]:
+    """Facts of final answers checked against text observations (agenther.evidence.text_evidence):
+    a Finish answer whose words occur in the read results before it, or a yes/no answer whose
+    reasoning states values those results hold. An answer they do not support is no fact. An
+    answer already a fact by the values `_facts` found in it stays as `_facts` made it."""
+    have = {f.steps[0] for f in facts}
+    return [
+        Fact(text=" ".join(s.text.split())[:REPORT_CHARS], values=s.values,
+             steps=[s.step, *sorted({r["result_step"] for r in s.reads})],
+             reads=[Action(tool=r["name"], arguments=r["arguments"], call_step=r["step"], result_step=r["result_step"])
+                    for r in s.reads][-MAX_READS:])
+        for s in supported_answers(messages, calls, tools, end) if s.step not in have
+    ]
+
+
 def _reports(messages: list[dict], calls: list[dict], end: int) -> list[tuple[int, str]]:
     """(step, text) of what the agent told the user before `end`: its text turns, and the final
     answer of a Finish call (ToolBench, ReAct)."""
@@ -375,6 +398,8 @@ def _train_steps(messages: list[dict], calls: list[dict], tools: Tools, goal: Ac
     fact_results = {s for f in goal.facts for s in f.steps[1:]}
     needed = [v.lower() for a in goal.actions for v in identifying_values(a.arguments) if len(v) >= 3]
     needed += [v.lower() for f in goal.facts for v in f.values]
+    needed += [v.lower() for a in goal.actions for v in a.seen.values() if len(v) >= 3]  # the page it acted on
+    chosen = {v.lower() for a in goal.actions for v in identifying_values(a.arguments)}
     by_step: dict[int, list[dict]] = {}
     for c in calls:
         by_step.setdefault(c["step"], []).append(c)
@@ -398,10 +423,16 @@ def _train_steps(messages: list[dict], calls: list[dict], tools: Tools, goal: Ac
                 useful = True
             elif tools.kind(c["name"]) == "read":
                 result = (c["result"] or "").lower()
-                useful = useful or any(v in result for v in needed)
+                useful = useful or any(v in result for v in needed) or _chooses(c, chosen)
         if useful:
             train.append(i)
     return train
+
+
+def _chooses(call: dict, chosen: set[str]) -> bool:
+    """A read that selects a value a write of the goal then uses (a text agent's click on "size 9"
+    before pressing "Buy Now"; a lookup by the ID the write acts on)."""
+    return bool(chosen) and not chosen.isdisjoint(v.lower() for v in identifying_values(call["arguments"], exempt=False))
 
 
 # -- turns that contradict the goal ------------------------------------------------------------
@@ -488,7 +519,10 @@ def describe_value(value: Any) -> str:
 def describe_action(action: Action) -> str:
     args = ", ".join(f"{k.replace('_', ' ')} {describe_value(v)}" for k, v in action.arguments.items()
                      if v not in (None, "", [], {}))
-    return f"{action.tool.replace('_', ' ')}: {args}" if args else action.tool.replace("_", " ")
+    text = f"{action.tool.replace('_', ' ')}: {args}" if args else action.tool.replace("_", " ")
+    if action.seen:  # the page a text agent acted on
+        text += " (on the page of " + ", ".join(f"{k} {v}" for k, v in action.seen.items()) + ")"
+    return text
 
 
 def describe_goal(goal: AchievedGoal, max_facts: int = MAX_FACTS, max_chars: int = 220) -> str:
