@@ -215,6 +215,14 @@ def test_a_write_whose_observation_reports_an_error_is_not_an_achievement(rows):
     assert isinstance(goal_of(refusing), NoGoal)  # nor is the order ID its report names (the refusal never gave one)
 
 
+def test_a_last_button_write_with_no_reply_counts_only_when_the_log_scores_the_run(rows):
+    bought = goal_of(rows["shop-018"])  # ends on click[Buy Now], reward 0.5
+    (action,) = bought.actions
+    assert action.result_step == action.call_step == len(rows["shop-018"]["messages"]) - 1
+    assert action.arguments == {"options": ["sea salt", "8 oz"]} and bought.sample_end == action.call_step + 1
+    assert isinstance(goal_of(rows["shop-019"]), NoGoal)  # the same, scored 0: nothing shows it took effect
+
+
 def test_a_final_answer_found_in_the_observations_is_a_reported_fact(rows):
     fact = goal_of(rows["qa-03"]).facts[-1]  # Finish[1874]: the bridge's passage says "opened in 1874"
     assert fact.values[0] == "1874" and fact.text.startswith("Answer: 1874.")

@@ -38,7 +38,7 @@ def misses(prompt: str, goal: AchievedGoal, row: dict, params: dict | None = Non
     """(reason, detail) of every way the prompt and the sample fail to cover each other."""
     messages = evidence_messages(row["messages"], goal)
     tools = Tools.of(row.get("tools"), params)
-    calls = acted_calls(tool_calls(row["messages"]), tools)
+    calls = acted_calls(tool_calls(row["messages"]), tools, row.get("reward"))
     known = tools.write_names(c["name"] for c in calls)
     done = {a.tool for a in goal.actions}
     request = "\n".join([prompt, *goal.user_words])
@@ -146,7 +146,7 @@ def required_details(goal: AchievedGoal, row: dict, params: dict | None = None) 
     if not goal.actions:
         return list(dict.fromkeys(fact_subjects(goal)))
     tools = Tools.of(row.get("tools"), params)
-    calls = acted_calls(tool_calls(row["messages"]), tools)
+    calls = acted_calls(tool_calls(row["messages"]), tools, row.get("reward"))
     keys = [v for a in goal.actions for k, v in a.arguments.items() if _is_key(k) and isinstance(v, str)]
     request = "\n".join([*keys, *goal.user_words])
     return list(

@@ -121,7 +121,7 @@ def achieved_goal(row: dict, params: dict | None = None) -> AchievedGoal | NoGoa
     if first_user is None:
         return NoGoal(reason="no_user_turn", detail="the trajectory has no user turn to relabel")
     tools = Tools.of(row.get("tools"), params)
-    calls = acted_calls(tool_calls(messages), tools)
+    calls = acted_calls(tool_calls(messages), tools, row.get("reward"))
     violations = not_allowed(calls, tools, metadata_of(row), row.get("failure_type"))
     end = min([len(messages), *violations])
     conflicts: list[str] = []
@@ -223,7 +223,7 @@ def goal_from_facts(row: dict, params: dict | None, facts: list[Fact]) -> Achiev
     if first_user is None or not facts:
         return NoGoal(reason="no_evidenced_achievement", detail="no achievement with evidence in the trajectory")
     tools = Tools.of(row.get("tools"), params)
-    calls = acted_calls(tool_calls(messages), tools)
+    calls = acted_calls(tool_calls(messages), tools, row.get("reward"))
     goal = _with_sample(messages, calls, tools, [], facts, [], len(messages))
     conflict = first_conflict(messages, goal, tools, calls, first_user)
     if conflict is not None:

@@ -34,10 +34,15 @@ TITLE_CHARS = 160
 
 
 # -- what a write by argument acted on -------------------------------------------------------------
-def acted_calls(calls: list[dict], tools: Tools) -> list[dict]:
+def acted_calls(calls: list[dict], tools: Tools, reward: float | None = None) -> list[dict]:
     """`calls` (render.tool_calls) as the goal's rules see them: a call an argument rule gives
     another kind than its tool's is named `tool[arguments]`; a button write's arguments are the
-    options chosen on the page it was pressed on, and `seen` what that page showed."""
+    options chosen on the page it was pressed on, and `seen` what that page showed.
+
+    A button write that is the run's last call and got no reply (the environment ended the episode
+    on it, as a shop does on "Buy Now", and the log kept no page after it) took effect when the log
+    scores the run above 0 (`reward`: a shop scores only a purchase): its own step stands for its
+    result. With no reward, or 0, it stays a write without a result (no achievement)."""
     out = []
     for i, c in enumerate(calls):
         name = tools.action_name(c["name"], c["arguments"])
@@ -47,6 +52,8 @@ def acted_calls(calls: list[dict], tools: Tools) -> list[dict]:
         acted = {**c, "name": name}
         if tools.kind(name) == "write" and _is_label(c["arguments"]):
             acted["arguments"], acted["seen"] = _on_page(calls, i)
+            if c["result_step"] is None and i == len(calls) - 1 and reward is not None and reward > 0:
+                acted |= {"result_step": c["step"], "result": f"(the run ended on this action; the log scores it {reward:g})"}
         out.append(acted)
     return out
 
