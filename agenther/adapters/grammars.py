@@ -10,44 +10,22 @@ the most actions and results out of the first records.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 
 from agenther.adapters import http_actions, text_actions
 from agenther.adapters.grammar import Grammar
+from agenther.adapters.plugins import Registry
 from agenther.adapters.regex_actions import regex_grammar
 
-BUILT_IN = (text_actions.GRAMMAR, http_actions.GRAMMAR)
-GROUP = "agenther.grammars"
+GRAMMARS: Registry[Grammar] = Registry(Grammar, "agenther.grammars", (text_actions.GRAMMAR, http_actions.GRAMMAR))
 AUTO, OFF = "auto", "none"
 FALLBACK = "react"  # what auto applies when nothing in the first records parses (it leaves unparsed text alone)
-
-_REGISTRY: dict[str, Grammar] = {}
-
-
-def register(grammar: Grammar) -> Grammar:
-    _REGISTRY[grammar.name] = grammar
-    return grammar
-
-
-def _load(spec: str) -> Grammar:
-    module, _, attr = spec.partition(":")
-    found = getattr(importlib.import_module(module), attr)
-    if not isinstance(found, Grammar):
-        raise TypeError(f"{spec} is not an agenther Grammar")
-    return found
 
 
 def grammars(specs: dict[str, dict] | None = None) -> dict[str, Grammar]:
     """Built-in and plugin grammars, then the user's (params ingest.grammars; same name: theirs wins)."""
-    if not _REGISTRY:
-        for grammar in BUILT_IN:
-            register(grammar)
-        for ep in entry_points(group=GROUP):
-            register(_load(ep.value))
-    return dict(_REGISTRY) | {name: regex_grammar(name, spec) for name, spec in (specs or {}).items()}
+    return GRAMMARS.items() | {name: regex_grammar(name, spec) for name, spec in (specs or {}).items()}
 
 
 @dataclass

@@ -13,40 +13,17 @@ Adding a format is that one module: detection, `--format`, the trajectories gate
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
-
 from agenther.adapters import messages, tau_bench, toolbench
 from agenther.adapters.adapter import Adapter
+from agenther.adapters.plugins import Registry
 
-BUILT_IN = (tau_bench.ADAPTER, toolbench.ADAPTER, messages.ADAPTER)
-GROUP = "agenther.adapters"
-
-_REGISTRY: dict[str, Adapter] = {}
-
-
-def register(adapter: Adapter) -> Adapter:
-    """Add a format (a name registered twice: the later one wins, so a plugin may replace a built-in)."""
-    _REGISTRY[adapter.name] = adapter
-    return adapter
-
-
-def _load(spec: str) -> Adapter:
-    module, _, attr = spec.partition(":")
-    found = getattr(importlib.import_module(module), attr)
-    if not isinstance(found, Adapter):
-        raise TypeError(f"{spec} is not an agenther Adapter")
-    return found
+FORMATS: Registry[Adapter] = Registry(Adapter, "agenther.adapters", (tau_bench.ADAPTER, toolbench.ADAPTER,
+                                                                     messages.ADAPTER))
 
 
 def adapters() -> list[Adapter]:
     """Every registered format, in detection order: specific ones, then generic ones."""
-    if not _REGISTRY:
-        for adapter_ in BUILT_IN:
-            register(adapter_)
-        for ep in entry_points(group=GROUP):
-            register(_load(ep.value))
-    return sorted(_REGISTRY.values(), key=lambda a: a.generic)
+    return sorted(FORMATS.items().values(), key=lambda a: a.generic)
 
 
 def format_names() -> tuple[str, ...]:
