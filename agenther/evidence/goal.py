@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from agenther.evidence import grounding
 from agenther.evidence.grounding import ISO_DATE, occurs
 from agenther.evidence.render import tool_calls
-from agenther.evidence.text_evidence import acted_calls, supported_answers
+from agenther.evidence.text_evidence import acted_calls, describe_page_write, supported_answers
 from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, is_error, words
 
 MAX_FACTS = 6
@@ -517,12 +517,11 @@ def describe_value(value: Any) -> str:
 
 
 def describe_action(action: Action) -> str:
+    if action.seen:  # a text agent's button write, with the page it was pressed on
+        return describe_page_write(action.tool, action.arguments, action.seen)
     args = ", ".join(f"{k.replace('_', ' ')} {describe_value(v)}" for k, v in action.arguments.items()
                      if v not in (None, "", [], {}))
-    text = f"{action.tool.replace('_', ' ')}: {args}" if args else action.tool.replace("_", " ")
-    if action.seen:  # the page a text agent acted on
-        text += " (on the page of " + ", ".join(f"{k} {v}" for k, v in action.seen.items()) + ")"
-    return text
+    return f"{action.tool.replace('_', ' ')}: {args}" if args else action.tool.replace("_", " ")
 
 
 def describe_goal(goal: AchievedGoal, max_facts: int = MAX_FACTS, max_chars: int = 220) -> str:

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from agenther.evidence import grounding
-from agenther.evidence.tools import Tools, argument_text, is_error
+from agenther.evidence.tools import PSEUDO_NAME, WRITE_VERBS, Tools, argument_text, is_error, words
 
 # Buttons that move around a page rather than choose on it (WebShop and most shop pages).
 NAVIGATION = frozenset({"< prev", "prev", "next >", "next", "back to search", "back", "description", "features",
@@ -93,6 +93,19 @@ def _on_page(calls: list[dict], i: int) -> tuple[dict, dict]:
     if item:
         seen = {"item": item, **seen}
     return ({"options": options} if options else {}), seen
+
+
+def describe_page_write(tool: str, arguments: dict, seen: dict[str, str]) -> str:
+    """A button write as a shopper would say it: "buy (options charcoal; 9, price $54.99): <title>", not
+    the button, not the catalogue number (a request names neither). The title comes last: a request
+    may name it without repeating the record's line (relabel.pastes_log compares line beginnings)."""
+    m = PSEUDO_NAME.match(tool)
+    label = m["label"] if m else tool
+    verb = next((w for w in words(label) if w in WRITE_VERBS), label.lower())
+    options = arguments.get("options") or []
+    details = [f"options {'; '.join(options)}"] * bool(options) + [f"price {seen['price']}"] * bool(seen.get("price"))
+    what = seen.get("title") or seen.get("item") or "the item on the page"
+    return f"{verb} ({', '.join(details)}): {what}" if details else f"{verb}: {what}"
 
 
 def page_details(page: str) -> dict[str, str]:
