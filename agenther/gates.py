@@ -15,7 +15,10 @@ What a suite checks (see `_suite`):
 - distributions, only with at least `gates.min_rows_for_distribution` rows (small runs have
   nothing to judge): mean relabel confidence, acceptance rate of verify, the share of each
   failure type among failures. They catch a collapsing model: all-zero confidence, 100%
-  acceptance, every failure put in one class.
+  acceptance, every failure put in one class. The failure-type share is not applied to failures
+  the rule classifier knew from a success flag or a reward alone (one type by construction:
+  `adapted` says so); `gates.distributions: warn` (what `agenther inspect` uses) turns a failed
+  distribution check into a warning (`warnings`) instead of a stop.
 
 GX only validates scalars: nested list columns reach it as their lengths (so "a trajectory has
 messages" is a range check), and list-of-struct columns that carry values worth checking
@@ -363,7 +366,8 @@ def _plain(value: Any) -> Any:
 
 def check(df: pl.DataFrame | pl.LazyFrame, table: str, params: dict, results_dir: Path | None,
           source: str | None = None) -> dict:
-    """Validate `df` as `table`; write `results_dir/<table>.json`; raise GateFailed on failure.
+    """Validate `df` as `table`; write `results_dir/<table>.json`; raise GateFailed on failure (not for
+    a distribution check under gates.distributions: warn: it goes to the result's `warnings`).
     `df` may be lazy (`pl.scan_parquet`): then only its scalar projection is ever collected.
     Returns the result: {table, success, rows, expectations: [{batch, type, kwargs, success, observed, why}]}."""
     if table not in CONTRACTS:

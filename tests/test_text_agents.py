@@ -169,7 +169,7 @@ def test_inspect_prints_the_grammar_and_actions_per_run(capsys):
 def test_a_purchase_by_button_is_a_write_with_the_options_and_the_page_it_was_made_on(rows):
     goal = goal_of(rows["shop-004"])
     (action,) = goal.actions
-    assert action.tool == "click[Buy Now]" and action.arguments == {"options": ["charcoal", "9"]}
+    assert action.tool == "click[Buy Now]" and action.arguments == {"options": {"color": "charcoal", "size": "9"}}
     assert action.seen == {"item": "B0A1TRAIL2", "title": "Fellwalker Men's Trail Running Shoe, Breathable Mesh, "
                                                           "Rock Plate", "price": "$54.99"}
     messages = rows["shop-004"]["messages"]
@@ -380,3 +380,17 @@ def test_inspect_and_run_go_on_past_hostile_records(tmp_path, llm_server, capsys
     quarantine = pl.read_parquet(tmp_path / "out" / "quarantine.parquet")
     assert any("nested too deeply" in r for r in quarantine["reason"])
 
+
+
+def test_a_row_the_table_writer_refuses_is_quarantined_and_its_batch_goes_on(tmp_path, rows):
+    from agenther import schema
+    from agenther.runner import _write_or_quarantine
+    from agenther.tables import TableWriter
+
+    good = {k: rows["api-01"][k] for k in schema.TRAJECTORY}
+    bad = good | {"id": "messages/http_agent/odd", "record_pointer": "line 9", "reward": "high"}  # not a number
+    with TableWriter(tmp_path / "t.parquet", schema.TRAJECTORY) as writer:
+        refused = _write_or_quarantine(writer, [good, bad, good | {"id": "messages/http_agent/again"}])
+    assert pl.read_parquet(tmp_path / "t.parquet")["id"].to_list() == [good["id"], "messages/http_agent/again"]
+    assert [r["record_pointer"] for r in refused] == ["line 9"]
+    assert refused[0]["reason"].startswith("line 9: cannot be written to the trajectories table (")

@@ -63,7 +63,7 @@ def _is_label(arguments: dict) -> bool:
 
 
 def _on_page(calls: list[dict], i: int) -> tuple[dict, dict]:
-    """({"options": [...]}, {"item", "title", "price"}) for the button write calls[i]: the page is
+    """({"options": [...] or {group: value}}, {"item", "title", "price"}) for the button write calls[i]: the page is
     the earliest result of the last stretch of results that show the button (a page re-rendered
     after each choice, or acknowledged in a short reply); the options, the later presses of the
     same tool on things that page lists (not its navigation)."""
@@ -87,6 +87,11 @@ def _on_page(calls: list[dict], i: int) -> tuple[dict, dict]:
                 and text.lower() not in NAVIGATION and text.lower() != label and text.lower() in low
                 and text not in options):
             options.append(text)
+    groups = option_groups(page)
+    if options and all(o.lower() in groups for o in options):  # named by the page: {"color": "charcoal", "size": "9"}
+        named = {groups[o.lower()]: o for o in options}
+        if len(named) == len(options):
+            options = named  # type: ignore[assignment]
     seen = page_details(page)
     item = next((argument_text(c["arguments"]) for c in reversed(calls[: start + 1])
                  if c["name"] == tool and grounding.IDENT.fullmatch(argument_text(c["arguments"]))), None)
@@ -103,9 +108,24 @@ def describe_page_write(tool: str, arguments: dict, seen: dict[str, str]) -> str
     label = m["label"] if m else tool
     verb = next((w for w in words(label) if w in WRITE_VERBS), label.lower())
     options = arguments.get("options") or []
-    details = [f"options {'; '.join(options)}"] * bool(options) + [f"price {seen['price']}"] * bool(seen.get("price"))
+    chosen = [f"{k} {v}" for k, v in options.items()] if isinstance(options, dict) else list(options)
+    details = [f"options {'; '.join(chosen)}"] * bool(chosen) + [f"price {seen['price']}"] * bool(seen.get("price"))
     what = seen.get("title") or seen.get("item") or "the item on the page"
     return f"{verb} ({', '.join(details)}): {what}" if details else f"{verb}: {what}"
+
+
+OPTION_LINE = re.compile(r"^[ \t]*(?P<group>[^\[\]\n]*?[a-z][^\[\]\n]*?)[ \t]*(?P<values>(?:\[[^\]\n]*\])+)[ \t]*$",
+                         re.MULTILINE | re.IGNORECASE)
+
+
+def option_groups(page: str) -> dict[str, str]:
+    """value (lower-cased) -> its group, from a page that lists options one group a line
+    ("size [8][9][10]"); pages that run groups and values together ([SEP]) name none."""
+    found: dict[str, str] = {}
+    for m in OPTION_LINE.finditer(page):
+        for value in re.findall(r"\[([^\]]*)\]", m["values"]):
+            found.setdefault(value.strip().lower(), m["group"].strip())
+    return found
 
 
 def page_details(page: str) -> dict[str, str]:
