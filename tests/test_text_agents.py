@@ -233,6 +233,14 @@ def test_a_final_answer_found_in_the_observations_is_a_reported_fact(rows):
     assert {"1868", "1821", "Saltmoor Viaduct"} <= set(yes_no.values)
 
 
+def test_a_question_about_an_answer_names_its_subject_not_the_answer(rows):
+    goal = goal_of(rows["qa-03"])  # Finish[1874] after Search[Hollowmere Bridge]
+    assert coverage.misses("When did the Hollowmere Bridge open?", goal, rows["qa-03"]) == []
+    gives = coverage.misses("What was the name of the bridge that opened in 1874?", goal, rows["qa-03"])
+    assert any(r == "unmet_requirement" and "'1874', the answer the sample gives" in why for r, why in gives)
+    assert "1874" not in coverage.required_details(goal, rows["qa-03"])  # what the relabeler is told to name
+
+
 @pytest.mark.parametrize("rid", ["qa-14", "qa-13", "qa-15", "qa-12", "api-11", "api-15", "api-05"])
 def test_a_final_answer_not_found_in_the_observations_is_not_a_fact(rows, rid):
     # 300 metres (the passage says 214), 1962 (a failed search), Harland & Sons, a yes with no

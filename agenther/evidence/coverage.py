@@ -77,6 +77,9 @@ def misses(prompt: str, goal: AchievedGoal, row: dict, params: dict | None = Non
                 "value of its lookups or answers): it may ask for anything",
             )
         )
+    found += [("unmet_requirement", f"the prompt names {given!r}, the answer the sample gives: a question names "
+                                    "what it asks about, not its answer")
+              for given in gives_away(prompt, goal)]
     found += [("unmet_requirement", "the prompt " + w) for w in other_enum_values(prompt, goal, tools)]
     found += [
         ("unmet_requirement", f"the prompt names {key.replace('_', ' ')} {value}, which no write of the sample acts on")
@@ -86,6 +89,12 @@ def misses(prompt: str, goal: AchievedGoal, row: dict, params: dict | None = Non
     if absent:
         found.append(("unmet_requirement", "the sample never mentions " + ", ".join(absent)))
     return found
+
+
+def gives_away(prompt: str, goal: AchievedGoal) -> list[str]:
+    """The items of the goal's final answers (text agents' Finish[...]) that the prompt already names:
+    "What was the name of the bridge that opened in 1874?" answered "1874" asks nothing."""
+    return [item for f in goal.facts for item in f.answer if asked(item, prompt)]
 
 
 def bystanders(prompt: str, goal: AchievedGoal, calls: list[dict]) -> list[tuple[str, str]]:
@@ -165,7 +174,7 @@ def fact_subjects(goal: AchievedGoal) -> list[str]:
     """What a question about the goal's facts may name, one or more: what the agent looked up (the
     arguments of the reads the report rests on), then the values it reported."""
     looked_up = [v for f in goal.facts for r in f.reads for v in _required(r.arguments, exempt=False)]
-    return [*looked_up, *(v for f in goal.facts for v in f.values)]
+    return [*looked_up, *(v for f in goal.facts for v in f.values if v not in f.answer)]  # not the answer asked for
 
 
 def _names_a_fact(text: str, goal: AchievedGoal) -> bool:

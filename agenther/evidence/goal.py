@@ -58,6 +58,9 @@ class Fact(BaseModel):
     values: list[str]  # the values from read results that the report states
     steps: list[int]  # the report's step, then the result steps it rests on
     reads: list[Action] = []  # the lookups whose results it states (what a question about it names)
+    # A final answer's items, when the fact is an answer the observations support (text_evidence):
+    # a question about it asks for them, so it must not name them.
+    answer: list[str] = []
 
 
 class Excluded(BaseModel):
@@ -327,7 +330,7 @@ def _answer_facts(messages: list[dict], calls: list[dict], tools: Tools, end: in
         Fact(text=" ".join(s.text.split())[:REPORT_CHARS], values=s.values,
              steps=[s.step, *sorted({r["result_step"] for r in s.reads})],
              reads=[Action(tool=r["name"], arguments=r["arguments"], call_step=r["step"], result_step=r["result_step"])
-                    for r in s.reads][-MAX_READS:])
+                    for r in s.reads][-MAX_READS:], answer=s.answer)
         for s in supported_answers(messages, calls, tools, end) if s.step not in have
     ]
 

@@ -160,6 +160,7 @@ class Supported:
     text: str  # "Answer: <answer>. <the reasoning given with it>"
     values: list[str]  # what of it the observations hold: the answer, then values of its reasoning
     reads: list[dict]  # the read calls whose results hold them
+    answer: list[str]  # the answer's items (none for yes / no): what a question about it must not name
 
 
 def supported_answers(messages: list[dict], calls: list[dict], tools: Tools, end: int) -> list[Supported]:
@@ -179,7 +180,8 @@ def supported_answers(messages: list[dict], calls: list[dict], tools: Tools, end
         seen = [_Seen(r) for r in reads]
         reasoning = (messages[c["step"]].get("content") or "").strip()
         values = [v for v in _specific(reasoning) if any(_holds(r.low, v) for r in seen)]
-        if all(_content(i) <= YES_NO for i in items):
+        yes_no = all(_content(i) <= YES_NO for i in items)
+        if yes_no:
             if not values:
                 continue  # a yes / no whose reasoning names nothing the results hold
             holding = [r.call for r in seen if any(_holds(r.low, v) for v in values)]
@@ -190,7 +192,8 @@ def supported_answers(messages: list[dict], calls: list[dict], tools: Tools, end
             holding = [r.call for r in seen if any(r in f for f in found)]
             values = [*(i[:120] for i in items), *values]
         text = f"Answer: {answer}." + (f" {reasoning}" if reasoning else "")
-        out.append(Supported(c["step"], text, list(dict.fromkeys(values))[:MAX_VALUES], holding))
+        out.append(Supported(c["step"], text, list(dict.fromkeys(values))[:MAX_VALUES], holding,
+                             [] if yes_no else items))
     return out
 
 
