@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the findings as JSON")
     inspect.add_argument("-v", "--verbose", action="store_true")
 
+    replay = sub.add_parser("replay", help="replay a log in its environment: are the recorded state hashes and "
+                                           "rewards reproduced? (agenther/envs)")
+    replay.add_argument("log", help="log file or folder")
+    replay.add_argument("--format", help="as for run")
+    replay.add_argument("--params", help="params.yaml (default: built-in defaults; replay.env picks the environment)")
+    replay.add_argument("--json", action="store_true", help="print the counts as JSON")
+
     review = sub.add_parser("review", help="measure precision: sample relabels for people to label, score the labels")
     actions = review.add_subparsers(dest="action", required=True)
     sample = actions.add_parser("sample", help="write RUN_DIR/review/review.html (+ items.json, Label Studio import)")
@@ -123,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         return _review(args)
     if args.command == "rounds":
         return _rounds(args)
+    if args.command == "replay":
+        return _replay(args)
     with stopping.on_signals():
         try:
             return _main(args)
@@ -224,6 +233,24 @@ def _rounds(args: argparse.Namespace) -> int:
     lineages = list_lineages(args.root)
     print(json.dumps(lineages, indent=2) if args.json else format_rounds(lineages))
     return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from agenther.adapters.common import Quarantined
+    from agenther.envs import EnvError
+    from agenther.envs.replay_log import replay_records
+    from agenther.params import ParamsError, load_params
+    from agenther.stages.ingest import IngestError, read_logs
+
+    try:
+        params = load_params(args.params, {"ingest": {"input": args.log} | ({"format": args.format} if args.format else {})})
+        rows = (r for r in read_logs(args.log, params["ingest"]["format"]) if not isinstance(r, Quarantined))
+        report = replay_records(rows, params)
+    except (EnvError, IngestError, ParamsError) as exc:
+        print(f"agenther replay: error: {exc}", file=sys.stderr)
+        return 2
+    print(report.model_dump_json(indent=2) if args.json else "\n".join(report.lines()))
+    return 0 if report.ground_truth == report.agent_runs == report.with_hash else 1
 
 
 def _review(args: argparse.Namespace) -> int:

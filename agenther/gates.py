@@ -187,15 +187,19 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
         not_null("hindsight_prompt", "relabel_confidence", "relabel_attempts", "relabel_model")
         between("relabel_confidence", r["confidence_threshold"], None,
                 "only relabels at or above relabel.confidence_threshold pass the confidence gate")
-        between("relabel_attempts", 1, r["max_attempts"], "1 .. relabel.max_attempts")
-        if df.height >= min_rows and has("relabel_confidence"):
+        between("relabel_attempts", 0, r["max_attempts"],
+                "0 (a conversation that already asked for its goal: no LLM call) .. relabel.max_attempts")
+        # The relabeler's confidence distribution: over the rows an LLM wrote (rule-kept ones say 1.0).
+        written = {"row_condition": _gx().expectations.row_conditions.Column("relabel_attempts") > 0}
+        if has("relabel_attempts") and df.filter(pl.col("relabel_attempts") > 0).height >= min_rows:
             low, high = g["relabel_confidence_mean"]
-            s.add("main", gxe.ExpectColumnMeanToBeBetween(column="relabel_confidence", min_value=low, max_value=high),
+            s.add("main", gxe.ExpectColumnMeanToBeBetween(column="relabel_confidence", min_value=low, max_value=high,
+                                                          **written),
                   "mean confidence near 0 or 1 means a collapsed relabeler (all 0 / all 1); "
                   "gates.relabel_confidence_mean", distribution=True)
             if g["relabel_confidence_min_stdev"] > 0:
                 s.add("main", gxe.ExpectColumnStdevToBeBetween(
-                    column="relabel_confidence", min_value=g["relabel_confidence_min_stdev"]),
+                    column="relabel_confidence", min_value=g["relabel_confidence_min_stdev"], **written),
                     "one confidence for every relabel; gates.relabel_confidence_min_stdev", distribution=True)
         return s
 

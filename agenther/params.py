@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 import json
 import re
 from pathlib import Path
@@ -30,9 +31,12 @@ from pydantic import (
     StrictBool,
     StrictInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from agenther.judges import JUDGE_NAMES
 
 
 class ParamsError(ValueError):
@@ -93,7 +97,6 @@ Temperature = _number(0.0, to_float=True)
 Count = Annotated[StrictInt, Field(ge=0)]
 PositiveCount = Annotated[StrictInt, Field(ge=1)]
 Range = Annotated[list[int | float], PlainValidator(_range)]
-JUDGE_NAMES = ("coverage", "grounding", "policy", "trajectory", "evidence")  # agenther.stages.verify.JUDGES
 
 
 class _Section(BaseModel):
@@ -143,7 +146,7 @@ class Relabel(_Section):
     max_attempts: PositiveCount = 3
     # attempt i uses temperatures[i] (the last one repeats); floats as the LLM requests state them
     temperatures: Annotated[list[Temperature], Field(min_length=1)] = Field(default_factory=lambda: [0.2, 0.5, 0.8])
-    max_goal_similarity: Unit = 0.9
+    max_goal_similarity: Unit = 0.9  # a rewritten turn that had something to drop, this close to its original: echoed
 
 
 class Verify(_Section):
@@ -152,6 +155,23 @@ class Verify(_Section):
         default_factory=lambda: list(JUDGE_NAMES))
     judge_confidence_threshold: Unit = 0.6
     transcript_tokens: PositiveCount = 600  # the sample as an LLM judge reads it, compacted to about this
+
+
+class Replay(_Section):
+    """Which replayable environment (agenther/envs) proves samples and makes tasks: `auto` picks one
+    by the record's source format (tau-bench airline logs: tau-bench-airline), `none` turns replay
+    off, a name (an installed entry point of group agenther.envs) is used for every record."""
+    env: str = "auto"
+
+    @field_validator("env")
+    @classmethod
+    def _installed(cls, value: str) -> str:
+        # a name only, read from the installed metadata (agenther.envs.GROUP): loading is the judge's
+        known = sorted(ep.name for ep in importlib.metadata.entry_points(group="agenther.envs"))
+        if value not in ("auto", "none", *known):
+            raise PydanticCustomError("unknown_env", f"Input should be auto, none or an installed environment "
+                                                     f"({', '.join(known) or 'none installed'})")
+        return value
 
 
 class ToolRule(_Section):
@@ -253,6 +273,7 @@ class Params(_Section):
     extract: Extract = Field(default_factory=Extract)
     relabel: Relabel = Field(default_factory=Relabel)
     verify: Verify = Field(default_factory=Verify)
+    replay: Replay = Field(default_factory=Replay)
     tools: Tools = Field(default_factory=Tools)
     package: Package = Field(default_factory=Package)
     gates: Gates = Field(default_factory=Gates)

@@ -95,7 +95,9 @@ EXTRACTED = CLASSIFIED | {
 }
 
 RELABELED = EXTRACTED | {
-    "hindsight_prompt": pl.String,
+    "hindsight_prompt": pl.String,  # the sample's opening user turn, as the trainer sees it
+    # JSON [{step, before, after}]: every user turn of the sample the relabeler rewrote (step: in `messages`)
+    "rewrites": pl.String,
     "relabel_confidence": pl.Float64,
     "relabel_attempts": pl.Int64,
     "relabel_rationale": pl.String,

@@ -34,6 +34,7 @@ from agenther.evidence.goal import AchievedGoal, describe_action  # noqa: E402
 from agenther.llm.models import DEFAULT_MODEL, model_path  # noqa: E402
 from agenther.params import load_params  # noqa: E402
 from agenther.pipeline import run  # noqa: E402
+from agenther.review.transcript import markdown, sample_turns  # noqa: E402
 
 SOURCES = {
     "tau-bench": (ROOT / "data/raw/tau-bench/gpt-4o-airline.json", "tau-bench"),
@@ -96,7 +97,13 @@ def measure(work: Path, summary: dict, wall: float, params: dict) -> dict:
         "prompt_tokens_per_relabel_call_before": before_tokens(work, params),
         "prompt_tokens_per_accepted_sample": round(total["prompt_tokens"] / accepted, 1) if accepted else None,
         "llm_calls": total["calls"],
+        "calls_per_accepted_sample": round(total["calls"] / accepted, 2) if accepted else None,
+        "rewritten_turns_per_sample": (round(summary["stages"]["package"]["rewritten_turns"] / exported, 2)
+                                       if (exported := summary["gates"]["exported_hindsight_samples"]) else None),
+        "relabeled_by_rules": int((pl.read_parquet(work / "03_relabeled.parquet", columns=["relabel_model"])
+                                   ["relabel_model"] == "rules").sum()),
         "wall_s": round(wall, 1),
+        "seconds_per_accepted_sample": round(wall / accepted, 1) if accepted else None,
         "model": summary["lineage"]["models"]["relabel"],
     }
 
@@ -131,16 +138,17 @@ def review_rows(source: str, work: Path) -> list[dict]:
     rows = []
     for r in verified.filter(pl.col("verified")).to_dicts() if verified.height else []:
         goal = AchievedGoal.model_validate_json(r["achieved_goal"])
-        first = next(i for i, m in enumerate(r["messages"]) if m["role"] == "user")
-        assistant = [i for i in range(goal.sample_end) if r["messages"][i]["role"] == "assistant"]
+        turns = sample_turns(r)
+        assistant = [t for t in turns if t["role"] == "assistant"]
         rows.append({
-            "source": source, "id": r["id"], "prompt": r["hindsight_prompt"], "original_goal": r["goal"],
+            "source": source, "id": r["id"], "original_goal": r["goal"], "relabel_model": r["relabel_model"],
             "failure_type": r["failure_type"], "writes": [describe_action(a) for a in goal.actions],
             "facts": [f.text for f in goal.facts], "excluded": [f"{e.tool} (step {e.call_step}): {e.reason}"
                                                                  for e in goal.excluded],
-            "user_turns": [m["content"] for m in r["messages"][first + 1 : goal.sample_end] if m["role"] == "user"],
-            "sample": f"steps 0-{goal.sample_end - 1} of {len(r['messages'])}; {len(goal.train_steps)} of "
-                      f"{len(assistant)} assistant turns train (the rest weigh 0)",
+            "turns": turns,
+            "sample": f"steps {goal.start}-{goal.sample_end - 1} of {len(r['messages'])} (after the system prompt); "
+                      f"{sum(t['weight'] == 1 for t in assistant)} of {len(assistant)} assistant turns train "
+                      f"(the rest weigh 0); {sum(t['before'] is not None for t in turns)} user turns rewritten",
             "judges": [f"{j['judge']} ({j['model']}): {'accept' if j['accept'] else 'REJECT'}: {j['reason']}"
                        for j in r["judgements"]],
         })
@@ -149,17 +157,19 @@ def review_rows(source: str, work: Path) -> list[dict]:
 
 def render_review(rows: list[dict]) -> str:
     out = ["# Accepted hindsight samples: review sheet", "",
-           "For each: would you train a model on it? The prompt must ask for every write listed, the "
-           "writes must do everything it asks, and no user turn kept may ask for something else.", ""]
+           "For each: would you train a model on it? Read every turn as the trainer sees it (role, weight, "
+           "text or tool call; a rewritten user turn shows what the user originally said). The user side must "
+           "ask for every write listed, the writes must do everything it asks, and every turn of weight 1 must "
+           "follow from what the user said before it.", ""]
     for i, r in enumerate(rows, 1):
-        out += [f"## {i}. {r['id']} ({r['source']}, {r['failure_type']})", "",
-                f"**Hindsight prompt:** {r['prompt']}", "", f"Original (failed) goal: {r['original_goal'][:300]}", "",
+        out += [f"## {i}. {r['id']} ({r['source']}, {r['failure_type']}, relabeled by {r['relabel_model']})", "",
+                f"Original (failed) goal: {r['original_goal'][:300]}", "",
                 "Writes it trains on:", *(f"- {w}" for w in r["writes"] or ["(none)"]), "",
                 "Facts it reported:", *(f"- {f[:300]}" for f in r["facts"] or ["(none)"]), ""]
         if r["excluded"]:
             out += ["Left out of the goal:", *(f"- {e}" for e in r["excluded"]), ""]
-        out += ["User turns kept after the prompt:", *(f"- {u[:300]}" for u in r["user_turns"] or ["(none)"]), "",
-                f"Sample: {r['sample']}", "", "Judges:", *(f"- {j}" for j in r["judges"]), "", "Verdict: ____", ""]
+        out += [f"Sample: {r['sample']}", "", *markdown(r["turns"]), "",
+                "Judges:", *(f"- {j}" for j in r["judges"]), "", "Verdict: ____", ""]
     return "\n".join(out) + "\n"
 
 
@@ -172,7 +182,10 @@ def print_table(name: str, m: dict) -> None:
             ("prompt tokens per relabel call (now, mean)", m["prompt_tokens_per_relabel_call"]),
             ("prompt tokens per relabel call (before, median)", m["prompt_tokens_per_relabel_call_before"]),
             ("prompt tokens per accepted sample (all calls)", m["prompt_tokens_per_accepted_sample"]),
-            ("LLM calls", m["llm_calls"]), ("wall time (s)", m["wall_s"])]
+            ("LLM calls", m["llm_calls"]), ("LLM calls per accepted sample", m["calls_per_accepted_sample"]),
+            ("relabels that needed no model (rules)", m["relabeled_by_rules"]),
+            ("rewritten user turns per exported sample", m["rewritten_turns_per_sample"]),
+            ("wall time (s)", m["wall_s"]), ("seconds per accepted sample", m["seconds_per_accepted_sample"])]
     for label, value in rows:
         print(f"  {label:<50} {value}")
     print("  rejections (stage / reason / count):")

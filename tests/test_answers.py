@@ -29,6 +29,7 @@ from agenther.llm.answers import (
     TrajectoryAnswer,
     validate,
 )
+from agenther.stages.relabel import ruled_and_written
 
 LIMIT = 20
 JUDGES = {"judge_policy": "policy", "judge_trajectory": "trajectory", "judge_evidence": "evidence"}
@@ -95,7 +96,7 @@ def malformed_brain(kind: str):
 def test_the_shapes_are_each_invalid():
     """The test's own answers must be wrong for every contract (else the run test proves nothing)."""
     valid = VALID | {
-        "relabel": {"hindsight_prompt": "Please book it.", "confidence": 0.9},
+        "relabel": {"turns": [{"turn": 1, "text": "Please book it."}], "confidence": 0.9},
         "judge_policy": {"violations": [], "allowed": True, "confidence": 0.9},
         "judge_trajectory": {"satisfied": True, "consistent_with_user": True, "confidence": 0.9, "reason": "done"},
         "judge_evidence": {"requirements": [{"requirement": "booked", "step": 3, "met": True}], "all_met": True,
@@ -180,11 +181,17 @@ def test_wrong_shaped_answers_to_every_llm_stage_are_rejections_and_the_run_reco
         assert set(invalid["id"]) == set(recoverable["id"])  # each record the LLM was asked about
         assert set(rejected.filter(pl.col("stage") == "extract")["reason"]) <= {"invalid_llm_answer", "not_recoverable"}
     elif kind == "relabel":
-        relabel = stages["relabel"]
-        assert relabel["in"] > 0 and relabel["rejected"] == {"invalid_llm_answer": relabel["in"]}
-        assert set(invalid["id"]) == set(pl.read_parquet(out / "02_extracted.parquet")["id"])
+        # the records whose conversation needs a writer asked the model, each answer was wrong: all
+        # rejected; the others needed no model (rules) and go on
+        extracted = pl.read_parquet(out / "02_extracted.parquet").to_dicts()
+        needs_writer = {r["id"] for r in extracted if ruled_and_written(r)[1]}
+        assert needs_writer and stages["relabel"]["rejected"]["invalid_llm_answer"] == len(needs_writer)
+        assert set(invalid["id"]) == needs_writer
+        ruled = rejected.filter((pl.col("stage") == "relabel") & (pl.col("reason") != "invalid_llm_answer"))
+        assert not set(ruled["id"]) & needs_writer  # a rule-written conversation the gate turned down, if any
         assert all(d.count("invalid_llm_answer") == 3 for d in invalid["detail"])  # max_attempts, each wrong
-        assert not llm_server.prompts_of("judge_trajectory")  # nothing reached the judges
+        relabeled = pl.read_parquet(out / "03_relabeled.parquet")
+        assert set(relabeled["relabel_model"]) <= {"rules"} and not set(relabeled["id"]) & needs_writer
     else:
         judge = JUDGES[kind]
         verified = pl.read_parquet(out / "04_verified.parquet").to_dicts()

@@ -8,6 +8,7 @@ import fnmatch
 import hashlib
 import json
 import random
+import sys
 
 import polars as pl
 import pytest
@@ -19,7 +20,9 @@ from agenther.cli import main
 from agenther.export import formats as exports
 from agenther.export import llamafactory, openai_ft, parquet, trl
 from agenther.export.card import render_dataset_card
-from agenther.export.files import LAYOUT
+from agenther.export.exporter import ANNOTATED
+from agenther.export.files import sink_layout
+from agenther.export.registry import exporters, layout
 from agenther.export.schemas import validate_dpo, validate_sft, validate_sharegpt
 from agenther.stages.samples import measure_lengths
 from agenther.workdir import PACKAGE_FILES
@@ -286,22 +289,145 @@ def test_every_consumer_file_has_the_same_columns_in_every_row(tmp_path):
         pl.when(pl.col("task_key").cast(pl.Int64) % 2 == 0).then(pl.col("tools")).otherwise(None).alias("tools"))
     result = package(verified, classified, PARAMS, LINEAGE, out=tmp_path)
     assert result.counts["dpo_natural"] and result.counts["hindsight_samples"] and result.counts["success_samples"]
-    expected = {trl.SFT_FILE: {"messages", "tools", "sample_id", "weight"},
-                trl.DPO_FILE: {"prompt", "chosen", "rejected", "tools", "sample_id", "weight"},
-                **{f: {"conversations", "system", "tools", "sample_id"} for f in llamafactory.FILES.values()}}
+    common = {"tools", "sample_id", "sample_weight"}
+    expected = {trl.SFT_FILE: {"prompt", "completion", "turn", *common},
+                trl.DPO_FILE: {"prompt", "chosen", "rejected", *common},
+                **{f: {"conversations", "system", "turn", *common} for f in llamafactory.FILES.values()}}
     for name, keys in expected.items():
         rows = _lines(tmp_path / name)
         assert rows and all(set(r) == keys for r in rows), name
         assert {type(r["tools"]) for r in rows} == {str}, name  # JSON text: one type whatever the source
+        assert {type(r["sample_weight"]) for r in rows} == {float}, name
     assert {r["tools"] for r in _lines(tmp_path / trl.SFT_FILE)} >= {"[]"}
     for r in _lines(tmp_path / trl.SFT_FILE) + _lines(tmp_path / trl.DPO_FILE):
-        for m in r.get("messages", []) + r.get("prompt", []) + r.get("chosen", []) + r.get("rejected", []):
+        for m in r["prompt"] + r.get("completion", []) + r.get("chosen", []) + r.get("rejected", []):
             assert "weight" not in m
             for c in m.get("tool_calls") or []:
                 assert isinstance(c["function"]["arguments"], dict)  # chat templates render objects
     openai_rows = _lines(tmp_path / openai_ft.FILE)
     assert all(set(r) in ({"messages"}, {"messages", "tools", "parallel_tool_calls"}) for r in openai_rows)
-    assert len(openai_rows) == len(result.sft) == result.exported.files[trl.SFT_FILE]
+    assert len(openai_rows) == len(result.sft)
+
+
+def _trained(messages: list[dict]) -> list[int]:
+    """Indexes of the assistant turns to train on, read from the annotated row: weight 1, or no
+    weight at all (an original success: every assistant turn)."""
+    return [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) == 1]
+
+
+def test_each_trainer_row_trains_one_weight_1_turn_and_every_one_is_trained_once(tmp_path):
+    """TRL: one prompt-completion row per trained assistant turn, the conversation before it as the
+    prompt; LLaMA-Factory: one row per trained model turn, ending on it. Weight-0 turns only ever
+    appear before the trained turn, and no completion is a user or tool turn."""
+    from agenther.evidence.goal import AchievedGoal
+
+    verified, classified = tau_inputs(range(20), with_tools=True)
+    rows = verified.to_dicts()
+    for r in rows:  # every other assistant turn is context only (weight 0)
+        assistant = [i for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
+        r["achieved_goal"] = AchievedGoal(sample_end=len(r["messages"]), train_steps=assistant[1::2]).model_dump_json()
+    result = package(schema.frame(rows, schema.VERIFIED), classified, PARAMS, LINEAGE, out=tmp_path)
+    trl_rows, lf_rows = _lines(tmp_path / trl.SFT_FILE), [
+        r for f in llamafactory.FILES.values() for r in _lines(tmp_path / f)]
+    by_sample: dict[str, list] = {}
+    for r in trl_rows:
+        by_sample.setdefault(r["sample_id"], []).append(r)
+    weight0 = 0
+    for sample in result.sft:
+        messages, sid = sample["messages"], sample["metadata"]["sample_id"]
+        weight0 += sum(m.get("weight") == 0 for m in messages)
+        rows = by_sample.pop(sid)
+        assert [r["turn"] for r in rows] == _trained(messages), sid  # in order, each once
+        for r in rows:
+            assert r["prompt"] == [trl.trl_message(m) for m in messages[: r["turn"]]]
+            assert r["completion"] == [trl.trl_message(messages[r["turn"]])]
+            assert r["sample_weight"] == sample["weight"]
+    assert not by_sample and weight0 > 0  # every TRL row belongs to a sample; there are turns to keep out
+    lf_by_sample: dict[str, list] = {}
+    for r in lf_rows:
+        lf_by_sample.setdefault(r["sample_id"], []).append(r)
+    for sample in result.sharegpt:
+        turns, sid = sample["conversations"], sample["metadata"]["sample_id"]
+        weights = sample["metadata"].get("turn_weights") or [int(t["from"] in ("gpt", "function_call")) for t in turns]
+        rows = lf_by_sample.pop(sid)
+        assert [r["turn"] for r in rows] == [k for k, w in enumerate(weights) if w == 1], sid
+        for r in rows:
+            assert r["conversations"] == turns[: r["turn"] + 1] and r["system"] == sample["system"]
+            assert r["conversations"][-1]["from"] in ("gpt", "function_call")
+            validate_sharegpt({k: v for k, v in r.items() if k in ("conversations", "system")})
+    assert not lf_by_sample
+
+
+def test_a_sample_with_no_turn_to_train_gives_no_trainer_row():
+    messages = [_m("system", "policy"), _m("user", "q"), {**_m("assistant", "a"), "weight": 0}]
+    sft = exports.sft_row(messages, None, 1.0, {"sample_id": "hindsight:x", "kind": "hindsight"})
+    sharegpt = exports.sharegpt_row(messages, None, 1.0, {"sample_id": "hindsight:x", "kind": "hindsight"})
+    assert trl.sft_rows(sft) == [] and llamafactory.lf_rows(sharegpt) == []
+    assert openai_ft.openai_row(sft)["messages"][-1]["weight"] == 0  # OpenAI: the same, by its own weight
+
+
+def test_every_export_is_one_registered_exporter():
+    """The built-in formats, each one Exporter: no two write one file, each describes its files in the card."""
+    names = [e.name for e in exporters()]
+    assert names == ["openai", "trl", "llamafactory", "hf"]
+    files = [f for e in exporters() for f in (*e.files, *e.published)]
+    assert len(files) == len(set(files)) and not set(files) & set(ANNOTATED)
+    for e in exporters():
+        assert set(e.describe) <= set(e.files) and e.training and e.loading is not None, e.name
+
+
+PLUGIN = """
+from agenther.export.exporter import Exporter
+
+def rows(name, row):
+    if name != "sft.jsonl":
+        return []
+    first = next(m for m in row["messages"] if m["role"] == "user")
+    return [("prompts/prompts.jsonl", {"prompt": first["content"], "sample_id": row["metadata"]["sample_id"]})]
+
+EXPORTER = Exporter(name="prompts", files=("prompts/prompts.jsonl",), rows=rows,
+                    describe={"prompts/prompts.jsonl": ("`prompt`: the first user turn", "a prompt bank")},
+                    training="**Prompts**: nothing trains here.", loading=lambda exports: "Prompts: read them.")
+"""
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """An exporter outside agenther, installed the way plugins are: a distribution whose entry point
+    in the group `agenther.exporters` names it (the registry is read afresh before and after)."""
+    from agenther.export import registry
+
+    (tmp_path / "agenther_prompts_plugin.py").write_text(PLUGIN)
+    dist = tmp_path / "agenther_prompts_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: agenther-prompts-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[agenther.exporters]\nprompts = agenther_prompts_plugin:EXPORTER\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry._LOADED.clear()
+    yield
+    registry._LOADED.clear()
+
+
+def test_a_plugin_exporter_is_one_module_and_one_entry_point(plugin, tmp_path):
+    """Adding a format changes no other export: the sink writes its file, the card lists it, and
+    every built-in file is byte for byte what it is without the plugin."""
+    verified, classified = tau_inputs(range(3), with_tools=True)
+    out = tmp_path / "out"
+    with_plugin = package(verified, classified, PARAMS, LINEAGE, out=out).digests
+    assert [e.name for e in exporters()][-1] == "prompts"
+    prompts = _lines(out / "prompts/prompts.jsonl")
+    sft = _lines(out / "sft.jsonl")
+    assert [r["sample_id"] for r in prompts] == [r["metadata"]["sample_id"] for r in sft]
+    card = render_dataset_card({"exports": {"files": with_plugin}})
+    assert "| prompts/prompts.jsonl |" in card and "**Prompts**: nothing trains here." in card
+
+    from agenther.export import registry
+
+    registry._LOADED.clear()
+    sys.path.remove(str(tmp_path))
+    without = package(verified, classified, PARAMS, LINEAGE, out=tmp_path / "plain").digests
+    assert "prompts" not in [e.name for e in exporters()]
+    assert {k: v for k, v in with_plugin.items() if not k.startswith("prompts/")} == without
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -314,7 +440,7 @@ def test_identical_inputs_give_byte_identical_files(tmp_path, packaged):
                      classified.sample(fraction=1.0, shuffle=True, seed=11), PARAMS, LINEAGE, out=tmp_path / "b").digests
     assert first == second
     # tau-bench tasks 0-19: every file of the layout has rows (one file per pattern: Parquet names carry a digest)
-    assert sorted(next(p for p in LAYOUT if fnmatch.fnmatch(f, p)) for f in first) == sorted(LAYOUT)
+    assert sorted(next(p for p in sink_layout() if fnmatch.fnmatch(f, p)) for f in first) == sorted(sink_layout())
     for name in first:
         if name.endswith(".parquet"):
             assert name.endswith(f"-{first[name][:12]}.parquet")
@@ -325,11 +451,14 @@ def test_identical_inputs_give_byte_identical_files(tmp_path, packaged):
     assert len(lines) == len(packaged.sft) and json.loads(lines[0]) == packaged.sft[0]
     ids = [json.loads(x)["metadata"]["sample_id"] for x in lines]
     assert ids == sorted(ids)
-    assert [r["sample_id"] for r in _lines(tmp_path / "a" / trl.SFT_FILE)] == ids  # the same order everywhere
+    trl_ids = [r["sample_id"] for r in _lines(tmp_path / "a" / trl.SFT_FILE)]  # the same order everywhere
+    assert trl_ids == sorted(trl_ids) and set(trl_ids) <= set(ids)
 
 
 def test_package_files_list_the_whole_layout():
-    assert set(PACKAGE_FILES) == {*LAYOUT, parquet.CARD, "rejected.parquet", "summary.json", "dataset_card.md", "report.html"}
+    assert set(PACKAGE_FILES) == {*ANNOTATED, *layout(), "rejected.parquet", "summary.json", "dataset_card.md",
+                                  "report.html"}
+    assert parquet.CARD in layout()
 
 
 def test_dataset_info_maps_columns_every_row_has(tmp_path):
@@ -346,7 +475,7 @@ def test_dataset_info_maps_columns_every_row_has(tmp_path):
         assert rows and all(set(entry["columns"].values()) <= set(r) for r in rows)
         assert all(r["sample_id"].startswith(name.removeprefix("agenther_") + ":") for r in rows)
         for r in rows:
-            validate_sharegpt({k: v for k, v in r.items() if k != "sample_id" and (k != "tools" or v)})
+            validate_sharegpt({k: v for k, v in r.items() if k in ("conversations", "system") or (k == "tools" and v)})
     assert not (tmp_path / "dataset_info.json").exists()
 
 
@@ -354,7 +483,7 @@ def test_no_zero_byte_file_is_written(tmp_path):
     (tmp_path / "dpo.jsonl").write_text("stale\n")  # an earlier run's file must not pass for this one's
     (tmp_path / "dataset_info.json").write_text("{}")
     empty = package(schema.empty(schema.VERIFIED), schema.empty(schema.CLASSIFIED), {}, {}, out=tmp_path)
-    assert empty.digests == {} and set(empty.exported.not_written) == set(LAYOUT)
+    assert empty.digests == {} and set(empty.exported.not_written) == set(sink_layout())
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
     assert empty.rejections.height == 0 and empty.counts["accepted_in"] == 0
     # natural pairs only (no relabel accepted): no hindsight files, no empty ones
@@ -372,7 +501,8 @@ def test_token_lengths_are_measured_with_the_local_models_tokenizer(tmp_path):
     lengths = result.exported.token_lengths
     assert lengths["tokenizer"], lengths  # the embedded model's GGUF is installed by scripts/setup.sh
     sft = lengths["files"][trl.SFT_FILE]
-    assert sft["rows"] == len(result.sft) and sft["p50"] <= sft["p90"] <= sft["p99"] <= sft["max"] < sft["max_length"]
+    assert sft["rows"] == result.exported.files[trl.SFT_FILE] > len(result.sft)  # a row per trained turn
+    assert sft["p50"] <= sft["p90"] <= sft["p99"] <= sft["max"] < sft["max_length"] and sft["tokens"] > sft["max"]
     assert sft["max"] > 1500  # tau-bench rows carry a ~1.2k-token policy and long tool results
     assert lengths["files"][trl.DPO_FILE]["rows"] == len(result.dpo)
     # SmolLM2's template cannot render a tool-call turn (null content): the next local model measures
@@ -397,7 +527,7 @@ def test_token_counts_by_piece_equal_llama_cpp_on_the_whole_text(tmp_path):
         text = tok.template.render(messages=messages, tools=tools or None, add_generation_prompt=False)
         return len(tok.vocab.tokenize(text.encode(), add_bos=False, special=True))
 
-    sft = [(r["messages"], json.loads(r["tools"])) for r in _lines(tmp_path / trl.SFT_FILE)]
+    sft = [(r["prompt"] + r["completion"], json.loads(r["tools"])) for r in _lines(tmp_path / trl.SFT_FILE)]
     dpo = [[(r["prompt"] + r[side], json.loads(r["tools"])) for side in ("chosen", "rejected")]
            for r in _lines(tmp_path / trl.DPO_FILE)]
     assert len(sft) > 10 and len(dpo) > 5
@@ -430,6 +560,7 @@ def test_dataset_card_of_a_real_run_carries_its_summary(tmp_path, llm_server):
         f"params hash `{summary['lineage']['params_hash']}`",
         "All counts reconcile: yes",
         "DPOTrainer", "dataset: agenther_hindsight,agenther_success", "Known limitations", "1 - weight_alpha * severity",
+        "mask_history: true", "ONE ROW PER TRAINED ASSISTANT TURN", "sample_weight",
     ]
     for name, digest in exported["files"].items():
         needles += [f"| {name} | {exported['rows'][name]} |", digest]
@@ -437,9 +568,10 @@ def test_dataset_card_of_a_real_run_carries_its_summary(tmp_path, llm_server):
         needles.append(f"- `{name}`: {why}")
     assert "dpo.jsonl" in exported["not_written"] and not (out / "dpo.jsonl").exists()
     sft_lengths = exported["token_lengths"]["files"]["trl/sft.jsonl"]
-    needles += [f"| trl/sft.jsonl | {sft_lengths['rows']} | {sft_lengths['p50']} |",
+    cutoff_len = max(v["max_length"] for v in exported["token_lengths"]["files"].values())
+    needles += [f"| trl/sft.jsonl | {sft_lengths['rows']} | {sft_lengths['tokens']} | {sft_lengths['p50']} |",
                 f"SFTConfig(output_dir=\"out\", max_length={sft_lengths['max_length']})",
-                f"cutoff_len: {sft_lengths['max_length']}"]
+                f"cutoff_len: {cutoff_len}"]
     assert (out / "hf/README.md").read_text().startswith("---\nconfigs:\n- config_name: sft\n")
     for stage in ("extract", "relabel", "verify"):
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stages[stage]["rejected"].items())) or "-"
@@ -463,8 +595,8 @@ def test_dataset_card_tolerates_missing_keys():
 def test_shuffled_relabels_do_not_change_rejections():
     verified, classified = tau_inputs(range(5))
     rows = verified.to_dicts()
-    dup = copy.deepcopy(rows[0]) | {"id": rows[1]["id"]}  # another run's relabel with the same prompt text
-    rows[1]["hindsight_prompt"] = dup["hindsight_prompt"]
+    # another run relabeled into the same conversation: its user side duplicates the first one's
+    rows[1] = copy.deepcopy(rows[0]) | {"id": rows[1]["id"]}
     a = package(schema.frame(rows, schema.VERIFIED), classified, PARAMS, LINEAGE)
     b = package(
         schema.frame(random.Random(3).sample(rows, len(rows)), schema.VERIFIED), classified, PARAMS, LINEAGE

@@ -112,9 +112,9 @@ def test_agenther_run_fuses_relabel_and_verify_unless_there_is_a_budget(tmp_path
     kinds = _kinds(llm_server.requests)
     last_relabel = max(i for i, k in enumerate(kinds) if k == "relabel")
     first_judge = kinds.index("judge_trajectory")
-    if budget is None:  # one record at a time: relabel, then its judges, then the next record
+    if budget is None:  # one record at a time: relabel (if it needs a writer), its judges, the next record
         assert first_judge < last_relabel
-        assert set(kinds[:first_judge]) == {"relabel"}  # the first record's attempts, then its judges
+        assert set(kinds[:first_judge]) <= {"relabel"}  # the first record's attempts (if any), then its judges
     else:  # a budget keeps the stage order, as `agenther stage` and dvc run it
         assert last_relabel < first_judge
 

@@ -37,6 +37,7 @@ def tables(params) -> dict[str, pl.DataFrame]:
     n = extracted.height
     relabeled = extracted.with_columns(
         hindsight_prompt=pl.lit("Please look up my reservation and tell me the flight status."),
+        rewrites=pl.lit("[]"),
         relabel_confidence=pl.Series([0.7 + 0.29 * (i % 7) / 6 for i in range(n)]),
         relabel_attempts=pl.Series([1 + i % 3 for i in range(n)], dtype=pl.Int64),
         relabel_rationale=pl.lit("the trajectory shows it"),

@@ -1,24 +1,29 @@
 """Hindsight samples that are right by construction, on real records of the shipped logs:
 the achieved goal computed from what the run did, the sample cut to what proves it, coverage
-both ways, no sample that trains on a broken rule, and per-message weights in the exports."""
+both ways over the user side, no sample that trains on a broken rule, and per-message weights in
+the exports."""
 
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import TAU, TOOLBENCH, ingest, make_params, write_params
-from llm_server import careful_except
+from conftest import TAU, TOOLBENCH, ingest, make_params, opening_rewritten, write_params
+from llm_server import careful_except, turns_of
+from synthetic import GOAL, downgrade
 
 from agenther import schema
 from agenther.cli import main
 from agenther.evidence import coverage
-from agenther.evidence.goal import AchievedGoal, NoGoal, achieved_goal
+from agenther.evidence.conversation import hindsight_goal
+from agenther.evidence.goal import AchievedGoal, NoGoal, TurnEdit, sample_steps
 from agenther.evidence.tools import Tools, is_error
 from agenther.llm import LLMClient
+from agenther.llm.answers import RelabelAnswer
 from agenther.stages import relabel
 from agenther.stages.classify import classify
 from agenther.stages.extract import extract
@@ -29,7 +34,7 @@ TASK47 = "tau-bench/gpt-4o-airline/task47-trial0"  # cancelled MZDDS4, which the
 WRONG_FLIGHTS = "tau-bench/gpt-4o-airline/task0-trial2"  # booked, with other flights than the task's
 TWO_CANCELS = "tau-bench/gpt-4o-airline/task28-trial1"  # cancelled 8C8K4E and LU15PA
 REFUSED_ONE = "tau-bench/gpt-4o-airline/task27-trial3"  # refused to cancel IFOYYZ, cancelled NQNU5R
-SEARCHED = "tau-bench/gpt-4o-airline/task3-trial0"  # searched flights DEN -> IAH, reported them
+QUESTION = "tau-bench/gpt-4o-airline/task14-trial3"  # looked up YAX4DR, reported its flights
 
 
 @cache
@@ -49,9 +54,14 @@ def tau_extracted() -> pl.DataFrame:
 
 
 def goal_of(row: dict) -> AchievedGoal:
-    goal = achieved_goal(row, make_params(Path("/tmp")))
+    goal = hindsight_goal(row, make_params(Path("/tmp")))
     assert isinstance(goal, AchievedGoal), goal
     return goal
+
+
+def misses(request: str, goal: AchievedGoal, row: dict) -> list[tuple[str, str]]:
+    """coverage.misses of a user side that is `request` alone (the opening, rewritten)."""
+    return coverage.misses([(goal.start, request)], goal, row, rewritten=[goal.start])
 
 
 # -- tools and errors -------------------------------------------------------------------------------
@@ -95,7 +105,7 @@ def test_an_error_result_never_becomes_an_achievement():
     rows = classify(ingest(TOOLBENCH).trajectories, params).to_dicts()
     row = next(r for r in rows if "69_ChatGPT_DFS_woFilter_w2" in r["id"])
     step_401 = next(i for i, m in enumerate(row["messages"]) if "Authentication required" in (m["content"] or ""))
-    goal = achieved_goal(row, params)
+    goal = hindsight_goal(row, params)
     if isinstance(goal, AchievedGoal):
         assert step_401 not in goal.evidence_steps()
         assert all(a.result_step != step_401 for a in goal.actions)
@@ -109,9 +119,10 @@ def test_a_forbidden_write_is_no_achievement_and_no_sample_contains_it():
     row = tau_row(TASK47)
     cancel_step = next(i for i, m in enumerate(row["messages"])
                        for c in m["tool_calls"] or [] if c["name"] == "cancel_reservation")
-    goal = achieved_goal(row, make_params(Path("/tmp")))
-    if isinstance(goal, AchievedGoal):
-        assert goal.sample_end <= cancel_step and not goal.actions
+    goal = hindsight_goal(row, make_params(Path("/tmp")))
+    if isinstance(goal, AchievedGoal):  # before the violation, or opening after it: never holding it
+        assert cancel_step not in sample_steps(row["messages"], goal)
+        assert all(a.call_step != cancel_step for a in goal.actions)
     else:
         assert goal.reason in ("turn_conflict", "no_evidenced_achievement")
 
@@ -122,8 +133,9 @@ def test_task47_yields_no_sample_that_trains_on_the_cancellation_whatever_the_re
     path.parent.mkdir()
     path.write_text(json.dumps(records))
     # A relabeler that always asks for exactly the violation, and judges that accept everything.
-    llm_server.brain = careful_except("relabel", lambda r: json.dumps(
-        {"hindsight_prompt": "Please cancel my reservation MZDDS4 because my plans changed.", "confidence": 1.0}))
+    llm_server.brain = careful_except("relabel", lambda r: json.dumps({"turns": [
+        {"turn": t.number, "text": "Please cancel my reservation MZDDS4 because my plans changed."}
+        for t in turns_of(r)], "confidence": 1.0}))
     assert _run(tmp_path, llm_server, path) == 0
     sft = _lines(tmp_path / "out" / "sft.jsonl")
     for row in sft:
@@ -148,9 +160,9 @@ def test_coverage_rejects_a_prompt_that_omits_a_write_and_accepts_one_that_cover
         "8C8K4E", "LU15PA"]
     ids = [a.arguments["reservation_id"] for a in goal.actions]
     both = f"Please cancel my reservations {', '.join(ids[:-1])} and {ids[-1]}."
-    assert coverage.misses(both, goal, row) == []
+    assert misses(both, goal, row) == []
     one = f"Please cancel my reservation {ids[0]}."
-    found = coverage.misses(one, goal, row)
+    found = misses(one, goal, row)
     assert found and {code for code, _ in found} == {"unrequested_action"}
     assert any(ids[-1] in detail for _, detail in found)
 
@@ -159,10 +171,10 @@ def test_coverage_rejects_a_prompt_that_asks_for_more_than_the_sample_does():
     row = tau_row(TWO_CANCELS)
     goal = goal_of(row)
     ids = " and ".join(a.arguments["reservation_id"] for a in goal.actions)
-    found = coverage.misses(f"Please cancel my reservations {ids}, and add two checked bags to them.", goal, row)
+    found = misses(f"Please cancel my reservations {ids}, and add two checked bags to them.", goal, row)
     assert ("unmet_requirement" in {code for code, _ in found}
             and any("update_reservation_baggages" in d for _, d in found))
-    found = coverage.misses(f"Please cancel my reservations {ids} and Z9Z9Z9.", goal, row)
+    found = misses(f"Please cancel my reservations {ids} and Z9Z9Z9.", goal, row)
     assert any(code == "unmet_requirement" and "Z9Z9Z9" in detail for code, detail in found)
 
 
@@ -172,37 +184,42 @@ def test_coverage_rejects_a_prompt_naming_an_entity_no_write_acts_on():
     row = tau_row(REFUSED_ONE)
     goal = goal_of(row)
     assert [a.arguments["reservation_id"] for a in goal.actions] == ["NQNU5R"]
-    found = coverage.misses("Please cancel my reservations IFOYYZ and NQNU5R.", goal, row)
+    found = misses("Please cancel my reservations IFOYYZ and NQNU5R.", goal, row)
     assert [code for code, _ in found] == ["unmet_requirement"] and "IFOYYZ" in found[0][1]
-    assert coverage.misses("Please cancel my reservation NQNU5R.", goal, row) == []
+    assert misses("Please cancel my reservation NQNU5R.", goal, row) == []
 
 
 def test_a_question_names_what_the_agent_looked_up_or_reported():
-    # task 3 trial 0: no write; the agent searched one-stop flights DEN -> IAH on 2024-05-27 and
-    # listed them. A question naming the search (or a flight it reported) covers the goal; one
-    # naming nothing it looked up or reported may ask for anything.
-    row = tau_row(SEARCHED)
+    # task 14 trial 3: no write in the sample; the agent looked up reservation YAX4DR and reported
+    # its flights. A question naming what it looked up (or reported) covers the goal; one naming
+    # nothing it looked up or reported may ask for anything.
+    row = tau_row(QUESTION)
     goal = goal_of(row)
     assert not goal.actions and goal.facts
-    searched = [r for f in goal.facts for r in f.reads if r.tool == "search_onestop_flight"]
-    assert searched and searched[0].arguments["origin"] == "DEN"
-    assert coverage.misses("Which one-stop flights go from Denver (DEN) to Houston (IAH) on May 27?", goal, row) == []
-    # the question itself says what it is about: the user's later turns ("... on May 27 ...") do not
-    found = coverage.misses("What are my options for getting home on the same day?", goal, row)
+    looked_up = [r for f in goal.facts for r in f.reads if r.tool == "get_reservation_details"]
+    assert looked_up and looked_up[0].arguments["reservation_id"] == "YAX4DR"
+    assert misses("What are the flights on my reservation YAX4DR?", goal, row) == []
+    found = misses("What are my options for getting home on the same day?", goal, row)
     assert [code for code, _ in found] == ["unmet_requirement"] and "looked up or reported" in found[0][1]
 
 
-@pytest.mark.parametrize("prompt,reason", [
-    ("Please cancel my reservations 8C8K4E, LU15PA and MSJ4OA.", None),
-    ("Cancel 8C8K4E, LU15PA and MSJ4OA for me.", None),
-    ("Could you cancel your reservations 8C8K4E, LU15PA and MSJ4OA?", "not_a_request"),  # the agent's voice
-    ("The user cancelled reservations 8C8K4E, LU15PA and MSJ4OA.", "not_a_request"),  # about the run
-    ("I'm sorry, I don't have reservations 8C8K4E, LU15PA and MSJ4OA with me.", "not_a_request"),  # asks nothing
-    ("Please cancel my reservations 8C8K4E and LU15PA.", "unrequested_action"),
+@pytest.mark.parametrize("opening,reason", [
+    ("Hi, please downgrade my reservation ABC123 from business to economy class. My user id is sara_lee_1.", None),
+    ("Downgrade ABC123 from business to economy class for me, user sara_lee_1.", None),
+    ("Could you downgrade your reservation ABC123 from business to economy?", "not_a_request"),  # the agent's voice
+    ("The user downgraded reservation ABC123 from business to economy.", "not_a_request"),  # about the run
+    ("I'm sorry, I don't have reservation ABC123 with me, sara_lee_1.", "not_a_request"),  # asks nothing
+    ("Hi, please downgrade my reservation from business to economy. My user id is sara_lee_1.",
+     "unrequested_action"),  # ABC123, the reservation the write acts on, goes unnamed
+    ("Hi, please downgrade my reservation ABC123 from business to economy class and cancel XYZ789. My user id "
+     "is sara_lee_1.", "unmet_requirement"),
 ])
-def test_the_relabel_gate_wants_the_users_own_request(prompt, reason):
-    row = tau_extracted().filter(pl.col("id") == TWO_CANCELS).to_dicts()[0]
-    verdict = relabel.gate({"hindsight_prompt": prompt, "confidence": 0.9}, row, make_params(Path("/tmp")))
+def test_the_relabel_gate_wants_the_users_own_request(opening, reason):
+    row = downgrade(step1="Hi, I need help with a reservation.") | {"goal": "Hi, I need help with a reservation."}
+    goal = GOAL.model_copy(update={"edits": [TurnEdit(step=1, opening=True, ask=["update_reservation_flights"])]})
+    row |= {"achieved_goal": goal.model_dump_json()}
+    answer = RelabelAnswer(turns=[{"turn": 1, "text": opening}], confidence=0.9)
+    verdict, _ = relabel.gate(answer, row, make_params(Path("/tmp")), goal.edits, {})
     assert (verdict and verdict[0]) == reason, verdict
 
 
@@ -210,10 +227,11 @@ def test_coverage_wants_a_booking_named_with_its_flights_and_dates():
     row = tau_row(WRONG_FLIGHTS)
     goal = goal_of(row)
     vague = "Please book me a one-way economy flight from JFK to SEA."
-    assert any(code == "unrequested_action" for code, _ in coverage.misses(vague, goal, row))
+    assert any(code == "unrequested_action" for code, _ in misses(vague, goal, row))
 
 
 # -- the sample is what the run proves -------------------------------------------------------------
+NEGATED = re.compile(r"\b(don't|do not|no|not|without)\b")
 REQUEST_WORDS = {  # an independent lexicon: a user turn with these words asks for that write
     "cancel_reservation": ("cancel",),
     "book_reservation": ("book a", "book me", "book the", "reserve"),
@@ -222,20 +240,25 @@ REQUEST_WORDS = {  # an independent lexicon: a user turn with these words asks f
 }
 
 
-def test_no_user_turn_in_a_sample_asks_for_something_the_sample_does_not_do():
+def test_no_user_turn_kept_in_a_sample_asks_for_something_the_sample_does_not_do():
+    """A user turn the plan keeps as it is never asks for a write the goal lacks; one that does is
+    planned for a rewrite that no longer asks for it."""
     extracted = tau_extracted()
-    assert extracted.height >= 15
+    assert extracted.height >= 60
     multi_turn = 0
     for row in extracted.to_dicts():
         goal = AchievedGoal.model_validate_json(row["achieved_goal"])
         done = {a.tool for a in goal.actions}
-        first = next(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
-        later = [m["content"].lower() for m in row["messages"][first + 1 : goal.sample_end] if m["role"] == "user"]
-        multi_turn += bool(later)
-        for text in later:
-            for tool, cues in REQUEST_WORDS.items():
-                if any(cue in text for cue in cues):
-                    assert tool in done, (row["id"], text)
+        edits = {e.step: e for e in goal.edits}
+        users = [s for s in sample_steps(row["messages"], goal) if row["messages"][s]["role"] == "user"]
+        multi_turn += len(users) > 1
+        for step in users:
+            for sentence in re.split(r"(?<=[.!?])\s+", row["messages"][step]["content"].lower()):
+                if NEGATED.search(sentence):
+                    continue  # "I don't want to include insurance or baggage" asks for nothing
+                for tool, cues in REQUEST_WORDS.items():
+                    if tool not in done and any(cue in sentence for cue in cues) and step not in edits:
+                        raise AssertionError((row["id"], step, tool, sentence))
         assert goal.sample_end <= len(row["messages"])
         assert row["messages"][goal.sample_end - 1]["role"] == "assistant"
         for a in goal.actions:  # the sample holds every write it trains on
@@ -243,23 +266,33 @@ def test_no_user_turn_in_a_sample_asks_for_something_the_sample_does_not_do():
     assert multi_turn >= 10
 
 
-def test_a_user_turn_asking_for_another_change_cuts_the_sample_before_it():
+def _left_out_or_rewritten(row: dict, step: int, words: str) -> None:
+    """The turn at `step` is outside the sample, or planned for a rewrite that no longer asks for `words`."""
+    goal = hindsight_goal(row, make_params(Path("/tmp")))
+    if isinstance(goal, NoGoal) or step not in sample_steps(row["messages"], goal):
+        return
+    edit = next(e for e in goal.edits if e.step == step)
+    assert any(w in " ".join(edit.unask).replace("_", " ") for w in words.split()), edit
+
+
+def test_a_user_turn_asking_for_another_change_is_left_out_or_rewritten():
     row = tau_row("tau-bench/gpt-4o-airline/task23-trial0")
     asks = next(i for i, m in enumerate(row["messages"])
                 if m["role"] == "user" and "change my flight" in (m["content"] or ""))
-    goal = achieved_goal(row, make_params(Path("/tmp")))
-    assert isinstance(goal, NoGoal) or goal.sample_end <= asks
+    _left_out_or_rewritten(row, asks, "update_reservation_flights change")
 
 
-def test_a_user_turn_asking_in_words_for_a_change_no_write_makes_cuts_the_sample_before_it():
+def test_a_user_turn_asking_in_words_for_a_change_no_write_makes_is_left_out_or_rewritten():
     # task 5 trial 0: the agent only looked things up; "I'd like to modify the reservation with ID
     # UM3OG5" names no tool, but asks for a change the sample never makes
     row = tau_row("tau-bench/gpt-4o-airline/task5-trial0")
     asks = next(i for i, m in enumerate(row["messages"])
                 if m["role"] == "user" and "like to modify the reservation" in (m["content"] or ""))
-    goal = achieved_goal(row, make_params(Path("/tmp")))
-    assert isinstance(goal, AchievedGoal) and not goal.actions and goal.sample_end <= asks
-    # a change spoken of, not asked for, cuts nothing: task 27 trial 3 ("due to a change of plan")
+    goal = hindsight_goal(row, make_params(Path("/tmp")))
+    assert isinstance(goal, AchievedGoal)
+    if not any(a.tool.startswith("update_") for a in goal.actions):  # else a write of the goal answers it
+        _left_out_or_rewritten(row, asks, "modify")
+    # a change spoken of, not asked for, asks nothing: task 27 trial 3 ("due to a change of plan")
     # keeps its cancellation (test_coverage_rejects_a_prompt_naming_an_entity_no_write_acts_on)
 
 
@@ -337,10 +370,10 @@ def test_odd_records_give_a_goal_or_a_reason_never_a_traceback():
         base | {"messages": [m | {"content": None} for m in base["messages"]]},
     ]
     for row in variants:
-        goal = achieved_goal(row, make_params(Path("/tmp")))
+        goal = hindsight_goal(row, make_params(Path("/tmp")))
         assert isinstance(goal, AchievedGoal | NoGoal)
         if isinstance(goal, AchievedGoal):
-            assert coverage.misses("Please cancel 8C8K4E.", goal, row) is not None
+            assert misses("Please cancel 8C8K4E.", goal, row) is not None
 
 
 @pytest.mark.parametrize("answer,accepted", [
@@ -354,9 +387,8 @@ def test_without_ground_truth_the_policy_judge_reads_the_rules_and_the_writes(tm
     ids = ", ".join(a.arguments["reservation_id"] for a in goal.actions)
     llm_server.brain = careful_except("judge_policy", lambda r: json.dumps(answer))
     params = make_params(tmp_path, llm_server, verify={"judges": ["coverage", "policy"]})
-    relabeled = row | {"achievements": [], "extract_mode": "rule", "achieved_goal": goal.model_dump_json(),
-                       "hindsight_prompt": f"Please cancel my reservations {ids}.", "relabel_confidence": 0.9,
-                       "relabel_attempts": 1, "relabel_rationale": "", "relabel_model": "test"}
+    relabeled = opening_rewritten(row | {"achievements": [], "extract_mode": "rule"},
+                                  f"Please cancel my reservations {ids}.", goal.model_dump_json())
     client = LLMClient(model="openai/local", api_base=llm_server.api_base, api_key="x", cache_dir=tmp_path / "c")
     out = verify(schema.frame([relabeled], schema.RELABELED), params, client)
     policy = next(j for j in out.kept["judgements"].to_list()[0] if j["judge"] == "policy")

@@ -156,7 +156,7 @@ def test_budget_stops_new_calls_but_serves_the_cache(llm_server, tmp_path):
     assert (usage.calls, usage.cache_hits, usage.budget_refused) == (1, 1, 1)
     # ask() turns the refusal into an answer-less result the stages reject as left undone.
     asked = ask(client, "relabel", RelabelAnswer, stage="t", temperatures=[0.0], attempts=3,
-                record="- x", user_words="y", feedback="")
+                record="- x", turns="y", feedback="")
     assert asked.budget_exhausted and asked.data is None and asked.error.startswith(BUDGET_EXHAUSTED)
     assert len(llm_server.requests) == 1
 

@@ -81,7 +81,7 @@ def test_wrong_bytes_in_cache_are_not_trusted(tmp_path: Path, monkeypatch: pytes
 
     # Re-hashed, found wrong, rebuilt from the installed wheel.
     assert path == cached
-    assert local_model._sha256_file(path) == SMOL.sha256
+    assert local_model.sha256_file(path) == SMOL.sha256
 
 
 def test_corrupt_installed_model_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import package, whole_run_goal
+from conftest import opening_rewritten, package
 
 from agenther import schema
 from agenther.export.dedup import dedup_prompts, jaccard, normalize_prompt, shingles
@@ -125,14 +125,11 @@ def verified_row(
     severity: float | None = None,
     verified: bool = True,
 ) -> dict:
-    return row | {
+    return opening_rewritten(row, hindsight_prompt(row) if prompt is None else prompt) | {
         "severity": row["severity"] if severity is None else severity,
         "achievements": [],
         "extract_mode": "rule",
-        "achieved_goal": whole_run_goal(row["messages"]),
-        "hindsight_prompt": hindsight_prompt(row) if prompt is None else prompt,
         "relabel_confidence": confidence,
-        "relabel_attempts": 1,
         "relabel_rationale": "test",
         "relabel_model": "local/qwen2.5-coder-0.5b",
         "judgements": [
@@ -326,7 +323,7 @@ def test_no_hindsight_pair_without_a_differing_run():
 # --- hindsight and success samples --------------------------------------------------------
 
 
-def test_hindsight_sample_replaces_only_the_first_user_turn(packaged):
+def test_hindsight_sample_rewrites_only_the_turns_the_relabeler_wrote(packaged):
     result, classified = packaged
     rows = {r["id"]: r for r in classified.to_dicts()}
     sample = next(r for r in result.sft if r["metadata"]["trajectory_id"] == tau_id(2))  # task 2, failed
@@ -334,6 +331,8 @@ def test_hindsight_sample_replaces_only_the_first_user_turn(packaged):
     messages = sample["messages"]
     assert messages[0] == {"role": "system", "content": original[0]["content"]}
     assert messages[1] == {"role": "user", "content": hindsight_prompt(rows[tau_id(2)])}
+    assert sample["metadata"]["rewrites"] == [{"step": 1, "before": original[1]["content"],
+                                               "after": hindsight_prompt(rows[tau_id(2)])}]
     later_users = [m["content"] for m in messages[2:] if m["role"] == "user"]
     assert later_users == [m["content"] for m in original[2 : len(messages)] if m["role"] == "user"]
     assert messages[-1]["role"] == "assistant" and original[-1]["role"] != "assistant"
@@ -373,8 +372,11 @@ BOOK = (
 )
 
 
-def test_exact_and_near_duplicate_prompts_keep_one_deterministic_survivor():
-    rows = [classified_row(i) for i in (0, 50, 100, 150)]  # the four failed trials of task 0
+def test_exact_and_near_duplicate_user_sides_keep_one_deterministic_survivor():
+    # the four failed trials of task 0, each with trial 0's conversation: their user sides differ only
+    # in the opening each is relabeled with
+    conversation = classified_row(0)["messages"]
+    rows = [classified_row(i) | {"messages": conversation} for i in (0, 50, 100, 150)]
     prompts = {
         0: (BOOK, 0.7),
         50: (

@@ -91,6 +91,14 @@ def test_label_in_a_real_browser_download_and_score(run_dir, tmp_path):
             box.locator("textarea").fill(f"seen {label}")
             box.locator(f'button[data-label="{label}"]').click()
         assert page.text_content("#progress") == f"{len(items)} of {len(items)} labeled"
+        # every turn of each sample is shown as the trainer sees it: role and weight, and for a
+        # rewritten user turn what the user originally said
+        for it in items:
+            box = page.locator(f'.item[data-id="{it["id"]}"]')
+            assert box.locator(".turn").count() == len(it["turns"]) > 1
+            assert box.locator(".turn .was").count() == sum(t["before"] is not None for t in it["turns"])
+        shown = page.locator(".turn").all_text_contents()
+        assert any("ASSISTANT (weight 1)" in t for t in shown) and any(t.startswith("[") for t in shown)
         page.reload()  # labels persist in the browser
         assert page.locator(".item.done").count() == len(items)
         assert page.locator("button.on").count() == len(items)

@@ -25,7 +25,8 @@ from agenther.adapters.http_actions import parse as parse_http
 from agenther.adapters.text_actions import parse_react
 from agenther.cli import main
 from agenther.evidence import coverage
-from agenther.evidence.goal import NoGoal, achieved_goal
+from agenther.evidence.conversation import hindsight_goal
+from agenther.evidence.goal import NoGoal
 from agenther.evidence.tools import Tools, is_error
 from agenther.params import ParamsError, load_params
 from agenther.stages.classify import classify
@@ -61,7 +62,14 @@ def rows():
 
 
 def goal_of(row, params=None):
-    return achieved_goal(row, params or load_params())
+    return hindsight_goal(row, params or load_params())
+
+
+def defects(prompt, goal, row):
+    """What the relabel gate finds wrong with `prompt` as the sample's opening (coverage, coherence)."""
+    from agenther.stages.relabel import sample_defects
+
+    return sample_defects(row, goal, {goal.start: prompt}, load_params())
 
 
 # --- 1. grammars: each parses its shape -------------------------------------------------------------
@@ -145,7 +153,7 @@ def test_a_grammar_of_your_own_from_params(tmp_path):
                                          ("Finish", {"input": "removed a.o"})]
     assert results_of(row["messages"]) == [("ls", "a.o b.o"), ("rm", "removed")]
     assert row["messages"][1]["content"] == "I look first."
-    goal = achieved_goal(row, params)
+    goal = hindsight_goal(row, params)
     assert [(a.tool, a.arguments) for a in goal.actions] == [("rm", {"input": "build/a.o"})]
     # named explicitly; and a name no grammar has, or a grammar without a tool, is a clear error
     assert choose("shell", {"shell": spec}, []).grammar.name == "shell"
@@ -178,12 +186,12 @@ def test_a_purchase_by_button_is_a_write_with_the_options_and_the_page_it_was_ma
     trained = {json.loads(messages[i]["tool_calls"][0]["arguments"])["input"] for i in goal.train_steps}
     assert {"B0A1TRAIL2", "charcoal", "9", "Buy Now"} <= trained
     # a request must name the options (and ask to buy); the title and price it may name
-    row = rows["shop-004"] | {"achieved_goal": goal.model_dump_json()}
+    row = rows["shop-004"]
     ok = "Please buy the Fellwalker trail running shoe for men in charcoal, size 9, for $54.99."
-    assert coverage.misses(ok, goal, row) == []
-    assert [r for r, _ in coverage.misses("Please buy the Fellwalker trail running shoe in size 9.", goal, row)] \
+    assert defects(ok, goal, row) == []
+    assert [r for r, _ in defects("Please buy the Fellwalker trail running shoe in size 9.", goal, row)] \
         == ["unrequested_action"]
-    assert [r for r, _ in coverage.misses("Show me the Fellwalker shoe in charcoal, size 9.", goal, row)] \
+    assert [r for r, _ in defects("Show me the Fellwalker shoe in charcoal, size 9.", goal, row)] \
         == ["unrequested_action"]
 
 
@@ -235,8 +243,8 @@ def test_a_final_answer_found_in_the_observations_is_a_reported_fact(rows):
 
 def test_a_question_about_an_answer_names_its_subject_not_the_answer(rows):
     goal = goal_of(rows["qa-03"])  # Finish[1874] after Search[Hollowmere Bridge]
-    assert coverage.misses("When did the Hollowmere Bridge open?", goal, rows["qa-03"]) == []
-    gives = coverage.misses("What was the name of the bridge that opened in 1874?", goal, rows["qa-03"])
+    assert defects("When did the Hollowmere Bridge open?", goal, rows["qa-03"]) == []
+    gives = defects("What was the name of the bridge that opened in 1874?", goal, rows["qa-03"])
     assert any(r == "unmet_requirement" and "'1874', the answer the sample gives" in why for r, why in gives)
     assert "1874" not in coverage.required_details(goal, rows["qa-03"])  # what the relabeler is told to name
 

@@ -6,7 +6,7 @@ import json
 
 import polars as pl
 import pytest
-from conftest import TAU, ingest, make_params, whole_run_goal
+from conftest import TAU, ingest, make_params, opening_rewritten
 from llm_server import careful_except
 
 from agenther import schema
@@ -23,10 +23,8 @@ def tau():
 def _row(tau: pl.DataFrame, trajectory_id: str, prompt: str) -> pl.DataFrame:
     row = tau.filter(pl.col("id") == trajectory_id).to_dicts()[0]
     row |= {"is_failure": True, "failure_type": "incomplete", "severity": 0.5, "recoverable": True,
-            "classify_reason": "", "classify_mode": "rule", "achievements": [], "extract_mode": "rule",
-            "achieved_goal": whole_run_goal(row["messages"]),
-            "hindsight_prompt": prompt, "relabel_confidence": 0.9, "relabel_attempts": 1,
-            "relabel_rationale": "SECRET-RATIONALE", "relabel_model": "test"}
+            "classify_reason": "", "classify_mode": "rule", "achievements": [], "extract_mode": "rule"}
+    row = opening_rewritten(row, prompt) | {"relabel_rationale": "SECRET-RATIONALE"}
     return schema.frame([row], schema.RELABELED)
 
 

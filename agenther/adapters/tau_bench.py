@@ -81,6 +81,8 @@ def convert(record: Any, path: LogFile, pointer: str) -> dict:
         "gt_outputs": task.get("outputs"),
         "r_actions": scores.get("r_actions"),
         "r_outputs": scores.get("r_outputs"),
+        # sha256 of the environment's state after the expected actions (agenther/envs/tau_airline.py)
+        "gt_data_hash": scores.get("gt_data_hash"),
         "domain": _domain(stem, messages),
     }
     return {

@@ -1,13 +1,14 @@
-"""The coverage judge (deterministic): the hindsight prompt and the sample cover each other.
+"""The coverage judge (deterministic): the sample's user side and the sample cover each other.
 
-Both ways:
-- every write the sample trains on is asked for: the prompt names the action (tools.Tools.requested)
-  and each of its identifying values (IDs, flight numbers, dates, names, amounts, enum choices)
-  appears in the prompt or in the user's own turns inside the sample (they are part of the
-  request the model sees); a miss is `unrequested_action`;
-- every requirement of the prompt is met by the sample: each detail it names (grounding.facts)
-  occurs in the sample, it asks for no write the sample does not contain, and it asks for no
-  other value of an enum parameter than the one the sample's write used; a miss is
+The request is the whole user side of the conversation (the opening and every later user turn, as
+the trainer sees them after the relabeler's rewrites), not its first line. Both ways:
+- every write the sample trains on is asked for by the user turns BEFORE it: they name the action
+  (tools.Tools.requested) and each of its identifying values (IDs, flight numbers, dates, names,
+  amounts, enum choices), or a lookup the agent made by values they name implies them; a miss is
+  `unrequested_action`;
+- every requirement of the user side is met by the sample: each detail a rewritten turn names
+  (grounding.facts) occurs in the sample, it asks for no write the sample does not contain, and
+  for no other value of an enum parameter than the one the sample's write used; a miss is
   `unmet_requirement`.
 It needs no LLM, so it runs before the LLM judges (and inside the relabel gate, where a miss is
 fed back to the relabeler as the reason of its retry).
@@ -16,6 +17,7 @@ fed back to the relabeler as the reason of its retry).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from agenther.evidence.goal import (
     EXEMPT_KEYS,
@@ -27,74 +29,80 @@ from agenther.evidence.goal import (
     other_enum_values,
 )
 from agenther.evidence.grounding import ISO_DATE, MONTHS, ungrounded
-from agenther.evidence.render import tool_calls
-from agenther.evidence.text_evidence import acted_calls
-from agenther.evidence.tools import ALL_WRITE_WORDS, Tools, words
+from agenther.evidence.text_evidence import goal_calls
+from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
-def misses(prompt: str, goal: AchievedGoal, row: dict, params: dict | None = None) -> list[tuple[str, str]]:
-    """(reason, detail) of every way the prompt and the sample fail to cover each other."""
+def misses(user_side: list[tuple[int, str]], goal: AchievedGoal, row: dict, params: dict | None = None,
+           rewritten: Iterable[int] = ()) -> list[tuple[str, str]]:
+    """(reason, detail) of every way the sample's user side (its user turns: run step, text as the
+    trainer sees it) and the sample fail to cover each other. `rewritten`: the steps of the turns the
+    relabeler wrote, whose details must occur in the rest of the sample."""
+    rewritten = set(rewritten)
     messages = evidence_messages(row["messages"], goal)
     tools = Tools.of(row.get("tools"), params)
-    calls = acted_calls(tool_calls(row["messages"]), tools, row.get("reward"))
-    known = tools.write_names(c["name"] for c in calls)
+    every = goal_calls(row, tools)
+    calls = [c for c in every if goal.start <= c["step"] < goal.sample_end]
+    known = tools.write_names(c["name"] for c in every)
     done = {a.tool for a in goal.actions}
-    request = "\n".join([prompt, *goal.user_words])
+    request = "\n".join(text for _, text in user_side)
     found: list[tuple[str, str]] = []
     for a in goal.actions:
-        if not tools.requested(a.tool, prompt, known):
-            found.append(("unrequested_action", f"the prompt does not ask for {a.tool} (step {a.call_step})"))
+        before = "\n".join(text for step, text in user_side if step < a.call_step)
+        if not tools.requested(a.tool, before, known):
+            found.append(("unrequested_action", f"no user turn before step {a.call_step} asks for {a.tool}"))
             continue
-        missing = unnamed(a, request, calls, tools)
+        missing = unnamed(a, before, calls, tools)
         if missing:
             found.append(
                 (
                     "unrequested_action",
-                    f"{a.tool} (step {a.call_step}) uses {', '.join(map(repr, missing))}, which the request "
-                    "does not name",
+                    f"{a.tool} (step {a.call_step}) uses {', '.join(map(repr, missing))}, which no user turn "
+                    "before it names",
                 )
             )
     for w in known:
-        if w not in done and tools.requested(w, prompt, known):
-            found.append(("unmet_requirement", f"the prompt asks for {w}, which the sample does not do"))
-    asked_verbs = set(words(prompt)) & ALL_WRITE_WORDS
+        if w not in done and tools.requested(w, request, known):
+            found.append(("unmet_requirement", f"the user asks for {w}, which the sample does not do"))
+    asking = [sentence for _, text in user_side for sentence in SENTENCE.split(text) if ASKS.search(sentence)]
+    asked_verbs = {w for sentence in asking for w in words(sentence)} & ALL_WRITE_WORDS
     done_verbs = set().union(*(tools.request_words(a.tool, known)[0] for a in goal.actions))
     if asked_verbs - done_verbs:  # a change the sample makes no write for (its tool may be unknown)
         found.append(
             (
                 "unmet_requirement",
-                f"the prompt asks to {', '.join(sorted(asked_verbs - done_verbs))}, "
+                f"the user asks to {', '.join(sorted(asked_verbs - done_verbs))}, "
                 "which no write of the sample does",
             )
         )
-    if not goal.actions and not _names_a_fact(prompt, goal):  # the question itself says what it is about
+    if not goal.actions and not _names_a_fact(request, goal):  # the question itself says what it is about
         found.append(
             (
                 "unmet_requirement",
-                "the prompt names nothing the agent looked up or reported (no ID, name or "
+                "the user side names nothing the agent looked up or reported (no ID, name or "
                 "value of its lookups or answers): it may ask for anything",
             )
         )
-    found += [("unmet_requirement", f"the prompt names {given!r}, the answer the sample gives: a question names "
+    found += [("unmet_requirement", f"the user names {given!r}, the answer the sample gives: a question names "
                                     "what it asks about, not its answer")
-              for given in gives_away(prompt, goal)]
-    found += [("unmet_requirement", "the prompt " + w) for w in other_enum_values(prompt, goal, tools)]
+              for given in gives_away(request, goal)]
+    found += [("unmet_requirement", "the user " + w) for w in other_enum_values(request, goal, tools)]
     found += [
-        ("unmet_requirement", f"the prompt names {key.replace('_', ' ')} {value}, which no write of the sample acts on")
-        for key, value in bystanders(prompt, goal, calls)
+        ("unmet_requirement", f"the user names {key.replace('_', ' ')} {value}, which no write of the sample acts on")
+        for key, value in bystanders(request, goal, calls)
     ]
-    absent = ungrounded(prompt, messages)
+    absent = ungrounded("\n".join(text for step, text in user_side if step in rewritten), messages)
     if absent:
         found.append(("unmet_requirement", "the sample never mentions " + ", ".join(absent)))
     return found
 
 
-def gives_away(prompt: str, goal: AchievedGoal) -> list[str]:
-    """The items of the goal's final answers (text agents' Finish[...]) that the prompt already names:
+def gives_away(request: str, goal: AchievedGoal) -> list[str]:
+    """The items of the goal's final answers (text agents' Finish[...]) that the request already names:
     "What was the name of the bridge that opened in 1874?" answered "1874" asks nothing."""
-    return [item for f in goal.facts for item in f.answer if asked(item, prompt)]
+    return [item for f in goal.facts for item in f.answer if asked(item, request)]
 
 
 def bystanders(prompt: str, goal: AchievedGoal, calls: list[dict]) -> list[tuple[str, str]]:
@@ -125,22 +133,24 @@ def unnamed(action: Action, request: str, calls: list[dict], tools: Tools) -> li
     """The identifying values of a write that the request neither names nor implies. The entity
     it acts on (a non-account `*_id` argument: the reservation to cancel) must be named; any other
     value may instead follow from a lookup the agent made, before the write, by IDs the request
-    names (the flights of reservation FQ8APE, from its details: the user need not list them)."""
-    looked_up = "\n".join(
-        (c["result"] or "")
-        for c in calls
-        if c["step"] < action.call_step
-        and tools.kind(c["name"]) == "read"
-        and c["result_step"] is not None
-        and (keys := [v for v in identifying_values(c["arguments"], exempt=False) if ID_LIKE.match(v)])
-        and all(asked(k, request) for k in keys)
-    ).lower()
+    names or an earlier such lookup returned (the flights of reservation FQ8APE, from its details;
+    the reservations of user ID mia_li_3668, then their details: the user need not list them)."""
+    known, results = request, []
+    for c in calls:
+        if c["step"] >= action.call_step or tools.kind(c["name"]) != "read" or c["result_step"] is None:
+            continue
+        keys = [v for v in identifying_values(c["arguments"], exempt=False) if ID_LIKE.match(v)]
+        if keys and all(asked(k, known) for k in keys):
+            results.append(c["result"] or "")
+            known += "\n" + results[-1]
+    looked_up = "\n".join(results).lower()
     primary = set(_required({k: v for k, v in action.arguments.items() if _is_key(k)}))
+    # a bare number (3 bags) is the user's choice: a lookup's "3" somewhere in its result implies nothing
     return [
         v
         for v in _required(action.arguments)
         if not asked(v, request)
-        and (v in primary or not re.search(rf"(?<![\w]){re.escape(v.lower())}(?![\w])", looked_up))
+        and (v in primary or v.isdigit() or not re.search(rf"(?<![\w]){re.escape(v.lower())}(?![\w])", looked_up))
     ]
 
 
@@ -155,7 +165,7 @@ def required_details(goal: AchievedGoal, row: dict, params: dict | None = None) 
     if not goal.actions:
         return list(dict.fromkeys(fact_subjects(goal)))
     tools = Tools.of(row.get("tools"), params)
-    calls = acted_calls(tool_calls(row["messages"]), tools, row.get("reward"))
+    calls = goal_calls(row, tools)
     keys = [v for a in goal.actions for k, v in a.arguments.items() if _is_key(k) and isinstance(v, str)]
     request = "\n".join([*keys, *goal.user_words])
     return list(

@@ -10,10 +10,9 @@ For a tool-using agent that is:
 - facts: values that successful read results returned and the agent then told the user,
   each pointing at the report and the results it rests on.
 
-The sample is the run cut after the last step that evidences the goal (keeping the assistant's
-report right after it). A turn inside the sample that asks for, or attempts, a write the goal
-does not contain contradicts the hindsight prompt: the sample is then cut before that turn
-(a shorter prefix with its own, smaller goal), and a record with nothing left is rejected.
+The sample is a window of the run: from an opening user turn (`start`) to the cut after the last
+step that evidences the goal (keeping the assistant's report right after it). Which window, and
+how its user turns must change to ask for this goal, is agenther.evidence.conversation's job.
 Assistant turns that do not contribute (failed calls, repeated calls, reads nothing uses)
 stay as context with weight 0; `train_steps` are the assistant turns that train.
 """
@@ -28,18 +27,16 @@ from typing import Any
 from pydantic import BaseModel
 
 from agenther.evidence import grounding
-from agenther.evidence.grounding import ISO_DATE, occurs
-from agenther.evidence.render import tool_calls
-from agenther.evidence.text_evidence import acted_calls, describe_page_write, supported_answers
-from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, is_error, words
+from agenther.evidence.grounding import ISO_DATE
+from agenther.evidence.text_evidence import describe_page_write, supported_answers
+from agenther.evidence.tools import Tools, is_error, words
 
 MAX_FACTS = 6
 REPORT_CHARS = 300
 MAX_READS = 3  # lookups kept per fact (the last ones before the report)
 ID_LIKE = re.compile(r"^(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9][\w-]{2,}$")  # HAT050, MZDDS4, credit_card_7
 # Arguments that identify what a write acts on must be asked for; these keys follow from the
-# user's account instead (a natural request says "with my credit card", not its id), or from the
-# API the agent writes to (an HTTP-style agent's endpoint `url`: agenther/adapters/http_actions.py).
+# user's account instead (a natural request says "with my credit card", not its id).
 EXEMPT_KEYS = re.compile(r"payment|dob|birth|email|address|phone|zip|user_?id|^url$", re.I)
 
 
@@ -69,13 +66,30 @@ class Excluded(BaseModel):
     reason: str  # error_result | not_allowed
 
 
+class TurnEdit(BaseModel):
+    """How one user turn of the sample must change so the conversation asks for the achieved goal
+    (planned by agenther.evidence.conversation, written by the relabeler, checked by the gate)."""
+    step: int  # the user turn (a step of the run)
+    opening: bool = False  # it opens the sample: the first thing the user says
+    ask: list[str] = []  # write tools it must ask for
+    question: bool = False  # it must ask what the agent's report answers (a goal of facts only)
+    name: list[str] = []  # values it must name
+    hold: list[str] = []  # values it must not name yet: a later user turn gives them, where the agent asks
+    unsay: list[str] = []  # values (IDs, dates) it must no longer name: no call of the sample uses them
+    unask: list[str] = []  # writes or changes it must no longer ask for: no write of the goal makes them
+    instead: dict[str, str] = {}  # another value of an enum -> the value the run used
+    keep: list[str] = []  # values of the original turn that the agent then used: they stay
+
+
 class AchievedGoal(BaseModel):
     actions: list[Action] = []
     facts: list[Fact] = []
     excluded: list[Excluded] = []
-    sample_end: int  # the sample is messages[:sample_end]
+    start: int = 0  # the sample's opening user turn: the run's turns before it (after the system prompt) are left out
+    sample_end: int  # the sample is messages[start:sample_end], after the system prompt
     train_steps: list[int] = []  # assistant steps of the sample with weight 1 (the others: 0)
-    user_words: list[str] = []  # the user's turns inside the sample, after the first
+    user_words: list[str] = []  # the user's turns inside the sample, after the opening
+    edits: list[TurnEdit] = []  # the user turns the relabeler rewrites (none: the conversation already fits)
 
     def evidence_steps(self) -> set[int]:
         steps = {s for a in self.actions for s in (a.call_step, a.result_step)}
@@ -91,21 +105,34 @@ def first_user_index(messages: list[dict]) -> int | None:
     return next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
 
 
-def evidence_messages(messages: list[dict], goal: AchievedGoal) -> list[dict]:
-    """What a hindsight prompt's details may come from: the sample without its first user turn
-    (the failed goal, which the prompt replaces)."""
+def sample_steps(messages: list[dict], goal: AchievedGoal) -> list[int]:
+    """The run steps of the sample, in order: the system turns before the run's first user turn,
+    then messages[start:sample_end]."""
     first = first_user_index(messages)
-    return [m for i, m in enumerate(messages[: goal.sample_end]) if i != first]
-
-
-def sample_messages(messages: list[dict], goal: AchievedGoal, prompt: str) -> list[dict]:
-    """The sample as trained on: the run cut at `sample_end`, its first user turn replaced by the
-    hindsight prompt (step numbers stay those of the run)."""
-    cut = messages[: goal.sample_end]
-    first = first_user_index(cut)
     if first is None:
-        raise ValueError("the trajectory has no user turn to replace")
-    return [*cut[:first], {**cut[first], "content": prompt}, *cut[first + 1 :]]
+        raise ValueError("the trajectory has no user turn")
+    return [*range(first), *range(max(goal.start, first), goal.sample_end)]
+
+
+def evidence_messages(messages: list[dict], goal: AchievedGoal) -> list[dict]:
+    """What a rewritten user turn's details may come from: the sample as the run had it (what the
+    agent did and saw, and what the user said), without the run's first user turn, which states the
+    failed goal (details copied from it would ask for what the run did not do)."""
+    first = first_user_index(messages)
+    return [messages[i] for i in sample_steps(messages, goal) if i != first]
+
+
+def rewrites_of(row: dict) -> dict[int, str]:
+    """step -> text of the sample's rewritten user turns (the relabeled table's `rewrites` column)."""
+    return {int(r["step"]): r["after"] for r in json.loads(row.get("rewrites") or "[]")}
+
+
+def sample_messages(messages: list[dict], goal: AchievedGoal, rewrites: dict[int, str]) -> list[dict]:
+    """The sample as trained on: the run's system turns, then its turns from the opening (`start`) to
+    the cut (`sample_end`), each rewritten user turn (step -> text) in place of the original. Tool calls
+    and results never change."""
+    return [{**messages[i], "content": rewrites[i]} if i in rewrites else messages[i]
+            for i in sample_steps(messages, goal)]
 
 
 def metadata_of(row: dict) -> dict:
@@ -115,36 +142,6 @@ def metadata_of(row: dict) -> dict:
     except json.JSONDecodeError:
         return {}
     return meta if isinstance(meta, dict) else {}
-
-
-def achieved_goal(row: dict, params: dict | None = None) -> AchievedGoal | NoGoal:
-    """The row's achieved goal and sample, or why it has none (see the module docstring)."""
-    messages = row["messages"]
-    first_user = first_user_index(messages)
-    if first_user is None:
-        return NoGoal(reason="no_user_turn", detail="the trajectory has no user turn to relabel")
-    tools = Tools.of(row.get("tools"), params)
-    calls = acted_calls(tool_calls(messages), tools, row.get("reward"))
-    violations = not_allowed(calls, tools, metadata_of(row), row.get("failure_type"))
-    end = min([len(messages), *violations])
-    conflicts: list[str] = []
-    while True:
-        goal = _goal_before(messages, calls, tools, end, violations)
-        if not goal.actions and not goal.facts:
-            if conflicts:
-                return NoGoal(reason="turn_conflict", detail="; ".join(conflicts))
-            why = "no successful write or reported fact"
-            if violations:
-                why += " before the first write the agent was not allowed to make: " + "; ".join(
-                    violations.values()
-                )
-            return NoGoal(reason="no_evidenced_achievement", detail=why)
-        conflict = first_conflict(messages, goal, tools, calls, first_user)
-        if conflict is None:
-            return goal
-        step, why = conflict
-        conflicts.append(f"step {step} {why}")
-        end = step  # the prefix before the contradicting turn, with the goal it reaches
 
 
 def not_allowed(calls: list[dict], tools: Tools, meta: dict, failure_type: str | None) -> dict[int, str]:
@@ -178,12 +175,13 @@ def _canonical(name: str | None, arguments: dict) -> str:
     return f"{name}({json.dumps(arguments, sort_keys=True, separators=(',', ':'))})"
 
 
-def _goal_before(
-    messages: list[dict], calls: list[dict], tools: Tools, end: int, violations: dict[int, str]
-) -> AchievedGoal:
+def goal_within(messages: list[dict], calls: list[dict], tools: Tools, start: int, end: int,
+                violations: dict[int, str]) -> AchievedGoal:
+    """The goal the turns messages[start:end] achieve by themselves: the writes called and answered
+    inside them, the facts reported inside them from reads inside them, with the sample that proves it."""
     actions, excluded = [], []
     for c in calls:
-        if not tools.is_write(c["name"]):
+        if not tools.is_write(c["name"]) or c["step"] < start:
             continue
         if c["step"] in violations:
             excluded.append(Excluded(tool=c["name"], call_step=c["step"], reason="not_allowed"))
@@ -194,43 +192,28 @@ def _goal_before(
                 Action(tool=c["name"], arguments=c["arguments"], call_step=c["step"], result_step=c["result_step"],
                        seen=c.get("seen") or {})
             )
-    facts = _facts(messages, calls, tools, end)
-    facts = sorted(facts + _answer_facts(messages, calls, tools, end, facts), key=lambda f: f.steps[0])[-MAX_FACTS:]
-    return _with_sample(messages, calls, tools, actions, facts, excluded, end)
+    facts = _facts(messages, calls, tools, start, end)
+    facts = sorted(facts + _answer_facts(messages, calls, tools, start, end, facts),
+                   key=lambda f: f.steps[0])[-MAX_FACTS:]
+    return with_sample(messages, calls, tools, actions, facts, excluded, start, end)
 
 
-def _with_sample(messages: list[dict], calls: list[dict], tools: Tools, actions: list[Action], facts: list[Fact],
-                 excluded: list[Excluded], end: int) -> AchievedGoal:
-    """The goal with its sample: cut after the last evidencing step (and the report after it)."""
+def with_sample(messages: list[dict], calls: list[dict], tools: Tools, actions: list[Action], facts: list[Fact],
+                excluded: list[Excluded], start: int, end: int) -> AchievedGoal:
+    """The goal with its sample: from the opening `start`, cut after the last evidencing step (and
+    the report after it)."""
     last = max([a.result_step for a in actions] + [f.steps[0] for f in facts], default=-1)
     sample_end = min(end, last + 1)
     if sample_end < end and _is_report(messages[sample_end]):
         sample_end += 1  # the assistant's report of what was done
-    while sample_end > 0 and messages[sample_end - 1]["role"] != "assistant":
+    while sample_end > start and messages[sample_end - 1]["role"] != "assistant":
         sample_end -= 1  # a sample ends where the model last spoke
-    first_user = first_user_index(messages) or 0
     goal = AchievedGoal(
-        actions=actions, facts=facts, excluded=excluded, sample_end=sample_end,
+        actions=actions, facts=facts, excluded=excluded, start=start, sample_end=sample_end,
         user_words=[(messages[i].get("content") or "").strip()
-                    for i in range(first_user + 1, sample_end) if messages[i]["role"] == "user"],
+                    for i in range(start + 1, sample_end) if messages[i]["role"] == "user"],
     )
     goal.train_steps = _train_steps(messages, calls, tools, goal)
-    return goal
-
-
-def goal_from_facts(row: dict, params: dict | None, facts: list[Fact]) -> AchievedGoal | NoGoal:
-    """A goal of facts only (LLM-mode extraction of a run with no structured evidence), with its
-    sample; rejected like any goal when a turn inside the sample contradicts it."""
-    messages = row["messages"]
-    first_user = first_user_index(messages)
-    if first_user is None or not facts:
-        return NoGoal(reason="no_evidenced_achievement", detail="no achievement with evidence in the trajectory")
-    tools = Tools.of(row.get("tools"), params)
-    calls = acted_calls(tool_calls(messages), tools, row.get("reward"))
-    goal = _with_sample(messages, calls, tools, [], facts, [], len(messages))
-    conflict = first_conflict(messages, goal, tools, calls, first_user)
-    if conflict is not None:
-        return NoGoal(reason="turn_conflict", detail=f"step {conflict[0]} {conflict[1]}")
     return goal
 
 
@@ -283,18 +266,19 @@ def result_values(result: str | None) -> set[str]:
     return out
 
 
-def _facts(messages: list[dict], calls: list[dict], tools: Tools, end: int) -> list[Fact]:
+def _facts(messages: list[dict], calls: list[dict], tools: Tools, start: int, end: int) -> list[Fact]:
     reads = [
         c
         for c in calls
         if tools.kind(c["name"]) == "read"
+        and c["step"] >= start
         and c["name"] != "Finish"
         and c["result_step"] is not None
         and not is_error(c["result"])
     ]
     facts = []
     found = [result_values(c["result"]) for c in reads]  # once per read, not once per report
-    for step, text in _reports(messages, calls, end):
+    for step, text in _reports(messages, calls, start, end):
         low = text.lower()
         values, steps, looked_up = [], [], []
         for c, returned in zip(reads, found, strict=True):
@@ -320,7 +304,8 @@ def _facts(messages: list[dict], calls: list[dict], tools: Tools, end: int) -> l
     return facts[-MAX_FACTS:]
 
 
-def _answer_facts(messages: list[dict], calls: list[dict], tools: Tools, end: int, facts: list[Fact]) -> list[Fact]:
+def _answer_facts(messages: list[dict], calls: list[dict], tools: Tools, start: int, end: int,
+                  facts: list[Fact]) -> list[Fact]:
     """Facts of final answers checked against text observations (agenther.evidence.text_evidence):
     a Finish answer whose words occur in the read results before it, or a yes/no answer whose
     reasoning states values those results hold. An answer they do not support is no fact. An
@@ -331,18 +316,18 @@ def _answer_facts(messages: list[dict], calls: list[dict], tools: Tools, end: in
              steps=[s.step, *sorted({r["result_step"] for r in s.reads})],
              reads=[Action(tool=r["name"], arguments=r["arguments"], call_step=r["step"], result_step=r["result_step"])
                     for r in s.reads][-MAX_READS:], answer=s.answer)
-        for s in supported_answers(messages, calls, tools, end) if s.step not in have
+        for s in supported_answers(messages, calls, tools, start, end) if s.step not in have
     ]
 
 
-def _reports(messages: list[dict], calls: list[dict], end: int) -> list[tuple[int, str]]:
-    """(step, text) of what the agent told the user before `end`: its text turns, and the final
-    answer of a Finish call (ToolBench, ReAct)."""
-    out = [(i, m["content"]) for i, m in enumerate(messages[:end]) if _is_report(m)]
+def _reports(messages: list[dict], calls: list[dict], start: int, end: int) -> list[tuple[int, str]]:
+    """(step, text) of what the agent told the user in messages[start:end]: its text turns, and the
+    final answer of a Finish call (ToolBench, ReAct)."""
+    out = [(i, messages[i]["content"]) for i in range(start, end) if _is_report(messages[i])]
     for c in calls:
         if (
             c["name"] == "Finish"
-            and c["step"] < end
+            and start <= c["step"] < end
             and c["arguments"].get("return_type") != "give_up_and_restart"
         ):
             answer = c["arguments"].get("final_answer") or c["arguments"].get("input")
@@ -408,7 +393,7 @@ def _train_steps(messages: list[dict], calls: list[dict], tools: Tools, goal: Ac
         by_step.setdefault(c["step"], []).append(c)
     seen: set[str] = set()
     train = []
-    for i in range(goal.sample_end):
+    for i in range(goal.start, goal.sample_end):
         m = messages[i]
         if m["role"] != "assistant":
             continue
@@ -418,11 +403,13 @@ def _train_steps(messages: list[dict], calls: list[dict], tools: Tools, goal: Ac
         useful = False
         for c in by_step.get(i, []):
             key = _canonical(c["name"], c["arguments"])
-            repeated, failed = key in seen, is_error(c["result"]) or c["result_step"] is None
+            # a final report gets no reply (ReAct's Finish[...]): it has not failed for that
+            repeated = key in seen
+            failed = (is_error(c["result"]) or c["result_step"] is None) and not _final_report(c)
             seen.add(key)
             if repeated or failed:
                 continue
-            if i in action_steps or c["result_step"] in fact_results or c["name"] == "Finish":
+            if i in action_steps or c["result_step"] in fact_results or _final_report(c):
                 useful = True
             elif tools.kind(c["name"]) == "read":
                 result = (c["result"] or "").lower()
@@ -432,65 +419,38 @@ def _train_steps(messages: list[dict], calls: list[dict], tools: Tools, goal: Ac
     return train
 
 
+def _final_report(call: dict) -> bool:
+    return call["name"] == "Finish" and call["arguments"].get("return_type") != "give_up_and_restart"
+
+
 def _chooses(call: dict, chosen: set[str]) -> bool:
     """A read that selects a value a write of the goal then uses (a text agent's click on "size 9"
     before pressing "Buy Now"; a lookup by the ID the write acts on)."""
     return bool(chosen) and not chosen.isdisjoint(v.lower() for v in identifying_values(call["arguments"], exempt=False))
 
 
-# -- turns that contradict the goal ------------------------------------------------------------
-def first_conflict(
-    messages: list[dict], goal: AchievedGoal, tools: Tools, calls: list[dict], first_user: int
-) -> tuple[int, str] | None:
-    """(step, why) of the first turn inside the sample, after the first user turn, that asks for
-    or attempts a write the goal does not contain, or (a user turn) names an ID or date that no
-    call of the sample uses, or a value of an achieved write's enum parameter other than the one used."""
-    done = {a.tool for a in goal.actions}
-    known = tools.write_names(c["name"] for c in calls)
-    others = [w for w in known if w not in done]
-    done_verbs = set().union(*(tools.request_words(a.tool, known)[0] for a in goal.actions))
-    used = "\n".join(
-        f"{c['name']} {json.dumps(c['arguments'])}" for c in calls if c["step"] < goal.sample_end
-    ).lower()
-    for i in range(first_user + 1, goal.sample_end):
-        m = messages[i]
-        text = m.get("content") or ""
-        if m["role"] == "assistant":
-            for c in m.get("tool_calls") or []:
-                if c["name"] in others:
-                    return i, f"attempts {c['name']}, which the goal does not contain"
-        if m["role"] not in ("user", "assistant") or not text.strip():
-            continue
-        who = "the user asks for" if m["role"] == "user" else "the assistant speaks of"
-        for w in others:
-            if tools.requested(w, text, known):
-                return i, f"{who} {w}, which the goal does not contain: {text.strip()[:120]!r}"
-        if m["role"] == "user":
-            # a change asked for in words no write of the goal answers ("I'd like to modify it"),
-            # whatever tool it would take
-            asking = [sentence for sentence in SENTENCE.split(text) if ASKS.search(sentence)]
-            unanswered = sorted({w for sentence in asking for w in words(sentence)} & ALL_WRITE_WORDS - done_verbs)
-            if unanswered:
-                return i, f"the user asks to {', '.join(unanswered)}, which no write of the goal does: {text.strip()[:120]!r}"
-            for kind, value in _user_details(text):
-                if not occurs(kind, value, used):
-                    return i, f"the user names {value!r}, which no call of the sample uses"
-            wrong = other_enum_values(text, goal, tools)
-            if wrong:
-                return i, "the user " + wrong[0]
-    return None
-
-
-def _user_details(text: str) -> list[tuple[str, str]]:
+# -- what a user turn names ---------------------------------------------------------------------
+def user_details(text: str) -> list[tuple[str, str]]:
     # IDs with a capital letter (reservations, flights, orders) and dates; not account handles
     # such as user ids ("raj_brown_5782"), which a user gives whether or not a call needs them.
     return [(k, v) for k, v in grounding.facts(text) if k == "date" or (k == "id" and v != v.lower())]
 
 
-def other_enum_values(text: str, goal: AchievedGoal, tools: Tools) -> list[str]:
+class EnumClash(BaseModel):
+    key: str  # the enum parameter
+    said: str  # the value the text names
+    used: str  # the value the run's write used
+    tool: str
+
+
+GENERIC_ENUM = frozenset({"yes", "no", "true", "false", "none", "other", "all"})  # say nothing without their key
+
+
+def enum_clashes(text: str, goal: AchievedGoal, tools: Tools) -> list[EnumClash]:
     """Where `text` names another value of an enum parameter than the goal's write used, and not
     the one used (asked for economy, the run booked business); "from basic economy to economy"
-    names the one used."""
+    names the one used. A yes/no value counts only in a sentence that names its parameter
+    ("no insurance"; a bare "Yes, please go ahead" says nothing about insurance)."""
     low = " ".join(words(text))
     found = []
     for a in goal.actions:
@@ -500,13 +460,27 @@ def other_enum_values(text: str, goal: AchievedGoal, tools: Tools) -> list[str]:
             if not isinstance(enum, list) or not isinstance(value, str) or value not in enum:
                 continue
             mine = " ".join(words(value))
-            if re.search(rf"\b{re.escape(mine)}\b", low):
-                continue
+            key_words = "|".join(re.escape(w) for w in words(key) if len(w) >= 4) or re.escape(key)
             for other in enum:
                 phrase = " ".join(words(str(other)))
-                if other != value and phrase and re.search(rf"\b{re.escape(phrase)}\b", low):
-                    found.append(f"asks for {key} {other!r}; the run's {a.tool} used {value!r}")
+                if other == value or not phrase:
+                    continue
+                if phrase in GENERIC_ENUM or mine in GENERIC_ENUM:
+                    # "no insurance", "insurance: yes", "yes to the insurance": the value next to its key
+                    near = rf"\b{{0}}\b(\s+\w+){{{{0,3}}}}\s+({key_words})\b|\b({key_words})\b(\s+\w+){{{{0,3}}}}\s+{{0}}\b"
+                    clash = bool(re.search(near.format(re.escape(phrase)), low)) and not re.search(
+                        near.format(re.escape(mine)), low)
+                else:
+                    clash = bool(re.search(rf"\b{re.escape(phrase)}\b", low)) and not re.search(
+                        rf"\b{re.escape(mine)}\b", low)
+                if clash:
+                    found.append(EnumClash(key=key, said=str(other), used=value, tool=a.tool))
     return found
+
+
+def other_enum_values(text: str, goal: AchievedGoal, tools: Tools) -> list[str]:
+    """enum_clashes, as sentences."""
+    return [f"asks for {c.key} {c.said!r}; the run's {c.tool} used {c.used!r}" for c in enum_clashes(text, goal, tools)]
 
 
 # -- the goal as words: for the relabeler, the review sheet and the `achievements` column ----------

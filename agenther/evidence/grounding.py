@@ -18,7 +18,9 @@ MONTH_DATE = re.compile(
 )
 IDENT = re.compile(r"\b(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[A-Za-z0-9][\w-]*\b")  # letters and digits: HAT136
 NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?![\w])")
-QUOTED = re.compile(r"[\"“']([^\"”']{2,60})[\"”']")
+# "double" or “curly” quotes anywhere; 'single' ones only around words (an apostrophe, as in "I'm",
+# opens no quote)
+QUOTED = re.compile(r"[\"“]([^\"”]{2,60})[\"”]|(?<!\w)'([^']{2,60})'(?!\w)")
 CAPITALISED = re.compile(r"\b[A-Z][a-zA-Z'&.-]+(?:\s+[A-Z][a-zA-Z'&.-]+)*")
 
 
@@ -38,7 +40,7 @@ def facts(prompt: str) -> list[tuple[str, str]]:
     for m in MONTH_DATE.finditer(prompt):
         add("date", m)
     for m in QUOTED.finditer(prompt):
-        add("quoted", m, m.group(1))
+        add("quoted", m, m.group(1) or m.group(2))
     for m in IDENT.finditer(prompt):
         add("id", m)
     for m in NUMBER.finditer(prompt):

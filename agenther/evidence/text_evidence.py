@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from agenther.evidence import grounding
+from agenther.evidence.render import tool_calls
 from agenther.evidence.tools import PSEUDO_NAME, WRITE_VERBS, Tools, argument_text, is_error, words
 
 # Buttons that move around a page rather than choose on it (WebShop and most shop pages).
@@ -34,6 +35,11 @@ TITLE_CHARS = 160
 
 
 # -- what a write by argument acted on -------------------------------------------------------------
+def goal_calls(row: dict, tools: Tools) -> list[dict]:
+    """The row's calls (render.tool_calls) as the goal's rules see them (`acted_calls`)."""
+    return acted_calls(tool_calls(row["messages"]), tools, row.get("reward"))
+
+
 def acted_calls(calls: list[dict], tools: Tools, reward: float | None = None) -> list[dict]:
     """`calls` (render.tool_calls) as the goal's rules see them: a call an argument rule gives
     another kind than its tool's is named `tool[arguments]`; a button write's arguments are the
@@ -163,20 +169,21 @@ class Supported:
     answer: list[str]  # the answer's items (none for yes / no): what a question about it must not name
 
 
-def supported_answers(messages: list[dict], calls: list[dict], tools: Tools, end: int) -> list[Supported]:
-    """The Finish answers before `end` that the successful read results before them support: each
+def supported_answers(messages: list[dict], calls: list[dict], tools: Tools, start: int, end: int) -> list[Supported]:
+    """The Finish answers in messages[start:end] that the successful read results there before them support: each
     item of the answer (FINISH([a, b]) has two) is a value a structured result holds, or its words
     occur in the results; a yes/no answer is supported by the values its reasoning states."""
     out = []
     for c in calls:
-        if c["name"] != "Finish" or c["step"] >= end:
+        if c["name"] != "Finish" or not start <= c["step"] < end:
             continue
         items = answer_items(c["arguments"].get("final_answer") or c["arguments"].get("input"))
         if not items:
             continue
         answer = "; ".join(items)
         reads = [r for r in calls if r["name"] != "Finish" and tools.kind(r["name"]) == "read"
-                 and r["result_step"] is not None and r["result_step"] < c["step"] and not is_error(r["result"])]
+                 and r["result_step"] is not None and start <= r["step"] and r["result_step"] < c["step"]
+                 and not is_error(r["result"])]
         seen = [_Seen(r) for r in reads]
         reasoning = (messages[c["step"]].get("content") or "").strip()
         values = [v for v in _specific(reasoning) if any(_holds(r.low, v) for r in seen)]

@@ -57,7 +57,8 @@ VERB_GROUPS: dict[str, frozenset[str]] = {
     "modify": _set(
         "update updated modify modified change changed changing edit edited switch switched move moved rebook "
         "rebooked upgrade upgraded downgrade downgraded add added adding remove removed adjust adjusted replace "
-        "replaced swap swapped increase increased reduce reduced include included set"
+        "replaced swap swapped increase increased reduce reduced include included set upgrading downgrading "
+        "updating modifying switching moving replacing swapping rebooking adjusting reducing increasing removing"
     ),
     "send": _set("send sent issue issued give gave grant granted compensate compensated compensation"),
     "create": _set("create created make made open opened register registered add added new"),
@@ -84,7 +85,8 @@ ALL_WRITE_WORDS = frozenset().union(*VERB_GROUPS.values()) - frozenset(
 )
 # A sentence that asks for something (a change word in it then asks for that change; "due to a
 # change of plan" does not).
-ASKS = re.compile(r"\?|\b(please|want|wanted|need|like|wish|help|can you|could you|would you|go ahead|proceed)\b", re.I)
+ASKS = re.compile(r"\?|\b(please|want|wanted|need|like|wish|help|can you|could you|would you|go ahead|proceed|"
+                  r"let's|let us)\b", re.I)
 VERB_OF = {
     "book": "book",
     "reserve": "book",
@@ -182,6 +184,20 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
+DETERMINERS = frozenset(["a", "an", "the", "that", "this", "these", "those", "my", "our", "it", "them", "his", "her", "their", "one", "your"])
+
+
+def verb_forms(tokens: list[str]) -> list[str]:
+    """`tokens`, plus the verb of a gerund that takes an object ("back to booking that flight" asks
+    to book; "my booking" stays a noun)."""
+    extra = []
+    for word, following in zip(tokens, tokens[1:], strict=False):
+        if word.endswith("ing") and len(word) > 5 and following in DETERMINERS:
+            stem = word[:-3]
+            extra += [stem, stem + "e", stem[:-1] if len(stem) > 2 and stem[-1] == stem[-2] else stem]
+    return tokens + extra
+
+
 def same_word(a: str, b: str) -> bool:
     """Loose stem match: one word starts the other and the shorter has 3+ letters (bag ~ baggages)."""
     if a == b:
@@ -192,7 +208,9 @@ def same_word(a: str, b: str) -> bool:
 
 def mentions(text_words: Iterable[str], targets: Iterable[str]) -> bool:
     targets = list(targets)
-    return any(same_word(w, t) for w in text_words for t in targets)
+    # a text word is the target or a longer form of it ("baggages" mentions "bag"), never a shorter
+    # one: "travel" (insurance) does not mention "traveler"
+    return any(w == t or (len(t) >= 3 and w.startswith(t)) for w in text_words for t in targets)
 
 
 @dataclass
@@ -312,7 +330,7 @@ class Tools:
         verbs, objects = self.request_words(name, all_writes)
         sentences = self._sentences.get(text)
         if sentences is None:  # one text is asked about every write tool in turn
-            sentences = self._sentences[text] = [words(sentence) for sentence in SENTENCE.split(text)]
+            sentences = self._sentences[text] = [verb_forms(words(sentence)) for sentence in SENTENCE.split(text)]
         for tokens in sentences:
             if verbs.intersection(tokens) and (not objects or mentions(tokens, objects)):
                 return True

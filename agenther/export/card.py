@@ -9,33 +9,31 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
+from agenther.export.registry import exporters
+
 # Licences of the shipped sources, from data/raw/SOURCES.md.
 KNOWN_SOURCES = {
     "tau-bench": ("sierra-research/tau-bench (historical_trajectories)", "MIT"),
     "toolbench": ("OpenBMB/ToolBench (data_example)", "Apache-2.0"),
 }
 
-FILES = {  # file: (format, who reads it as it is)
-    "openai/sft.jsonl": ("`messages`, `tools`, `parallel_tool_calls`; per-assistant-message 0/1 `weight`",
-                         "OpenAI fine-tuning upload"),
-    "trl/sft.jsonl": ("conversational SFT: `messages`, `tools` (JSON text), `sample_id`, `weight`",
-                      "TRL SFTTrainer via datasets"),
-    "trl/dpo.jsonl": ("conversational preference: `prompt`, `chosen`, `rejected` (one assistant turn each), "
-                      "`tools`, `sample_id`, `weight`", "TRL DPOTrainer via datasets"),
-    "llamafactory/hindsight.jsonl": ("sharegpt: `conversations`, `system`, `tools`, `sample_id`",
-                                     "LLaMA-Factory (`agenther_hindsight`)"),
-    "llamafactory/success.jsonl": ("sharegpt: `conversations`, `system`, `tools`, `sample_id`",
-                                   "LLaMA-Factory (`agenther_success`)"),
-    "llamafactory/dataset_info.json": ("the entries of the sharegpt files written", "LLaMA-Factory"),
-    "hf/data/hindsight-*.parquet": ("config `sft`, split `hindsight`", "datasets.load_dataset(\"hf\", \"sft\")"),
-    "hf/data/success-*.parquet": ("config `sft`, split `success`", "datasets.load_dataset(\"hf\", \"sft\")"),
-    "hf/data/preference-*.parquet": ("config `preference`, split `train`",
-                                   "datasets.load_dataset(\"hf\", \"preference\")"),
-    "sft.jsonl": ("annotated: OpenAI-format `messages`, `tools`, `weight`, `metadata` (lineage)",
-                  "agenther's own record (every file above is derived from these three)"),
+TASK_FILES = {  # agenther.export.tasks: where an environment replays the log
+    "tasks/*.jsonl": ("tau-bench tasks: `user_id`, `instruction`, `actions` (`[{name, kwargs}]`), `outputs`; "
+                      "`sample_id`, `data_hash`, `told`, `source`",
+                      "a tau-bench runner (the environment's name is the file's)"),
+}
+ANNOTATED_FILES = {  # file: (format, who reads it as it is); the consumers' files are the exporters'
+    "sft.jsonl": ("annotated: OpenAI-format `messages` (per-assistant-message 0/1 `weight`), `tools`, `weight`, "
+                  "`metadata` (lineage)", "agenther's own record (every file above is derived from these three)"),
     "dpo.jsonl": ("annotated: `prompt`, `chosen`, `rejected`, `tools`, `weight`, `metadata`", "agenther's own record"),
     "sharegpt.jsonl": ("annotated: sharegpt + `weight`, `metadata` (incl. `turn_weights`)", "agenther's own record"),
 }
+
+
+def files_described() -> dict[str, tuple[str, str]]:
+    """The files table's rows: every exporter's files, then the annotated ones."""
+    return {pattern: what for e in exporters() for pattern, what in e.describe.items()} | TASK_FILES | ANNOTATED_FILES
+
 
 INTRO = """\
 Training data made from LLM-agent runs. A run that failed its goal A often fully achieved
@@ -55,7 +53,9 @@ METHOD = """\
    the failed goal or the transcript. Attempts that fail a check (confidence, coverage,
    grounding, pasting the record) are retried with the reason, then dropped.
 4. **verify**: judges check the prompt against the sample; a judge's rejection is final.
-   Deterministic first: coverage (the prompt asks for every write the sample trains on, and
+   Deterministic first: replay, where the log's environment can be replayed (tau-bench airline:
+   the sample's trained writes, run from the initial state, reach the run's state at its cut),
+   coverage (the prompt asks for every write the sample trains on, and
    the sample meets every requirement of the prompt) and grounding (every number, ID, date and
    name of the prompt occurs in the sample); then policy (the writes break no rule the agent
    was given), and LLM judges of the whole sample and of its tool evidence.
@@ -63,21 +63,38 @@ METHOD = """\
    row validated against its trainer's format."""
 
 WEIGHTS = """\
-Each sample has a weight (`weight` in the annotated files, the TRL files and the Parquet dataset).
-Hindsight samples: `max(min_weight, 1 - weight_alpha * severity)`: a near miss (severity 0) weighs
-1, a run that did little of its original goal weighs less. Original successes and natural
-preference pairs weigh 1. Trainers do not read it on their own: use it as a sample weight, to
-filter, or to resample (join on `sample_id`; the lineage is under `metadata.sample_id` of the
-annotated files).
+Each sample has a weight: `sample_weight` in the TRL, LLaMA-Factory and Parquet files, `weight` in
+the annotated files. Hindsight samples: `max(min_weight, 1 - weight_alpha * severity)`: a near miss
+(severity 0) weighs 1, a run that did little of its original goal weighs less. Original successes and
+natural preference pairs weigh 1.
 
-Per message: in a hindsight sample, assistant turns that do not contribute to its goal (calls
-that failed, repeats of an earlier call, reads nothing later uses) stay as context but are not
-to be trained on. `openai/sft.jsonl` carries OpenAI's own per-message `weight` (1 = train on it,
-0 = context only), as do the Parquet messages and the annotated `sft.jsonl`; the annotated
-`sharegpt.jsonl` has the same as `metadata.turn_weights`, one 0/1 per `conversations` entry.
-TRL and LLaMA-Factory read no per-turn weights: mask those turns out of the loss yourself, or
-keep only samples whose turns all weigh 1. A preference pair's chosen turn is always one the
-sample trains on."""
+Per turn: in a hindsight sample, assistant turns that do not contribute to its goal (calls that
+failed, repeats of an earlier call, reads nothing later uses) stay as context with weight 0: they
+are never to be trained on. The annotated `sft.jsonl` carries the 0/1 `weight` on each assistant
+message, the annotated `sharegpt.jsonl` the same as `metadata.turn_weights` (one per
+`conversations` entry). Every consumer file trains exactly the weight-1 turns, each by its
+consumer's own mechanism, and no file makes a user turn or a tool result a training target:"""
+
+SAMPLE_WEIGHTS = """\
+Applying `sample_weight`: none of these trainers reads a per-sample weight. Resampling works with
+every one of them: draw rows with probability proportional to `sample_weight` (with replacement, as
+many as there are), then train on the result as usual. A row of `trl/sft.jsonl` or `llamafactory/`
+is one trained turn and carries its sample's weight, so each turn is drawn by its sample's weight.
+
+```python
+import numpy as np
+from datasets import load_dataset
+
+rows = load_dataset("json", data_files="trl/sft.jsonl", split="train")  # or llamafactory/hindsight.jsonl
+weights = np.asarray(rows["sample_weight"], dtype=float)
+drawn = np.random.default_rng(0).choice(len(rows), size=len(rows), p=weights / weights.sum())
+rows = rows.select(drawn)  # TRL: train on it; LLaMA-Factory: rows.to_json(...) and name that file
+```"""
+
+
+def _training() -> str:
+    return "\n\n".join([WEIGHTS, *(e.training for e in exporters() if e.training), SAMPLE_WEIGHTS])
+
 
 LIMITATIONS = """\
 - The default relabeling model is a small local model: its prompts are plainer and sometimes
@@ -113,43 +130,7 @@ LIMITATIONS = """\
   not load in one call. The TRL, LLaMA-Factory and Parquet files do."""
 
 def _loading(exports: dict) -> str:
-    lengths = (exports.get("token_lengths") or {}).get("files") or {}
-    sft_max = (lengths.get("trl/sft.jsonl") or {}).get("max_length")
-    dpo_max = (lengths.get("trl/dpo.jsonl") or {}).get("max_length")
-    written = exports.get("files") or {}
-    datasets = [f"agenther_{kind}" for kind in ("hindsight", "success") if f"llamafactory/{kind}.jsonl" in written]
-    return f"""\
-TRL (the folder `trl/`; `max_length` from the token lengths above, so that no sample is cut):
-
-```python
-from datasets import load_dataset
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-
-sft = load_dataset("json", data_files="trl/sft.jsonl", split="train")  # messages, tools
-dpo = load_dataset("json", data_files="trl/dpo.jsonl", split="train")  # prompt, chosen, rejected, tools
-SFTTrainer(model=model, train_dataset=sft, args=SFTConfig(output_dir="out", max_length={sft_max}))
-DPOTrainer(model=model, train_dataset=dpo, args=DPOConfig(output_dir="out", max_length={dpo_max}))
-```
-
-LLaMA-Factory (the folder `llamafactory/`), in the training YAML:
-
-```yaml
-dataset_dir: path/to/llamafactory
-dataset: {",".join(datasets) or "agenther_hindsight"}
-cutoff_len: {sft_max or 8192}
-```
-
-Parquet (the folder `hf/`, whose README.md is this card with its `configs`):
-
-```python
-from datasets import load_dataset
-
-hindsight = load_dataset("path/to/hf", "sft", split="hindsight")
-successes = load_dataset("path/to/hf", "sft", split="success")
-pairs = load_dataset("path/to/hf", "preference", split="train")
-```
-
-OpenAI fine-tuning: upload `openai/sft.jsonl` as it is."""
+    return "\n\n".join(e.loading(exports) for e in exporters() if e.loading)
 
 
 def _n(value: Any) -> str:
@@ -236,6 +217,7 @@ def _counts(stages: dict, gates: dict) -> list[str]:
             k: _n(pkg.get(k))
             for k in (
                 "hindsight_samples",
+                "rewritten_turns",
                 "success_samples",
                 "duplicates",
                 "near_duplicates",
@@ -246,9 +228,17 @@ def _counts(stages: dict, gates: dict) -> list[str]:
         lines += [
             "",
             f"Packaging: {g['hindsight_samples']} hindsight samples, {g['success_samples']} original "
-            f"successes; {g['duplicates']} exact and {g['near_duplicates']} near-duplicate prompts removed; "
+            f"successes; {g['duplicates']} exact and {g['near_duplicates']} near-duplicate user sides removed; "
             f"{g['dpo_natural']} natural and {g['dpo_hindsight']} hindsight preference pairs.",
+            "",
+            f"Rewritten: {g['rewritten_turns']} user turns across the hindsight samples, so that each "
+            "conversation asks for what its run achieved (each sample's `metadata.rewrites` holds every "
+            "rewritten turn's original: step, before, after). The agent's turns, tool calls and tool "
+            "results are never rewritten.",
         ]
+        if pkg.get("hindsight_tasks") is not None:
+            lines += ["", f"Hindsight tasks with a verifiable reward (`tasks/`): {_n(pkg['hindsight_tasks'])}; each one's "
+                          "`actions`, replayed from the environment's initial state, give its `data_hash`."]
     return lines
 
 
@@ -279,7 +269,7 @@ def _files(exports: dict) -> list[str]:
     rows = exports.get("rows") or {}
     legacy = {"sft.jsonl": exports.get("sft"), "dpo.jsonl": exports.get("dpo"), "sharegpt.jsonl": exports.get("sharegpt")}
     listed = []
-    for pattern, (fmt, who) in FILES.items():
+    for pattern, (fmt, who) in files_described().items():
         matches = [f for f in digests if fnmatch.fnmatch(f, pattern)] or ([] if exports.get("not_written") else [pattern])
         listed += [[f, rows.get(f, legacy.get(f)), fmt, who, digests.get(f)] for f in matches]
     table = _table(["file", "rows", "format", "read as is by", "sha256"], listed)
@@ -294,11 +284,12 @@ def _token_lengths(exports: dict) -> list[str]:
     if not lengths.get("files"):
         return [f"Not measured: {lengths.get('not_measured', 'not recorded')}. The loading snippets set no "
                 "`max_length` then: pass `max_length=None` (no truncation) or measure first."]
-    rows = [[f, v.get("rows"), v.get("p50"), v.get("p90"), v.get("p99"), v.get("max"), v.get("max_length")]
-            for f, v in lengths["files"].items()]
+    rows = [[f, v.get("rows"), v.get("tokens"), v.get("p50"), v.get("p90"), v.get("p99"), v.get("max"),
+             v.get("max_length")] for f, v in lengths["files"].items()]
     return [f"Tokenizer: {lengths.get('tokenizer')}; rendered with its chat template and the row's tools "
-            "(preference rows: the longer of prompt + chosen, prompt + rejected).", "",
-            *_table(["file", "rows", "p50", "p90", "p99", "max", "max_length"], rows),
+            "(prompt-completion rows: prompt + completion; preference rows: the longer of prompt + chosen, "
+            "prompt + rejected). `tokens`: the sum over the rows, one epoch.", "",
+            *_table(["file", "rows", "tokens", "p50", "p90", "p99", "max", "max_length"], rows),
             *[f"\n{f}: {v['upper_bounds']} rows over 1 MB of text are counted in bytes (an upper bound: a "
               "token is at least one byte), not tokenized." for f, v in lengths["files"].items() if v.get("upper_bounds")]]
 
@@ -323,7 +314,7 @@ def render_dataset_card(summary: dict) -> str:
         "",
         *_counts(stages, s.get("gates") or {}),
     ]
-    out += ["", "## Weights", "", WEIGHTS]
+    out += ["", "## Weights: what trains", "", _training()]
     out += ["", "## Models and lineage", "", *_lineage(s.get("lineage") or {}, s.get("llm") or {})]
     out += ["", "## Known limitations", "", LIMITATIONS]
     out += ["", "## How to load", "", _loading(exports)]
@@ -349,14 +340,3 @@ def _title(s: dict) -> str:
     if not hindsight:
         return f"# agenther agent trajectories: {successes or 0} original successes, no hindsight-relabeled sample"
     return f"# agenther agent trajectories: {hindsight} hindsight-relabeled samples, {successes or 0} original successes"
-
-
-def parquet_card(summary: dict, card: str) -> str:
-    """hf/README.md: the card under a YAML header whose `configs` name the Parquet files, so that
-    `datasets.load_dataset(folder, config, split=...)` finds them."""
-    import yaml
-
-    header = {"configs": (summary.get("exports") or {}).get("parquet_configs") or [],
-              "pretty_name": "agenther hindsight-relabeled agent trajectories",
-              "tags": ["agents", "tool-use", "hindsight-relabeling"]}
-    return "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + card

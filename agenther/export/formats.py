@@ -66,6 +66,12 @@ def openai_messages(messages: list[dict]) -> list[dict]:
     return [openai_message(m) for m in messages]
 
 
+def trains(message: dict) -> bool:
+    """An assistant turn to train on: weight 1, or no weight given (an original success trains
+    every assistant turn). Weight 0 is context only."""
+    return message["role"] == "assistant" and message.get("weight") != 0
+
+
 def parse_tools(tools_json: str | None) -> list[dict] | None:
     """The trajectory's tool list as OpenAI tool schemas; None when unknown.
 

@@ -16,6 +16,10 @@ piece is counted once per distinct text (a bounded cache keyed by its digest): t
 shared by every row is tokenized once per run (tests/test_exports.py checks the sum against
 llama.cpp's count of the whole text).
 
+A row is whatever conversation its trainer tokenizes: `messages`; `prompt` + `completion`; or
+`prompt` + `chosen` and `prompt` + `rejected` (the longer counts). `tokens` in the stats is the sum
+over the rows: what one epoch over the file feeds the model.
+
 `max_length` is what the card's loading snippets set: the longest row plus a margin for tokenizer
 differences, rounded up to a multiple of 128, so that no sample is cut.
 """
@@ -162,7 +166,7 @@ def max_length_for(longest: int) -> int:
 def stats(lengths: list[tuple[int, bool]]) -> dict:
     """Percentiles of the rows' lengths; `upper_bounds`: rows counted in bytes (see MAX_EXACT_BYTES)."""
     values = sorted(n for n, _ in lengths)
-    out = {"rows": len(values), **{f"p{p}": percentile(values, p) for p in PERCENTILES},
+    out = {"rows": len(values), "tokens": sum(values), **{f"p{p}": percentile(values, p) for p in PERCENTILES},
            "max": values[-1], "max_length": max_length_for(values[-1])}
     bounded = sum(not exact for _, exact in lengths)
     if bounded:
@@ -170,19 +174,23 @@ def stats(lengths: list[tuple[int, bool]]) -> dict:
     return out
 
 
-def sft_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[tuple[int, bool]]:
+def conversations(row: dict) -> list[list[dict]]:
+    """The conversation(s) a trainer tokenizes from one row (see the module docstring)."""
+    if "messages" in row:
+        return [row["messages"]]
+    sides = [side for side in ("completion", "chosen", "rejected") if side in row]
+    if "prompt" not in row or not sides:
+        raise ValueError(f"a row with keys {sorted(row)} is no conversation a trainer reads")
+    return [row["prompt"] + row[side] for side in sides]
+
+
+def row_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[tuple[int, bool]]:
+    """(tokens, exact) per JSONL row: its longest conversation, rendered with the row's `tools`."""
     out = []
     for line in lines:
         row = json.loads(line)
-        out.append(tok.count(row["messages"], json.loads(row["tools"])))
-    return out
-
-
-def dpo_lengths(tok: ChatTokenizer, lines: Iterable[str]) -> list[tuple[int, bool]]:
-    out = []
-    for line in lines:
-        row = json.loads(line)
-        tools = json.loads(row["tools"])
-        sides = [tok.count(row["prompt"] + row[side], tools) for side in ("chosen", "rejected")]
-        out.append((max(n for n, _ in sides), all(exact for _, exact in sides)))
+        tools = row.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        counts = [tok.count(messages, tools) for messages in conversations(row)]
+        out.append((max(n for n, _ in counts), all(exact for _, exact in counts)))
     return out

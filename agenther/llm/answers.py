@@ -60,9 +60,14 @@ class ExtractAnswer(Answer):
     achievements: list[Achievement]
 
 
+class TurnText(Answer):
+    turn: Integer  # the TURN's number in the prompt
+    text: str
+
+
 class RelabelAnswer(Answer):
     model_config = ConfigDict(title="relabel")
-    hindsight_prompt: str
+    turns: list[TurnText]  # the rewritten user turns, one per TURN asked for
     confidence: Number
     # Not asked for (not in the schema sent); kept as the record's relabel_rationale when given.
     rationale: SkipJsonSchema[Any] = None

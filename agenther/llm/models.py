@@ -168,7 +168,7 @@ def _is_verified(path: Path, spec: ModelSpec) -> bool:
             return True
     except (OSError, ValueError):
         pass
-    if _sha256_file(path) != spec.sha256:
+    if sha256_file(path) != spec.sha256:
         sidecar.unlink(missing_ok=True)
         return False
     _remember(path, spec)
@@ -184,7 +184,7 @@ def _remember(path: Path, spec: ModelSpec) -> None:
         _sidecar(path).write_text(json.dumps(record) + "\n")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
@@ -192,15 +192,19 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def package_file(package: str, relpath: str) -> Path | None:
+    """`<package dir>/<relpath>` of an installed wheel, found without importing the package
+    (find_spec on a top-level name only searches sys.path; it runs no package code)."""
+    found = importlib.util.find_spec(package)
+    locations = list(found.submodule_search_locations or []) if found else []
+    return next((p for p in (Path(loc) / relpath for loc in locations) if p.is_file()), None)
+
+
 def _installed_parts(spec: ModelSpec) -> list[Path]:
     """Paths of the model's parts in the installed wheels, without importing them."""
     paths = []
     for part in spec.parts:
-        # find_spec on a top-level name only searches sys.path; it runs no package code.
-        found = importlib.util.find_spec(part.package)
-        locations = list(found.submodule_search_locations or []) if found else []
-        candidates = [Path(loc) / part.relpath for loc in locations]
-        hit = next((p for p in candidates if p.is_file()), None)
+        hit = package_file(part.package, part.relpath)
         if hit is None:
             raise LocalModelError(
                 f"model {spec.name} is not installed (missing {part.package}/{part.relpath}): "

@@ -9,6 +9,7 @@ import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+from agenther.judges import JUDGE_MODELS
 from agenther.llm.cache import cache_location
 from agenther.llm.client import LLMClient
 from agenther.llm.limits import Budget, RateLimiter
@@ -133,10 +134,8 @@ class LLMs:
     def judge_names(self, params: dict) -> list[str]:
         judge = self._judge.name if self._judge else self._declared(self.params.get("judge_model") or
                                                                      self.params["model"])
-        # policy asks the judge model only where the log has no ground truth; by rules otherwise
-        names = {"coverage": "rules", "grounding": "rules", "policy": judge, "trajectory": self.main_name(),
-                 "evidence": judge}
-        return [names[j] for j in params["verify"]["judges"]]
+        names = {"rules": "rules", "environment": "environment", "main": self.main_name(), "judge": judge}
+        return [names[JUDGE_MODELS[j]] for j in params["verify"]["judges"]]
 
     def view(self) -> LLMs:
         """The same clients (model server, response cache, budget, limits) with usage counters of

@@ -17,15 +17,20 @@ body{font:15px/1.45 system-ui,sans-serif;max-width:60rem;margin:1.5rem auto;padd
 .item{border:1px solid #ccc;border-radius:6px;padding:.8rem 1rem;margin:1rem 0}
 .item.done{border-color:#4a4}.prompt{font-size:1.1rem;background:#f4f7ff;padding:.5rem;border-radius:4px}
 .meta{color:#666;font-size:.85rem}pre{white-space:pre-wrap;background:#f6f6f6;padding:.4rem;margin:.2rem 0;font-size:.8rem}
+.turn{font-size:.85rem;margin:.15rem 0;padding:.2rem .4rem;border-left:3px solid #ccc;white-space:pre-wrap}
+.turn.user{border-color:#57a}.turn.assistant{border-color:#4a4}.turn.w0{border-color:#aaa;color:#777}
+.turn .was{color:#a55;text-decoration:line-through}
 button{margin-right:.4rem;padding:.3rem .8rem}button.on{background:#333;color:#fff}
 textarea{width:100%;height:2.5rem}#bar{position:sticky;top:0;background:#fff;padding:.5rem 0;border-bottom:1px solid #ddd}
 </style></head><body>
 <div id="bar"><b>agenther review</b> <span id="progress"></span>
  annotator <input id="annotator" placeholder="your name">
  <button id="download">Download labels</button></div>
-<p>Is each request <b>fully and exactly</b> done by the run, as the evidence shows? <i>correct</i>: every
-part of it is done and evidenced, nothing in the sample contradicts it; <i>incorrect</i>: something
-asked is not done, or something done is not asked; <i>unsure</i>: the evidence does not tell.</p>
+<p>Is each sample a conversation you would train on? The user side (the first message and every later
+user turn, rewritten ones marked with what the user originally said) must ask for <b>fully and exactly</b>
+what the run did, as the evidence shows, and every turn that trains (weight 1) must follow from what the
+user said before it. <i>correct</i>: yes; <i>incorrect</i>: something asked is not done, something done is
+not asked, or a turn contradicts what came before; <i>unsure</i>: the evidence does not tell.</p>
 <div id="items"></div>
 <script id="data" type="application/json">__DATA__</script>
 <script>
@@ -46,6 +51,14 @@ for (const it of data.items) {
   const box = el("div", "item"); box.dataset.id = it.id;
   box.append(el("div", "meta", it.stratum + " · " + it.id));
   box.append(el("div", "prompt", it.hindsight_prompt));
+  for (const t of it.turns || []) {
+    const line = el("div", "turn " + t.role + (t.weight === 0 ? " w0" : ""));
+    const head = "[" + t.step + "] " + t.role.toUpperCase() + (t.weight === null ? "" : " (weight " + t.weight + ")")
+      + (t.before === null ? "" : " (rewritten)") + ": ";
+    line.append(el("b", null, head), el("span", null, [t.text, ...t.calls.map(c => "CALLS " + c)].filter(x => x).join("\n")));
+    if (t.before !== null) line.append(el("div", "was", "was: " + t.before));
+    box.append(line);
+  }
   for (const a of it.achievements) {
     box.append(el("div", null, "[" + a.kind + "] " + a.text));
     for (const ev of a.evidence) box.append(el("pre", null, "step " + ev.step + " (" + ev.role + "): " + ev.text));

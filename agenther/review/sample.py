@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from agenther.review import page
+from agenther.review.transcript import sample_turns
 from agenther.workdir import TABLES, write_text_atomic
 
 RESULT_CHARS = 600  # of a tool result shown as evidence
@@ -58,6 +59,7 @@ def evidence(messages: list[dict], steps: list[int]) -> list[dict]:
 
 
 def item(row: dict) -> dict:
+    turns = sample_turns(row)
     return {
         "id": row["id"],
         "stratum": stratum(row),
@@ -65,6 +67,8 @@ def item(row: dict) -> dict:
         "failure_type": row["failure_type"],
         "hindsight_prompt": row["hindsight_prompt"],
         "original_goal": row["goal"],
+        # the sample as the trainer sees it, turn by turn (tool results and system prompt cut)
+        "turns": [t | {"text": t["text"][:RESULT_CHARS]} if t["role"] in ("tool", "system") else t for t in turns],
         "achievements": [{"kind": a["kind"], "text": a["text"], "evidence": evidence(row["messages"], a["steps"])}
                          for a in row["achievements"] or []],
         # kept for scoring, never shown on the page (a label must not lean on the judges)

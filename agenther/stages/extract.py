@@ -14,7 +14,8 @@ from __future__ import annotations
 import polars as pl
 
 from agenther import schema
-from agenther.evidence.goal import Fact, NoGoal, achieved_goal, goal_achievements, goal_from_facts
+from agenther.evidence.conversation import goal_from_facts, hindsight_goal
+from agenther.evidence.goal import Fact, NoGoal, goal_achievements
 from agenther.evidence.render import prompt_budget, render, tool_calls
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.llm.answers import INVALID_LLM_ANSWER, ExtractAnswer
@@ -41,7 +42,7 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
             return None, schema.rejection(row["id"], STAGE, INVALID_LLM_ANSWER, row["classify_reason"])
         if not row["recoverable"]:
             return None, schema.rejection(row["id"], STAGE, "not_recoverable", _why_not_recoverable(row, params))
-        goal = achieved_goal(row, params)
+        goal = hindsight_goal(row, params)
         found = goal_achievements(goal) if not isinstance(goal, NoGoal) else []
         if mode == "llm":
             if llm is None:

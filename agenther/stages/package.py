@@ -15,9 +15,10 @@ import polars as pl
 
 import agenther
 from agenther import gates, prompts
-from agenther.export import parquet
-from agenther.export.card import parquet_card, render_dataset_card
+from agenther.export.card import render_dataset_card
+from agenther.export.registry import exporters
 from agenther.export.report import render_report
+from agenther.export.tasks import export_tasks
 from agenther.llm import BUDGET_EXHAUSTED, LLMs, Usage
 from agenther.params import params_hash
 from agenther.stages.samples import Exported, export_samples
@@ -41,6 +42,7 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs, round_of: Mappi
     }
     packaged = export_samples(verified.filter(pl.col("verified")), classified_path, params["package"], lineage, out,
                               batch_rows(params), tokenizer_model=params["llm"].get("local_model"), round_of=round_of)
+    add_tasks(packaged, verified, params, out)
     rejected = pl.concat([read_table(work, f"{s}_rejected", params) for s in ("extract", "relabel", "verify")]
                          + [packaged.rejections])
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
@@ -54,13 +56,20 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs, round_of: Mappi
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     card = render_dataset_card(summary)
     write_text_atomic(out / "dataset_card.md", card)
-    card_path = out / parquet.CARD
-    if summary["exports"]["parquet_configs"]:  # the Parquet dataset's own card names its files
-        write_text_atomic(card_path, parquet_card(summary, card))
-    else:
-        card_path.unlink(missing_ok=True)
+    for exporter in exporters():  # files made from the summary and the card (the Parquet dataset's README)
+        if exporter.publish is not None:
+            exporter.publish(out, summary, card)
     write_text_atomic(out / "report.html", render_report(summary, verified, rejected, classified, work, out))
     return summary
+
+
+def add_tasks(packaged: Exported, verified: pl.DataFrame, params: dict, out: Path) -> None:
+    """The hindsight tasks of the exported samples (agenther/export/tasks.py), counted with the exports."""
+    exported = verified.filter(pl.col("verified") & ~pl.col("id").is_in(packaged.rejections["id"].to_list()))
+    tasks = export_tasks(exported.to_dicts(), params, out)
+    packaged.digests.update(tasks.digests)
+    packaged.files.update(tasks.rows)
+    packaged.counts.update(hindsight_tasks=sum(tasks.rows.values()), hindsight_tasks_skipped=len(tasks.skipped))
 
 
 def _by_reason(rejected: pl.DataFrame, stage: str) -> dict[str, int]:
@@ -128,8 +137,7 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
         "llm": {s: _rounded(u) for s, u in usage.items()} | {"total": _rounded(total)}
                | _accounting(params, total, rejected, accepted),
         "exports": {"files": packaged.digests, **packaged.rows, "rows": packaged.files,
-                    "not_written": packaged.not_written, "token_lengths": packaged.token_lengths,
-                    "parquet_configs": parquet.configs(packaged.digests)},
+                    "not_written": packaged.not_written, "token_lengths": packaged.token_lengths},
         "lineage": lineage,
         "notes": llms.notes(),
     }

@@ -1,30 +1,37 @@
-"""Stage 3: an LLM puts the computed achieved goal into the words of a user's request, behind a gate.
+"""Stage 3: an LLM rewrites the user side of the sample so the conversation asks for the computed
+achieved goal, behind a gate.
 
-The relabeler sees the achieved goal (agenther.evidence.goal: the writes that succeeded; for a goal of
-facts only, what the agent looked up and reported) and the user's own later turns inside the sample: short and structured, never
-the whole transcript, never the failed goal (small models echo what they are shown). Its
-prompt puts the fixed instructions first so llama.cpp's prompt cache and providers' prefix
-caches reuse them across calls.
+The sample's window and the plan of its user turns are computed (agenther.evidence.conversation):
+which turns change, what each must ask for, name, keep, and no longer say. The relabeler sees the
+achieved goal (the writes that succeeded; for a goal of facts only, what the agent looked up and
+reported) and only the turns to rewrite, each with its original text and its notes; never the
+whole transcript. One call returns every rewritten turn as a typed list (agenther/llm/answers.py).
+A run whose user side already asks for exactly its goal needs no call: its conversation is kept
+as the user wrote it (`relabel_model` "rules", 0 attempts), and passes the same gate.
 
-Each attempt must be valid JSON, carry a confidence at or above the threshold, be a request in
-the user's voice, not restate the failed goal, not paste tool names or JSON, and pass the
-deterministic coverage check both ways (agenther.evidence.coverage, which includes grounding in the
-sample). A failed check is told to the next attempt as what to fix, with the details still to
-name (attempt i samples at temperatures[i]). A record with no passing attempt after max_attempts is
-rejected with the last reason: there is no "best attempt" fallback. A record reached after the
-run's LLM budget is spent is rejected as `budget_exhausted` (left undone).
+An attempt passes only if it is valid JSON with every turn asked for, each turn is the user's own
+voice (no pasted record or tool names, no copied example), keeps every value the agent then used,
+and the whole sample as the trainer will see it passes the deterministic coverage check both ways
+(agenther.evidence.coverage: grounding of the rewritten turns included) and the coherence check
+turn by turn (agenther.evidence.coherence); then its confidence must reach the threshold. A failed
+check is told to the next attempt as what to fix (attempt i samples at temperatures[i]). A record
+with no passing attempt after max_attempts is rejected with the last reason: there is no "best
+attempt" fallback. A record reached after the run's LLM budget is spent is `budget_exhausted`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from difflib import SequenceMatcher
 
 import polars as pl
 
 from agenther import schema
-from agenther.evidence import coverage
-from agenther.evidence.goal import AchievedGoal, describe_goal, identifying_values
+from agenther.evidence import coherence, coverage
+from agenther.evidence.conversation import AFFIRMATIVE
+from agenther.evidence.goal import AchievedGoal, TurnEdit, describe_goal, first_user_index, sample_steps
+from agenther.evidence.mention import rule_written
 from agenther.evidence.render import defuse, tool_calls
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, map_concurrent
 from agenther.llm.answers import RelabelAnswer
@@ -32,10 +39,9 @@ from agenther.llm.ask import ask
 
 STAGE = "relabel"
 SCHEMA = RelabelAnswer  # the answer's contract (agenther/llm/answers.py)
-USER_WORDS = 3  # the user's own turns shown to the relabeler, at most (the last ones: they confirm)
-USER_CHARS = 110
 FACTS = 2  # facts shown to the relabeler, at most (the last ones: the final report)
 FACT_CHARS = 150
+TURN_CHARS = 600  # of a turn's original text shown to the relabeler
 MAX_DETAILS = 16
 
 
@@ -49,13 +55,6 @@ def similarity(a: str, b: str) -> float:
 
 def goal_of(row: dict) -> AchievedGoal:
     return AchievedGoal.model_validate_json(row["achieved_goal"])
-
-
-def user_words(goal: AchievedGoal) -> str:
-    said = [w for w in goal.user_words if w.strip()][-USER_WORDS:]
-    if not said:
-        return "(nothing)"
-    return "\n".join(f'- "{defuse(" ".join(w.split())[:USER_CHARS])}"' for w in said)
 
 
 def pastes_log(prompt: str, goal: AchievedGoal, record: str) -> bool:
@@ -72,7 +71,8 @@ def pastes_log(prompt: str, goal: AchievedGoal, record: str) -> bool:
 
 # The record's headings and the retry's instructions: pasted into a prompt, they name details
 # without asking for them ("Please book a flight. Name all of: one_way, 3, 1.").
-INSTRUCTION_WORDS = re.compile(r"\b(name (all|one or more) of|told the user|looked up|done|fix)\s*:", re.I)
+INSTRUCTION_WORDS = re.compile(r"\b(name( all| one or more)?( of)?|told the user|looked up|done|fix|ask for|keep|"
+                               r"do not( name( yet)?| ask for)?|say instead|it was)\s*:", re.I)
 
 
 # The words of relabel.txt's example (a library loan): small models copy examples verbatim.
@@ -87,129 +87,228 @@ ASKING = re.compile(r"\?|\b(please|want|need|would like|'d like|wish|help|could|
                     r"when|where|who|is there|are there|do i|does)\b", re.I)
 
 
-def not_the_users_voice(prompt: str) -> str | None:
-    """Why the prompt is not a user's request (it speaks as the agent, or about the record), or None."""
-    if META.search(prompt):
-        return f"the prompt speaks about the conversation, not as the user: {prompt[:80]!r}"
-    if AGENT_VOICE.search(prompt):
-        return f"the prompt speaks to the user, as the agent would: {prompt[:80]!r}"
-    if not ASKING.search(prompt):
-        return f"the prompt asks for nothing: {prompt[:80]!r}"
+def not_the_users_voice(text: str, opening: bool) -> str | None:
+    """Why the turn is not the user speaking (it speaks as the agent, or about the record), or None.
+    An opening must also ask for something."""
+    if META.search(text):
+        return f"the turn speaks about the conversation, not as the user: {text[:80]!r}"
+    if AGENT_VOICE.search(text):
+        return f"the turn speaks to the user, as the agent would: {text[:80]!r}"
+    if opening and not ASKING.search(text):
+        return f"the first message asks for nothing: {text[:80]!r}"
     return None
 
 
-def gate(answer: dict, row: dict, params: dict) -> tuple[str, str] | None:
-    """None when the attempt passes; otherwise (reason code, detail)."""
-    p = params["relabel"]
-    prompt = answer["hindsight_prompt"].strip()
-    confidence = answer["confidence"]
-    if len(prompt.split()) < 3:
-        return "empty_prompt", f"hindsight prompt too short: {prompt!r}"
+# -- what the relabeler reads -------------------------------------------------------------------
+def record_of(row: dict) -> str:
+    """The goal the conversation must ask for: its writes (or, for a goal of facts only, what the
+    agent looked up and the last facts it reported)."""
     goal = goal_of(row)
-    if pastes_log(prompt, goal, record_of(row, params)):
-        return "copies_achievement", f"the prompt pastes the record instead of asking: {prompt[:80]!r}"
-    copied = EXAMPLE_WORDS.intersection(_plain(prompt).split())
-    if copied:
-        return "copies_example", f"the prompt copies the template's example ({', '.join(sorted(copied))}): {prompt[:80]!r}"
-    voice = not_the_users_voice(prompt)
-    if voice:
-        return "not_a_request", voice
-    if not 0.0 <= confidence <= 1.0:
-        return "invalid_llm_answer", f"confidence {confidence} outside [0, 1]"
-    sim = similarity(prompt, row["goal"] or "")
-    if sim > p["max_goal_similarity"]:
-        return "repeats_goal", f"similarity {sim:.2f} to the failed goal"
-    missed = coverage.misses(prompt, goal, row, params)  # grounding in the sample included
-    if missed:
-        return missed[0][0], "; ".join(detail for _, detail in missed)
-    if confidence < p["confidence_threshold"]:
-        return "low_confidence", f"confidence {confidence:.2f} < {p['confidence_threshold']}"
-    return None
+    return describe_goal(goal, 0 if goal.actions else FACTS, FACT_CHARS)  # a change needs no report to ask for it
+
+
+def _words_of(tool: str) -> str:
+    return tool.replace("_", " ")
+
+
+def turn_notes(edit: TurnEdit) -> list[str]:
+    """The notes of one turn to rewrite, as the relabeler reads them."""
+    notes = []
+    if edit.ask:
+        notes.append("ASK FOR: " + ", ".join(_words_of(t) for t in edit.ask))
+    if edit.question:
+        notes.append("ASK: the question that TOLD THE USER answers")
+    named = [n for n in edit.name if not n.startswith("one of: ")]
+    if named:
+        notes.append("NAME: " + ", ".join(named[:MAX_DETAILS]))
+    notes += [f"NAME ONE OR MORE OF: {n.removeprefix('one of: ')}" for n in edit.name if n.startswith("one of: ")]
+    if edit.instead:
+        notes.append("SAY INSTEAD: " + ", ".join(f"{used!r} (not {said!r})" for said, used in edit.instead.items()))
+    if edit.keep:
+        notes.append("KEEP: " + ", ".join(edit.keep))
+    if edit.hold:
+        notes.append("DO NOT NAME YET: " + ", ".join(edit.hold))
+    if edit.unsay:
+        notes.append("DO NOT NAME: " + ", ".join(edit.unsay))
+    if edit.unask:
+        notes.append("DO NOT ASK FOR: " + ", ".join(dict.fromkeys(_words_of(t) for t in edit.unask)))
+    return notes
+
+
+def ruled_and_written(row: dict) -> tuple[dict[int, str], list[TurnEdit]]:
+    """The planned edits that need no writer, done (step -> text: agenther.evidence.mention), and the
+    ones the relabeling model must write."""
+    goal = goal_of(row)
+    first = first_user_index(row["messages"])
+    ruled: dict[int, str] = {}
+    written = []
+    for e in goal.edits:
+        text = rule_written(e, row["messages"][e.step].get("content") or "", mid_conversation=goal.start != first)
+        if text is None:
+            written.append(e)
+        else:
+            ruled[e.step] = text
+    return ruled, written
+
+
+def turns_text(row: dict, edits: list[TurnEdit]) -> str:
+    """TURN k (FIRST MESSAGE). It was: "...", then its notes, for every turn of `edits`."""
+    blocks = []
+    for k, edit in enumerate(edits, 1):
+        original = " ".join((row["messages"][edit.step].get("content") or "").split())[:TURN_CHARS]
+        head = f"TURN {k}{' (FIRST MESSAGE)' if edit.opening else ''}. It was: \"{original}\""
+        blocks.append("\n".join([head, *(f"  {n}" for n in turn_notes(edit))]))
+    return defuse("\n".join(blocks))
 
 
 # What the next attempt is told to do about each kind of miss (small models follow an
 # instruction better than a quoted rejection).
 FIXES = {
-    "empty_prompt": "Write one to three full sentences.",
-    "copies_achievement": "Do not copy the record or the agent's words and use no tool names: write what the user typed.",
+    "missing_turn": "Return one entry for every TURN, with its number.",
+    "empty_prompt": "Write at least one full sentence per turn.",
+    "copies_achievement": "Do not copy the record, the notes or tool names: write what the user typed.",
     "copies_example": "The example is from another shop: write about this record only.",
-    "not_a_request": 'Write the user\'s own request or question, in the first person ("I", "my"): never "your", '
-                     "never about the agent or the conversation.",
-    "repeats_goal": "Ask only for what DONE shows.",
-    "unmet_requirement": "Ask only for what the record shows.",
-    "low_confidence": "Ask only for what the record shows, naming its details.",
+    "not_a_request": 'Write as the user, in the first person ("I", "my"): never "your", never about the agent.',
+    "repeats_goal": "Leave out what the notes say not to ask for.",
+    "lost_value": "Keep every detail under KEEP.",
+    "unrequested_action": "ASK FOR and NAME everything the notes list.",
+    "unmet_requirement": "Ask only for what the record shows; leave out everything under DO NOT.",
+    "asks_given_value": "In the FIRST MESSAGE, leave out what DO NOT NAME YET lists.",
+    "low_confidence": "Follow every note.",
 }
 
 
-def feedback(failures: list[tuple[str, str, str]], row: dict, params: dict) -> str:
+def feedback(failures: list[tuple[str, str]], row: dict) -> str:
     """What the next attempt is told about the previous one (empty for the first attempt): the
-    rejection in plain words (tool names spaced, no step numbers) and what to do instead,
-    including the details the request still has to name."""
+    rejection in plain words (tool names spaced, no step numbers) and what to do instead."""
     if not failures:
         return ""
-    prompt, code, why = failures[-1]
+    code, why = failures[-1]
     for tool in sorted({c["name"] for c in tool_calls(row["messages"])}, key=len, reverse=True):
-        why = why.replace(tool, tool.replace("_", " "))
-    why = re.sub(r" \(step \d+\)", "", why)
-    todo = [FIXES.get(code, "")]
+        why = why.replace(tool, _words_of(tool))
+    why = re.sub(r" \(?(before )?step \d+\)?", "", why)
+    fix = FIXES.get(code, "Follow every note.")
+    return f"\nYOUR PREVIOUS ANSWER WAS REJECTED: {defuse(why[:200])}\nFIX: {fix}"
+
+
+# -- the gate -----------------------------------------------------------------------------------
+def sample_defects(row: dict, goal: AchievedGoal, rewrites: dict[int, str],
+                   params: dict) -> list[tuple[str, str]]:
+    """(code, detail) of every defect of the sample as the trainer will see it, with `rewrites`
+    (step -> text) in place: coverage both ways, then coherence turn by turn."""
+    turns = coherence.sample_turns(row["messages"], sample_steps(row["messages"], goal), goal, rewrites)
+    user_side = [(t.step, t.message.get("content") or "") for t in turns if t.message["role"] == "user"]
+    found = coverage.misses(user_side, goal, row, params, rewritten=rewrites)
+    found += [(d.code, f"step {d.step}: {d.detail}") for d in coherence.defects(turns, goal, row, params)]
+    return found
+
+
+def _kept(value: str, text: str) -> bool:
+    return bool(AFFIRMATIVE.search(text)) if value == "yes" else coverage.asked(value, text)
+
+
+def gate(answer: RelabelAnswer, row: dict, params: dict, edits: list[TurnEdit],
+         ruled: dict[int, str]) -> tuple[tuple[str, str] | None, dict[int, str]]:
+    """(None when the attempt passes, else (reason code, detail); the rewrites step -> text).
+    `edits`: the turns asked for (TURN k is edits[k - 1]); `ruled`: the turns written by rules."""
+    p = params["relabel"]
     goal = goal_of(row)
-    request = "\n".join([prompt, *goal.user_words])
-    unnamed = [d for d in coverage.required_details(goal, row, params) if not coverage.asked(d, request)]
-    if unnamed and (goal.actions or code == "unmet_requirement"):
-        labelled = [_labelled(d, goal) for d in unnamed[:MAX_DETAILS]]
-        todo.append(("Name all of: " if goal.actions else "Name one or more of: ") + ", ".join(labelled))
-    return (f'\nYOUR PREVIOUS ANSWER "{defuse(prompt[:150])}" WAS REJECTED: {defuse(why[:160])}\n'
-            f"FIX: {' '.join(t for t in todo if t)}")
+    by_number = {t.turn: t.text.strip() for t in answer.turns}
+    rewrites = {e.step: by_number.get(k, "") for k, e in enumerate(edits, 1)}
+    missing = [k for k, e in enumerate(edits, 1) if not rewrites[e.step]]
+    rewrites |= ruled
+    if missing:
+        return ("missing_turn", f"no text for turn(s) {missing}"), rewrites
+    record = record_of(row)
+    for k, e in enumerate(edits, 1):
+        text = rewrites[e.step]
+        if len(text.split()) < (3 if e.opening else 1):
+            return ("empty_prompt", f"turn {k} is too short: {text!r}"), rewrites
+        if pastes_log(text, goal, record):
+            return ("copies_achievement", f"turn {k} pastes the record instead of speaking: {text[:80]!r}"), rewrites
+        copied = EXAMPLE_WORDS.intersection(_plain(text).split())
+        if copied:
+            return ("copies_example", f"turn {k} copies the template's example ({', '.join(sorted(copied))}): "
+                                      f"{text[:80]!r}"), rewrites
+        voice = not_the_users_voice(text, e.opening)
+        if voice:
+            return ("not_a_request", f"turn {k}: {voice}"), rewrites
+        lost = [v for v in e.keep if not _kept(v, text)]
+        if lost:
+            return ("lost_value", f"turn {k} drops {', '.join(map(repr, lost))}, which the agent then used"), rewrites
+        original = row["messages"][e.step].get("content") or ""
+        if (e.unask or e.unsay or e.instead) and similarity(text, original) > p["max_goal_similarity"]:
+            return ("repeats_goal", f"turn {k} is the original again (similarity {similarity(text, original):.2f})"), \
+                rewrites
+    if not 0.0 <= answer.confidence <= 1.0:
+        return ("invalid_llm_answer", f"confidence {answer.confidence} outside [0, 1]"), rewrites
+    found = sample_defects(row, goal, _changed(row, rewrites), params)
+    if found:
+        return (found[0][0], "; ".join(detail for _, detail in found)), rewrites
+    if answer.confidence < p["confidence_threshold"]:
+        return ("low_confidence", f"confidence {answer.confidence:.2f} < {p['confidence_threshold']}"), rewrites
+    return None, rewrites
 
 
-def _labelled(value: str, goal: AchievedGoal) -> str:
-    """A detail with the argument it fills ("total baggages 3"): a bare "3" tells a small model
-    nothing, and it pastes it."""
-    for arguments in [*(a.arguments for a in goal.actions), *(r.arguments for f in goal.facts for r in f.reads)]:
-        for key, v in arguments.items():
-            if value in identifying_values({key: v}, exempt=False):
-                return f"{key.replace('_', ' ')} {value}"
-    return value
+# -- the stage ----------------------------------------------------------------------------------
+def _changed(row: dict, rewrites: dict[int, str]) -> dict[int, str]:
+    """The rewrites that change their turn (a turn written back as it was is no rewrite)."""
+    return {s: t for s, t in rewrites.items() if t != (row["messages"][s].get("content") or "")}
 
 
-def record_of(row: dict, params: dict) -> str:
-    """The record the relabeler reads: the goal, and the details its request must name (the
-    coverage check's own list: small models drop details unless told which)."""
-    goal = goal_of(row)
-    record = describe_goal(goal, 0 if goal.actions else FACTS, FACT_CHARS)  # a change needs no report to ask for it
-    details = coverage.required_details(goal, row, params)
-    if details:
-        record += ("\nNAME ALL OF: " if goal.actions else "\nNAME ONE OR MORE OF: ") + ", ".join(details[:MAX_DETAILS])
-    return record
+def rewrites_json(row: dict, rewrites: dict[int, str]) -> str:
+    """The `rewrites` column: [{step, before, after}] of each turn whose text changed."""
+    changed = [{"step": step, "before": row["messages"][step].get("content") or "", "after": text}
+               for step, text in sorted(rewrites.items()) if text != (row["messages"][step].get("content") or "")]
+    return json.dumps(changed, ensure_ascii=False)
+
+
+def _accepted(row: dict, goal: AchievedGoal, rewrites: dict[int, str], confidence: float, attempts: int,
+              rationale: str, model: str) -> dict:
+    rewrites = _changed(row, rewrites)
+    opening = rewrites.get(goal.start, row["messages"][goal.start].get("content") or "")
+    return row | {
+        "hindsight_prompt": opening.strip(),
+        "rewrites": rewrites_json(row, rewrites),
+        "relabel_confidence": confidence,
+        "relabel_attempts": attempts,
+        "relabel_rationale": rationale,
+        "relabel_model": model,
+    }
 
 
 def relabel_one(row: dict, params: dict, llm: LLMClient) -> tuple[dict | None, dict | None]:
     p = params["relabel"]
-    record = defuse(record_of(row, params))
-    said = user_words(goal_of(row))
+    goal = goal_of(row)
+    ruled, written = ruled_and_written(row)
+    if not written:  # the user side already asks for this goal, or needs only details added
+        found = sample_defects(row, goal, _changed(row, ruled), params)
+        if found:
+            return None, schema.rejection(row["id"], STAGE, found[0][0], "; ".join(d for _, d in found))
+        why = ("the conversation already asks for the achieved goal" if not ruled else
+               "the conversation asks for the achieved goal once its turns name the details added")
+        return _accepted(row, goal, ruled, 1.0, 0, why, "rules"), None
+    record, turns = defuse(record_of(row)), turns_text(row, written)
     temperatures = p["temperatures"]
-    failures: list[tuple[str, str, str]] = []  # (prompt, code, why) of each failed attempt
+    failures: list[tuple[str, str]] = []  # (code, why) of each failed attempt
     for attempt in range(p["max_attempts"]):
         temperature = temperatures[min(attempt, len(temperatures) - 1)]
         asked = ask(llm, "relabel", SCHEMA, stage=STAGE, temperatures=[temperature], attempts=1,
-                    first_seed=attempt, record=record, user_words=said, feedback=feedback(failures, row, params))
+                    first_seed=attempt, record=record, turns=turns, feedback=feedback(failures, row))
         if asked.budget_exhausted:  # left undone, not judged: no further attempt can start
-            detail = "; ".join([*(f"attempt {i + 1}: {code} ({why})" for i, (_, code, why) in enumerate(failures)),
+            detail = "; ".join([*(f"attempt {i + 1}: {code} ({why})" for i, (code, why) in enumerate(failures)),
                                 asked.error or BUDGET_EXHAUSTED])
             return None, schema.rejection(row["id"], STAGE, BUDGET_EXHAUSTED, detail)
-        verdict = ("invalid_llm_answer", asked.error or "") if asked.data is None else gate(asked.data, row, params)
+        if asked.answer is None:
+            failures.append(("invalid_llm_answer", asked.error or ""))
+            continue
+        verdict, rewrites = gate(asked.answer, row, params, written, ruled)
         if verdict is None:
-            return row | {
-                "hindsight_prompt": asked.data["hindsight_prompt"].strip(),
-                "relabel_confidence": float(asked.data["confidence"]),
-                "relabel_attempts": attempt + 1,
-                "relabel_rationale": str(asked.data.get("rationale") or ""),
-                "relabel_model": llm.name,
-            }, None
-        said_prompt = (asked.data or {}).get("hindsight_prompt") or ""
-        failures.append((said_prompt if isinstance(said_prompt, str) else "", *verdict))
-    reason = failures[-1][1]
-    detail = "; ".join(f"attempt {i + 1}: {code} ({why})" for i, (_, code, why) in enumerate(failures))
+            return _accepted(row, goal, rewrites, float(asked.answer.confidence), attempt + 1,
+                             str((asked.data or {}).get("rationale") or ""), llm.name), None
+        failures.append(verdict)
+    reason = failures[-1][0]
+    detail = "; ".join(f"attempt {i + 1}: {code} ({why})" for i, (code, why) in enumerate(failures))
     return None, schema.rejection(row["id"], STAGE, reason, detail)
 
 
@@ -224,3 +323,5 @@ def relabel(extracted: pl.DataFrame, params: dict, llm: LLMClient) -> schema.Sta
     results = map_concurrent(lambda r: relabel_one(r, params, llm), extracted.to_dicts(),
                              params["llm"]["concurrency"])
     return relabel_output(results)
+
+

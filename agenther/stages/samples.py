@@ -53,12 +53,13 @@ from pathlib import Path
 import polars as pl
 
 from agenther import schema
-from agenther.evidence.goal import AchievedGoal, first_user_index, sample_messages
+from agenther.evidence.goal import AchievedGoal, first_user_index, rewrites_of, sample_messages, sample_steps
 from agenther.export import formats as exports
-from agenther.export import tokens, trl
+from agenther.export import tokens
 from agenther.export.card import render_dataset_card
 from agenther.export.dedup import dedup_prompts
 from agenther.export.files import ANNOTATED, SortedJsonlSink
+from agenther.export.registry import exporters
 from agenther.export.schemas import validate_dpo, validate_sft
 from agenther.tables import DEFAULT_BATCH_ROWS, TableWriter, iter_batches
 
@@ -73,7 +74,7 @@ DEFAULTS = {
 }
 PAIR_LEVELS = ("step", "trajectory")
 COUNTS = (  # Packaged.counts keys; hindsight_samples + rejections = accepted_in
-    *("accepted_in", "hindsight_samples", "success_samples", "success_unexportable"),
+    *("accepted_in", "hindsight_samples", "rewritten_turns", "success_samples", "success_unexportable"),
     *("duplicates", "near_duplicates", "unexportable", "sharegpt_assistant_text_dropped"),
     *("dpo_natural", "dpo_natural_skipped", "dpo_hindsight", "dpo_hindsight_unpaired", "dpo_invalid"),
 )
@@ -90,7 +91,7 @@ class Exported:
     rows: dict[str, int]  # sft / dpo / sharegpt -> rows written (the annotated files)
     files: dict[str, int]  # every export file written -> rows (dataset_info.json: datasets named)
     not_written: dict[str, str]  # export file -> why it was not written
-    token_lengths: dict  # per TRL file: percentiles and the max_length that cuts no row (or why none)
+    token_lengths: dict  # per measured file (TRL's): percentiles, total, the max_length that cuts no row (or why none)
 
 
 # --- message helpers ---------------------------------------------------------------------
@@ -111,13 +112,19 @@ def trim_trailing(messages: list[dict]) -> list[dict]:
 
 
 def hindsight_messages(row: dict) -> list[dict]:
-    """The hindsight sample of an accepted relabel (goal.sample_messages), each assistant turn
-    weighted 1 (trains) or 0 (context only), ending on an assistant turn."""
+    """The hindsight sample of an accepted relabel (goal.sample_messages: its window of the run, the
+    rewritten user turns in place), each assistant turn weighted 1 (trains) or 0 (context only),
+    ending on an assistant turn."""
     goal = AchievedGoal.model_validate_json(row["achieved_goal"])
     train = set(goal.train_steps)
-    sample = sample_messages(row["messages"], goal, row["hindsight_prompt"])
-    return trim_trailing([{**m, "weight": int(i in train)} if m["role"] == "assistant" else m
-                          for i, m in enumerate(sample)])
+    sample = sample_messages(row["messages"], goal, rewrites_of(row))
+    return trim_trailing([{**m, "weight": int(step in train)} if m["role"] == "assistant" else m
+                          for step, m in zip(sample_steps(row["messages"], goal), sample, strict=True)])
+
+
+def user_side(messages: list[dict]) -> str:
+    """The user turns of a sample, one per line: what a hindsight request is as a whole."""
+    return "\n".join(m.get("content") or "" for m in messages if m["role"] == "user")
 
 
 def _canonical_args(arguments: str | None) -> str:
@@ -299,6 +306,8 @@ def _sample_meta(row: dict, kind: str, base: dict) -> dict:
         "relabel_confidence": _float(row.get("relabel_confidence")) if hindsight else None,
         "relabel_model": row.get("relabel_model") if hindsight else None,
         "judges": _judges(row) if hindsight else [],
+        # the user turns the relabeler rewrote: [{step, before, after}] (step: in the source trajectory)
+        "rewrites": json.loads(row.get("rewrites") or "[]") if hindsight else [],
     }
 
 
@@ -346,18 +355,20 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
             counts["sharegpt_assistant_text_dropped"] += row["metadata"]["assistant_text_dropped"]
         sink.add(name, row)
 
-    # 1. Dedup the hindsight prompts (an empty prompt is no sample at all).
-    with_prompt = []
+    # 1. Dedup the hindsight requests: a sample's whole user side (an empty opening is no sample at all).
+    samples: dict[str, list[dict]] = {}
     for r in rows:
-        if (r.get("hindsight_prompt") or "").strip():
-            with_prompt.append(r)
-        else:
-            rejections.append(
-                schema.rejection(r["id"], STAGE, "unexportable", "accepted without a hindsight prompt")
-            )
+        why = "accepted without a hindsight prompt" if not (r.get("hindsight_prompt") or "").strip() else None
+        if why is None:
+            try:
+                samples[r["id"]] = hindsight_messages(r)
+            except ValueError as exc:
+                why = str(exc)
+        if why is not None:
+            rejections.append(schema.rejection(r["id"], STAGE, "unexportable", why))
             counts["unexportable"] += 1
     result = dedup_prompts(
-        [(r["id"], r["hindsight_prompt"], r.get("relabel_confidence")) for r in with_prompt],
+        [(r["id"], user_side(samples[r["id"]]), r.get("relabel_confidence")) for r in rows if r["id"] in samples],
         p["near_dup_threshold"],
     )
     for d in result.dropped:
@@ -367,7 +378,7 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
                 d.id,
                 STAGE,
                 d.reason,
-                f"hindsight prompt duplicates the one kept for {d.kept_id} (similarity {d.similarity})",
+                f"the sample's user side duplicates the one kept for {d.kept_id} (similarity {d.similarity})",
             )
         )
 
@@ -377,8 +388,7 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
         r = by_id[row_id]
         weight = sample_weight(r.get("severity"), p["weight_alpha"], p["min_weight"])
         try:
-            messages = hindsight_messages(r)
-            pair = _sample_rows(messages, r, weight, _sample_meta(r, "hindsight", base))
+            pair = _sample_rows(samples[row_id], r, weight, _sample_meta(r, "hindsight", base))
         except ValueError as exc:
             rejections.append(schema.rejection(row_id, STAGE, "unexportable", str(exc)))
             counts["unexportable"] += 1
@@ -386,6 +396,7 @@ def package_into(sink, verified: pl.DataFrame, classified: Batches, params: dict
         emit("sft.jsonl", pair[0])
         emit("sharegpt.jsonl", pair[1])
         hindsight_kept.append((r, weight))
+        counts["rewritten_turns"] += len(pair[0]["metadata"]["rewrites"])
     counts["hindsight_samples"] = len(hindsight_kept)
 
     # 3. Which tasks can pair: a success and a failure (natural), or a kept relabel and another run.
@@ -583,8 +594,8 @@ def export_samples(verified: pl.DataFrame, classified: Path, params: dict, linea
                    measure_tokens: bool = True, round_of: Mapping[str, int] | None = None) -> Exported:
     """The package stage's product: `package_into` over the classified table at `classified`
     (read in batches), its rows written to the export files in `out` (sorted by sample id,
-    bounded memory: SortedJsonlSink), then the token lengths of the TRL files measured with the
-    local model's tokenizer (`tokenizer_model`, else the first one installed). `round_of`: package_into."""
+    bounded memory: SortedJsonlSink), then the token lengths of the files the exporters name as
+    `measured` (TRL's), with the local model's tokenizer (`tokenizer_model`, else the first one installed). `round_of`: package_into."""
     sink = SortedJsonlSink(out, batch_rows)
     rejections, counts = package_into(
         sink, verified, lambda columns=None: iter_batches(classified, batch_rows, columns), params, lineage, batch_rows,
@@ -597,11 +608,10 @@ def export_samples(verified: pl.DataFrame, classified: Path, params: dict, linea
 
 
 def measure_lengths(out: Path, written: dict, model: str | None) -> dict:
-    """{"tokenizer": model name, "files": {TRL file: tokens.stats}} or {"tokenizer": None, "not_measured": why}."""
-    todo = [(name, fn) for name, fn in ((trl.SFT_FILE, tokens.sft_lengths), (trl.DPO_FILE, tokens.dpo_lengths))
-            if name in written]
+    """{"tokenizer": model name, "files": {file: tokens.stats}} or {"tokenizer": None, "not_measured": why}."""
+    todo = [name for e in exporters() for name in e.measured if name in written]
     if not todo:
-        return {"tokenizer": None, "not_measured": "no TRL file written"}
+        return {"tokenizer": None, "not_measured": "no trainer file written"}
     reasons = []
     for tok, why in tokens.local_tokenizers(model):  # the run's local model first, then any installed one
         if tok is None:
@@ -609,9 +619,9 @@ def measure_lengths(out: Path, written: dict, model: str | None) -> dict:
             continue
         try:
             files = {}
-            for name, fn in todo:
+            for name in todo:
                 with (out / name).open(encoding="utf-8") as fh:
-                    files[name] = tokens.stats(fn(tok, fh))
+                    files[name] = tokens.stats(tokens.row_lengths(tok, fh))
         except Exception as exc:  # a chat template that cannot render these rows (tool calls, null content)
             reasons.append(f"{tok.name}: its chat template failed ({type(exc).__name__}: {exc})")
             continue

@@ -1,17 +1,25 @@
 """Stage 4: independent judges decide whether a sample fully satisfies its hindsight prompt.
 
-Every judge sees the sample (the run cut after what proves its goal, agenther.evidence.goal), not the
-whole run. Judges (params verify.judges), deterministic ones first so a rejection costs no call:
-- coverage: deterministic; the prompt asks for every write the sample trains on and the sample
-  meets every requirement of the prompt (agenther.evidence.coverage);
-- grounding: deterministic; every number, ID, date and name in the prompt occurs in the sample;
+Every judge sees the sample as the trainer will (its window of the run, the relabeler's rewritten
+user turns in place: agenther.evidence.goal.sample_messages), not the whole run. Judges (params
+verify.judges), deterministic ones first so a rejection costs no call:
+- replay: deterministic, where the log's environment can be replayed (agenther/envs; params
+  replay.env); elsewhere it does not apply. The sample's trained writes, replayed from the
+  initial state, all succeed and reach the run's state at the sample's cut; else `replay_mismatch`
+  with the first call that differs (agenther/envs/proof.py);
+- coverage: deterministic; the user side asks for every write the sample trains on, before it, and
+  the sample meets every requirement of the user side (agenther.evidence.coverage);
+- grounding: deterministic; every number, ID, date and name in a rewritten turn occurs in the sample;
+- coherence: deterministic; the conversation read turn by turn: no trained turn asks for what the
+  user gave or speaks of a write the goal lacks, no user turn contradicts the request, every ID a
+  trained call uses was given before it (agenther.evidence.coherence);
 - policy: the sample's writes break no rule the agent was given. Where the log carries ground
   truth, extract has already kept every write the correct run would not make out of the goal;
   elsewhere an LLM reads the agent's rules (its system prompt) and the sample's writes;
 - trajectory: an LLM reads the (compacted) sample and the prompt, never the relabeler's
   rationale or confidence, and checks agreement with what the user said;
-- evidence: an LLM (judge_model) sees only the sample's tool calls and tool results, no
-  narration, and must point every requirement at the tool result that proves it.
+- evidence: an LLM (judge_model) sees only the user side and the sample's tool calls and tool
+  results, no narration, and must point every requirement at the tool result that proves it.
 Policy `all`: one rejection is final (no fallback path accepts it; remaining judges are
 not even asked). Policy `majority`: strictly more than half must accept.
 A judge that cannot be asked because the run's LLM budget is spent ends the record's
@@ -23,12 +31,22 @@ that only such judges turned down is rejected as `invalid_llm_answer`, with the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import polars as pl
 
 from agenther import schema
-from agenther.evidence import coverage
-from agenther.evidence.goal import describe_action, evidence_messages, metadata_of, sample_messages
+from agenther.envs import open_env
+from agenther.envs.proof import REPLAY_MISMATCH, env_for, prove
+from agenther.evidence import coherence, coverage
+from agenther.evidence.goal import (
+    describe_action,
+    evidence_messages,
+    metadata_of,
+    rewrites_of,
+    sample_messages,
+    sample_steps,
+)
 from agenther.evidence.grounding import ungrounded
 from agenther.evidence.render import defuse, render, tool_calls
 from agenther.evidence.tools import is_error
@@ -38,36 +56,65 @@ from agenther.llm.ask import Asked, ask
 from agenther.stages.relabel import goal_of, relabel_one, relabel_output
 
 STAGE = "verify"
-JUDGE_NAMES = ("coverage", "grounding", "policy", "trajectory", "evidence")
 RULES_CHARS = 6000  # of the agent's system prompt shown to the policy judge
 
 Judgement = dict  # schema.JUDGEMENT: judge, model, accept, confidence, reason
 
 
-def sample_of(row: dict) -> list[dict]:
-    """The sample as the judges read it: as it will be trained on (the run cut after what proves
-    its goal, the hindsight prompt in place of the first user turn: goal.sample_messages), plus
-    the results of its writes where the cut ends on a call."""
+def sample_of(row: dict) -> tuple[list[dict], set[int]]:
+    """The sample as the judges read it: as it will be trained on (goal.sample_messages: its window,
+    the rewritten user turns in place), plus the results of its writes where the cut ends on a call;
+    and the positions in it of the steps that evidence the goal (a transcript keeps them)."""
     goal = goal_of(row)
-    end = max([goal.sample_end, *(a.result_step + 1 for a in goal.actions)])
-    return sample_messages(row["messages"], goal.model_copy(update={"sample_end": end}), row["hindsight_prompt"])
+    goal = goal.model_copy(update={"sample_end": max([goal.sample_end, *(a.result_step + 1 for a in goal.actions)])})
+    position = {step: i for i, step in enumerate(sample_steps(row["messages"], goal))}
+    evidence = {position[s] for s in goal.evidence_steps() if s in position}
+    return sample_messages(row["messages"], goal, rewrites_of(row)), evidence
+
+
+def user_side(row: dict) -> list[tuple[int, str]]:
+    """(run step, text) of the sample's user turns as the trainer sees them."""
+    goal, rewrites = goal_of(row), rewrites_of(row)
+    return [(i, rewrites.get(i, row["messages"][i].get("content") or ""))
+            for i in sample_steps(row["messages"], goal) if row["messages"][i]["role"] == "user"]
 
 
 def _transcript_tokens(params: dict) -> int:
     return params["verify"]["transcript_tokens"]
 
 
+def judge_replay(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement | None:
+    """None (does not apply) where no environment replays the record's log."""
+    env = env_for(row, params)
+    if env is None:
+        return None
+    proof = prove(row["messages"], goal_of(row), open_env(env))
+    return {"judge": "replay", "model": f"env:{env}", "accept": proof.ok, "confidence": 1.0, "reason": proof.reason}
+
+
 def judge_coverage(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    missed = coverage.misses(row["hindsight_prompt"], goal_of(row), row, params)
-    reason = ("the prompt asks for every write of the sample, and the sample meets every requirement"
+    missed = coverage.misses(user_side(row), goal_of(row), row, params, rewritten=rewrites_of(row))
+    reason = ("the user side asks for every write of the sample, and the sample meets every requirement"
               if not missed else "; ".join(f"{code}: {detail}" for code, detail in missed))
     return {"judge": "coverage", "model": "rules", "accept": not missed, "confidence": 1.0, "reason": reason}
 
 
 def judge_grounding(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    missing = ungrounded(row["hindsight_prompt"], evidence_messages(row["messages"], goal_of(row)))
-    reason = "every detail occurs in the sample" if not missing else "not in the sample: " + ", ".join(missing)
+    rewrites = rewrites_of(row)
+    written = "\n".join(rewrites.values())
+    missing = ungrounded(written, evidence_messages(row["messages"], goal_of(row))) if written else []
+    reason = ("no rewritten turn" if not rewrites else
+              "every detail occurs in the sample" if not missing else "not in the sample: " + ", ".join(missing))
     return {"judge": "grounding", "model": "rules", "accept": not missing, "confidence": 1.0, "reason": reason}
+
+
+def judge_coherence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+    goal = goal_of(row)
+    turns = coherence.sample_turns(row["messages"], sample_steps(row["messages"], goal), goal, rewrites_of(row))
+    found = coherence.defects(turns, goal, row, params)
+    reason = ("every turn follows from the request and what the user said before it" if not found else
+              "; ".join(f"{d.code}: step {d.step}: {d.detail}" for d in found))
+    return {"judge": "coherence", "model": "rules", "accept": not found, "confidence": 1.0, "reason": reason}
 
 
 def judge_policy(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
@@ -105,7 +152,8 @@ def _ruled(judge: str, reason: str) -> Judgement:
 
 
 def judge_trajectory(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    transcript = render(sample_of(row), keep=goal_of(row).evidence_steps(), budget_tokens=_transcript_tokens(params))
+    messages, evidence = sample_of(row)
+    transcript = render(messages, keep=evidence, budget_tokens=_transcript_tokens(params))
     asked = ask(llm, "judge_trajectory", TrajectoryAnswer, stage=STAGE, temperatures=[0.0], attempts=2,
                 request=defuse(row["hindsight_prompt"]), transcript=transcript)
     if asked.answer is None:
@@ -118,11 +166,12 @@ def judge_trajectory(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClie
 
 
 def judge_evidence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
-    messages = sample_of(row)
-    transcript = render(messages, keep=goal_of(row).evidence_steps(), roles=("tool",),
+    messages, evidence = sample_of(row)
+    transcript = render(messages, keep=evidence, roles=("tool",),
                         budget_tokens=_transcript_tokens(params))
+    request = "\n".join(text for _, text in user_side(row))
     asked = ask(judge_llm, "judge_evidence", EvidenceAnswer, stage=STAGE, temperatures=[0.0], attempts=2,
-                request=defuse(row["hindsight_prompt"]), transcript=transcript)
+                request=defuse(request), transcript=transcript)
     if asked.answer is None:
         return _invalid("evidence", judge_llm, asked)
     d = asked.answer
@@ -136,9 +185,11 @@ def judge_evidence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient
     return {"judge": "evidence", "model": judge_llm.name, "accept": accept, "confidence": confidence, "reason": reason}
 
 
-JUDGES: dict[str, Callable[..., Judgement]] = {
+JUDGES: dict[str, Callable[..., Judgement | None]] = {
+    "replay": judge_replay,
     "coverage": judge_coverage,
     "grounding": judge_grounding,
+    "coherence": judge_coherence,
     "policy": judge_policy,
     "trajectory": judge_trajectory,
     "evidence": judge_evidence,
@@ -172,31 +223,55 @@ def _threshold(params: dict) -> float:
 def decide(judgements: list[Judgement], policy: str, n_judges: int) -> bool:
     accepts = sum(j["accept"] for j in judgements)
     if policy == "all":
-        return len(judgements) == n_judges and accepts == n_judges
+        return 0 < n_judges == len(judgements) == accepts  # no judge that applies: not verified
     return accepts * 2 > n_judges
 
 
+@dataclass
+class _Judging:
+    """One record's judgements as they come in, judge after judge."""
+    row: dict
+    judgements: list[Judgement] = field(default_factory=list)
+    applied: int = 0  # judges that applied to the record (replay applies only where an environment does)
+    undone: bool = False  # a judge could not be asked: the run's budget is spent
+    over: bool = False  # no later judge is asked
+
+    def add(self, judgement: Judgement | None, policy: str) -> None:
+        if judgement is None:
+            return  # the judge does not apply to this record (replay: no environment)
+        self.applied += 1
+        self.judgements.append(judgement)
+        if _undone(judgement):
+            self.undone = self.over = True  # budget spent: left undone
+        elif policy == "all" and not judgement["accept"]:
+            self.over = True  # final: no later judge can overturn it
+
+    def result(self, policy: str) -> dict:
+        verified = not self.undone and decide(self.judgements, policy, self.applied)
+        return self.row | {"judgements": self.judgements, "verified": verified}
+
+
 def verify_one(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> dict:
-    names = list(params["verify"]["judges"])
     policy = params["verify"]["policy"]
-    judgements: list[Judgement] = []
-    for name in names:
-        judgements.append(JUDGES[name](row, params, llm, judge_llm))
-        if _undone(judgements[-1]):
-            return row | {"judgements": judgements, "verified": False}  # budget spent: left undone
-        if policy == "all" and not judgements[-1]["accept"]:
-            break  # final: no later judge can overturn it
-    return row | {"judgements": judgements, "verified": decide(judgements, policy, len(names))}
+    judging = _Judging(row)
+    for name in params["verify"]["judges"]:
+        if judging.over:
+            break
+        judging.add(JUDGES[name](row, params, llm, judge_llm), policy)
+    return judging.result(policy)
 
 
 def _rejection_reason(judgements: list[Judgement]) -> str:
     """budget_exhausted (left undone); invalid_llm_answer when every judge that did not accept gave
-    no valid verdict; else rejected_by_<the judges that did not accept>."""
+    no valid verdict; replay_mismatch when replay did not accept; else rejected_by_<the judges that
+    did not accept>."""
     if any(_undone(j) for j in judgements):
         return BUDGET_EXHAUSTED
     refused = [j for j in judgements if not j["accept"]]
     if refused and all(_invalid_answer(j) for j in refused):
         return INVALID_LLM_ANSWER
+    if refused and all(j["reason"].startswith(REPLAY_MISMATCH) for j in refused):
+        return REPLAY_MISMATCH
     return "rejected_by_" + "+".join(j["judge"] for j in refused)
 
 
@@ -221,9 +296,18 @@ def verify(relabeled: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: LLM
     """Kept: every judged row with its judgements and `verified`; rejected: the unverified."""
     check_judges(params)
     judge_llm = judge_llm or llm
-    rows = map_concurrent(lambda r: verify_one(r, params, llm, judge_llm), relabeled.to_dicts(),
-                          params["llm"]["concurrency"])
-    return verify_output(rows)
+    policy = params["verify"]["policy"]
+    judgings = [_Judging(r) for r in relabeled.to_dicts()]
+    # Judge by judge over the records (the same judgements as verify_one's record by record): calls
+    # in a row share their template's fixed instructions, which llama.cpp's and providers' prompt
+    # caches then reuse.
+    for name in params["verify"]["judges"]:
+        todo = [j for j in judgings if not j.over]
+        verdicts = map_concurrent(lambda j: JUDGES[name](j.row, params, llm, judge_llm), todo,  # noqa: B023
+                                  params["llm"]["concurrency"])
+        for judging, verdict in zip(todo, verdicts, strict=True):
+            judging.add(verdict, policy)
+    return verify_output([j.result(policy) for j in judgings])
 
 
 # -- relabel and verify fused: no barrier between the stages ----------------------------------

@@ -1,0 +1,165 @@
+"""What one turn of a conversation says, read deterministically: which write actions it speaks of,
+which values it asks for or denies knowing, which wishes it states.
+
+The sample planner (agenther.evidence.goal) and the coherence judge (agenther.evidence.coherence)
+read turns with these same functions, so what the planner avoids is what the judge checks.
+
+A sentence *speaks of* a write when it asks for, offers, promises, refuses or discusses it
+(tools.Tools.requested), except where it only describes a state ("you are booked on HAT041",
+"it was booked on May 12") or names a detail of an action the goal does contain ("add travel
+insurance for $30 per passenger" while booking: insurance and passengers are arguments of the
+booking, not a passenger update).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from agenther.evidence.tools import SENTENCE, Tools, mentions, words
+
+# A sentence asks (for a value, or for an action): a question, or a word of asking.
+ASKING = re.compile(r"\?|\b(please|could you|can you|would you|may i|provide|share|let me know|tell me|confirm|"
+                    r"need|what is|what's)\b", re.I)
+# "is booked", "were cancelled", "has been updated": a state, not an action spoken of. Not after a
+# modal: "can be cancelled", "cannot be modified" discuss the action.
+STATE = re.compile(r"\b(?<!can )(?<!cannot )(?<!can't )(?<!could )(?<!not )(am|is|are|was|were|been|currently|already|now|"
+                   r"successfully)\s+(\w+\s+)?(\w+ed)\b", re.I)
+DENIAL_WORDS = re.compile(r"\b(don't|do not|dont|didn't|did not|can't|cannot|not sure|no idea|forgot|forget|"
+                          r"lost|unsure)\b", re.I)
+
+# Wishes a request may state that only the run's own actions or reports can meet: each must be
+# echoed by something the agent did or said (tool calls, results, the agent's text), or the request
+# asks for something the sample does not show.
+WISHES = re.compile(
+    r"\b(aisle seat|window seat|middle seat|aisle|seats|seat|cheapest|cheaper|lowest price|least expensive|fastest|"
+    r"shortest|quickest|earliest|latest|nonstop|non-stop|direct|morning|afternoon|evening|overnight|red-eye|"
+    r"full refund|refund|compensation|voucher|upgrade)\b",
+    re.I,
+)
+# Which words of the run count as meeting a wish (the agent says "direct" as "nonstop", a tool
+# is named search_direct_flight ...).
+WISH_ECHOES = {
+    "non-stop": ("non-stop", "nonstop", "direct"),
+    "nonstop": ("nonstop", "non-stop", "direct"),
+    "direct": ("direct", "nonstop", "non-stop"),
+    "cheaper": ("cheaper", "cheapest", "lowest", "least expensive"),
+    "lowest price": ("lowest", "cheapest"),
+    "least expensive": ("least expensive", "cheapest", "lowest"),
+    "compensation": ("compensation", "certificate", "voucher"),
+    "voucher": ("voucher", "certificate", "compensation"),
+    "seats": ("seat",),
+    "aisle seat": ("aisle",), "window seat": ("window",), "middle seat": ("middle",),
+}
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in SENTENCE.split(text or "") if s.strip()]
+
+
+# Who does what: a participle after one of these is an action ("I cancelled", "it cannot be canceled"),
+# after anything else a state ("flights booked on the same day").
+ACTORS = frozenset(["i", "we", "you", "they", "he", "she", "it", "have", "has", "had", "will", "would", "can", "could", "to", "please", "let", "i'll", "i've", "we've", "you've", "be"])
+# An event's name ("the flight cancellation") speaks of the action only where something is offered or asked.
+OFFERING = re.compile(r"\?|\b(can|could|would|will|shall|eligible|proceed|able|unable|like|want|need|policy|"
+                      r"allowed|possible|please|let me|i'll)\b", re.I)
+
+
+def _describes_state(sentence: str, verbs: frozenset[str]) -> bool:
+    """Every word of the write's verb group in the sentence is a state ("is booked", "flights booked
+    on May 12") or an event's name without an offer ("the inconvenience of the flight cancellation"),
+    none an action."""
+    found = {m.group(3).lower() for m in STATE.finditer(sentence)}
+    tokens = re.findall(r"[a-z']+", sentence.lower())
+    said = [(i, w) for i, w in enumerate(tokens) if w in verbs]
+
+    def state(i: int, w: str) -> bool:
+        if w in found:
+            return True
+        if w.endswith("ed"):
+            return i > 0 and tokens[i - 1] not in ACTORS
+        return w.endswith(("tion", "tions")) and not OFFERING.search(sentence)
+
+    return bool(said) and all(state(i, w) for i, w in said)
+
+
+def argument_words(arguments: Iterable[str]) -> set[str]:
+    """The words of the argument names of the goal's actions (total_baggages -> total, baggages)."""
+    return {w for name in arguments for w in words(name) if len(w) >= 3}
+
+
+def speaks_of(tools: Tools, write: str, text: str, known: list[str], goal_arguments: set[str] = frozenset()) -> str | None:
+    """The first sentence of `text` that speaks of the `write` action (None if none does)."""
+    verbs, objects = tools.request_words(write, known)
+    for sentence in sentences(text):
+        if not tools.requested(write, sentence, known):
+            continue
+        if _describes_state(sentence, verbs):
+            continue
+        # "add travel insurance for $30 per passenger", "let me know if you need bags" while booking:
+        # what it names is a detail of an action the goal contains (its arguments), not this other write
+        if objects and mentions(goal_arguments, objects):
+            continue
+        return sentence.strip()
+    return None
+
+
+# What else people call an argument, by a word of its name.
+KEY_SYNONYMS = {
+    "destination": ["city", "where"], "origin": ["city", "where from", "departure airport"],
+    "cabin": ["class", "cabin class"], "date": ["when", "what day", "which day"],
+    "baggages": ["bags", "baggage", "luggage", "checked bag"], "insurance": ["insurance"],
+    "passengers": ["passenger", "traveler", "who is flying"], "payment": ["payment method", "pay"],
+}
+
+
+def key_phrases(key: str) -> list[str]:
+    """How a person names an argument: reservation_id -> "reservation id", "reservation number";
+    destination -> "destination", "city"."""
+    parts = words(key)
+    if not parts:
+        return []
+    phrases = [" ".join(parts)] + [s for p in parts for s in KEY_SYNONYMS.get(p, [])]
+    if parts[-1] == "id" and len(parts) > 1:
+        stem = " ".join(parts[:-1])
+        phrases += [f"{stem} number", f"{stem} code", f"{stem} ids", f"{stem} numbers"]
+        if parts[0] == "user":
+            phrases += ["user name", "username"]
+    if parts == ["dob"]:
+        phrases += ["date of birth", "birth date", "birthday"]
+    return phrases
+
+
+def _says_phrase(sentence: str, phrases: list[str]) -> bool:
+    low = " ".join(words(sentence))
+    return any(re.search(rf"\b{re.escape(p)}\b", low) for p in phrases)
+
+
+def asks_for(text: str, key: str) -> str | None:
+    """The sentence of `text` that asks for the value of argument `key` (its phrase in a question or
+    request, without the value itself), or None."""
+    phrases = key_phrases(key)
+    for sentence in sentences(text):
+        if ASKING.search(sentence) and _says_phrase(sentence, phrases):
+            return sentence.strip()
+    return None
+
+
+def denies(text: str, key: str) -> str | None:
+    """The sentence of `text` in which the user says they do not know or have the `key` value."""
+    phrases = key_phrases(key)
+    for sentence in sentences(text):
+        if DENIAL_WORDS.search(sentence) and _says_phrase(sentence, phrases):
+            return sentence.strip()
+    return None
+
+
+def wishes(text: str) -> list[str]:
+    """The wishes a request states (lower case, in order, once)."""
+    return list(dict.fromkeys(m.group(0).lower() for m in WISHES.finditer(text or "")))
+
+
+def wish_met(wish: str, haystack: str) -> bool:
+    """Does the run's own text (calls, results, the agent's words; lower case) echo the wish?"""
+    echoes = WISH_ECHOES.get(wish, (wish,))
+    return any(re.search(rf"(?<![a-z]){re.escape(e)}", haystack) for e in echoes)
