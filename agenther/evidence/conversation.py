@@ -347,6 +347,10 @@ class _Plan:
         opening = self.goal.start
         if opening != self.first_user:
             self.edit(opening)  # a turn from the middle of the run: it must become a first message
+        if not self.goal.actions:
+            # A goal of facts only is what the failed run reported, not what its question asked
+            # (a text agent's wrong Finish answer): the opening must ask what the report answers.
+            self.edit(opening)
         if opening not in self.edits:
             return
         e = self.edits[opening]
