@@ -34,7 +34,7 @@ from types import ModuleType
 import polars as pl
 
 from agenther import schema
-from agenther.adapters.common import Quarantined
+from agenther.adapters.common import Quarantined, excerpt
 from agenther.llm import LLMs, Usage
 from agenther.progress import Progress
 from agenther.tables import CONTRACTS, TableWriter, count_rows, gate_table, iter_batches
@@ -145,28 +145,55 @@ LOCAL = LocalExecutor()
 
 def ingest_tables(params: dict, work: Path, files: list[Path] | None = None) -> dict:
     """The logs into the trajectories and quarantine tables, `io.batch_rows` records at a time
-    (`files`: only these files of the input, as agenther/rounds.py reads the new ones)."""
+    (`files`: only these files of the input, as agenther/rounds.py reads the new ones). A row the
+    table writer refuses is quarantined with the writer's reason; the others of its batch go on."""
     ingest, p = _stage_module("ingest"), params["ingest"]
     report = ingest.IngestReport()
     logs = ingest.read_logs(p["input"], fmt=p["format"], mapping=ingest.MessagesMapping.from_params(p["messages"] or {}),
-                            limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"], report=report, files=files)
+                            limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"], report=report, files=files,
+                            text_actions=p["text_actions"], grammars=p["grammars"])
     size = params["io"]["batch_rows"]
     pending: dict[str, list[dict]] = {"trajectories": [], "quarantine": []}
     with (TableWriter(Path(work) / TABLES["trajectories"], schema.TRAJECTORY) as good,
           TableWriter(Path(work) / TABLES["quarantine"], schema.QUARANTINE) as bad):
-        writers = {"trajectories": good, "quarantine": bad}
+
+        def flush(table: str) -> None:
+            rows, pending[table] = pending[table], []
+            if table == "quarantine":
+                bad.write_rows(rows)
+            else:
+                pending["quarantine"] += _write_or_quarantine(good, rows)
+
         for item in logs:
             table = "quarantine" if isinstance(item, Quarantined) else "trajectories"
             pending[table].append(item.row() if isinstance(item, Quarantined) else item)
             if len(pending[table]) >= size:
-                writers[table].write_rows(pending[table])
-                pending[table] = []
-        for table, rows in pending.items():
-            writers[table].write_rows(rows)
+                flush(table)
+        flush("trajectories")
+        flush("quarantine")
     for line in report.describe():
         print(line, file=sys.stderr)
     return {"records_in": good.rows + bad.rows + report.duplicates, "trajectories": good.rows,
             "quarantined": bad.rows, **report.stats()}
+
+
+def _write_or_quarantine(writer: TableWriter, rows: list[dict]) -> list[dict]:
+    """Write `rows`; if the writer refuses the batch, write them one by one and return the
+    quarantine rows of those it refuses (whatever it raises: no record ends the run)."""
+    try:
+        writer.write_rows(rows)
+        return []
+    except Exception:  # noqa: BLE001 - found out row by row below
+        pass
+    refused = []
+    for row in rows:
+        try:
+            writer.write_rows([row])
+        except Exception as exc:  # noqa: BLE001
+            refused.append(Quarantined(row["source_file"], row["record_pointer"],
+                                       f"{row['record_pointer'] or 'record'}: cannot be written to the trajectories "
+                                       f"table ({type(exc).__name__}: {exc})"[:500], excerpt(row.get("goal"))).row())
+    return refused
 
 
 # -- the loop -------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from agenther.evidence.conversation import argument_values, goal_arguments
 from agenther.evidence.coverage import asked
 from agenther.evidence.goal import ID_LIKE, AchievedGoal, enum_clashes, scanned, user_details
 from agenther.evidence.grounding import occurs
-from agenther.evidence.render import tool_calls
+from agenther.evidence.text_evidence import goal_calls
 from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words
 from agenther.evidence.turns import asks_for, denies, speaks_of, wish_met, wishes
 
@@ -60,8 +60,9 @@ def sample_turns(messages: list[dict], steps: list[int], goal: AchievedGoal, rew
 def defects(turns: list[Turn], goal: AchievedGoal, row: dict, params: dict | None = None) -> list[Defect]:
     """Every defect of the sample, in turn order."""
     tools = Tools.of(row.get("tools"), params)
-    calls = [c for c in tool_calls(row["messages"]) if goal.start <= c["step"] < goal.sample_end]
-    known = tools.write_names(c["name"] for c in tool_calls(row["messages"]))
+    every = goal_calls(row, tools)
+    calls = [c for c in every if goal.start <= c["step"] < goal.sample_end]
+    known = tools.write_names(c["name"] for c in every)
     done = {a.tool for a in goal.actions}
     others = [w for w in known if w not in done]
     arguments = goal_arguments(goal)

@@ -50,7 +50,7 @@ from agenther.evidence.goal import (
     with_sample,
 )
 from agenther.evidence.grounding import ISO_DATE, occurs
-from agenther.evidence.render import tool_calls
+from agenther.evidence.text_evidence import goal_calls
 from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words
 from agenther.evidence.turns import argument_words, asks_for, key_phrases, speaks_of
 
@@ -64,7 +64,7 @@ def hindsight_goal(row: dict, params: dict | None = None) -> AchievedGoal | NoGo
     if first_user is None:
         return NoGoal(reason="no_user_turn", detail="the trajectory has no user turn to relabel")
     tools = Tools.of(row.get("tools"), params)
-    calls = tool_calls(messages)
+    calls = goal_calls(row, tools)
     violations = not_allowed(calls, tools, metadata_of(row), row.get("failure_type"))
     search = _Windows(messages, calls, tools, violations)
     goal = search.best(first_user, len(messages))
@@ -107,7 +107,7 @@ def goal_from_facts(row: dict, params: dict | None, facts: list[Fact]) -> Achiev
     if first_user is None or not facts:
         return NoGoal(reason="no_evidenced_achievement", detail="no achievement with evidence in the trajectory")
     tools = Tools.of(row.get("tools"), params)
-    calls = tool_calls(messages)
+    calls = goal_calls(row, tools)
     goal = with_sample(messages, calls, tools, [], facts, [], first_user, len(messages))
     conflict = first_hard_conflict(messages, goal, tools, calls)
     if conflict is not None:
@@ -348,6 +348,10 @@ class _Plan:
         opening = self.goal.start
         if opening != self.first_user:
             self.edit(opening)  # a turn from the middle of the run: it must become a first message
+        if not self.goal.actions:
+            # A goal of facts only is what the failed run reported, not what its question asked
+            # (a text agent's wrong Finish answer): the opening must ask what the report answers.
+            self.edit(opening)
         if opening not in self.edits:
             return
         e = self.edits[opening]
