@@ -146,7 +146,6 @@ class Relabel(_Section):
     max_attempts: PositiveCount = 3
     # attempt i uses temperatures[i] (the last one repeats); floats as the LLM requests state them
     temperatures: Annotated[list[Temperature], Field(min_length=1)] = Field(default_factory=lambda: [0.2, 0.5, 0.8])
-    max_goal_similarity: Unit = 0.9  # a rewritten turn that had something to drop, this close to its original: echoed
 
 
 class Verify(_Section):

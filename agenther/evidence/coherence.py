@@ -31,7 +31,7 @@ from agenther.evidence.goal import ID_LIKE, AchievedGoal, enum_clashes, scanned,
 from agenther.evidence.grounding import occurs
 from agenther.evidence.text_evidence import goal_calls
 from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words
-from agenther.evidence.turns import asks_for, denies, speaks_of, wish_met, wishes
+from agenther.evidence.turns import asks_for, denies, requests_in, speaks_of, wish_met, wishes
 
 CODES = ("asks_given_value", "speaks_other_action", "denies_given_value", "asks_unmade_change",
          "names_unused_value", "other_enum_value", "unsourced_argument", "unmet_requirement")
@@ -124,6 +124,7 @@ def _user_defects(step: int, text: str, said: str, by_key: dict[str, set[str]], 
                   others: list[str], known: list[str], arguments: set[str], done_verbs: set[str],
                   used: str) -> list[Defect]:
     found = []
+    asking_text = requests_in(text)
     for key, values in by_key.items():
         denial = denies(text, key)
         given = [v for v in values if asked(v, said)]
@@ -132,13 +133,13 @@ def _user_defects(step: int, text: str, said: str, by_key: dict[str, set[str]], 
                                 detail=f"says it does not know the {key.replace('_', ' ')} an earlier turn gave "
                                        f"({given[0]}): {denial[:100]!r}"))
     for w in others:
-        spoken = speaks_of(tools, w, text, known, arguments)
+        spoken = speaks_of(tools, w, asking_text, known, arguments)
         if spoken:
             found.append(Defect(code="asks_unmade_change", step=step,
                                 detail=f"asks for {w}, which the goal does not contain: {spoken[:100]!r}"))
             break
     else:
-        asking = [s for s in SENTENCE.split(text) if ASKS.search(s)]
+        asking = [s for s in SENTENCE.split(asking_text) if ASKS.search(s)]
         unmade = sorted({w for s in asking for w in words(s)} & ALL_WRITE_WORDS - done_verbs)
         if unmade:
             found.append(Defect(code="asks_unmade_change", step=step,

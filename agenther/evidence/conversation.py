@@ -52,7 +52,14 @@ from agenther.evidence.goal import (
 from agenther.evidence.grounding import ISO_DATE, occurs
 from agenther.evidence.text_evidence import goal_calls
 from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words
-from agenther.evidence.turns import argument_words, asks_for, key_phrases, speaks_of
+from agenther.evidence.turns import (
+    argument_words,
+    asks_anything,
+    asks_for,
+    key_phrases,
+    requests_in,
+    speaks_of,
+)
 
 AFFIRMATIVE = re.compile(r"^\W*(yes|yeah|yep|sure|ok|okay|correct|that's correct|please proceed|go ahead|confirm)\b", re.I)
 
@@ -301,8 +308,9 @@ class _Plan:
         used = "\n".join(f"{c['name']} {json.dumps(c['arguments'])} {scanned(c['result'])}" for c in self.calls).lower()
         for i in self.users:
             text = self.text(i)
-            unask = [w for w in others if speaks_of(self.tools, w, text, self.known, arguments)]
-            asking = [s for s in SENTENCE.split(text) if ASKS.search(s)]
+            said = requests_in(text)
+            unask = [w for w in others if speaks_of(self.tools, w, said, self.known, arguments)]
+            asking = [s for s in SENTENCE.split(said) if ASKS.search(s)]
             unask += sorted({w for s in asking for w in words(s)} & ALL_WRITE_WORDS - done_verbs)
             unsay = [v for kind, v in user_details(text) if not occurs(kind, v, used)]
             unsay += [v for _, v in bystanders(text, self.goal, self.calls)]
@@ -356,10 +364,13 @@ class _Plan:
             return
         e = self.edits[opening]
         later = [u for u in self.users if u > opening]
+        # a turn from the middle of the run that asks nothing ("Sure, my user ID is ...") cannot open
+        # a conversation: it must ask for the goal
+        answer_only = opening != self.first_user and not asks_anything(requests_in(self.text(opening)))
         for a in self.goal.actions:
             requested = self.tools.requested(a.tool, "\n".join(self.text(u) for u in self.users if u < a.call_step),
                                              self.known)
-            if not requested and a.tool not in e.ask:
+            if (not requested or answer_only) and a.tool not in e.ask:
                 e.ask.append(a.tool)
         if not self.goal.actions:
             e.question = True
