@@ -25,9 +25,9 @@ import json
 
 from pydantic import BaseModel
 
-from agenther.evidence.conversation import argument_values, goal_arguments
+from agenther.evidence.conversation import goal_arguments
 from agenther.evidence.coverage import asked
-from agenther.evidence.goal import ID_LIKE, AchievedGoal, enum_clashes, scanned, user_details
+from agenther.evidence.goal import ID_LIKE, AchievedGoal, argument_values, enum_clashes, scanned, user_details
 from agenther.evidence.grounding import occurs
 from agenther.evidence.text_evidence import goal_calls
 from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words

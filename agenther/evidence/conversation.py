@@ -39,6 +39,7 @@ from agenther.evidence.goal import (
     Fact,
     NoGoal,
     TurnEdit,
+    argument_values,
     enum_clashes,
     first_user_index,
     goal_within,
@@ -225,29 +226,6 @@ def refers_to_left_out(text: str, left_out: str, messages: list[dict], start: in
         if re.search(rf"\b{re.escape(token)}\b", left_out) and not re.search(rf"\b{re.escape(token)}\b", before):
             return token
     return None
-
-
-def argument_values(arguments: dict) -> list[tuple[str, str]]:
-    """(leaf key, value) of every scalar argument, nested ones included, in order."""
-    out: list[tuple[str, str]] = []
-
-    def walk(key: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(k, v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(key, v)
-        elif isinstance(value, bool) or value is None:
-            return
-        elif isinstance(value, int | float):
-            out.append((key, str(value).removesuffix(".0")))
-        elif isinstance(value, str) and value.strip():
-            out.append((key, value.strip()))
-
-    for k, v in arguments.items():
-        walk(k, v)
-    return out
 
 
 def is_identifier(value: str) -> bool:

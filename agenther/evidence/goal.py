@@ -367,10 +367,16 @@ def _said(value: str, low_text: str) -> bool:
 def identifying_values(arguments: dict, exempt: bool = True) -> list[str]:
     """The values that say what a write acts on: IDs, dates, amounts, enum-like words, names;
     not the ones that follow from the user's account (EXEMPT_KEYS) unless `exempt` is False."""
-    out: list[str] = []
+    return [v for _, v in argument_values(arguments, EXEMPT_KEYS if exempt else None)]
+
+
+def argument_values(arguments: dict, skip: re.Pattern | None = None) -> list[tuple[str, str]]:
+    """(leaf key, value) of every scalar argument, nested ones included, in order; none under a key
+    `skip` matches."""
+    out: list[tuple[str, str]] = []
 
     def walk(key: str, value: Any) -> None:
-        if exempt and EXEMPT_KEYS.search(key):
+        if skip is not None and skip.search(key):
             return
         if isinstance(value, dict):
             for k, v in value.items():
@@ -381,9 +387,9 @@ def identifying_values(arguments: dict, exempt: bool = True) -> list[str]:
         elif isinstance(value, bool) or value is None:
             return
         elif isinstance(value, int | float):
-            out.append(str(value).removesuffix(".0"))
+            out.append((key, str(value).removesuffix(".0")))
         elif isinstance(value, str) and value.strip():
-            out.append(value.strip())
+            out.append((key, value.strip()))
 
     for k, v in arguments.items():
         walk(k, v)
