@@ -14,13 +14,13 @@ from pathlib import Path
 from agenther import stopping
 from agenther.devtools import s3_cli
 
-FORMATS = ("auto", "tau-bench", "toolbench", "messages")
-
 
 def _run_args(parser: argparse.ArgumentParser, limit: str) -> None:
     """What `run` and `round` both take: the logs, the params and the models."""
     parser.add_argument("--input", help="log file or folder, or s3://bucket/prefix/ (default: params ingest.input)")
-    parser.add_argument("--format", choices=FORMATS, help="log format (default: params ingest.format)")
+    # No `choices`: the formats are a registry (plugins add theirs); ingest names the known ones.
+    parser.add_argument("--format", help="log format: auto, tau-bench, toolbench, messages or a plugin's "
+                                         "(default: params ingest.format)")
     parser.add_argument("--limit", type=int, help=limit)
     parser.add_argument("--params", help="params.yaml (default: built-in defaults)")
     parser.add_argument("--model", help="litellm model for relabeling, or 'local' (default: params llm.model)")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="dry run, no LLM call: format, detected fields, one record's steps, "
                                              "how many failures would reach relabeling and why not the others")
     inspect.add_argument("input", help="log file or folder")
-    inspect.add_argument("--format", choices=FORMATS)
+    inspect.add_argument("--format", help="as for run")
     inspect.add_argument("--limit", type=int, help="only the first N trajectories")
     inspect.add_argument("--params", help="params.yaml (default: built-in defaults)")
     inspect.add_argument("--map", action="append", default=[], metavar="KEY=VALUE", help="as for run")
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="replay a log in its environment: are the recorded state hashes and "
                                            "rewards reproduced? (agenther/envs)")
     replay.add_argument("log", help="log file or folder")
-    replay.add_argument("--format", choices=FORMATS)
+    replay.add_argument("--format", help="as for run")
     replay.add_argument("--params", help="params.yaml (default: built-in defaults; replay.env picks the environment)")
     replay.add_argument("--json", action="store_true", help="print the counts as JSON")
 

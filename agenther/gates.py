@@ -15,7 +15,10 @@ What a suite checks (see `_suite`):
 - distributions, only with at least `gates.min_rows_for_distribution` rows (small runs have
   nothing to judge): mean relabel confidence, acceptance rate of verify, the share of each
   failure type among failures. They catch a collapsing model: all-zero confidence, 100%
-  acceptance, every failure put in one class.
+  acceptance, every failure put in one class. The failure-type share is not applied to failures
+  the rule classifier knew from a success flag or a reward alone (one type by construction:
+  `adapted` says so); `gates.distributions: warn` (what `agenther inspect` uses) turns a failed
+  distribution check into a warning (`warnings`) instead of a stop.
 
 GX only validates scalars: nested list columns reach it as their lengths (so "a trajectory has
 messages" is a range check), and list-of-struct columns that carry values worth checking
@@ -36,7 +39,7 @@ from typing import Any
 import polars as pl
 
 from agenther import schema
-from agenther.adapters import FORMATS
+from agenther.adapters.registry import format_names, with_failure_signals
 from agenther.params import DEFAULTS, check_section
 
 CONTRACTS: dict[str, dict[str, pl.DataType]] = {
@@ -59,7 +62,7 @@ class GateFailed(ValueError):
 
     def __init__(self, result: dict):
         self.result = result
-        failed = [e for e in result["expectations"] if not e["success"]]
+        failed = [e for e in result["expectations"] if not e["success"] and not e.get("warning_only")]
         where = f" ({result['source']})" if result.get("source") else ""
         saved = f"; results in {result['results_file']}" if result.get("results_file") else ""
         knobs = sorted({k for e in failed for k in re.findall(r"\b(?:gates|relabel|verify|classify)\.[a-z_]+", e.get("why") or "")})
@@ -78,10 +81,13 @@ class _Suite:
         self.batches: dict[str, list[Any]] = {}
         self.adapted: list[str] = []  # bounds that cannot hold for this log, and why they were left out
 
-    def add(self, batch: str, expectation: Any, why: str = "") -> None:
+    def add(self, batch: str, expectation: Any, why: str = "", distribution: bool = False) -> None:
+        """`distribution`: a check of the table's distribution (not of its schema or of each row's
+        values), which gates.distributions: warn turns into a warning."""
         batch_list = self.batches.setdefault(batch, [])
         # GX returns results in its own order: `order` puts them back in suite order.
-        expectation.meta = {"order": len(batch_list)} | ({"why": why} if why else {})
+        expectation.meta = ({"order": len(batch_list)} | ({"why": why} if why else {})
+                            | ({"distribution": True} if distribution else {}))
         batch_list.append(expectation)
 
 
@@ -129,7 +135,7 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
 
     if table == "trajectories":  # written by ingest (the adapters)
         not_null("source_format", "source_file", "record_pointer", "task_key", "goal", "messages", "metadata")
-        in_set("source_format", list(FORMATS))
+        in_set("source_format", list(format_names()))
         between("messages", 1, None, "a trajectory has at least one message (a list column: checked as its length)")
         return s
 
@@ -142,21 +148,21 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
         in_set("classify_mode", list(schema.CLASSIFY_MODES))
         if has("is_failure", "failure_type"):
             failures = df.filter(pl.col("is_failure") & pl.col("failure_type").is_not_null())
-            flag_only = has("classify_reason") and failures.height and bool(
-                (failures["classify_reason"] == schema.ONLY_A_FLAG).all())
-            if flag_only and failures.height >= min_rows and g["max_failure_type_share"] < 1.0:
-                # A log whose only failure signal is a success flag gives one failure type by
-                # construction: the bound says nothing about the classifier there.
-                s.adapted.append(f"gates.max_failure_type_share ({g['max_failure_type_share']}) not applied: every "
-                                 f"one of the {failures.height} failures is known only from the log's success flag "
-                                 f"or reward, so all are {failures['failure_type'][0]}")
+            if one_signal(failures) and failures.height >= min_rows and g["max_failure_type_share"] < 1.0:
+                # The rule classifier of a log whose only failure signal is a success flag (or a
+                # reward) puts nearly every failure in one type by construction, whatever else the
+                # log holds: the bound says nothing about the classifier there.
+                s.adapted.append(f"gates.max_failure_type_share ({g['max_failure_type_share']}) not applied: the "
+                                 f"{failures.height} failures were classified by rule from logs whose only failure "
+                                 "signal is a success flag or a reward (no ground truth, no finish type), so one type "
+                                 "is most of them by construction")
             elif failures.height >= min_rows and g["max_failure_type_share"] < 1.0:
                 # GX has no "share of each value" expectation (row conditions on the main batch
                 # cost ~20 ms each): the shares are a small sub-table, GX checks its values.
                 s.add("failure_type_shares", gxe.ExpectColumnValuesToBeBetween(
                     column="share", min_value=0.0, max_value=g["max_failure_type_share"]),
                     "share of one failure type among failures; one class for (nearly) every failure means a "
-                    "collapsed classifier; gates.max_failure_type_share")
+                    "collapsed classifier; gates.max_failure_type_share", distribution=True)
         return s
 
     # extracted and later: only recoverable failures get this far
@@ -190,11 +196,11 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
             s.add("main", gxe.ExpectColumnMeanToBeBetween(column="relabel_confidence", min_value=low, max_value=high,
                                                           **written),
                   "mean confidence near 0 or 1 means a collapsed relabeler (all 0 / all 1); "
-                  "gates.relabel_confidence_mean")
+                  "gates.relabel_confidence_mean", distribution=True)
             if g["relabel_confidence_min_stdev"] > 0:
                 s.add("main", gxe.ExpectColumnStdevToBeBetween(
                     column="relabel_confidence", min_value=g["relabel_confidence_min_stdev"], **written),
-                    "one confidence for every relabel; gates.relabel_confidence_min_stdev")
+                    "one confidence for every relabel; gates.relabel_confidence_min_stdev", distribution=True)
         return s
 
     assert stage == 4  # verified
@@ -204,7 +210,7 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
         low, high = g["acceptance_rate"]
         s.add("main", gxe.ExpectColumnMeanToBeBetween(column="verified", min_value=low, max_value=high),
               "share of relabels the judges accepted; (nearly) 100% means the judges rubber-stamp; "
-              "gates.acceptance_rate")
+              "gates.acceptance_rate", distribution=True)
     if has("judgements"):
         j_low, j_high = g["judge_confidence"]
         s.add("judgements", gxe.ExpectColumnValuesToBeInSet(column="judge", value_set=list(params["verify"]["judges"])),
@@ -214,6 +220,20 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
         s.add("judgements", gxe.ExpectColumnValuesToBeBetween(column="confidence", min_value=j_low, max_value=j_high),
               "a judge's confidence is a probability; gates.judge_confidence")
     return s
+
+
+def one_signal(failures: pl.DataFrame) -> bool:
+    """Were these failures all classified by the rule classifier from logs whose only failure
+    signal is a success flag or a reward (a format without ground truth or a finish type)?"""
+    if not failures.height or not {"classify_mode", "source_format"} <= set(failures.columns):
+        return False
+    return bool((failures["classify_mode"] == "rule").all()
+                and not failures["source_format"].is_in(list(with_failure_signals())).any())
+
+
+def _warning_only(entry: dict, g: dict) -> bool:
+    """A failed distribution check under gates.distributions: warn does not stop the run."""
+    return bool(entry.get("distribution")) and g["distributions"] == "warn"
 
 
 # --- running it ---------------------------------------------------------------------------
@@ -264,8 +284,7 @@ def _gx() -> _GX:
 # Text columns whose values a suite checks (uniqueness, allowed sets); any other text column
 # is only checked for nulls, so the gate sees its length: the tools schemas, metadata and
 # goals of 100k trajectories would otherwise cost GB in pandas.
-VALUE_COLUMNS = {"id", "source_format", "failure_type", "classify_mode", "extract_mode",
-                 "classify_reason"}  # read by the failure-type share bound (a success flag only?)
+VALUE_COLUMNS = {"id", "source_format", "failure_type", "classify_mode", "extract_mode"}
 
 
 def _scalar_frame(lf: pl.LazyFrame, columns: pl.Schema, ok: set[str]) -> pl.DataFrame:
@@ -335,6 +354,8 @@ def _run(gx: _GX, batch: str, expectations: list[Any], frame: pl.DataFrame, inde
         meta = cfg.get("meta") or {}
         if meta.get("why"):
             entry["why"] = meta["why"]
+        if meta.get("distribution"):
+            entry["distribution"] = True
         if (r.get("exception_info") or {}).get("raised_exception"):
             entry["success"] = False
             entry["exception"] = r["exception_info"]["exception_message"]
@@ -349,7 +370,8 @@ def _plain(value: Any) -> Any:
 
 def check(df: pl.DataFrame | pl.LazyFrame, table: str, params: dict, results_dir: Path | None,
           source: str | None = None) -> dict:
-    """Validate `df` as `table`; write `results_dir/<table>.json`; raise GateFailed on failure.
+    """Validate `df` as `table`; write `results_dir/<table>.json`; raise GateFailed on failure (not for
+    a distribution check under gates.distributions: warn: it goes to the result's `warnings`).
     `df` may be lazy (`pl.scan_parquet`): then only its scalar projection is ever collected.
     Returns the result: {table, success, rows, expectations: [{batch, type, kwargs, success, observed, why}]}."""
     if table not in CONTRACTS:
@@ -369,10 +391,14 @@ def check(df: pl.DataFrame | pl.LazyFrame, table: str, params: dict, results_dir
                 sub, index = _sub_table(lf, scalars, batch, ok)
                 if sub.height:  # row checks on no rows pass: skip the ~20 ms
                     entries += _run(gx, f"{table}.{batch}", expectations, sub, index)
+    for e in entries:
+        if not e["success"] and _warning_only(e, g):
+            e["warning_only"] = True  # reported in `warnings`, does not stop the run
     result = {
         "table": table,
         "source": source,
-        "success": all(e["success"] for e in entries),
+        "success": all(e["success"] or e.get("warning_only") for e in entries),
+        "warnings": [f"gate {table!r}: {describe(e)}" for e in entries if e.get("warning_only")],
         "rows": scalars.height,
         "distribution_checks": scalars.height >= g["min_rows_for_distribution"],
         "statistics": {"evaluated": len(entries), "failed": sum(not e["success"] for e in entries)},
@@ -392,6 +418,18 @@ def check(df: pl.DataFrame | pl.LazyFrame, table: str, params: dict, results_dir
     if not result["success"]:
         raise GateFailed(result)
     return result
+
+
+def gate_notes(results_dir: Path) -> dict[str, list[str]]:
+    """What the kept gate results (`<work>/gates/*.json`) say besides pass/fail: `adapted` (bounds
+    this log's kind of signal cannot meet, left out) and `warnings` (distribution checks that
+    failed under gates.distributions: warn)."""
+    notes: dict[str, list[str]] = {"adapted": [], "warnings": []}
+    for f in sorted(Path(results_dir).glob("*.json")):
+        result = json.loads(f.read_text())
+        for key, found in notes.items():
+            found += result.get(key) or []
+    return notes
 
 
 # --- messages -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import importlib.metadata
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +32,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -75,6 +77,18 @@ def _range(value: Any) -> list:
     return list(value)
 
 
+def _regex(value: Any) -> str:
+    """A regular expression that compiles (checked here: a bad one is a params error, not a crash mid-run)."""
+    if not isinstance(value, str):
+        raise PydanticCustomError("regex_type", "Input should be a regular expression (a string)")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise PydanticCustomError("regex", f"not a valid regular expression: {exc}") from None
+    return value
+
+
+Regex = Annotated[str, PlainValidator(_regex)]
 NonNegative = _number(0.0)
 Positive = _number(0.0, low_open=True)
 Unit = _number(0.0, 1.0)  # within [0, 1]
@@ -91,13 +105,31 @@ class _Section(BaseModel):
 
 # --- the sections --------------------------------------------------------------------------
 
+class Grammar(_Section):
+    """A text-action grammar of your own (agenther/adapters/regex_actions.py)."""
+    action: Regex  # searched in each assistant text turn; named groups: tool, args, or argument names
+    tool: str | None = None  # the tool's name when `action` has no `tool` group
+    observation: Regex | None = None  # a user turn right after an action that starts so is its result
+    final: list[str] = Field(default_factory=list)  # tools whose call is the final report (its argument: the answer)
+
+    @model_validator(mode="after")
+    def _names_a_tool(self) -> Grammar:
+        if "tool" not in re.compile(self.action).groupindex and not self.tool:
+            raise ValueError("action has no (?P<tool>...) group and no tool is given")
+        return self
+
+
 class Ingest(_Section):
     input: str = "data/raw/tau-bench/gpt-4o-airline.json"
-    format: str = "auto"  # auto | tau-bench | toolbench | messages (checked by ingest: IngestError)
+    format: str = "auto"  # auto | a registered format (tau-bench, toolbench, messages; checked by ingest)
     limit: Count | None = None
     max_trajectory_mb: Positive | None = 8.0  # bigger trajectories are quarantined
     # Free-form: where each field of a `messages` log lives (MessagesMapping.from_params checks it).
     messages: dict[str, Any] | None = Field(default_factory=dict)
+    # How actions written as text are read: auto (detected per log) | none | a grammar's name
+    # (react, http, or one of `grammars`; checked by ingest).
+    text_actions: str = "auto"
+    grammars: dict[str, Grammar] = Field(default_factory=dict)
 
 
 class Classify(_Section):
@@ -114,7 +146,6 @@ class Relabel(_Section):
     max_attempts: PositiveCount = 3
     # attempt i uses temperatures[i] (the last one repeats); floats as the LLM requests state them
     temperatures: Annotated[list[Temperature], Field(min_length=1)] = Field(default_factory=lambda: [0.2, 0.5, 0.8])
-    max_goal_similarity: Unit = 0.9  # a rewritten turn that had something to drop, this close to its original: echoed
 
 
 class Verify(_Section):
@@ -142,14 +173,27 @@ class Replay(_Section):
         return value
 
 
+class ToolRule(_Section):
+    """A call's kind by its tool's name AND its arguments: `click` on "Buy Now" writes, on a product
+    it reads. `tool` must match the whole name, `arguments` somewhere in the arguments' text (the
+    text of a one-argument call, else its JSON); both ignore case."""
+    tool: Regex
+    arguments: Regex | None = None
+    kind: Literal["write", "read", "handoff"]
+    requests: list[str] = Field(default_factory=list)  # words that ask for it (default: from its verb)
+
+
 class Tools(_Section):
     """Which tools change state (agenther/evidence/tools.py): by default from each tool's name and
-    schema description; these lists always win. `requests`: tool -> the words that ask for it."""
+    schema description; these lists always win. `requests`: tool -> the words that ask for it.
+    `rules`: kinds by name and argument pattern, before the lists (and before the built-in rule:
+    a click on a button whose label starts with buy, purchase, checkout, place order ... writes)."""
     writes: list[str] = Field(default_factory=list)
     reads: list[str] = Field(default_factory=list)
     handoffs: list[str] = Field(default_factory=list)
     requests: dict[str, list[str]] = Field(default_factory=dict)
     default_kind: Literal["read", "write"] = "read"
+    rules: list[ToolRule] = Field(default_factory=list)
 
 
 class Package(_Section):
@@ -175,6 +219,9 @@ class Gates(_Section):
     relabel_confidence_min_stdev: NonNegative = 0.0  # 0 = off (scripted or greedy models repeat one value)
     acceptance_rate: Range = Field(default_factory=lambda: [0.0, 0.98])
     max_failure_type_share: Share = 0.95
+    # A failed distribution check (confidence mean and spread, acceptance rate, failure-type share):
+    # stop the run, or warn and go on (what `agenther inspect` always does). Schema checks always stop.
+    distributions: Literal["stop", "warn"] = "stop"
 
 
 class LLM(_Section):

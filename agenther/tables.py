@@ -8,6 +8,7 @@ only the named columns (the light ones: ids, flags, scores) of the whole table.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def gate_table(work: Path, name: str, params: dict) -> Path:
         if gates.gate_params(params)["enabled"]:
             # Before validate_columns: the gate checks the contract too, and this way a missing
             # column is reported (and recorded) by the gate like every other broken expectation.
-            gates.check(scan, name, params, results, source=str(path))
+            for warning in gates.check(scan, name, params, results, source=str(path))["warnings"]:
+                print(f"warning: {warning} (gates.distributions: warn)", file=sys.stderr)
         else:
             (results / f"{name}.json").unlink(missing_ok=True)  # no stale verdict from an earlier run
     schema.validate_columns(pl.DataFrame(schema=scan.collect_schema()), CONTRACTS.get(name, schema.REJECTION), str(path))

@@ -568,7 +568,8 @@ def test_dataset_card_of_a_real_run_carries_its_summary(tmp_path, llm_server):
         needles.append(f"- `{name}`: {why}")
     assert "dpo.jsonl" in exported["not_written"] and not (out / "dpo.jsonl").exists()
     sft_lengths = exported["token_lengths"]["files"]["trl/sft.jsonl"]
-    cutoff_len = max(v["max_length"] for v in exported["token_lengths"]["files"].values())
+    cutoff_len = llamafactory.cutoff_len(max(v["max_length"] for v in exported["token_lengths"]["files"].values()))
+    assert cutoff_len >= 1.1 * max(v["max_length"] for v in exported["token_lengths"]["files"].values())
     needles += [f"| trl/sft.jsonl | {sft_lengths['rows']} | {sft_lengths['tokens']} | {sft_lengths['p50']} |",
                 f"SFTConfig(output_dir=\"out\", max_length={sft_lengths['max_length']})",
                 f"cutoff_len: {cutoff_len}"]

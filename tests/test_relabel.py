@@ -21,14 +21,14 @@ from agenther.stages.relabel import goal_of, relabel, ruled_and_written
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
     params = make_params(tmp_path_factory.mktemp("p"))
-    return extract(classify(ingest(TAU, limit=60).trajectories, params), params).kept
+    return extract(classify(ingest(TAU).trajectories, params), params).kept
 
 
 @pytest.fixture(scope="module")
 def candidates(extracted):
     """Three candidates whose plan has a turn to write that must drop something (not only add)."""
     def drops(row: dict) -> bool:
-        return any(e.unask or e.unsay or e.instead for e in ruled_and_written(row)[1])
+        return any(e.unask or e.unsay or e.instead for e in ruled_and_written(row)[1])  # (rules leave these)
 
     chosen = extracted.filter(pl.Series([drops(r) for r in extracted.iter_rows(named=True)]))
     assert chosen.height >= 3

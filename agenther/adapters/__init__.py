@@ -1,8 +1,10 @@
 """Adapters: one small reader per log format, each turning one file into trajectory dicts.
 
-`tau_bench`, `toolbench` and `messages` each expose `read(path)` (a generator of trajectory
-dicts and `Quarantined` rows) and `looks_like(record)` for format detection. A "file" is a
-local path or an S3 object (`LogFile`): the adapters read both alike.
+Each format is an `Adapter` in one registry (agenther/adapters/registry.py): `tau_bench`,
+`toolbench` and `messages` are registered as a plugin's would be. An adapter's `read(path, ctx)`
+yields trajectory dicts and `Quarantined` rows; `looks_like(record, ctx)` detects its format. A
+"file" is a local path or an S3 object (`LogFile`): the adapters read both alike. Agents that
+act by writing text are read by a grammar (agenther/adapters/grammars.py).
 """
 
 from dataclasses import dataclass
@@ -12,7 +14,6 @@ from agenther.adapters.common import LogFile, Quarantined, RecordError
 from agenther.adapters.messages import MessagesMapping
 from agenther.s3 import S3Object, find_logs, is_s3_url
 
-FORMATS = ("tau-bench", "toolbench", "messages")
 SUFFIXES = (".json", ".jsonl")  # the files of a log folder that are read
 
 
@@ -58,5 +59,5 @@ def log_input(path: str | Path) -> LogInput:
     return LogInput(str(path), input_files(root) if root.exists() else [], root.is_file(), root.exists())
 
 
-__all__ = ["FORMATS", "SUFFIXES", "LogFile", "LogInput", "MessagesMapping", "Quarantined", "RecordError",
+__all__ = ["SUFFIXES", "LogFile", "LogInput", "MessagesMapping", "Quarantined", "RecordError",
            "input_files", "log_input"]

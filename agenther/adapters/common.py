@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,11 @@ from agenther.schema import ROLES
 LogFile = Path | S3Object
 
 EXCERPT_CHARS = 200
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in decoded text: only a lone one survives json.loads
+# A \\uD800-\\uDFFF escape in raw JSON that is not one half of a pair: json.loads turns it into a
+# lone surrogate, which no UTF-8 writer (Parquet, the terminal) accepts.
+LONE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                         rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 @dataclass(frozen=True)
@@ -31,12 +37,19 @@ class Quarantined:
     excerpt: str
 
     def row(self) -> dict[str, str]:
+        # A record is often quarantined for what it holds: a lone surrogate in its reason or
+        # excerpt must not fail the quarantine table's own write.
         return {
-            "source_file": self.source_file,
-            "record_pointer": self.record_pointer,
-            "reason": self.reason,
-            "excerpt": self.excerpt,
+            "source_file": printable(self.source_file),
+            "record_pointer": printable(self.record_pointer),
+            "reason": printable(self.reason),
+            "excerpt": printable(self.excerpt),
         }
+
+
+def printable(text: str) -> str:
+    """`text` as valid UTF-8: a lone surrogate becomes its escape text ("\\ud800")."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if LONE_SURROGATE.search(text) else text
 
 
 class RecordError(ValueError):
@@ -54,58 +67,162 @@ def excerpt(raw: Any) -> str:
     if not isinstance(raw, str):
         try:
             raw = json.dumps(raw, ensure_ascii=False, default=str)
-        except (TypeError, ValueError):
-            raw = repr(raw)
-    return raw[:EXCERPT_CHARS]
+        except (TypeError, ValueError, RecursionError):
+            raw = f"<{type(raw).__name__}>"  # repr() of a record too deep for json.dumps is as deep
+    return printable(raw[:EXCERPT_CHARS])
 
 
-def iter_records(path: LogFile) -> Iterator[tuple[str, Any]]:
+# Each log file's own reading problems: records whose lone surrogates were repaired (by pointer).
+Repairs = list[str]
+
+
+def iter_records(path: LogFile, repairs: Repairs | None = None) -> Iterator[tuple[str, Any]]:
     """Yield (record_pointer, record) for every record of a file, or (pointer, Quarantined).
 
     JSONL is read line by line (streaming; a bad line is quarantined and reading goes on).
     A JSON file is loaded whole: a list gives "[i]" pointers, a single object the pointer "".
-    An empty file has no records.
+    An empty file has no records. No record stops the reading of the others: one nested too deep
+    for the decoder, or holding a number it refuses, is quarantined; a lone surrogate escape
+    ("\\ud800", valid JSON that no UTF-8 writer takes) is repaired to its escape text, and the
+    record's pointer appended to `repairs`.
     """
     if path.suffix == ".jsonl":
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(path, repairs)
         return
     data = path.read_bytes()
     if not data.strip():
         return
     try:
-        loaded = json.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UnreadableFile(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    try:
+        loaded = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # several JSON values, one per line: a JSONL file named .json
-            yield from _iter_jsonl(path)
+            yield from _iter_jsonl(path, repairs)
             return
         raise UnreadableFile(f"{path}: invalid JSON: {exc}") from exc
-    if isinstance(loaded, list):
-        for i, record in enumerate(loaded):
-            yield f"[{i}]", record
-    else:
-        yield "", loaded
+    except (RecursionError, ValueError):
+        # One record the decoder refuses (nested too deep, a 5,000-digit number): the others
+        # are read one by one, that one is quarantined.
+        yield from _iter_json_values(path, text, repairs)
+        return
+    mend = LONE_ESCAPE.search(data) is not None
+    for pointer, record in ([(f"[{i}]", r) for i, r in enumerate(loaded)] if isinstance(loaded, list)
+                            else [("", loaded)]):
+        yield pointer, (_mended(path, pointer, record, repairs) if mend else record)
+
+
+def _iter_json_values(path: LogFile, text: str, repairs: Repairs | None) -> Iterator[tuple[str, Any]]:
+    """The records of a JSON file (an array, or one value) decoded one at a time."""
+    decoder = json.JSONDecoder()
+    pos = _skip_space(text, 0)
+    array = text.startswith("[", pos)
+    if array:
+        pos = _skip_space(text, pos + 1)
+    i = 0
+    while pos < len(text) and not (array and text[pos] == "]"):
+        pointer = f"[{i}]" if array else ""
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise UnreadableFile(f"{path}: invalid JSON: {exc}") from exc
+        except (RecursionError, ValueError) as exc:
+            end = _value_end(text, pos)
+            yield pointer, Quarantined(str(path), pointer, f"{pointer or 'record'}: {_refused(exc)}",
+                                       excerpt(text[pos:end]))
+        else:
+            yield pointer, _mended(path, pointer, record, repairs)
+        pos = _skip_space(text, end)
+        if not array:
+            break
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1)
+        i += 1
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _value_end(text: str, pos: int) -> int:
+    """Where the JSON value starting at `pos` ends, by counting brackets outside strings: no
+    recursion, so a value of any depth is skipped whole."""
+    depth, in_string, i = 0, False, pos
+    while i < len(text):
+        ch = text[i]
+        if in_string:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                in_string = False
+                if depth == 0:
+                    return i + 1
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth <= 0:
+                return i + 1
+        elif depth == 0 and ch == ",":
+            return i
+        i += 1
+    return len(text)
+
+
+def _refused(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply for the JSON decoder (RecursionError)"
+    return f"a value the JSON decoder refuses: {exc}"
+
+
+def _mended(path: LogFile, pointer: str, record: Any, repairs: Repairs | None) -> Any:
+    """The record with every lone surrogate replaced by its escape text ("\\ud800", 6 characters):
+    lossless, the log's own spelling; the pointer is appended to `repairs`. Unchanged otherwise
+    (the raw text's escapes may all have been pairs)."""
+    if isinstance(record, Quarantined):
+        return record
+    try:
+        text = json.dumps(record, ensure_ascii=False)
+    except (RecursionError, ValueError) as exc:
+        return Quarantined(str(path), pointer, f"{pointer or 'record'}: {_refused(exc)}", "")
+    if not LONE_SURROGATE.search(text):
+        return record
+    if repairs is not None:
+        repairs.append(f"{path} {pointer}".strip())
+    return json.loads(LONE_SURROGATE.sub(lambda m: f"\\\\u{ord(m.group()):04x}", text))
 
 
 def convert_records(
-    path: LogFile, convert: Callable[[Any, LogFile, str], dict], label_pointer: bool = False
+    path: LogFile, convert: Callable[[Any, LogFile, str], dict], label_pointer: bool = False,
+    repairs: Repairs | None = None,
 ) -> Iterator[dict | Quarantined]:
-    """Every record of the file through `convert`; a RecordError quarantines that record only.
-    `label_pointer`: prefix the reason with the record pointer (for formats whose reasons
-    do not name it themselves)."""
-    for pointer, record in iter_records(path):
+    """Every record of the file through `convert`; a record it fails on is quarantined, that
+    record only. A RecordError says what is wrong with the record; anything else an adapter
+    raises on one record (a type it did not expect, a value too deep or too big) is quarantined
+    with the exception's name: no record ends the run. `label_pointer`: prefix the reason with
+    the record pointer (for formats whose reasons do not name it themselves)."""
+    for pointer, record in iter_records(path, repairs):
         if isinstance(record, Quarantined):
             yield record
             continue
+        where = f"{pointer}: " if label_pointer and pointer else ""
         try:
-            yield convert(record, path, pointer)
+            row = convert(record, path, pointer)
         except RecordError as exc:
-            where = f"{pointer}: " if label_pointer and pointer else ""
-            yield Quarantined(str(path), pointer, f"{where}{exc}", excerpt(record))
+            row = Quarantined(str(path), pointer, f"{where}{exc}", excerpt(record))
+        except Exception as exc:  # noqa: BLE001 - see the docstring: one record never ends the run
+            row = Quarantined(str(path), pointer, f"{where}cannot be read ({type(exc).__name__}: {exc})"[:500],
+                              excerpt(record))
+        yield row
 
 
-def _iter_jsonl(path: LogFile) -> Iterator[tuple[str, Any]]:
+def _iter_jsonl(path: LogFile, repairs: Repairs | None = None) -> Iterator[tuple[str, Any]]:
     # Bytes, not text mode: one non-UTF-8 line must cost that line only, not the file.
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
@@ -119,12 +236,14 @@ def _iter_jsonl(path: LogFile) -> Iterator[tuple[str, Any]]:
                 yield pointer, Quarantined(str(path), pointer, reason, excerpt(raw))
                 continue
             try:
-                yield pointer, json.loads(text)
+                record = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield (
-                    pointer,
-                    Quarantined(str(path), pointer, f"{pointer}: invalid JSON: {exc}", excerpt(text)),
-                )
+                yield pointer, Quarantined(str(path), pointer, f"{pointer}: invalid JSON: {exc}", excerpt(text))
+                continue
+            except (RecursionError, ValueError) as exc:
+                yield pointer, Quarantined(str(path), pointer, f"{pointer}: {_refused(exc)}", excerpt(text))
+                continue
+            yield pointer, (_mended(path, pointer, record, repairs) if LONE_ESCAPE.search(raw) else record)
 
 
 def first_record(path: LogFile) -> Any:

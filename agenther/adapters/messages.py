@@ -3,8 +3,9 @@
 Where each field lives is configured by `MessagesMapping` (params.yaml `ingest.messages`).
 Two turn styles are understood: OpenAI ({role, content, tool_calls, tool_call_id, name}) and
 ShareGPT ({from, value}, with `function_call` turns holding JSON {name, arguments} and
-`observation` turns holding tool results). Actions written as text by ReAct-style agents
-("Action: search[...]" + "Observation: ...") become tool calls too (see text_actions.py).
+`observation` turns holding tool results). Actions written as text (ReAct "Action: search[...]" +
+"Observation: ...", HTTP-style "GET url" lines, a user's regex) become tool calls too, read by
+the log's grammar (agenther/adapters/grammars.py, chosen by ingest).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from agenther.adapters.adapter import Adapter, ReadContext
 from agenther.adapters.common import (
     LogFile,
     Quarantined,
@@ -28,7 +30,6 @@ from agenther.adapters.common import (
     to_json,
     type_name,
 )
-from agenther.adapters.text_actions import parse_text_actions
 
 FORMAT = "messages"
 
@@ -90,6 +91,7 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "goal_path": ("goal", "instruction", "question", "task", "query", "prompt"),
     "success_path": ("success", "solved", "is_success", "resolved", "passed", "label", "correct"),
     "reward_path": ("reward", "score"),
+    "tools_path": ("tools", "functions", "tool_schemas", "available_tools"),
 }
 PATH_FIELDS = ("id_path", "goal_path", "success_path", "reward_path", "task_path", "tools_path")
 
@@ -103,7 +105,22 @@ def _fits(field_name: str, value: Any) -> bool:
         return isinstance(value, str) and bool(value.strip())
     if field_name == "success_path":
         return isinstance(value, bool)
+    if field_name == "tools_path":
+        return _tool_schemas(value)
     return isinstance(value, int | float) and not isinstance(value, bool)  # reward
+
+
+def _tool_schemas(value: Any) -> bool:
+    """A list of OpenAI tool schemas ({"type": "function", "function": {"name": ...}} or bare
+    {"name": ...}), or JSON text of one (a column written by a dataframe)."""
+    if isinstance(value, str) and value.lstrip()[:1] == "[":
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            return False
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, dict) and isinstance(t.get("function", t), dict)
+        and isinstance(t.get("function", t).get("name"), str) for t in value)
 
 
 def detect(records: list[Any], mapping: MessagesMapping) -> MessagesMapping:
@@ -152,9 +169,25 @@ def _optional(record: Any, dotted: str | None, resolved: Counter | None = None) 
     return value
 
 
-def read(path: LogFile, mapping: MessagesMapping | None = None) -> Iterator[dict | Quarantined]:
-    mapping = mapping or MessagesMapping()
-    return convert_records(path, lambda record, p, pointer: convert(record, p, pointer, mapping), label_pointer=True)
+def read(path: LogFile, ctx: ReadContext | None = None) -> Iterator[dict | Quarantined]:
+    """Trajectory rows of a chat-log file, with `ctx`'s mapping; its grammar (if any) makes the text
+    actions of assistant turns into tool calls (agenther/adapters/grammars.py)."""
+    ctx = ctx or ReadContext(MessagesMapping())
+    parse = ctx.grammar.parse if ctx.grammar is not None else None
+    return convert_records(path, lambda record, p, pointer: convert(record, p, pointer, ctx.mapping, parse),
+                           label_pointer=True, repairs=ctx.repairs)
+
+
+def turns_of(record: Any, mapping: MessagesMapping) -> list[dict] | None:
+    """A record's turns as canonical messages (before any grammar), or None if it has none that
+    read: what grammar detection looks at."""
+    if not isinstance(record, dict):
+        return None
+    try:
+        turns, where, role_key, content_key = _turns(record, mapping)
+        return canonical_messages(turns, where, mapping.roles, role_key, content_key, call_roles=("function_call",))
+    except RecordError:
+        return None
 
 
 def _turns(record: dict, mapping: MessagesMapping) -> tuple[Any, str, str, str]:
@@ -170,7 +203,8 @@ def _turns(record: dict, mapping: MessagesMapping) -> tuple[Any, str, str, str]:
     raise RecordError(f"no list of turns at {mapping.messages_path!r} (nor 'messages'/'conversations')")
 
 
-def convert(record: Any, path: LogFile, pointer: str, mapping: MessagesMapping) -> dict:
+def convert(record: Any, path: LogFile, pointer: str, mapping: MessagesMapping,
+            parse: Callable[[list[dict]], list[dict]] | None = None) -> dict:
     if not isinstance(record, dict):
         raise RecordError(f"record is not an object (got {type_name(record)})")
     seen = mapping.resolved
@@ -179,9 +213,9 @@ def convert(record: Any, path: LogFile, pointer: str, mapping: MessagesMapping) 
     turns, where, role_key, content_key = _turns(record, mapping)
     seen[f"path {where}"] += 1
     tally: Counter = Counter()  # the other paths, counted over the records that become trajectories
-    messages = parse_text_actions(
-        canonical_messages(turns, where, mapping.roles, role_key, content_key, call_roles=("function_call",))
-    )
+    messages = canonical_messages(turns, where, mapping.roles, role_key, content_key, call_roles=("function_call",))
+    if parse is not None:
+        messages = parse(messages)
 
     goal = _optional(record, mapping.goal_path, tally)
     if goal is None:
@@ -213,7 +247,7 @@ def convert(record: Any, path: LogFile, pointer: str, mapping: MessagesMapping) 
         "task_key": f"{FORMAT}/{task_key}",
         "goal": goal,
         "messages": messages,
-        "tools": _tools(record, mapping.tools_path),
+        "tools": _tools(record, mapping.tools_path, tally),
         "final_answer": _final_answer(messages),
         "success": success,
         "reward": None if reward is None else float(reward),
@@ -243,12 +277,12 @@ def _final_answer(messages: list[dict]) -> str | None:
     return last_assistant_text(messages)
 
 
-def _tools(record: dict, tools_path: str | None) -> str | None:
+def _tools(record: dict, tools_path: str | None, tally: Counter | None = None) -> str | None:
     """Tool schemas at tools_path (strict), else an OpenAI-style top-level "tools" list if present."""
     if tools_path is None:
         value = record.get("tools")
         return to_json(value) if isinstance(value, list) else None
-    value = _optional(record, tools_path)
+    value = _optional(record, tools_path, tally)
     if value is None:
         return None
     if isinstance(value, str):
@@ -259,3 +293,10 @@ def _tools(record: dict, tools_path: str | None) -> str | None:
     if not isinstance(value, list):
         raise RecordError(f"{tools_path}: expected a list of tool schemas, got {type_name(value)}")
     return to_json(value)
+
+
+ADAPTER = Adapter(
+    name=FORMAT, looks_like=lambda record, ctx: looks_like(record, ctx.mapping), read=read,
+    expects="chat turns at ingest.messages.messages_path, 'messages' or 'conversations'",
+    generic=True, catch_all=".jsonl",  # JSONL is chat logs unless a line says otherwise
+)

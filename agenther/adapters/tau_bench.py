@@ -12,6 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from agenther.adapters.adapter import Adapter, ReadContext
 from agenther.adapters.common import (
     LogFile,
     Quarantined,
@@ -31,9 +32,9 @@ def looks_like(record: Any) -> bool:
     return isinstance(record, dict) and "traj" in record and "task_id" in record
 
 
-def read(path: LogFile) -> Iterator[dict | Quarantined]:
+def read(path: LogFile, ctx: ReadContext | None = None) -> Iterator[dict | Quarantined]:
     """One trajectory dict (or Quarantined) per record of the file."""
-    return convert_records(path, convert)
+    return convert_records(path, convert, repairs=ctx.repairs if ctx else None)
 
 
 def _int_like(record: dict, key: str) -> int | str:
@@ -117,3 +118,9 @@ def _domain(stem: str, messages: list[dict]) -> str | None:
         if domain in stem.lower() or domain in system[:200].lower():
             return domain
     return None
+
+
+ADAPTER = Adapter(
+    name=FORMAT, looks_like=lambda record, ctx: looks_like(record), read=read,
+    expects="tau-bench (traj, task_id)", failure_signals=True,  # ground-truth actions in `info`
+)

@@ -8,10 +8,12 @@ Recognized, after an "Action:" line (optionally numbered, "Action 2:", any case)
 - call      `get_weather(city="Paris", n=2)`  -> {"city": "Paris", "n": 2};  `search("x")` -> {"input": "x"}
 - bare name `lookup_order` + "Action Input: {...}" (LangChain) -> that object, a non-object -> {"input": value}
 - JSON      `{"name": ..., "arguments": ...}` / `{"action": ..., "action_input": ...}` (also in a
-            ```json fence); a turn that is nothing but such JSON needs no "Action:" line.
+            ```json fence); a turn that is nothing but such JSON needs no "Action:" line, nor does a
+            turn that is one bracket action and nothing else (`click[Buy Now]`).
 
-The observation is the next user turn starting "Observation:" ("Observation 1:", any case), or an
-"Observation:" block later in the same assistant text (each Thought/Action/Observation cycle
+The observation is the next user turn starting "Observation:" ("Observation 1:", any case; in the
+`react` grammar, a run where no user turn has that prefix takes the user turn right after each
+action as it is), or an "Observation:" block later in the same assistant text (each Thought/Action/Observation cycle
 then becomes its own assistant + tool pair). Finish[answer] (any case) and a JSON "Final Answer"
 action stay calls, named "Finish"; a LangChain "Final Answer: ..." line stays text. Text around
 an action (the Thought) stays the turn's content (None if empty). A turn with anything
@@ -29,6 +31,7 @@ import warnings
 from typing import Any
 
 from agenther.adapters.common import message
+from agenther.adapters.grammar import Grammar
 
 # A line opening a ReAct block: "Thought:", "Action 2:", "Action Input:", "Observation 1:", "Final Answer:".
 MARKER = re.compile(
@@ -49,17 +52,21 @@ FINISH_NAMES = {"finish", "final answer", "final_answer"}
 _DECODER = json.JSONDecoder()
 
 
-def parse_text_actions(messages: list[dict]) -> list[dict]:
+def parse_text_actions(messages: list[dict], plain_observations: bool = False) -> list[dict]:
     """Canonical messages with text actions made into tool calls and their observations into
-    tool messages. Messages already holding tool calls, and text that does not parse, are kept as is."""
+    tool messages. Messages already holding tool calls, and text that does not parse, are kept as is.
+    `plain_observations`: the user turn right after an action is its observation even without an
+    "Observation:" prefix (logs whose environment replies in the next turn as it is); the final
+    report then waits for none."""
     out: list[dict] = []
     waiting: list[dict] = []  # calls of the last parsed turn still waiting for an observation
     for step, msg in enumerate(messages):
         if waiting and msg["role"] == "user" and not msg.get("tool_calls"):
-            observed = OBSERVATION.match(msg.get("content") or "")
-            if observed:
+            text = msg.get("content") or ""
+            observed = OBSERVATION.match(text)
+            if observed or plain_observations:
                 call = waiting.pop(0)
-                content = msg["content"][observed.end() :].strip()
+                content = text[observed.end() :].strip() if observed else text.strip()
                 out.append(message("tool", content, tool_call_id=call["id"], name=call["name"]))
                 continue
         waiting = []
@@ -70,8 +77,17 @@ def parse_text_actions(messages: list[dict]) -> list[dict]:
             out.append(msg)
         else:
             turns, waiting = parsed
+            if plain_observations:
+                waiting = [c for c in waiting if c["name"] != "Finish"]
             out.extend(turns)
     return out
+
+
+def parse_react(messages: list[dict]) -> list[dict]:
+    """The `react` grammar: observations are "Observation:" turns, or, in a run where no user turn
+    has that prefix, the user turn right after each action as it is."""
+    prefixed = any(m["role"] == "user" and OBSERVATION.match(m.get("content") or "") for m in messages)
+    return parse_text_actions(messages, plain_observations=not prefixed)
 
 
 class _Segment:
@@ -97,7 +113,7 @@ def _parse_turn(text: str, step: int) -> tuple[list[dict], list[dict]] | None:
     """(messages replacing the turn, calls left waiting for an observation), or None if no action parses."""
     blocks = _blocks(text)
     if not any(kind == "action" for kind, _, _ in blocks):
-        found = _whole_json_calls(text)
+        found = _whole_json_calls(text) or _bare_call(text)
         if found is None:
             return None
         calls = [_tool_call({"id": f"text-call-{step}-{k}", "name": n, "args": a}) for k, (n, a) in enumerate(found)]
@@ -170,6 +186,14 @@ def _parse_action(body: str) -> tuple[list[tuple[str, Any]], str] | None:
         if m := PAREN_CALL.fullmatch(text):
             return [(_name(m["name"]), _paren_args(m["args"]))], left
     return None
+
+
+def _bare_call(text: str) -> list[tuple[str, Any]] | None:
+    """A turn that is one bracket action and nothing else ("click[Buy Now]"): agents prompted
+    with "Action:" often drop the prefix."""
+    text = text.strip()
+    m = BRACKET_CALL.fullmatch(text) if "\n" not in text else None
+    return [(_name(m["name"]), {"input": m["args"]})] if m else None
 
 
 def _whole_json_calls(text: str) -> list[tuple[str, Any]] | None:
@@ -270,3 +294,8 @@ def _name(name: str) -> str:
 def _tool_call(call: dict) -> dict[str, str]:
     args = {} if call["args"] is None else call["args"]
     return {"id": call["id"], "name": call["name"], "arguments": json.dumps(args, ensure_ascii=False)}
+
+
+GRAMMAR = Grammar("react", parse_react, "ReAct: Action: verb[argument] (also verb(args), JSON calls, "
+                                        "Action Input:), observations in Observation: lines or the next turn, "
+                                        "Finish[answer] the final report")

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from agenther.adapters.adapter import Adapter, ReadContext
 from agenther.adapters.common import (
     LogFile,
     Quarantined,
@@ -63,8 +64,8 @@ def looks_like(record: Any) -> bool:
     return isinstance(record, dict) and "answer_generation" in record
 
 
-def read(path: LogFile) -> Iterator[dict | Quarantined]:
-    return convert_records(path, convert)
+def read(path: LogFile, ctx: ReadContext | None = None) -> Iterator[dict | Quarantined]:
+    return convert_records(path, convert, repairs=ctx.repairs if ctx else None)
 
 
 def _flag(value: Any, field: str) -> bool | None:
@@ -248,3 +249,9 @@ def messages_from_tree(tree: Any, query: str, functions: Any) -> list[dict]:
     if thought is not None:
         messages.append(message("assistant", thought))
     return messages
+
+
+ADAPTER = Adapter(
+    name=FORMAT, looks_like=lambda record, ctx: looks_like(record), read=read,
+    expects="toolbench (answer_generation)", failure_signals=True,  # finish_type, give-ups
+)

@@ -25,13 +25,13 @@ import json
 
 from pydantic import BaseModel
 
-from agenther.evidence.conversation import argument_values, goal_arguments
+from agenther.evidence.conversation import goal_arguments
 from agenther.evidence.coverage import asked
-from agenther.evidence.goal import ID_LIKE, AchievedGoal, enum_clashes, user_details
+from agenther.evidence.goal import ID_LIKE, AchievedGoal, argument_values, enum_clashes, scanned, user_details
 from agenther.evidence.grounding import occurs
-from agenther.evidence.render import tool_calls
+from agenther.evidence.text_evidence import goal_calls
 from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words
-from agenther.evidence.turns import asks_for, denies, speaks_of, wish_met, wishes
+from agenther.evidence.turns import asks_for, denies, requests_in, speaks_of, wish_met, wishes
 
 CODES = ("asks_given_value", "speaks_other_action", "denies_given_value", "asks_unmade_change",
          "names_unused_value", "other_enum_value", "unsourced_argument", "unmet_requirement")
@@ -60,14 +60,15 @@ def sample_turns(messages: list[dict], steps: list[int], goal: AchievedGoal, rew
 def defects(turns: list[Turn], goal: AchievedGoal, row: dict, params: dict | None = None) -> list[Defect]:
     """Every defect of the sample, in turn order."""
     tools = Tools.of(row.get("tools"), params)
-    calls = [c for c in tool_calls(row["messages"]) if goal.start <= c["step"] < goal.sample_end]
-    known = tools.write_names(c["name"] for c in tool_calls(row["messages"]))
+    every = goal_calls(row, tools)
+    calls = [c for c in every if goal.start <= c["step"] < goal.sample_end]
+    known = tools.write_names(c["name"] for c in every)
     done = {a.tool for a in goal.actions}
     others = [w for w in known if w not in done]
     arguments = goal_arguments(goal)
     done_verbs = set().union(*(tools.request_words(a.tool, known)[0] for a in goal.actions))
     # what the agent did and saw: a value the user names that is in none of it was never acted on
-    used = "\n".join(f"{c['name']} {json.dumps(c['arguments'])} {c['result'] or ''}" for c in calls).lower()
+    used = "\n".join(f"{c['name']} {json.dumps(c['arguments'])} {scanned(c['result'])}" for c in calls).lower()
     # the IDs the calls of the sample pass, by argument name: what "your reservation ID" refers to
     by_key: dict[str, set[str]] = {}
     for c in calls:
@@ -79,7 +80,7 @@ def defects(turns: list[Turn], goal: AchievedGoal, row: dict, params: dict | Non
     said = ""  # the user side so far
     results = ""  # tool results so far
     for t in turns:
-        role, text = t.message["role"], t.message.get("content") or ""
+        role, text = t.message["role"], scanned(t.message.get("content"))
         if role == "user":
             found += _user_defects(t.step, text, said, by_key, goal, tools, others, known, arguments, done_verbs, used)
             said += "\n" + text
@@ -123,6 +124,7 @@ def _user_defects(step: int, text: str, said: str, by_key: dict[str, set[str]], 
                   others: list[str], known: list[str], arguments: set[str], done_verbs: set[str],
                   used: str) -> list[Defect]:
     found = []
+    asking_text = requests_in(text)
     for key, values in by_key.items():
         denial = denies(text, key)
         given = [v for v in values if asked(v, said)]
@@ -131,13 +133,13 @@ def _user_defects(step: int, text: str, said: str, by_key: dict[str, set[str]], 
                                 detail=f"says it does not know the {key.replace('_', ' ')} an earlier turn gave "
                                        f"({given[0]}): {denial[:100]!r}"))
     for w in others:
-        spoken = speaks_of(tools, w, text, known, arguments)
+        spoken = speaks_of(tools, w, asking_text, known, arguments)
         if spoken:
             found.append(Defect(code="asks_unmade_change", step=step,
                                 detail=f"asks for {w}, which the goal does not contain: {spoken[:100]!r}"))
             break
     else:
-        asking = [s for s in SENTENCE.split(text) if ASKS.search(s)]
+        asking = [s for s in SENTENCE.split(asking_text) if ASKS.search(s)]
         unmade = sorted({w for s in asking for w in words(s)} & ALL_WRITE_WORDS - done_verbs)
         if unmade:
             found.append(Defect(code="asks_unmade_change", step=step,
@@ -154,7 +156,7 @@ def _user_defects(step: int, text: str, said: str, by_key: dict[str, set[str]], 
 
 def _agent_text(message: dict) -> str:
     calls = " ".join(f"{c['name']} {json.dumps(c.get('arguments'))}" for c in message.get("tool_calls") or [])
-    return f"{message.get('content') or ''} {calls}"
+    return f"{scanned(message.get('content'))} {calls}"
 
 
 def _parsed(arguments: object) -> dict:

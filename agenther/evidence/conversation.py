@@ -39,19 +39,28 @@ from agenther.evidence.goal import (
     Fact,
     NoGoal,
     TurnEdit,
+    argument_values,
     enum_clashes,
     first_user_index,
     goal_within,
     identifying_values,
     metadata_of,
     not_allowed,
+    scanned,
     user_details,
     with_sample,
 )
 from agenther.evidence.grounding import ISO_DATE, occurs
-from agenther.evidence.render import tool_calls
+from agenther.evidence.text_evidence import goal_calls
 from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words
-from agenther.evidence.turns import argument_words, asks_for, key_phrases, speaks_of
+from agenther.evidence.turns import (
+    argument_words,
+    asks_anything,
+    asks_for,
+    key_phrases,
+    requests_in,
+    speaks_of,
+)
 
 AFFIRMATIVE = re.compile(r"^\W*(yes|yeah|yep|sure|ok|okay|correct|that's correct|please proceed|go ahead|confirm)\b", re.I)
 
@@ -63,7 +72,7 @@ def hindsight_goal(row: dict, params: dict | None = None) -> AchievedGoal | NoGo
     if first_user is None:
         return NoGoal(reason="no_user_turn", detail="the trajectory has no user turn to relabel")
     tools = Tools.of(row.get("tools"), params)
-    calls = tool_calls(messages)
+    calls = goal_calls(row, tools)
     violations = not_allowed(calls, tools, metadata_of(row), row.get("failure_type"))
     search = _Windows(messages, calls, tools, violations)
     goal = search.best(first_user, len(messages))
@@ -106,7 +115,7 @@ def goal_from_facts(row: dict, params: dict | None, facts: list[Fact]) -> Achiev
     if first_user is None or not facts:
         return NoGoal(reason="no_evidenced_achievement", detail="no achievement with evidence in the trajectory")
     tools = Tools.of(row.get("tools"), params)
-    calls = tool_calls(messages)
+    calls = goal_calls(row, tools)
     goal = with_sample(messages, calls, tools, [], facts, [], first_user, len(messages))
     conflict = first_hard_conflict(messages, goal, tools, calls)
     if conflict is not None:
@@ -203,7 +212,7 @@ CODE = re.compile(r"\b(?=[A-Za-z0-9_-]*\d)[A-Za-z][A-Za-z0-9_-]{2,}\b|\b[A-Z]{3}
 def left_out_text(messages: list[dict], goal: AchievedGoal) -> str:
     """What the run said (any role) between its first user turn and the sample's opening."""
     first = first_user_index(messages) or 0
-    return "\n".join(m.get("content") or "" for m in messages[first:goal.start])
+    return "\n".join(scanned(m.get("content")) for m in messages[first:goal.start])
 
 
 def refers_to_left_out(text: str, left_out: str, messages: list[dict], start: int, step: int) -> str | None:
@@ -212,34 +221,11 @@ def refers_to_left_out(text: str, left_out: str, messages: list[dict], start: in
     if not left_out:
         return None
     first = first_user_index(messages) or 0
-    before = "\n".join(m.get("content") or "" for m in [*messages[:first], *messages[start:step]])
+    before = "\n".join(scanned(m.get("content")) for m in [*messages[:first], *messages[start:step]])
     for token in dict.fromkeys(CODE.findall(text)):
         if re.search(rf"\b{re.escape(token)}\b", left_out) and not re.search(rf"\b{re.escape(token)}\b", before):
             return token
     return None
-
-
-def argument_values(arguments: dict) -> list[tuple[str, str]]:
-    """(leaf key, value) of every scalar argument, nested ones included, in order."""
-    out: list[tuple[str, str]] = []
-
-    def walk(key: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(k, v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(key, v)
-        elif isinstance(value, bool) or value is None:
-            return
-        elif isinstance(value, int | float):
-            out.append((key, str(value).removesuffix(".0")))
-        elif isinstance(value, str) and value.strip():
-            out.append((key, value.strip()))
-
-    for k, v in arguments.items():
-        walk(k, v)
-    return out
 
 
 def is_identifier(value: str) -> bool:
@@ -277,7 +263,7 @@ class _Plan:
         finds it); there, the one answering the agent's last question about it, else the last one
         that speaks of it, else the last one; else the opening."""
         shown = next((c["result_step"] for c in self.calls if c["result_step"] is not None
-                      and c["result_step"] < before and asked(value, c["result"] or "")), None)
+                      and c["result_step"] < before and asked(value, scanned(c["result"]))), None)
         after = self.goal.start if shown is None else shown
         candidates = [u for u in self.users if after <= u < before]
         for i in range(before - 1, after, -1):
@@ -297,11 +283,12 @@ class _Plan:
         others = [w for w in self.known if w not in done]
         arguments = goal_arguments(self.goal)
         done_verbs = set().union(*(self.tools.request_words(a.tool, self.known)[0] for a in self.goal.actions))
-        used = "\n".join(f"{c['name']} {json.dumps(c['arguments'])} {c['result'] or ''}" for c in self.calls).lower()
+        used = "\n".join(f"{c['name']} {json.dumps(c['arguments'])} {scanned(c['result'])}" for c in self.calls).lower()
         for i in self.users:
             text = self.text(i)
-            unask = [w for w in others if speaks_of(self.tools, w, text, self.known, arguments)]
-            asking = [s for s in SENTENCE.split(text) if ASKS.search(s)]
+            said = requests_in(text)
+            unask = [w for w in others if speaks_of(self.tools, w, said, self.known, arguments)]
+            asking = [s for s in SENTENCE.split(said) if ASKS.search(s)]
             unask += sorted({w for s in asking for w in words(s)} & ALL_WRITE_WORDS - done_verbs)
             unsay = [v for kind, v in user_details(text) if not occurs(kind, v, used)]
             unsay += [v for _, v in bystanders(text, self.goal, self.calls)]
@@ -338,7 +325,7 @@ class _Plan:
             if c["step"] not in trained:
                 continue
             seen = "\n".join([system, self.user_text_before(c["step"]), *(
-                d["result"] or "" for d in self.calls if d["result_step"] is not None and d["result_step"] < c["step"])])
+                scanned(d["result"]) for d in self.calls if d["result_step"] is not None and d["result_step"] < c["step"])])
             for key, value in argument_values(c["arguments"]):
                 if ID_LIKE.match(value) and not asked(value, seen):
                     self.edit(self.turn_for(key, value, c["step"])).name.append(label(key, value))
@@ -347,14 +334,21 @@ class _Plan:
         opening = self.goal.start
         if opening != self.first_user:
             self.edit(opening)  # a turn from the middle of the run: it must become a first message
+        if not self.goal.actions:
+            # A goal of facts only is what the failed run reported, not what its question asked
+            # (a text agent's wrong Finish answer): the opening must ask what the report answers.
+            self.edit(opening)
         if opening not in self.edits:
             return
         e = self.edits[opening]
         later = [u for u in self.users if u > opening]
+        # a turn from the middle of the run that asks nothing ("Sure, my user ID is ...") cannot open
+        # a conversation: it must ask for the goal
+        answer_only = opening != self.first_user and not asks_anything(requests_in(self.text(opening)))
         for a in self.goal.actions:
             requested = self.tools.requested(a.tool, "\n".join(self.text(u) for u in self.users if u < a.call_step),
                                              self.known)
-            if not requested and a.tool not in e.ask:
+            if (not requested or answer_only) and a.tool not in e.ask:
                 e.ask.append(a.tool)
         if not self.goal.actions:
             e.question = True

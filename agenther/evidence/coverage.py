@@ -29,8 +29,9 @@ from agenther.evidence.goal import (
     other_enum_values,
 )
 from agenther.evidence.grounding import ISO_DATE, MONTHS, ungrounded
-from agenther.evidence.render import tool_calls
+from agenther.evidence.text_evidence import goal_calls
 from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words
+from agenther.evidence.turns import requests_in
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
@@ -43,8 +44,9 @@ def misses(user_side: list[tuple[int, str]], goal: AchievedGoal, row: dict, para
     rewritten = set(rewritten)
     messages = evidence_messages(row["messages"], goal)
     tools = Tools.of(row.get("tools"), params)
-    calls = [c for c in tool_calls(row["messages"]) if goal.start <= c["step"] < goal.sample_end]
-    known = tools.write_names(c["name"] for c in tool_calls(row["messages"]))
+    every = goal_calls(row, tools)
+    calls = [c for c in every if goal.start <= c["step"] < goal.sample_end]
+    known = tools.write_names(c["name"] for c in every)
     done = {a.tool for a in goal.actions}
     request = "\n".join(text for _, text in user_side)
     found: list[tuple[str, str]] = []
@@ -62,10 +64,11 @@ def misses(user_side: list[tuple[int, str]], goal: AchievedGoal, row: dict, para
                     "before it names",
                 )
             )
+    asks = "\n".join(requests_in(text) for _, text in user_side)  # not what the user says they do not want
     for w in known:
-        if w not in done and tools.requested(w, request, known):
+        if w not in done and tools.requested(w, asks, known):
             found.append(("unmet_requirement", f"the user asks for {w}, which the sample does not do"))
-    asking = [sentence for _, text in user_side for sentence in SENTENCE.split(text) if ASKS.search(sentence)]
+    asking = [sentence for sentence in SENTENCE.split(asks) if ASKS.search(sentence)]
     asked_verbs = {w for sentence in asking for w in words(sentence)} & ALL_WRITE_WORDS
     done_verbs = set().union(*(tools.request_words(a.tool, known)[0] for a in goal.actions))
     if asked_verbs - done_verbs:  # a change the sample makes no write for (its tool may be unknown)
@@ -84,6 +87,9 @@ def misses(user_side: list[tuple[int, str]], goal: AchievedGoal, row: dict, para
                 "value of its lookups or answers): it may ask for anything",
             )
         )
+    found += [("unmet_requirement", f"the user names {given!r}, the answer the sample gives: a question names "
+                                    "what it asks about, not its answer")
+              for given in gives_away(request, goal)]
     found += [("unmet_requirement", "the user " + w) for w in other_enum_values(request, goal, tools)]
     found += [
         ("unmet_requirement", f"the user names {key.replace('_', ' ')} {value}, which no write of the sample acts on")
@@ -93,6 +99,12 @@ def misses(user_side: list[tuple[int, str]], goal: AchievedGoal, row: dict, para
     if absent:
         found.append(("unmet_requirement", "the sample never mentions " + ", ".join(absent)))
     return found
+
+
+def gives_away(request: str, goal: AchievedGoal) -> list[str]:
+    """The items of the goal's final answers (text agents' Finish[...]) that the request already names:
+    "What was the name of the bridge that opened in 1874?" answered "1874" asks nothing."""
+    return [item for f in goal.facts for item in f.answer if asked(item, request)]
 
 
 def bystanders(prompt: str, goal: AchievedGoal, calls: list[dict]) -> list[tuple[str, str]]:
@@ -154,7 +166,8 @@ def required_details(goal: AchievedGoal, row: dict, params: dict | None = None) 
     for a goal of facts only, the values the agent reported (naming one is enough)."""
     if not goal.actions:
         return list(dict.fromkeys(fact_subjects(goal)))
-    tools, calls = Tools.of(row.get("tools"), params), tool_calls(row["messages"])
+    tools = Tools.of(row.get("tools"), params)
+    calls = goal_calls(row, tools)
     keys = [v for a in goal.actions for k, v in a.arguments.items() if _is_key(k) and isinstance(v, str)]
     request = "\n".join([*keys, *goal.user_words])
     return list(
@@ -173,7 +186,7 @@ def fact_subjects(goal: AchievedGoal) -> list[str]:
     """What a question about the goal's facts may name, one or more: what the agent looked up (the
     arguments of the reads the report rests on), then the values it reported."""
     looked_up = [v for f in goal.facts for r in f.reads for v in _required(r.arguments, exempt=False)]
-    return [*looked_up, *(v for f in goal.facts for v in f.values)]
+    return [*looked_up, *(v for f in goal.facts for v in f.values if v not in f.answer)]  # not the answer asked for
 
 
 def _names_a_fact(text: str, goal: AchievedGoal) -> bool:

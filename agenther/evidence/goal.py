@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from agenther.evidence import grounding
 from agenther.evidence.grounding import ISO_DATE
+from agenther.evidence.text_evidence import describe_page_write, supported_answers
 from agenther.evidence.tools import Tools, is_error, words
 
 MAX_FACTS = 6
@@ -36,7 +37,7 @@ MAX_READS = 3  # lookups kept per fact (the last ones before the report)
 ID_LIKE = re.compile(r"^(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9][\w-]{2,}$")  # HAT050, MZDDS4, credit_card_7
 # Arguments that identify what a write acts on must be asked for; these keys follow from the
 # user's account instead (a natural request says "with my credit card", not its id).
-EXEMPT_KEYS = re.compile(r"payment|dob|birth|email|address|phone|zip|user_?id", re.I)
+EXEMPT_KEYS = re.compile(r"payment|dob|birth|email|address|phone|zip|user_?id|^url$", re.I)
 
 
 class Action(BaseModel):
@@ -44,6 +45,9 @@ class Action(BaseModel):
     arguments: dict[str, Any]
     call_step: int
     result_step: int
+    # What the agent saw right before a write by text (the page a button was pressed on: item,
+    # title, price; text_evidence.acted_calls): a request may name these, need not.
+    seen: dict[str, str] = {}
 
 
 class Fact(BaseModel):
@@ -51,6 +55,9 @@ class Fact(BaseModel):
     values: list[str]  # the values from read results that the report states
     steps: list[int]  # the report's step, then the result steps it rests on
     reads: list[Action] = []  # the lookups whose results it states (what a question about it names)
+    # A final answer's items, when the fact is an answer the observations support (text_evidence):
+    # a question about it asks for them, so it must not name them.
+    answer: list[str] = []
 
 
 class Excluded(BaseModel):
@@ -92,6 +99,15 @@ class AchievedGoal(BaseModel):
 class NoGoal(BaseModel):
     reason: str  # no_evidenced_achievement | turn_conflict | no_user_turn
     detail: str
+
+
+SCAN_CHARS = 65_536  # of one turn's text that the turn-by-turn rules read
+
+
+def scanned(text: str | None) -> str:
+    """The part of a turn's text the turn-by-turn rules read: an ID or detail an agent goes on to use
+    is near the start of a tool result; a 50 MB result must not be copied into every check."""
+    return (text or "")[:SCAN_CHARS]
 
 
 def first_user_index(messages: list[dict]) -> int | None:
@@ -182,9 +198,12 @@ def goal_within(messages: list[dict], calls: list[dict], tools: Tools, start: in
             excluded.append(Excluded(tool=c["name"], call_step=c["step"], reason="error_result"))
         elif c["result_step"] < end:
             actions.append(
-                Action(tool=c["name"], arguments=c["arguments"], call_step=c["step"], result_step=c["result_step"])
+                Action(tool=c["name"], arguments=c["arguments"], call_step=c["step"], result_step=c["result_step"],
+                       seen=c.get("seen") or {})
             )
     facts = _facts(messages, calls, tools, start, end)
+    facts = sorted(facts + _answer_facts(messages, calls, tools, start, end, facts),
+                   key=lambda f: f.steps[0])[-MAX_FACTS:]
     return with_sample(messages, calls, tools, actions, facts, excluded, start, end)
 
 
@@ -294,6 +313,22 @@ def _facts(messages: list[dict], calls: list[dict], tools: Tools, start: int, en
     return facts[-MAX_FACTS:]
 
 
+def _answer_facts(messages: list[dict], calls: list[dict], tools: Tools, start: int, end: int,
+                  facts: list[Fact]) -> list[Fact]:
+    """Facts of final answers checked against text observations (agenther.evidence.text_evidence):
+    a Finish answer whose words occur in the read results before it, or a yes/no answer whose
+    reasoning states values those results hold. An answer they do not support is no fact. An
+    answer already a fact by the values `_facts` found in it stays as `_facts` made it."""
+    have = {f.steps[0] for f in facts}
+    return [
+        Fact(text=" ".join(s.text.split())[:REPORT_CHARS], values=s.values,
+             steps=[s.step, *sorted({r["result_step"] for r in s.reads})],
+             reads=[Action(tool=r["name"], arguments=r["arguments"], call_step=r["step"], result_step=r["result_step"])
+                    for r in s.reads][-MAX_READS:], answer=s.answer)
+        for s in supported_answers(messages, calls, tools, start, end) if s.step not in have
+    ]
+
+
 def _reports(messages: list[dict], calls: list[dict], start: int, end: int) -> list[tuple[int, str]]:
     """(step, text) of what the agent told the user in messages[start:end]: its text turns, and the
     final answer of a Finish call (ToolBench, ReAct)."""
@@ -332,10 +367,16 @@ def _said(value: str, low_text: str) -> bool:
 def identifying_values(arguments: dict, exempt: bool = True) -> list[str]:
     """The values that say what a write acts on: IDs, dates, amounts, enum-like words, names;
     not the ones that follow from the user's account (EXEMPT_KEYS) unless `exempt` is False."""
-    out: list[str] = []
+    return [v for _, v in argument_values(arguments, EXEMPT_KEYS if exempt else None)]
+
+
+def argument_values(arguments: dict, skip: re.Pattern | None = None) -> list[tuple[str, str]]:
+    """(leaf key, value) of every scalar argument, nested ones included, in order; none under a key
+    `skip` matches."""
+    out: list[tuple[str, str]] = []
 
     def walk(key: str, value: Any) -> None:
-        if exempt and EXEMPT_KEYS.search(key):
+        if skip is not None and skip.search(key):
             return
         if isinstance(value, dict):
             for k, v in value.items():
@@ -346,9 +387,9 @@ def identifying_values(arguments: dict, exempt: bool = True) -> list[str]:
         elif isinstance(value, bool) or value is None:
             return
         elif isinstance(value, int | float):
-            out.append(str(value).removesuffix(".0"))
+            out.append((key, str(value).removesuffix(".0")))
         elif isinstance(value, str) and value.strip():
-            out.append(value.strip())
+            out.append((key, value.strip()))
 
     for k, v in arguments.items():
         walk(k, v)
@@ -360,6 +401,8 @@ def _train_steps(messages: list[dict], calls: list[dict], tools: Tools, goal: Ac
     fact_results = {s for f in goal.facts for s in f.steps[1:]}
     needed = [v.lower() for a in goal.actions for v in identifying_values(a.arguments) if len(v) >= 3]
     needed += [v.lower() for f in goal.facts for v in f.values]
+    needed += [v.lower() for a in goal.actions for v in a.seen.values() if len(v) >= 3]  # the page it acted on
+    chosen = {v.lower() for a in goal.actions for v in identifying_values(a.arguments)}
     by_step: dict[int, list[dict]] = {}
     for c in calls:
         by_step.setdefault(c["step"], []).append(c)
@@ -375,18 +418,30 @@ def _train_steps(messages: list[dict], calls: list[dict], tools: Tools, goal: Ac
         useful = False
         for c in by_step.get(i, []):
             key = _canonical(c["name"], c["arguments"])
-            repeated, failed = key in seen, is_error(c["result"]) or c["result_step"] is None
+            # a final report gets no reply (ReAct's Finish[...]): it has not failed for that
+            repeated = key in seen
+            failed = (is_error(c["result"]) or c["result_step"] is None) and not _final_report(c)
             seen.add(key)
             if repeated or failed:
                 continue
-            if i in action_steps or c["result_step"] in fact_results or c["name"] == "Finish":
+            if i in action_steps or c["result_step"] in fact_results or _final_report(c):
                 useful = True
             elif tools.kind(c["name"]) == "read":
                 result = (c["result"] or "").lower()
-                useful = useful or any(v in result for v in needed)
+                useful = useful or any(v in result for v in needed) or _chooses(c, chosen)
         if useful:
             train.append(i)
     return train
+
+
+def _final_report(call: dict) -> bool:
+    return call["name"] == "Finish" and call["arguments"].get("return_type") != "give_up_and_restart"
+
+
+def _chooses(call: dict, chosen: set[str]) -> bool:
+    """A read that selects a value a write of the goal then uses (a text agent's click on "size 9"
+    before pressing "Buy Now"; a lookup by the ID the write acts on)."""
+    return bool(chosen) and not chosen.isdisjoint(v.lower() for v in identifying_values(call["arguments"], exempt=False))
 
 
 # -- what a user turn names ---------------------------------------------------------------------
@@ -454,6 +509,8 @@ def describe_value(value: Any) -> str:
 
 
 def describe_action(action: Action) -> str:
+    if action.seen:  # a text agent's button write, with the page it was pressed on
+        return describe_page_write(action.tool, action.arguments, action.seen)
     args = ", ".join(f"{k.replace('_', ' ')} {describe_value(v)}" for k, v in action.arguments.items()
                      if v not in (None, "", [], {}))
     return f"{action.tool.replace('_', ' ')}: {args}" if args else action.tool.replace("_", " ")

@@ -7,6 +7,14 @@ from params (`tools.writes` / `tools.reads` / `tools.handoffs`, which always win
 the first word of the tool's name, else from the first word of its schema's description,
 else `tools.default_kind`.
 
+Some calls are writes by their arguments, not their tool: an agent that acts by text clicks
+buttons, and `click[Buy Now]` buys where `click[B07XYZ]` only opens a product page. Rules (params
+`tools.rules`, then the built-in one: a click on a button whose label starts with buy, purchase,
+checkout, place order ... writes) match a tool's name AND its arguments; a call whose rule gives
+it another kind than its tool's is named `tool[arguments]` for the rules that follow
+(`Tools.action_name`, agenther/evidence/text_evidence.py), and that name has the rule's kind
+and request words (a button's: those of its label's verb: buy, purchase, order ...).
+
 An error result is never an achievement: empty results, "Error: ..." text, HTTP 4xx/5xx
 status, JSON with a non-empty `error`, and short texts that say "not found", "failed" ...
 """
@@ -57,6 +65,7 @@ VERB_GROUPS: dict[str, frozenset[str]] = {
     "delete": _set("delete deleted remove removed erase erased clear cleared"),
 }
 # Words that ask for a change whatever the tool; not the everyday ones ("make sure", "set off", "new").
+# (The `post` group below is left out too: "record", "order", "file" are mostly nouns.)
 ALL_WRITE_WORDS = frozenset().union(*VERB_GROUPS.values()) - frozenset(
     [
         "make",
@@ -98,7 +107,50 @@ VERB_OF = {
     "delete": "delete",
     "remove": "delete",
     "erase": "delete",
+    "pay": "book",
+    "post": "post",
+    "put": "modify",
+    "patch": "modify",
 }
+# HTTP-style agents write by POST (agenther/adapters/http_actions.py): what a request for a new
+# record says. Not in ALL_WRITE_WORDS (computed above), so no tau-bench turn changes meaning.
+VERB_GROUPS["post"] = VERB_GROUPS["create"] | _set(
+    "record recorded order ordered log logged document documented enter entered submit submitted place placed "
+    "file filed post posted prescribe prescribed refer referred schedule scheduled")
+
+# The built-in argument rule: a click on a button whose label starts with a word of buying.
+BUTTONS = r"click|press|tap|push|hit|select|choose"
+BUYING_LABEL = r"^\W*(buy|purchase|check ?out|place (an? |your |the )?order|order now|pay|book|reserve|subscribe)\b"
+PSEUDO_NAME = re.compile(r"^(?P<tool>[^\[\]]+)\[(?P<label>.*)\]$", re.DOTALL)  # click[Buy Now]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A call's kind by its tool's name (whole, any case) and its arguments' text (searched, any case)."""
+    tool: re.Pattern
+    arguments: re.Pattern | None
+    kind: Kind
+    requests: frozenset[str] = frozenset()  # words that ask for it; empty: those of its label's verb
+
+    @classmethod
+    def of(cls, spec: dict) -> Rule:
+        """From params tools.rules (regexes checked there)."""
+        args = spec.get("arguments")
+        return cls(re.compile(spec["tool"], re.I), re.compile(args, re.I) if args else None, spec["kind"],
+                   frozenset(spec.get("requests") or ()))
+
+    def matches(self, name: str, text: str) -> bool:
+        return self.tool.fullmatch(name) is not None and (self.arguments is None or bool(self.arguments.search(text)))
+
+
+BUILT_IN_RULES = (Rule(re.compile(BUTTONS, re.I), re.compile(BUYING_LABEL, re.I), "write"),)
+
+
+def argument_text(arguments: dict) -> str:
+    """What an argument rule reads: a one-argument call's text (a button's label), else its JSON."""
+    if set(arguments) == {"input"} and isinstance(arguments["input"], str):
+        return arguments["input"].strip()
+    return json.dumps(arguments, ensure_ascii=False, sort_keys=True)
 # Object nouns and the everyday words a user says for them.
 OBJECT_WORDS: dict[str, frozenset[str]] = {
     "flight": _set("flight flights cabin class seat itinerary"),
@@ -171,6 +223,7 @@ class Tools:
     handoffs: frozenset[str] = frozenset()
     requests: dict[str, list[str]] = field(default_factory=dict)  # tool -> words that ask for it
     default_kind: Kind = "read"
+    rules: tuple[Rule, ...] = BUILT_IN_RULES  # kinds by name and arguments (params first, then built in)
     # What kind() and request_words() worked out, per tool: the goal's rules ask again for every
     # turn and every call (a hundred thousand times per ten thousand runs), the answer never changes.
     _kinds: dict[str, Kind] = field(default_factory=dict, repr=False, compare=False)
@@ -188,7 +241,26 @@ class Tools:
             handoffs=frozenset(p.get("handoffs") or ()),
             requests={k: list(v) for k, v in (p.get("requests") or {}).items()},
             default_kind=p.get("default_kind") or "read",
+            rules=(*(Rule.of(r) for r in p.get("rules") or ()), *BUILT_IN_RULES),
         )
+
+    def rule_for(self, name: str, text: str) -> Rule | None:
+        return next((r for r in self.rules if r.matches(name, text)), None)
+
+    def action_name(self, name: str, arguments: dict) -> str:
+        """The name the goal's rules know this call by: its tool's, or `tool[arguments]` when a rule
+        gives the call another kind than its tool has (`click[Buy Now]`, a write among reads)."""
+        text = argument_text(arguments)
+        rule = self.rule_for(name, text)
+        if rule is None or rule.arguments is None or rule.kind == self.kind(name):
+            return name  # a rule on the name alone is the tool's own kind (Tools.kind)
+        return f"{name}[{text}]"
+
+    def _pseudo_rule(self, name: str) -> tuple[Rule, str] | None:
+        """The rule behind a `tool[arguments]` name, with the arguments' text."""
+        m = PSEUDO_NAME.match(name) if "[" in name else None
+        rule = self.rule_for(m["tool"], m["label"]) if m else None
+        return (rule, m["label"]) if rule is not None else None
 
     def kind(self, name: str) -> Kind:
         found = self._kinds.get(name)
@@ -197,11 +269,19 @@ class Tools:
         return found
 
     def _kind(self, name: str) -> Kind:
+        pseudo = self._pseudo_rule(name)
+        if pseudo is not None:
+            return pseudo[0].kind
         if name in self.writes:
             return "write"
         if name in self.reads:
             return "read"
-        if name in self.handoffs or HANDOFF.match(name):
+        if name in self.handoffs:
+            return "handoff"
+        by_name = next((r for r in self.rules if r.arguments is None and r.tool.fullmatch(name)), None)
+        if by_name is not None:
+            return by_name.kind
+        if HANDOFF.match(name):
             return "handoff"
         description = (self.schemas.get(name) or {}).get("description") or ""
         return _name_kind(name) or _verb_kind(words(description)[:4]) or self.default_kind
@@ -225,6 +305,12 @@ class Tools:
     def _request_words(self, name: str, all_writes: tuple[str, ...]) -> tuple[frozenset[str], frozenset[str]]:
         if name in self.requests:
             return frozenset(self.requests[name]), frozenset()
+        pseudo = self._pseudo_rule(name)
+        if pseudo is not None:  # a button names an action, not an object: its label's verb asks for it
+            rule, label = pseudo
+            verb = next((t for t in words(label) if t in WRITE_VERBS), None)
+            found = rule.requests or (VERB_GROUPS[VERB_OF.get(verb, "modify")] | {verb} if verb else frozenset())
+            return frozenset(found), frozenset()
         tokens = words(name)
         verb = next((t for t in tokens if t in WRITE_VERBS), tokens[0] if tokens else name)
         group = VERB_GROUPS[VERB_OF.get(verb, "modify")] | {verb, verb + "s", verb + "ed", verb + "d"}

@@ -53,8 +53,29 @@ WISH_ECHOES = {
 }
 
 
+NEGATED = re.compile(r"\b(don't|do not|doesn't|does not|didn't|won't|not|no|without|never|neither)\b", re.I)
+
+
+# A request asks: a question, a word of asking or wanting, or an imperative ("Cancel my ...").
+REQUESTING = re.compile(r"\?|\b(please|want|need|would like|'d like|wish|help|could|can|would|tell|show|find|check|let's|proceed|"
+                    r"let me know|give|get|send|make|book|cancel|change|update|modify|upgrade|downgrade|add|"
+                    r"remove|move|switch|return|refund|pay|buy|order|reserve|search|look up|renew|what|which|how|"
+                    r"when|where|who|is there|are there|do i|does)\b", re.I)
+
+
+def asks_anything(text: str) -> bool:
+    """Does a user's turn ask for something (an opening must)?"""
+    return REQUESTING.search(text) is not None
+
+
 def sentences(text: str) -> list[str]:
     return [s for s in SENTENCE.split(text or "") if s.strip()]
+
+
+def requests_in(text: str) -> str:
+    """The sentences of a user's turn that can ask for something: one that says what the user does
+    not want asks for nothing ("I do not wish to add travel insurance", "without changing the flights")."""
+    return " ".join(s for s in sentences(text) if not NEGATED.search(s))
 
 
 # Who does what: a participle after one of these is an action ("I cancelled", "it cannot be canceled"),

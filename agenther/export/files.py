@@ -5,8 +5,9 @@ with `weight` and `metadata`, the lineage of every sample); the sink derives eac
 from them as they come (every exporter's `rows`, agenther.export.registry) and, on close, writes
 the files and lets each exporter `finish` (the Parquet dataset, LLaMA-Factory's dataset_info.json).
 
-- Rows are serialized as they come; every `buffer_rows` rows of a file are sorted into a run file,
-  and close() merges the runs into the file (an external merge sort). The sort key is the sample id
+- Rows are serialized as they come; every `buffer_rows` rows (or SPILL_CHARS characters) of a file
+  are sorted into a run file, extending the sink's last run when they all sort after it, and close()
+  merges the runs into the file (an external merge sort). The sort key is the sample id
   and the row's place among the rows derived from its annotated row: a sample's rows stay in order.
 - A file with no rows is not written (`datasets.load_dataset("json")` cannot load a 0-byte file),
   and a file of the layout left from an earlier run that has no rows now is removed:
@@ -65,6 +66,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+SPILL_CHARS = 8 * 1024 * 1024  # a file's buffered rows beyond this go to a sorted run on disk
+
+
 class SortedJsonlSink:
     """Annotated rows in (`add`), every export file of the layout out (`close`), in `out_dir`."""
 
@@ -80,6 +84,9 @@ class SortedJsonlSink:
             self._tmp, self.scratch = None, Path(runs_dir)
             self.scratch.mkdir(parents=True, exist_ok=True)
         self.buffers: dict[str, list[tuple[list, str]]] = {}  # JSONL file -> [(sort key, line)]
+        self.buffered: dict[str, int] = {}  # JSONL file -> characters buffered
+        self.last_run: dict[str, Path] = {}  # JSONL file -> the last run this sink wrote (not adopted)
+        self.last_key: dict[str, list] = {}  # JSONL file -> the sort key of the last row that run holds
         self.runs: dict[str, list[Path]] = {}
         self.layout = sink_layout()
         self.rows = dict.fromkeys(self.layout, 0)  # rows per file (dataset_info.json: datasets named)
@@ -94,19 +101,33 @@ class SortedJsonlSink:
     def _add(self, name: str, key: list, row: dict) -> None:
         if name not in self.rows:
             raise ValueError(f"{name} is no file of the export layout")
-        self.buffers.setdefault(name, []).append((key, formats.dumps(row)))
+        line = formats.dumps(row)
+        self.buffers.setdefault(name, []).append((key, line))
+        self.buffered[name] = self.buffered.get(name, 0) + len(line)
         self.runs.setdefault(name, [])
         self.rows[name] += 1
-        if len(self.buffers[name]) >= self.buffer_rows:
+        # by rows, and by size: one row per trained turn repeats the conversation before it, so a
+        # huge tool result would otherwise sit in memory once per later turn
+        if len(self.buffers[name]) >= self.buffer_rows or self.buffered[name] >= SPILL_CHARS:
             self._spill(name)
 
     def _spill(self, name: str) -> None:
-        run = self.scratch / f"{name.replace('/', '__')}.{len(self.runs[name]):05d}"
-        with run.open("w", encoding="utf-8") as fh:
+        rows = sorted(self.buffers[name])
+        runs = self.runs[name]
+        # Rows that come after everything this sink's last run holds extend it (one sample's rows arrive
+        # in order): the merge then holds one line per run in memory, not one per spill. Only a run this
+        # sink wrote is extended, never one it adopted from a shard.
+        last = self.last_run.get(name)
+        extend = last is not None and rows[0][0] >= self.last_key[name]
+        run = last if extend else self.scratch / f"{name.replace('/', '__')}.{len(runs):05d}"
+        if not extend:
+            runs.append(run)
+        with run.open("a" if extend else "w", encoding="utf-8") as fh:
             # json.dumps escapes tabs and newlines, so "<key>\t<line>" splits unambiguously
-            fh.writelines(f"{json.dumps(key)}\t{line}\n" for key, line in sorted(self.buffers[name]))
-        self.runs[name].append(run)
+            fh.writelines(f"{json.dumps(key)}\t{line}\n" for key, line in rows)
+        self.last_run[name], self.last_key[name] = run, rows[-1][0]
         self.buffers[name] = []
+        self.buffered[name] = 0
 
     def _sorted_lines(self, name: str) -> Iterator[str]:
         runs = [read_run(path) for path in self.runs[name]]
@@ -164,8 +185,8 @@ def read_run(path: Path) -> Iterator[tuple[list, str]]:
     """A sorted run's (key, row line) pairs."""
     with path.open(encoding="utf-8") as fh:
         for entry in fh:
-            key, line = entry.rstrip("\n").split("\t", 1)
-            yield json.loads(key), line
+            tab = entry.index("\t")
+            yield json.loads(entry[:tab]), entry[tab + 1 : -1]  # one copy of a long line, not two
 
 
 def _write_lines_atomic(path: Path, lines: Iterable[str]) -> str:

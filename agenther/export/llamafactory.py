@@ -22,6 +22,7 @@ LLaMA-Factory does not read (it keeps mapped columns only).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from agenther.export.exporter import Exporter, Lines
@@ -89,9 +90,17 @@ trains, the earlier ones once per later row. No user or tool text is a target ei
 `sample_weight` as below and point `dataset_info.json` at the resampled file."""
 
 
+def cutoff_len(measured: int) -> int:
+    """LLaMA-Factory's `cutoff_len` for rows whose longest measures `measured` tokens (0: unmeasured).
+    Measured on the TRL files with the model's own chat template; LLaMA-Factory's template writes
+    tool schemas and calls in its own words, a few percent longer: 10% headroom, in steps of 256
+    (tests/test_consumers.py checks that its preprocessing cuts no row)."""
+    return 256 * math.ceil(measured * 1.1 / 256) if measured else 8192
+
+
 def loading(exports: dict) -> str:
     lengths = (exports.get("token_lengths") or {}).get("files") or {}
-    longest = max((v.get("max_length") or 0 for v in lengths.values()), default=0) or 8192
+    longest = cutoff_len(max((v.get("max_length") or 0 for v in lengths.values()), default=0))
     written = exports.get("files") or {}
     datasets = [DATASETS[kind] for kind, path in FILES.items() if path in written]
     return f"""\

@@ -94,5 +94,6 @@ def _why_not_recoverable(row: dict, params: dict) -> str:
         return f"severity above classify.max_severity = {params['classify']['max_severity']} ({said})"
     if not tool_calls(row["messages"]):
         return (f"no tool calls or parsable actions in this run ({said}): relabeling needs actions it can see; "
-                "text-only runs need extract.mode: llm (and classify.mode: llm), see README")
+                "actions written as text need their grammar (ingest.text_actions, ingest.grammars), else "
+                "extract.mode: llm (and classify.mode: llm), see README")
     return f"no tool call returned a usable result ({said})"

@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agenther import schema
-from agenther.adapters import FORMATS, LogInput, log_input, messages, tau_bench, toolbench
+from agenther.adapters import LogInput, log_input, messages
+from agenther.adapters.adapter import ReadContext
 from agenther.adapters.common import LogFile, Quarantined, UnreadableFile, excerpt, first_record, iter_records
+from agenther.adapters.grammars import AUTO, GrammarChoice, choose
 from agenther.adapters.messages import MessagesMapping
+from agenther.adapters.registry import adapter, adapters, format_names
 from agenther.tables import TableWriter
 from agenther.workdir import TABLES
 
@@ -44,6 +47,8 @@ class IngestReport:
     duplicates: int = 0  # byte-identical repeats of a record, dropped (counted, never lost silently)
     trials: int = 0  # records sharing an id with different content: kept, as trials of one task
     partial: dict[str, list[int]] = field(default_factory=dict)  # path -> [records it resolved in, records]
+    grammar: GrammarChoice | None = None  # how text actions are read (chat logs only)
+    repaired: list[str] = field(default_factory=list)  # "file pointer" of records whose lone surrogates were repaired
 
     def describe(self) -> list[str]:
         """What a person should know before trusting the run: detected fields, repeats, partial paths."""
@@ -59,44 +64,54 @@ class IngestReport:
             lines.append(f"ingest: {self.duplicates} records repeat another byte for byte: dropped, counted")
         for path, (hits, records) in self.partial.items():
             lines.append(f"ingest: warning: {path!r} is in {hits} of {records} records only")
+        if self.grammar is not None:
+            lines.append(f"ingest: {self.grammar.describe()}")
+        if self.repaired:
+            lines.append(f"ingest: {len(self.repaired)} records held a lone surrogate escape (\\ud800 ...), which no "
+                         f"UTF-8 file can hold: kept as its escape text, e.g. {self.repaired[0]}")
         return lines
 
     def stats(self) -> dict:
         detected = dict(self.mapping.detected) if self.mapping else {}
+        grammar = None if self.grammar is None else {
+            "name": self.grammar.grammar.name if self.grammar.grammar else None, "how": self.grammar.how,
+            "scores": self.grammar.scores}
         return {"duplicates": self.duplicates, "trials": self.trials, "detected": detected,
-                "partial_paths": self.partial}
+                "partial_paths": self.partial, "text_actions": grammar, "repaired": len(self.repaired)}
 
 
-def _detect_file(path: LogFile, mapping: MessagesMapping) -> str:
+def _detect_file(path: LogFile, ctx: ReadContext) -> str:
+    """The format of one file: the first registered format its first record looks like."""
     try:
         record = first_record(path)  # JSONL: reads up to the first good line only
     except UnreadableFile as exc:
         raise IngestError(str(exc)) from exc
+    known = adapters()
     if record is None:
-        return "messages"  # an empty file: nothing to read, any reader will do
-    if tau_bench.looks_like(record):
-        return "tau-bench"
-    if toolbench.looks_like(record):
-        return "toolbench"
-    if path.suffix == ".jsonl" or messages.looks_like(record, mapping):
-        return "messages"  # JSONL is chat logs unless a line says otherwise
+        return next(a.name for a in known if a.generic)  # an empty file: nothing to read, any reader will do
+    for a in known:
+        if a.looks_like(record, ctx):
+            return a.name
+    for a in known:
+        if a.catch_all and path.suffix == a.catch_all:
+            return a.name
     keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
+    expected = "; ".join(a.expects for a in known)
     raise IngestError(
-        f"{path}: cannot tell the format (first record: {keys}); expected tau-bench (traj, task_id), "
-        f"toolbench (answer_generation) or chat turns at {mapping.messages_path!r}, 'messages' or "
-        "'conversations'. Pass the format explicitly or fix the mapping."
+        f"{path}: cannot tell the format (first record: {keys}); expected {expected}. "
+        "Pass the format explicitly or fix the mapping."
     )
 
 
 def detect_format(path: str | Path, mapping: MessagesMapping | None = None) -> str:
-    """The format of a file ("tau-bench", "toolbench" or "messages"), or of a folder whose readable files agree."""
-    root, mapping = _resolve(path), mapping or MessagesMapping()
+    """The format of a file (a registered format's name), or of a folder whose readable files agree."""
+    root, ctx = _resolve(path), ReadContext(mapping or MessagesMapping())
     if root.single:
-        return _detect_file(root.files[0], mapping)
+        return _detect_file(root.files[0], ctx)
     found: dict[str, LogFile] = {}
     for f in root.files:
         try:
-            found.setdefault(_detect_file(f, mapping), f)
+            found.setdefault(_detect_file(f, ctx), f)
         except IngestError:
             continue  # ingest quarantines such files; they do not decide the folder's format
     if len(found) != 1:
@@ -105,14 +120,8 @@ def detect_format(path: str | Path, mapping: MessagesMapping | None = None) -> s
     return next(iter(found))
 
 
-def _read_file(path: LogFile, fmt: str, mapping: MessagesMapping) -> Iterator[dict | Quarantined]:
-    if fmt == "auto":
-        fmt = _detect_file(path, mapping)
-    if fmt == "tau-bench":
-        return tau_bench.read(path)
-    if fmt == "toolbench":
-        return toolbench.read(path)
-    return messages.read(path, mapping)
+def _read_file(path: LogFile, fmt: str, ctx: ReadContext) -> Iterator[dict | Quarantined]:
+    return adapter(_detect_file(path, ctx) if fmt == "auto" else fmt).read(path, ctx)
 
 
 def read_logs(
@@ -123,6 +132,8 @@ def read_logs(
     max_trajectory_mb: float | None = DEFAULT_MAX_TRAJECTORY_MB,
     report: IngestReport | None = None,
     files: list[Path] | None = None,
+    text_actions: str = AUTO,
+    grammars: dict[str, dict] | None = None,
 ) -> Iterator[dict | Quarantined]:
     """Every raw record of a file or a folder (*.json / *.jsonl, recursive, sorted), in reading
     order: a trajectory row (schema.TRAJECTORY) or a Quarantined row. One record at a time
@@ -136,12 +147,15 @@ def read_logs(
     (kept, id suffixed #2, #3, ...) and a repeat when it is the same (dropped, counted in `report`).
     A trajectory whose text (contents, tool arguments, tool schemas) exceeds `max_trajectory_mb`
     is quarantined. `files`: read only these of the input's files (a round reads the new and changed
-    ones: agenther/rounds.py), in the input's reading order.
+    ones: agenther/rounds.py), in the input's reading order. `text_actions` / `grammars` (params
+    ingest.text_actions, ingest.grammars): how chat logs' text actions are read; `auto` detects the
+    grammar from the first records (agenther/adapters/grammars.py). A record a decoder, an adapter or
+    its grammar cannot read is quarantined; one with a lone surrogate is repaired (`report.repaired`).
     """
     report = report if report is not None else IngestReport()
     root, mapping = _resolve(path), mapping or MessagesMapping()
-    if fmt not in ("auto", *FORMATS):
-        raise IngestError(f"unknown format {fmt!r} (expected auto, {', '.join(FORMATS)})")
+    if fmt not in ("auto", *format_names()):
+        raise IngestError(f"unknown format {fmt!r} (expected auto, {', '.join(format_names())})")
     if limit is not None and limit < 0:
         raise IngestError(f"limit must be >= 0, not {limit}")
     all_files = root.files
@@ -154,9 +168,11 @@ def read_logs(
         all_files = [f for f in all_files if f in chosen]
     files = all_files
 
+    ctx = ReadContext(mapping, repairs=report.repaired)
     if fmt in ("auto", messages.FORMAT):
-        mapping = _detected(files, fmt, mapping, report)
-        report.mapping = mapping
+        ctx.mapping, report.grammar = _detected(files, fmt, mapping, report, text_actions, grammars)
+        report.mapping = ctx.mapping
+        ctx.grammar = report.grammar.grammar if report.grammar is not None else None
     max_chars = None if max_trajectory_mb is None else max_trajectory_mb * 1e6
     seen: dict[str, set[str]] = {}  # id -> digests of its records' content (small next to the trajectories)
     kept = 0
@@ -164,7 +180,7 @@ def read_logs(
         if limit is not None and kept >= limit:
             break
         try:
-            for item in _read_file(f, fmt, mapping):
+            for item in _read_file(f, fmt, ctx):
                 if isinstance(item, Quarantined):
                     yield item
                     continue
@@ -213,8 +229,10 @@ def content_digest(row: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _detected(files: list[LogFile], fmt: str, mapping: MessagesMapping, report: IngestReport) -> MessagesMapping:
-    """The mapping with chat-log fields detected from the first records of the logs."""
+def _detected(files: list[LogFile], fmt: str, mapping: MessagesMapping, report: IngestReport, text_actions: str,
+              grammars: dict[str, dict] | None) -> tuple[MessagesMapping, GrammarChoice | None]:
+    """The mapping with chat-log fields detected from the first records of the logs, and the
+    grammar their text actions are read with (None: not chat logs)."""
     sample: list = []
     for f in files:
         try:
@@ -230,8 +248,12 @@ def _detected(files: list[LogFile], fmt: str, mapping: MessagesMapping, report: 
     report.sampled = len(sample)
     detected = messages.detect(sample, mapping)
     if fmt == "auto" and not any(messages.looks_like(r, detected) for r in sample):
-        return mapping  # not chat logs (tau-bench, ToolBench): nothing to detect
-    return detected
+        return mapping, None  # not chat logs (tau-bench, ToolBench): nothing to detect
+    turns = [t for t in (messages.turns_of(r, detected) for r in sample) if t is not None]
+    try:
+        return detected, choose(text_actions, grammars, turns)
+    except ValueError as exc:  # a grammar name no grammar has
+        raise IngestError(str(exc)) from exc
 
 
 def check_paths(mapping: MessagesMapping, report: IngestReport) -> None:
@@ -260,29 +282,55 @@ def trajectory_chars(row: dict) -> int:
     return total
 
 
-
 def write_tables(params: dict, work: Path, files: list[LogFile] | None = None) -> dict:
     """The stage (agenther/stages/__init__.py): the logs into the trajectories and quarantine tables,
     `io.batch_rows` records at a time (`files`: only these files of the input, as agenther/rounds.py
-    reads the new ones). Returns the stage's stats."""
+    reads the new ones). A row the table writer refuses is quarantined with the writer's reason; the
+    others of its batch go on. Returns the stage's stats."""
     p = params["ingest"]
     report = IngestReport()
     logs = read_logs(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p["messages"] or {}),
-                     limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"], report=report, files=files)
+                     limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"], report=report, files=files,
+                     text_actions=p["text_actions"], grammars=p["grammars"])
     size = params["io"]["batch_rows"]
     pending: dict[str, list[dict]] = {"trajectories": [], "quarantine": []}
     with (TableWriter(Path(work) / TABLES["trajectories"], schema.TRAJECTORY) as good,
           TableWriter(Path(work) / TABLES["quarantine"], schema.QUARANTINE) as bad):
-        writers = {"trajectories": good, "quarantine": bad}
+
+        def flush(table: str) -> None:
+            rows, pending[table] = pending[table], []
+            if table == "quarantine":
+                bad.write_rows(rows)
+            else:
+                pending["quarantine"] += _write_or_quarantine(good, rows)
+
         for item in logs:
             table = "quarantine" if isinstance(item, Quarantined) else "trajectories"
             pending[table].append(item.row() if isinstance(item, Quarantined) else item)
             if len(pending[table]) >= size:
-                writers[table].write_rows(pending[table])
-                pending[table] = []
-        for table, rows in pending.items():
-            writers[table].write_rows(rows)
+                flush(table)
+        flush("trajectories")
+        flush("quarantine")
     for line in report.describe():
         print(line, file=sys.stderr)
     return {"records_in": good.rows + bad.rows + report.duplicates, "trajectories": good.rows,
             "quarantined": bad.rows, **report.stats()}
+
+
+def _write_or_quarantine(writer: TableWriter, rows: list[dict]) -> list[dict]:
+    """Write `rows`; if the writer refuses the batch, write them one by one and return the
+    quarantine rows of those it refuses (whatever it raises: no record ends the run)."""
+    try:
+        writer.write_rows(rows)
+        return []
+    except Exception:  # noqa: BLE001 - found out row by row below
+        pass
+    refused = []
+    for row in rows:
+        try:
+            writer.write_rows([row])
+        except Exception as exc:  # noqa: BLE001
+            refused.append(Quarantined(row["source_file"], row["record_pointer"],
+                                       f"{row['record_pointer'] or 'record'}: cannot be written to the trajectories "
+                                       f"table ({type(exc).__name__}: {exc})"[:500], excerpt(row.get("goal"))).row())
+    return refused

@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 
 import agenther
-from agenther import prompts
+from agenther import gates, prompts
 from agenther.export.card import render_dataset_card
 from agenther.export.registry import exporters
 from agenther.export.report import render_report
@@ -50,9 +50,8 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs, spread: Spread 
     write_table(rejected.sort("stage", "id"), out / "rejected.parquet")
     classified = scan_columns(classified_path, ["is_failure", "recoverable", "failure_type", "severity", "source_format"])
     summary = summarize(params, work, classified, verified, packaged, rejected, lineage, llms)
-    adapted = [note for f in sorted((work / "gates").glob("*.json")) for note in json.loads(f.read_text()).get("adapted", [])]
-    if adapted:  # gate bounds this log's kind of signal cannot meet, left out (gates.py says why)
-        summary["gates"]["adapted"] = adapted
+    # gate bounds this log's kind of signal cannot meet, left out, and distribution checks that only warned
+    summary["gates"] |= {k: v for k, v in gates.gate_notes(work / "gates").items() if v}
     reviewed = out / "review" / "score.json"  # `agenther review score` of these relabels: kept on a rerun
     if reviewed.exists():
         summary["review"] = json.loads(reviewed.read_text())

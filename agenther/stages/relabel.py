@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import json
 import re
-from difflib import SequenceMatcher
 
 import polars as pl
 
 from agenther import schema
 from agenther.evidence import coherence, coverage
 from agenther.evidence.conversation import AFFIRMATIVE
+from agenther.evidence.edits import rule_written, still_says
 from agenther.evidence.goal import AchievedGoal, TurnEdit, describe_goal, first_user_index, sample_steps
-from agenther.evidence.mention import rule_written
 from agenther.evidence.render import defuse, tool_calls
+from agenther.evidence.tools import Tools
+from agenther.evidence.turns import asks_anything
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, LLMs, map_concurrent
 from agenther.llm.answers import RelabelAnswer
 from agenther.llm.ask import ask
@@ -47,10 +48,6 @@ MAX_DETAILS = 16
 
 def _plain(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
-
-
-def similarity(a: str, b: str) -> float:
-    return SequenceMatcher(None, _plain(a), _plain(b)).ratio()
 
 
 def goal_of(row: dict) -> AchievedGoal:
@@ -80,12 +77,6 @@ EXAMPLE_WORDS = frozenset({"library", "loan", "renew", "l2291", "fines", "m880"}
 # A user's request says "my"; the agent says "your", and small models describe the record itself.
 AGENT_VOICE = re.compile(r"\b(your|you wish|you want|you would like|you'd like)\b", re.I)
 META = re.compile(r"\b((?i:assistant|agent|record|customer|the user|chatbot|conversation)|AI)\b")
-# A request asks: a question, a word of asking or wanting, or an imperative ("Cancel my ...").
-ASKING = re.compile(r"\?|\b(please|want|need|would like|'d like|wish|help|could|can|would|tell|show|find|check|"
-                    r"let me know|give|get|send|make|book|cancel|change|update|modify|upgrade|downgrade|add|"
-                    r"remove|move|switch|return|refund|pay|buy|order|reserve|search|look up|renew|what|which|how|"
-                    r"when|where|who|is there|are there|do i|does)\b", re.I)
-
 
 def not_the_users_voice(text: str, opening: bool) -> str | None:
     """Why the turn is not the user speaking (it speaks as the agent, or about the record), or None.
@@ -94,7 +85,7 @@ def not_the_users_voice(text: str, opening: bool) -> str | None:
         return f"the turn speaks about the conversation, not as the user: {text[:80]!r}"
     if AGENT_VOICE.search(text):
         return f"the turn speaks to the user, as the agent would: {text[:80]!r}"
-    if opening and not ASKING.search(text):
+    if opening and not asks_anything(text):
         return f"the first message asks for nothing: {text[:80]!r}"
     return None
 
@@ -135,15 +126,21 @@ def turn_notes(edit: TurnEdit) -> list[str]:
     return notes
 
 
-def ruled_and_written(row: dict) -> tuple[dict[int, str], list[TurnEdit]]:
-    """The planned edits that need no writer, done (step -> text: agenther.evidence.mention), and the
-    ones the relabeling model must write."""
+def ruled_and_written(row: dict, params: dict | None = None,
+                      taking: bool = True) -> tuple[dict[int, str], list[TurnEdit]]:
+    """The planned edits that need no writer, done (step -> text: agenther.evidence.edits), and the
+    ones the relabeling model must write. `taking` False: rules only add, every edit that takes
+    something away goes to the model."""
     goal = goal_of(row)
     first = first_user_index(row["messages"])
+    tools = Tools.of(row.get("tools"), params)
+    known = tools.write_names(c["name"] for c in tool_calls(row["messages"]))
     ruled: dict[int, str] = {}
     written = []
     for e in goal.edits:
-        text = rule_written(e, row["messages"][e.step].get("content") or "", mid_conversation=goal.start != first)
+        takes = bool(e.unask or e.unsay or e.instead)
+        text = None if takes and not taking else rule_written(
+            e, row["messages"][e.step].get("content") or "", goal.start != first, tools, known)
         if text is None:
             written.append(e)
         else:
@@ -220,6 +217,12 @@ def gate(answer: RelabelAnswer, row: dict, params: dict, edits: list[TurnEdit],
     if missing:
         return ("missing_turn", f"no text for turn(s) {missing}"), rewrites
     record = record_of(row)
+    tools = Tools.of(row.get("tools"), params)
+    known = tools.write_names(c["name"] for c in tool_calls(row["messages"]))
+    for k, e in enumerate(edits, 1):  # first: a turn handed back with what it must drop (small models echo)
+        still = still_says(e, rewrites[e.step], tools, known)
+        if still:
+            return ("repeats_goal", f"turn {k} still says what it must no longer: {', '.join(still)}"), rewrites
     for k, e in enumerate(edits, 1):
         text = rewrites[e.step]
         if len(text.split()) < (3 if e.opening else 1):
@@ -236,10 +239,6 @@ def gate(answer: RelabelAnswer, row: dict, params: dict, edits: list[TurnEdit],
         lost = [v for v in e.keep if not _kept(v, text)]
         if lost:
             return ("lost_value", f"turn {k} drops {', '.join(map(repr, lost))}, which the agent then used"), rewrites
-        original = row["messages"][e.step].get("content") or ""
-        if (e.unask or e.unsay or e.instead) and similarity(text, original) > p["max_goal_similarity"]:
-            return ("repeats_goal", f"turn {k} is the original again (similarity {similarity(text, original):.2f})"), \
-                rewrites
     if not 0.0 <= answer.confidence <= 1.0:
         return ("invalid_llm_answer", f"confidence {answer.confidence} outside [0, 1]"), rewrites
     found = sample_defects(row, goal, _changed(row, rewrites), params)
@@ -280,14 +279,16 @@ def _accepted(row: dict, goal: AchievedGoal, rewrites: dict[int, str], confidenc
 def relabel_one(row: dict, params: dict, llm: LLMClient) -> tuple[dict | None, dict | None]:
     p = params["relabel"]
     goal = goal_of(row)
-    ruled, written = ruled_and_written(row)
-    if not written:  # the user side already asks for this goal, or needs only details added
+    ruled, written = ruled_and_written(row, params)
+    if not written:  # the user side already asks for this goal, or rules make it so
         found = sample_defects(row, goal, _changed(row, ruled), params)
-        if found:
+        if not found:
+            why = ("the conversation already asks for the achieved goal" if not ruled else
+                   "the conversation asks for the achieved goal once rules edit its turns")
+            return _accepted(row, goal, ruled, 1.0, 0, why, "rules"), None
+        ruled, written = ruled_and_written(row, params, taking=False)  # what rules took away: to the model
+        if not written:
             return None, schema.rejection(row["id"], STAGE, found[0][0], "; ".join(d for _, d in found))
-        why = ("the conversation already asks for the achieved goal" if not ruled else
-               "the conversation asks for the achieved goal once its turns name the details added")
-        return _accepted(row, goal, ruled, 1.0, 0, why, "rules"), None
     record, turns = defuse(record_of(row)), turns_text(row, written)
     temperatures = p["temperatures"]
     failures: list[tuple[str, str]] = []  # (code, why) of each failed attempt
