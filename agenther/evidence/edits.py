@@ -127,7 +127,7 @@ def rule_written(edit: TurnEdit, original: str, mid_conversation: bool, tools: T
         return None
     if edit.opening and mid_conversation:
         sentences = [s for s in SENTENCE.split(text) if s.strip() and not SMALL_TALK.fullmatch(s.strip())]
-        text = CONNECTIVES.sub("", " ".join(sentences)).strip()
+        text = re.sub(r"\s+([.,!?])", r"\1", CONNECTIVES.sub("", " ".join(sentences))).strip()  # "... name then."
         if not asks_anything(text) or POINTS_BACK.search(text):
             return None  # an answer ("Yes, please."), or a request about what came before: it needs writing
         text = text[:1].upper() + text[1:]
