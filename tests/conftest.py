@@ -126,3 +126,16 @@ def list_keys(url: str, settings=None) -> list[str]:
     paginator = s3_client(settings).get_paginator("list_objects_v2")
     pages = paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+def install_distribution(tmp_path: Path, monkeypatch, name: str, version: str, modules: dict[str, str],
+                         entry_points: str) -> None:
+    """A plugin installed the way a user's is: its modules, and a distribution's metadata with its
+    entry points, on sys.path (real importlib.metadata, no patching of ours)."""
+    for module, source in modules.items():
+        (tmp_path / f"{module}.py").write_text(source)
+    info = tmp_path / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    monkeypatch.syspath_prepend(str(tmp_path))

@@ -276,6 +276,10 @@ FILLER = re.compile(r"(?i)(alright|all right|okay|ok|thanks|thank you|great|sure
                     r"that's okay|hmm|i see|got it|perfect|understood)[ ,.!]*(thanks?|thank you)?[.!]*")
 
 
+KIND_OF_FLIGHT = re.compile(r"(?i)nonstop|non-stop|direct|cheapest|cheaper|earliest|latest|fastest|shortest|quickest|"
+                            r"morning|afternoon|evening|overnight|red-eye")
+
+
 def careful_turn(turn: TurnAsked, facts: list[str]) -> str:
     """What a careful writer makes of one TURN: an opening says what is wanted and names what its notes
     list (nothing it must hold back); another turn keeps its sentences except those its notes drop,
@@ -283,11 +287,16 @@ def careful_turn(turn: TurnAsked, facts: list[str]) -> str:
     n = turn.notes
     asks = [_verb_phrase(t) for t in n.get("ASK FOR", [])]
     names = n.get("NAME", [])
-    sentences = [x for x in re.split(r"(?<=[.!?])\s+", turn.original) if x]
     # a sentence goes if it names a value it must not, or speaks of a change it must not ask for
     # (by the change's distinctive words: "update reservation baggages" -> bag...)
-    stems = [w[:3] for item in n.get("DO NOT ASK FOR", []) for w in item.split()
+    # a wish that names a kind of flight ("the nonstop flight", "the cheapest one") loses only its word
+    modifiers = [w for w in n.get("DO NOT ASK FOR", []) if KIND_OF_FLIGHT.fullmatch(w)]
+    stems = [w[:3] for item in n.get("DO NOT ASK FOR", []) if item not in modifiers for w in item.split()
              if w not in ("update", "reservation", "reservations")]
+    original = turn.original
+    for w in modifiers:
+        original = re.sub(rf"\b{re.escape(w)}\s+", "", original, flags=re.I)
+    sentences = [x for x in re.split(r"(?<=[.!?])\s+", original) if x]
     drop = [re.escape(v) for v in [*n.get("DO NOT NAME", []), *n.get("DO NOT NAME YET", [])]]
     drop += [rf"{re.escape(stem)}\w*" for stem in stems]
     def drops(text: str) -> bool:
@@ -339,7 +348,8 @@ def grounded_relabel(request: dict, confidence: float = 0.9) -> str:
 
 
 def evidence_steps(request: dict) -> list[int]:
-    return [int(s) for s in re.findall(r"^\[(\d+)\] TOOL RESULT", user_text(request), re.M)]
+    """The tool results a careful evidence judge can cite: those that show something."""
+    return [int(s) for s in re.findall(r"^\[(\d+)\] TOOL RESULT[^:\n]*: *\S", user_text(request), re.M)]
 
 
 def careful_except(kind: str, answer: Callable[[dict], Reply | str]) -> Brain:

@@ -53,12 +53,16 @@ def test_an_id_a_trained_call_uses_must_come_from_the_user_or_a_tool():
     assert "unsourced_argument" not in codes(row, GOAL.model_copy(update={"train_steps": [2, 4, 8]}))
 
 
-def test_a_wish_a_rewrite_adds_must_be_met_by_what_the_agent_did():
-    row = downgrade()
+def test_a_wish_no_call_or_result_meets_is_unmet_whoever_wrote_it():
     opening = "Hi, please downgrade ABC123 from business to economy, with an aisle seat. My user id is sara_lee_1."
-    assert codes(row, rewrites={1: opening}) == ["unmet_requirement"]
-    # a wish the user really said is the run's own, not the relabeler's
-    assert codes(downgrade(step1=opening)) == []
+    assert codes(downgrade(), rewrites={1: opening}) == ["unmet_requirement"]  # the relabeler's wish
+    assert codes(downgrade(step1=opening)) == ["unmet_requirement"]  # the user's own, left unmet
+    # the agent saying it is done is not a call or result that does it
+    claimed = downgrade(step1=opening, step8="Done: ABC123 is now in economy, with an aisle seat.")
+    assert codes(claimed) == ["unmet_requirement"]
+    # a wish the run's results bear on (prices) is met
+    cheapest = "Hi, please downgrade ABC123 from business to the cheapest economy fare. My user id is sara_lee_1."
+    assert codes(downgrade(step1=cheapest)) == []
 
 
 def test_the_assistant_asking_for_a_value_it_was_not_given_is_fine():
@@ -150,6 +154,17 @@ def _independent_defects(sample: dict) -> list[str]:
     return found
 
 
+def _only_rule_edits(before: str, after: str, goal: AchievedGoal) -> bool:
+    """`after` is `before` less some whole sentences, with parenthesized details added and enum
+    values swapped for values the goal's writes used."""
+    said = re.sub(r" \([^()]*\)$", "", after)  # the added details
+    used = set(re.findall(r"[a-z0-9]+", goal.model_dump_json().lower()))
+    original = set(re.findall(r"[a-z0-9']+", before.lower()))
+    new_words = set(re.findall(r"[a-z0-9']+", said.lower())) - original
+    kept = [s for s in re.split(r"(?<=[.!?])\s+", said) if s.strip()]
+    return bool(kept) and new_words <= used and len(said) <= len(" ".join(before.split())) + 20
+
+
 @pytest.mark.slow
 def test_a_careful_relabeler_run_over_the_shipped_log_is_coherent_turn_by_turn(tmp_path, llm_server):
     params = write_params(tmp_path / "params.yaml", llm_server, llm={"concurrency": 4},
@@ -172,8 +187,8 @@ def test_a_careful_relabeler_run_over_the_shipped_log_is_coherent_turn_by_turn(t
         why = rejected.filter(pl.col("id") == trajectory)
         assert trajectory in defects or why.height == 1, short
         assert why.height == 0 or why["reason"][0] and why["detail"][0]
-    # where no model was asked, rules only added details to what the user said (or dropped an
-    # opening's small talk): the user's own words stay
+    # where no model was asked, rules only took whole sentences away, swapped an enum value for the
+    # one the run used, or added details in parentheses: every other word is the user's own
     relabeled = pl.read_parquet(out / "03_relabeled.parquet")
     ruled = relabeled.filter(pl.col("relabel_model") == "rules")
     assert ruled.height and (ruled["relabel_attempts"] == 0).all()
@@ -181,5 +196,5 @@ def test_a_careful_relabeler_run_over_the_shipped_log_is_coherent_turn_by_turn(t
         goal = AchievedGoal.model_validate_json(row["achieved_goal"])
         for r in json.loads(row["rewrites"]):
             if r["step"] != goal.start:
-                assert r["after"].startswith(" ".join(r["before"].split())), r
+                assert _only_rule_edits(r["before"], r["after"], goal), r
     assert len(llm_server.prompts_of("relabel")) < relabeled.height

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import TAU, TOOLBENCH, ingest, make_params, write_params
+from conftest import TAU, TOOLBENCH, ingest, install_distribution, make_params, write_params
 
 from agenther import envs, schema
 from agenther.cli import main
@@ -181,12 +181,8 @@ class Ledger(Environment):
 @pytest.fixture
 def ledger_plugin(tmp_path, monkeypatch):
     """A user's own simulator, installed as a distribution with an entry point (real metadata)."""
-    (tmp_path / "ledger_sim.py").write_text(PLUGIN)
-    info = tmp_path / "ledger_sim-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ledger-sim\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[agenther.envs]\nledger = ledger_sim:Ledger\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_distribution(tmp_path, monkeypatch, "ledger-sim", "1.0", {"ledger_sim": PLUGIN},
+                         "[agenther.envs]\nledger = ledger_sim:Ledger\n")
     envs.registered.cache_clear()
     envs.env_class.cache_clear()
     yield

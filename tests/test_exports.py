@@ -12,7 +12,7 @@ import sys
 
 import polars as pl
 import pytest
-from conftest import TAU, package, write_params
+from conftest import TAU, install_distribution, package, write_params
 from test_package import LINEAGE, PARAMS, tau_inputs
 
 from agenther import schema
@@ -397,12 +397,8 @@ def plugin(tmp_path, monkeypatch):
     in the group `agenther.exporters` names it (the registry is read afresh before and after)."""
     from agenther.export import registry
 
-    (tmp_path / "agenther_prompts_plugin.py").write_text(PLUGIN)
-    dist = tmp_path / "agenther_prompts_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: agenther-prompts-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[agenther.exporters]\nprompts = agenther_prompts_plugin:EXPORTER\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_distribution(tmp_path, monkeypatch, "agenther-prompts-plugin", "0.1", {"agenther_prompts_plugin": PLUGIN},
+                         "[agenther.exporters]\nprompts = agenther_prompts_plugin:EXPORTER\n")
     registry._LOADED.clear()
     yield
     registry._LOADED.clear()

@@ -22,13 +22,19 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import ROOT, TAU, write_params
-from llm_server import FakeLLMServer, Reply, careful_brain, dropped, not_json_body, prompt_kind, truncated
+from llm_server import (
+    FakeLLMServer,
+    Reply,
+    careful_brain,
+    dropped,
+    not_json_body,
+    prompt_kind,
+    truncated,
+    user_text,
+)
 
 from agenther.cli import main
 from agenther.stages.relabel import ruled_and_written
-
-CLEAN_ACCEPTS = 4  # what the clean run of the first 8 records accepts (careful_brain, no faults)
-WRITTEN = 2  # of its 6 candidates, those whose conversation needs a writer (the others: rules only)
 
 
 def _params(tmp_path: Path, api_base: str, cache: str = "cache", ingest: dict | None = None, **llm) -> str:
@@ -59,6 +65,19 @@ def _accounted_once(out: Path, summary: dict) -> None:
     assert summary["reconciliation"]["ok"], summary["reconciliation"]
 
 
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> dict:
+    """The run of the first 8 records with careful_brain and no faults: what it accepts, and how many
+    of its candidates needed a writer (the others: rules only). The faulty runs are measured by it."""
+    tmp_path = tmp_path_factory.mktemp("clean")
+    with FakeLLMServer(careful_brain) as server:
+        assert _run(tmp_path, server) == 0
+        first_asks = [r for r in server.prompts_of("relabel") if "WAS REJECTED" not in user_text(r)]
+    relabeled = pl.read_parquet(tmp_path / "out" / "03_relabeled.parquet")
+    return {"accepts": _summary(tmp_path)["gates"]["passed_judges"], "written": len(first_asks),
+            "written_kept": relabeled.filter(pl.col("relabel_model") != "rules").height}
+
+
 def _faults_first(faults: list, brain=careful_brain):
     """The first len(faults) requests get the faults, in order; then `brain` answers."""
     it = iter(faults)
@@ -85,7 +104,7 @@ BURSTS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [0, 2])  # calls from this process, or from worker processes
 @pytest.mark.parametrize("name", list(BURSTS))
-def test_transient_faults_are_retried_and_the_run_succeeds(tmp_path, llm_server, name, processes):
+def test_transient_faults_are_retried_and_the_run_succeeds(tmp_path, llm_server, name, processes, clean):
     faults = BURSTS[name]
     # At most max_retries faults in a row can hit one call (concurrency 2 spreads them), so
     # every call succeeds in the end; max_retries 4 covers the four-fault burst.
@@ -94,7 +113,7 @@ def test_transient_faults_are_retried_and_the_run_succeeds(tmp_path, llm_server,
     summary = _summary(tmp_path)
     assert summary["llm"]["total"]["retries"] == len(faults)
     assert summary["llm"]["total"]["failed_calls"] == len(faults)
-    assert summary["gates"]["passed_judges"] == CLEAN_ACCEPTS
+    assert summary["gates"]["passed_judges"] == clean["accepts"]
     _accounted_once(tmp_path / "out", summary)
 
 
@@ -130,25 +149,26 @@ def test_very_slow_answers_within_the_timeout_go_through(tmp_path, llm_server):
 # -- answers that are not JSON: retried, then the record is rejected ------------------------------
 @pytest.mark.parametrize("garbage", ["Sure! Here is the JSON you asked for:", '{"hindsight_prompt": "Please look',
                                      '["a list", "not an object"]', '{"confidence": 0.9}'])
-def test_relabel_answers_that_are_not_valid_json_are_rejected_and_reconciled(tmp_path, llm_server, garbage):
+def test_relabel_answers_that_are_not_valid_json_are_rejected_and_reconciled(tmp_path, llm_server, garbage, clean):
     def brain(request):
         return garbage if prompt_kind(request) == "relabel" else careful_brain(request)
 
     llm_server.brain = brain
     assert _run(tmp_path, llm_server) == 0
     summary = _summary(tmp_path)
-    relabel = summary["stages"]["relabel"]
-    assert relabel["rejected"] == {"invalid_llm_answer": WRITTEN} and relabel["out"] == relabel["in"] - WRITTEN
+    relabel, written = summary["stages"]["relabel"], clean["written"]
+    assert written and relabel["rejected"].get("invalid_llm_answer") == written
     # Each record had max_attempts (3) tries, each a distinct request (temperature, seed).
-    assert len(llm_server.prompts_of("relabel")) == 3 * WRITTEN
+    assert len(llm_server.prompts_of("relabel")) == 3 * written
     relabeled = pl.read_parquet(tmp_path / "out" / "03_relabeled.parquet")
     assert set(relabeled["relabel_model"]) == {"rules"}  # only rule-written conversations reached the judges
     rejected = pl.read_parquet(tmp_path / "out" / "rejected.parquet")
-    assert all(d.count("attempt ") == 3 for d in rejected.filter(pl.col("stage") == "relabel")["detail"])
+    invalid = rejected.filter(pl.col("reason") == "invalid_llm_answer")
+    assert invalid.height == written and all(d.count("attempt ") == 3 for d in invalid["detail"])
     _accounted_once(tmp_path / "out", summary)
 
 
-def test_one_invalid_answer_then_a_good_one_is_accepted(tmp_path, llm_server):
+def test_one_invalid_answer_then_a_good_one_is_accepted(tmp_path, llm_server, clean):
     seen: set[str] = set()
     lock = threading.Lock()
 
@@ -165,14 +185,14 @@ def test_one_invalid_answer_then_a_good_one_is_accepted(tmp_path, llm_server):
     llm_server.brain = brain
     assert _run(tmp_path, llm_server) == 0
     summary = _summary(tmp_path)
-    assert summary["gates"]["passed_judges"] == CLEAN_ACCEPTS
+    assert summary["gates"]["passed_judges"] == clean["accepts"]
     relabeled = pl.read_parquet(tmp_path / "out" / "03_relabeled.parquet")
     written = relabeled.filter(pl.col("relabel_model") != "rules")
-    assert written.height == WRITTEN and set(written["relabel_attempts"].to_list()) == {2}
+    assert written.height == clean["written_kept"] and set(written["relabel_attempts"].to_list()) == {2}
     _accounted_once(tmp_path / "out", summary)
 
 
-def test_judge_answers_that_are_not_json_reject_the_record(tmp_path, llm_server):
+def test_judge_answers_that_are_not_json_reject_the_record(tmp_path, llm_server, clean):
     def brain(request):
         return "garbage" if prompt_kind(request) == "judge_evidence" else careful_brain(request)
 
@@ -185,7 +205,7 @@ def test_judge_answers_that_are_not_json_reject_the_record(tmp_path, llm_server)
     rejected = summary["stages"]["verify"]["rejected"]
     verified = pl.read_parquet(tmp_path / "out" / "04_verified.parquet").to_dicts()
     passed_trajectory = sum(any(j["judge"] == "trajectory" and j["accept"] for j in r["judgements"]) for r in verified)
-    assert passed_trajectory >= CLEAN_ACCEPTS
+    assert passed_trajectory >= clean["accepts"]
     assert rejected["invalid_llm_answer"] == passed_trajectory and "rejected_by_evidence" not in rejected
     assert sum(rejected.values()) == summary["stages"]["verify"]["in"]
     _accounted_once(tmp_path / "out", summary)
@@ -279,7 +299,7 @@ def test_sigkill_mid_relabel_then_rerun_reconciles_and_repeats_no_answered_call(
     with FakeLLMServer(slow_relabel) as server:
         params = _params(tmp_path, server.api_base, max_retries=1, processes=processes)
         cmd = [sys.executable, "-m", "agenther.cli", "run", "--input", str(TAU), "--out", str(out),
-               "--limit", "16", "--params", params]
+               "--limit", "32", "--params", params]
         env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", PYTHONPATH=str(ROOT))
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
@@ -310,7 +330,7 @@ def test_sigkill_mid_relabel_then_rerun_reconciles_and_repeats_no_answered_call(
         assert len(cached) >= 3, "the killed run should have cached some relabel answers"
 
         server.requests.clear()
-        assert main(["run", "--input", str(TAU), "--out", str(out), "--limit", "16", "--params", params]) == 0
+        assert main(["run", "--input", str(TAU), "--out", str(out), "--limit", "32", "--params", params]) == 0
         second = list(server.requests)
 
     summary = _summary(tmp_path)

@@ -13,8 +13,8 @@ no user turn may contradict the request. One reason code per defect:
 - `unsourced_argument`: a trained tool call uses an ID that neither the user side nor a tool result
   (nor the agent's instructions) gave before the call (dates are left out: "a day later" is the
   agent's own arithmetic);
-- `unmet_requirement`: a wish a rewritten turn adds (a seat, "the cheapest", nonstop) that nothing the
-  agent did or said meets.
+- `unmet_requirement`: a wish of the user side (a seat, "the cheapest", nonstop) that no tool call or
+  result meets (the agent saying so is not enough).
 The same reading of turns (agenther.evidence.turns) plans the sample (agenther.evidence.conversation),
 so this judge checks what the planner meant to avoid, after the relabeler's rewrites.
 """
@@ -30,8 +30,8 @@ from agenther.evidence.coverage import asked
 from agenther.evidence.goal import ID_LIKE, AchievedGoal, argument_values, enum_clashes, scanned, user_details
 from agenther.evidence.grounding import occurs
 from agenther.evidence.text_evidence import goal_calls
-from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words
-from agenther.evidence.turns import asks_for, denies, requests_in, speaks_of, wish_met, wishes
+from agenther.evidence.tools import Tools
+from agenther.evidence.turns import asks_for, change_words, denies, requests_in, speaks_of, wish_met, wishes
 
 CODES = ("asks_given_value", "speaks_other_action", "denies_given_value", "asks_unmade_change",
          "names_unused_value", "other_enum_value", "unsourced_argument", "unmet_requirement")
@@ -108,15 +108,16 @@ def defects(turns: list[Turn], goal: AchievedGoal, row: dict, params: dict | Non
                         found.append(Defect(code="unsourced_argument", step=t.step,
                                             detail=f"{c['name']} uses {key} {value!r}, which no user turn or tool "
                                                    "result gave before it"))
-    agent_side = "\n".join(_agent_text(t.message) for t in turns if t.message["role"] in ("assistant", "tool")).lower()
+    # what the agent did and saw, not what it said: "Seats: aisle and middle together" in a report no
+    # call or result backs is no seat given
+    did = "\n".join(_calls_and_results(t.message) for t in turns if t.message["role"] in ("assistant", "tool")).lower()
     for t in turns:
-        original = row["messages"][t.step].get("content") or ""
-        if t.message["role"] != "user" or t.message.get("content") == original:
-            continue  # a wish the user really said and the agent answered is the run's; a rewrite's new one is not
-        for wish in set(wishes(t.message.get("content") or "")) - set(wishes(original)):
-            if not wish_met(wish, agent_side):
+        if t.message["role"] != "user":
+            continue
+        for wish in wishes(requests_in(t.message.get("content") or "")):
+            if not wish_met(wish, did):
                 found.append(Defect(code="unmet_requirement", step=t.step,
-                                    detail=f"the user asks for {wish!r}, which nothing the agent did or said meets"))
+                                    detail=f"the user asks for {wish!r}, which no call or result of the run meets"))
     return found
 
 
@@ -139,8 +140,7 @@ def _user_defects(step: int, text: str, said: str, by_key: dict[str, set[str]], 
                                 detail=f"asks for {w}, which the goal does not contain: {spoken[:100]!r}"))
             break
     else:
-        asking = [s for s in SENTENCE.split(asking_text) if ASKS.search(s)]
-        unmade = sorted({w for s in asking for w in words(s)} & ALL_WRITE_WORDS - done_verbs)
+        unmade = sorted(change_words(text) - done_verbs)
         if unmade:
             found.append(Defect(code="asks_unmade_change", step=step,
                                 detail=f"asks to {', '.join(unmade)}, which no write of the goal does: {text[:100]!r}"))
@@ -154,9 +154,11 @@ def _user_defects(step: int, text: str, said: str, by_key: dict[str, set[str]], 
     return found
 
 
-def _agent_text(message: dict) -> str:
-    calls = " ".join(f"{c['name']} {json.dumps(c.get('arguments'))}" for c in message.get("tool_calls") or [])
-    return f"{scanned(message.get('content'))} {calls}"
+def _calls_and_results(message: dict) -> str:
+    """A tool result's text, or the calls an assistant turn makes (names and arguments)."""
+    if message["role"] == "tool":
+        return scanned(message.get("content"))
+    return " ".join(f"{c['name']} {json.dumps(c.get('arguments'))}" for c in message.get("tool_calls") or [])
 
 
 def _parsed(arguments: object) -> dict:

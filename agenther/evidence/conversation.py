@@ -52,14 +52,17 @@ from agenther.evidence.goal import (
 )
 from agenther.evidence.grounding import ISO_DATE, occurs
 from agenther.evidence.text_evidence import goal_calls
-from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words
+from agenther.evidence.tools import Tools, words
 from agenther.evidence.turns import (
     argument_words,
     asks_anything,
     asks_for,
+    change_words,
     key_phrases,
     requests_in,
     speaks_of,
+    wish_met,
+    wishes,
 )
 
 AFFIRMATIVE = re.compile(r"^\W*(yes|yeah|yep|sure|ok|okay|correct|that's correct|please proceed|go ahead|confirm)\b", re.I)
@@ -288,8 +291,9 @@ class _Plan:
             text = self.text(i)
             said = requests_in(text)
             unask = [w for w in others if speaks_of(self.tools, w, said, self.known, arguments)]
-            asking = [s for s in SENTENCE.split(said) if ASKS.search(s)]
-            unask += sorted({w for s in asking for w in words(s)} & ALL_WRITE_WORDS - done_verbs)
+            unask += sorted(change_words(text) - done_verbs)
+            # a wish (an aisle seat, the cheapest) nothing the agent did or saw meets goes too
+            unask += [w for w in wishes(said) if not wish_met(w, used)]
             unsay = [v for kind, v in user_details(text) if not occurs(kind, v, used)]
             unsay += [v for _, v in bystanders(text, self.goal, self.calls)]
             # a value the agent then speaks of stays: without it the agent's words come from nowhere

@@ -30,8 +30,8 @@ from agenther.evidence.goal import (
 )
 from agenther.evidence.grounding import ISO_DATE, MONTHS, ungrounded
 from agenther.evidence.text_evidence import goal_calls
-from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, words
-from agenther.evidence.turns import requests_in
+from agenther.evidence.tools import Tools, words
+from agenther.evidence.turns import change_words, requests_in
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
@@ -68,8 +68,7 @@ def misses(user_side: list[tuple[int, str]], goal: AchievedGoal, row: dict, para
     for w in known:
         if w not in done and tools.requested(w, asks, known):
             found.append(("unmet_requirement", f"the user asks for {w}, which the sample does not do"))
-    asking = [sentence for sentence in SENTENCE.split(asks) if ASKS.search(sentence)]
-    asked_verbs = {w for sentence in asking for w in words(sentence)} & ALL_WRITE_WORDS
+    asked_verbs = set().union(*(change_words(text) for _, text in user_side))
     done_verbs = set().union(*(tools.request_words(a.tool, known)[0] for a in goal.actions))
     if asked_verbs - done_verbs:  # a change the sample makes no write for (its tool may be unknown)
         found.append(

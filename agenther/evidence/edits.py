@@ -24,7 +24,7 @@ from agenther.evidence.coverage import asked
 from agenther.evidence.goal import TurnEdit
 from agenther.evidence.grounding import ISO_DATE, MONTHS
 from agenther.evidence.tools import SENTENCE, Tools, words
-from agenther.evidence.turns import asks_anything, requests_in
+from agenther.evidence.turns import asks_anything, requests_in, wishes
 
 # A sentence that is only an answer to the agent: it cannot open a conversation.
 SMALL_TALK = re.compile(r"(?i)\W*(alright|all right|okay|ok|thanks|thank you|great|perfect|sure|hmm|i see|got it|"
@@ -94,7 +94,8 @@ def still_says(edit: TurnEdit, text: str, tools: Tools, known: list[str]) -> lis
     values it names, enum values it should have replaced."""
     said = requests_in(text)
     tokens = set(words(said))
-    return ([w for w in edit.unask if (tools.requested(w, said, known) if w in known else w in tokens)]
+    return ([w for w in edit.unask if (tools.requested(w, said, known) if w in known
+                                       else w in tokens or w in wishes(said))]
             + [v for v in edit.unsay if asked(v, text)]
             + [other for other in edit.instead if asked(other.replace("_", " "), said)])
 
@@ -126,7 +127,7 @@ def rule_written(edit: TurnEdit, original: str, mid_conversation: bool, tools: T
         return None
     if edit.opening and mid_conversation:
         sentences = [s for s in SENTENCE.split(text) if s.strip() and not SMALL_TALK.fullmatch(s.strip())]
-        text = CONNECTIVES.sub("", " ".join(sentences)).strip()
+        text = re.sub(r"\s+([.,!?])", r"\1", CONNECTIVES.sub("", " ".join(sentences))).strip()  # "... name then."
         if not asks_anything(text) or POINTS_BACK.search(text):
             return None  # an answer ("Yes, please."), or a request about what came before: it needs writing
         text = text[:1].upper() + text[1:]

@@ -58,7 +58,8 @@ VERB_GROUPS: dict[str, frozenset[str]] = {
         "update updated modify modified change changed changing edit edited switch switched move moved rebook "
         "rebooked upgrade upgraded downgrade downgraded add added adding remove removed adjust adjusted replace "
         "replaced swap swapped increase increased reduce reduced include included set upgrading downgrading "
-        "updating modifying switching moving replacing swapping rebooking adjusting reducing increasing removing"
+        "updating modifying switching moving replacing swapping rebooking adjusting reducing increasing removing "
+        "additional"
     ),
     "send": _set("send sent issue issued give gave grant granted compensate compensated compensation"),
     "create": _set("create created make made open opened register registered add added new"),

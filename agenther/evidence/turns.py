@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from agenther.evidence.tools import SENTENCE, Tools, mentions, words
+from agenther.evidence.tools import ALL_WRITE_WORDS, ASKS, SENTENCE, Tools, mentions, words
 
 # A sentence asks (for a value, or for an action): a question, or a word of asking.
 ASKING = re.compile(r"\?|\b(please|could you|can you|would you|may i|provide|share|let me know|tell me|confirm|"
@@ -32,23 +32,20 @@ DENIAL_WORDS = re.compile(r"\b(don't|do not|dont|didn't|did not|can't|cannot|not
 # echoed by something the agent did or said (tool calls, results, the agent's text), or the request
 # asks for something the sample does not show.
 WISHES = re.compile(
-    r"\b(aisle seat|window seat|middle seat|aisle|seats|seat|cheapest|cheaper|lowest price|least expensive|fastest|"
-    r"shortest|quickest|earliest|latest|nonstop|non-stop|direct|morning|afternoon|evening|overnight|red-eye|"
-    r"full refund|refund|compensation|voucher|upgrade)\b",
+    r"\b(aisle seat|window seat|middle seat|aisle|cheapest|cheaper|lowest price|least expensive|fastest|shortest|"
+    r"quickest|earliest|latest|nonstop|non-stop|direct|morning|afternoon|evening|overnight|red-eye)\b",
     re.I,
 )
-# Which words of the run count as meeting a wish (the agent says "direct" as "nonstop", a tool
-# is named search_direct_flight ...).
-WISH_ECHOES = {
-    "non-stop": ("non-stop", "nonstop", "direct"),
-    "nonstop": ("nonstop", "non-stop", "direct"),
+# What in the run's calls and results meets a wish: the same word (a tool named search_direct_flight
+# meets "nonstop"), or the data a choice by it rests on (prices for "the cheapest", times for "the
+# earliest"). A seat no call or result speaks of is a wish nothing met, whatever the agent then said.
+PRICES, TIMES = (r"price", r"amount", r"cost"), (r"\d\d:\d\d", r"time")
+WISH_EVIDENCE = {
+    "non-stop": ("non-stop", "nonstop", "direct"), "nonstop": ("nonstop", "non-stop", "direct"),
     "direct": ("direct", "nonstop", "non-stop"),
-    "cheaper": ("cheaper", "cheapest", "lowest", "least expensive"),
-    "lowest price": ("lowest", "cheapest"),
-    "least expensive": ("least expensive", "cheapest", "lowest"),
-    "compensation": ("compensation", "certificate", "voucher"),
-    "voucher": ("voucher", "certificate", "compensation"),
-    "seats": ("seat",),
+    **dict.fromkeys(("cheapest", "cheaper", "lowest price", "least expensive"), PRICES),
+    **dict.fromkeys(("fastest", "shortest", "quickest", "earliest", "latest", "morning", "afternoon", "evening",
+                     "overnight", "red-eye"), TIMES),
     "aisle seat": ("aisle",), "window seat": ("window",), "middle seat": ("middle",),
 }
 
@@ -72,6 +69,19 @@ def sentences(text: str) -> list[str]:
     return [s for s in SENTENCE.split(text or "") if s.strip()]
 
 
+def change_words(text: str) -> set[str]:
+    """The words of a change that a user's turn asks for, in its sentences that ask ("I'd like to
+    modify it"), not in those that say what the user does not want, and not a change named as a
+    thing ("due to a change of plan", "Change of plan.")."""
+    found: set[str] = set()
+    for sentence in sentences(requests_in(text)):
+        if not ASKS.search(sentence):
+            continue
+        tokens = words(sentence)
+        found |= {w for w, after in zip(tokens, [*tokens[1:], ""], strict=True) if w in ALL_WRITE_WORDS and after != "of"}
+    return found
+
+
 def requests_in(text: str) -> str:
     """The sentences of a user's turn that can ask for something: one that says what the user does
     not want asks for nothing ("I do not wish to add travel insurance", "without changing the flights")."""
@@ -81,6 +91,8 @@ def requests_in(text: str) -> str:
 # Who does what: a participle after one of these is an action ("I cancelled", "it cannot be canceled"),
 # after anything else a state ("flights booked on the same day").
 ACTORS = frozenset(["i", "we", "you", "they", "he", "she", "it", "have", "has", "had", "will", "would", "can", "could", "to", "please", "let", "i'll", "i've", "we've", "you've", "be"])
+# "1 checked bag added", "has been successfully updated": the agent claims a write was made just now.
+CLAIM = re.compile(r"\b(successfully|has been|have been|now|just|added|removed)\b", re.I)
 # An event's name ("the flight cancellation") speaks of the action only where something is offered or asked.
 OFFERING = re.compile(r"\?|\b(can|could|would|will|shall|eligible|proceed|able|unable|like|want|need|policy|"
                       r"allowed|possible|please|let me|i'll)\b", re.I)
@@ -115,8 +127,8 @@ def speaks_of(tools: Tools, write: str, text: str, known: list[str], goal_argume
     for sentence in sentences(text):
         if not tools.requested(write, sentence, known):
             continue
-        if _describes_state(sentence, verbs):
-            continue
+        if _describes_state(sentence, verbs) and not (objects and CLAIM.search(sentence)):
+            continue  # a state ("you are booked on HAT041"), not a claim that a write of its own was just made
         # "add travel insurance for $30 per passenger", "let me know if you need bags" while booking:
         # what it names is a detail of an action the goal contains (its arguments), not this other write
         if objects and mentions(goal_arguments, objects):
@@ -180,7 +192,6 @@ def wishes(text: str) -> list[str]:
     return list(dict.fromkeys(m.group(0).lower() for m in WISHES.finditer(text or "")))
 
 
-def wish_met(wish: str, haystack: str) -> bool:
-    """Does the run's own text (calls, results, the agent's words; lower case) echo the wish?"""
-    echoes = WISH_ECHOES.get(wish, (wish,))
-    return any(re.search(rf"(?<![a-z]){re.escape(e)}", haystack) for e in echoes)
+def wish_met(wish: str, calls: str) -> bool:
+    """Do the run's tool calls and results (lower case) hold what meets the wish (WISH_EVIDENCE)?"""
+    return any(re.search(rf"(?<![a-z]){pattern}", calls) for pattern in WISH_EVIDENCE.get(wish, (re.escape(wish),)))

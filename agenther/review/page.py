@@ -55,7 +55,7 @@ for (const it of data.items) {
     const line = el("div", "turn " + t.role + (t.weight === 0 ? " w0" : ""));
     const head = "[" + t.step + "] " + t.role.toUpperCase() + (t.weight === null ? "" : " (weight " + t.weight + ")")
       + (t.before === null ? "" : " (rewritten)") + ": ";
-    line.append(el("b", null, head), el("span", null, [t.text, ...t.calls.map(c => "CALLS " + c)].filter(x => x).join("\n")));
+    line.append(el("b", null, head), el("span", null, [t.text, ...t.calls.map(c => "CALLS " + c)].filter(x => x).join("\\n")));
     if (t.before !== null) line.append(el("div", "was", "was: " + t.before));
     box.append(line);
   }
