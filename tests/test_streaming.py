@@ -21,7 +21,7 @@ from test_package import LINEAGE, PARAMS, tau_inputs
 
 from agenther import schema
 from agenther.cli import main
-from agenther.export.files import EXPORT_FILES, SortedJsonlSink
+from agenther.export.files import EXPORT_FILES, SortedJsonlSink, sample_id
 from agenther.stages.packaging import measure_lengths
 from agenther.tables import TableWriter, iter_batches
 
@@ -85,6 +85,32 @@ def test_sorted_sink_merges_reversed_runs_into_the_files_one_buffer_writes(tmp_p
         assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes(), name
     written = sorted(str(p.relative_to(tmp_path / "streamed")) for p in (tmp_path / "streamed").rglob("*") if p.is_file())
     assert written == sorted(expected)  # runs cleaned up
+
+
+def test_a_sink_extends_its_own_last_run_never_a_run_it_adopted(tmp_path):
+    # Rows in order extend the sink's last run (one run, not one per spill); a shard's run adopted
+    # in between is never appended to, even when the sink's next rows sort before that run's end.
+    verified, classified = tau_inputs(range(60), with_tools=True)
+    packaged = package(verified, classified, PARAMS, LINEAGE, batch_rows=10_000, out=tmp_path / "memory")
+    ordered = sorted(packaged.sft, key=sample_id)  # the sink's order
+    own, theirs = ordered[0::2], ordered[1::2]  # interleaved keys: the shard's run spans the sink's
+    sink = SortedJsonlSink(tmp_path / "streamed", buffer_rows=4)
+    shard = SortedJsonlSink(tmp_path / "unused", buffer_rows=4, runs_dir=sink.scratch / "shard")
+    for row in theirs:
+        shard.add("sft.jsonl", row)
+    half = len(own) // 2
+    for row in own[:half]:
+        sink.add("sft.jsonl", row)
+    sink.adopt(*shard.finish_runs())
+    adopted = {p: p.read_bytes() for p in sink.runs["sft.jsonl"] if p.parent.name == "shard"}
+    for row in own[half:]:
+        sink.add("sft.jsonl", row)
+    sink.finish_runs()
+    assert len(adopted) == 1 and len(sink.runs["sft.jsonl"]) == 2  # its own run, and the shard's
+    assert all(p.read_bytes() == data for p, data in adopted.items())
+    digests = sink.close()
+    memory = (tmp_path / "memory" / "sft.jsonl").read_bytes()
+    assert (tmp_path / "streamed" / "sft.jsonl").read_bytes() == memory and "sft.jsonl" in digests
 
 
 def test_table_writer_is_atomic_and_batches_read_back(tmp_path):
