@@ -57,3 +57,24 @@ def test_a_run_shows_every_table_stage(tmp_path, llm_server, capsys, monkeypatch
     assert "classify: 12/12 records, 12 kept" in err
     assert f"relabel+verify: {summary['stages']['relabel']['in']}/{summary['stages']['relabel']['in']} records, " \
            f"{summary['stages']['verify']['out']} kept, {calls} LLM calls" in err
+
+
+def test_verify_counts_a_record_once_whatever_number_of_judges_it_meets(tmp_path, llm_server):
+    """verify asks judge after judge over the records: a record is done when its last judge (or
+    the first that rejects it) answers, not once per judge."""
+    from conftest import ingest, make_params
+
+    from agenther.llm import LLMClient
+    from agenther.stages.classify import classify
+    from agenther.stages.extract import extract
+    from agenther.stages.relabel import relabel
+    from agenther.stages.verify import verify
+
+    params = make_params(tmp_path, llm_server)
+    client = LLMClient(model="openai/local", api_base=llm_server.api_base, api_key="x", cache_dir=tmp_path / "c")
+    extracted = extract(classify(ingest(TAU, limit=24).trajectories, params), params).kept
+    relabeled = relabel(extracted, params, client).kept
+    assert relabeled.height >= 3 and len(params["verify"]["judges"]) >= 3
+    with progress.Progress("verify", relabeled.height, lambda: 0, io.StringIO()) as shown:
+        verify(relabeled, params, client)
+        assert shown.done == relabeled.height

@@ -12,8 +12,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def map_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int) -> list[R]:
+def map_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int, records: bool = True) -> list[R]:
     """Apply fn to every item with at most `concurrency` in flight; results keep input order.
+    `records`: each item done is a record done (the progress line counts it); False where an item
+    is one step of a record (a judge's call), which the caller counts itself.
 
     The workers are daemon threads that take the next item as they finish one. When an item
     fails, no new item starts, and the ones in progress stop before their next LLM call; the
@@ -28,7 +30,8 @@ def map_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int) -
         for item in items:
             stopping.check()
             results.append(fn(item))
-            progress.record_done()
+            if records:
+                progress.record_done()
         return results
     out: list = [None] * len(items)
     failed: dict[int, BaseException] = {}
@@ -49,7 +52,8 @@ def map_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int) -
                         return
                     try:
                         out[i] = fn(items[i])
-                        progress.record_done()
+                        if records:
+                            progress.record_done()
                     except BaseException as exc:  # recorded for the waiting thread, which raises it
                         with lock:
                             failed[i] = exc

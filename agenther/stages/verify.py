@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from agenther import schema
+from agenther import progress, schema
 from agenther.envs import open_env
 from agenther.envs.proof import REPLAY_MISMATCH, env_for, prove
 from agenther.evidence import coherence, coverage
@@ -301,12 +301,15 @@ def verify(relabeled: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: LLM
     # Judge by judge over the records (the same judgements as verify_one's record by record): calls
     # in a row share their template's fixed instructions, which llama.cpp's and providers' prompt
     # caches then reuse.
-    for name in params["verify"]["judges"]:
+    judges = params["verify"]["judges"]
+    for k, name in enumerate(judges):
         todo = [j for j in judgings if not j.over]
         verdicts = map_concurrent(lambda j: JUDGES[name](j.row, params, llm, judge_llm), todo,  # noqa: B023
-                                  params["llm"]["concurrency"])
+                                  params["llm"]["concurrency"], records=False)
         for judging, verdict in zip(todo, verdicts, strict=True):
             judging.add(verdict, policy)
+            if judging.over or k == len(judges) - 1:
+                progress.record_done()  # the record is judged: no later judge is asked
     return verify_output([j.result(policy) for j in judgings])
 
 
