@@ -34,6 +34,8 @@ CONNECTIVES = re.compile(r"(?i)\b(now|also|as well|too|instead|then|in that case
 # ... or, where they point back at something ("that segment", "the same dates"), left to a writer.
 POINTS_BACK = re.compile(r"(?i)\b(that|those|these|this one|the same|above|mentioned|previous|earlier|other|"
                          r"either|both|them|it)\b")
+# ... or, where they go on with what came before ("Let's proceed with ...", "go ahead and ..."), too.
+GOES_ON = re.compile(r"(?i)\b(proceed|go ahead|continue)\b")
 AFFIRMATIVE = re.compile(r"^\W*(yes|yeah|yep|sure|ok|okay|correct|please proceed|go ahead)\b", re.I)
 
 
@@ -128,8 +130,10 @@ def rule_written(edit: TurnEdit, original: str, mid_conversation: bool, tools: T
     if edit.opening and mid_conversation:
         sentences = [s for s in SENTENCE.split(text) if s.strip() and not SMALL_TALK.fullmatch(s.strip())]
         text = re.sub(r"\s+([.,!?])", r"\1", CONNECTIVES.sub("", " ".join(sentences))).strip()  # "... name then."
-        if not asks_anything(text) or POINTS_BACK.search(text):
-            return None  # an answer ("Yes, please."), or a request about what came before: it needs writing
+        if not asks_anything(text) or POINTS_BACK.search(text) or AFFIRMATIVE.search(text) or GOES_ON.search(text):
+            # an answer ("Yes, please."), a request about what came before, or one that goes on with
+            # it ("Let's proceed with the cancellation"): it needs writing
+            return None
         text = text[:1].upper() + text[1:]
     if edit.name:
         text = f"{text} ({'; '.join(phrases(edit.name))})"
