@@ -95,9 +95,8 @@ def still_says(edit: TurnEdit, text: str, tools: Tools, known: list[str]) -> lis
     """What `text` (a written turn) still says that `edit` takes away: writes or changes it asks for,
     values it names, enum values it should have replaced."""
     said = requests_in(text)
-    tokens = set(words(said))
-    return ([w for w in edit.unask if (tools.requested(w, said, known) if w in known
-                                       else w in tokens or w in wishes(said))]
+    tokens = set(words(said)) | set(wishes(said))  # single words, and wishes of two ("aisle seat")
+    return ([w for w in edit.unask if (tools.requested(w, said, known) if w in known else w in tokens)]
             + [v for v in edit.unsay if asked(v, text)]
             + [other for other in edit.instead if asked(other.replace("_", " "), said)])
 
