@@ -198,3 +198,20 @@ def test_a_careful_relabeler_run_over_the_shipped_log_is_coherent_turn_by_turn(t
             if r["step"] != goal.start:
                 assert _only_rule_edits(r["before"], r["after"], goal), r
     assert len(llm_server.prompts_of("relabel")) < relabeled.height
+
+
+@pytest.mark.parametrize("said,by_rules", [
+    ("Yes, please proceed with canceling the current booking. Thanks for the breakdown!", False),  # an answer
+    ("Let's proceed with the cancellation and use my certificates first for payment.", False),  # goes on
+    ("Alright, thanks. Can you now add 2 checked bags to my reservation YAX4DR?", True),
+])
+def test_an_opening_taken_from_the_middle_of_a_run_is_written_by_rules_only_when_it_can_open(said, by_rules):
+    from agenther.evidence.edits import rule_written
+    from agenther.evidence.goal import TurnEdit
+    from agenther.evidence.tools import Tools
+
+    edit = TurnEdit(step=5, opening=True, name=["reservation id YAX4DR"])
+    text = rule_written(edit, said, mid_conversation=True, tools=Tools.of(None), known=[])
+    assert (text is not None) == by_rules, text
+    if by_rules:
+        assert text.startswith("Can you add 2 checked bags") and "thanks" not in text.lower()

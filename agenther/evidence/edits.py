@@ -34,6 +34,8 @@ CONNECTIVES = re.compile(r"(?i)\b(now|also|as well|too|instead|then|in that case
 # ... or, where they point back at something ("that segment", "the same dates"), left to a writer.
 POINTS_BACK = re.compile(r"(?i)\b(that|those|these|this one|the same|above|mentioned|previous|earlier|other|"
                          r"either|both|them|it)\b")
+# ... or, where they go on with what came before ("Let's proceed with ...", "go ahead and ..."), too.
+GOES_ON = re.compile(r"(?i)\b(proceed|go ahead|continue)\b")
 AFFIRMATIVE = re.compile(r"^\W*(yes|yeah|yep|sure|ok|okay|correct|please proceed|go ahead)\b", re.I)
 
 
@@ -93,9 +95,8 @@ def still_says(edit: TurnEdit, text: str, tools: Tools, known: list[str]) -> lis
     """What `text` (a written turn) still says that `edit` takes away: writes or changes it asks for,
     values it names, enum values it should have replaced."""
     said = requests_in(text)
-    tokens = set(words(said))
-    return ([w for w in edit.unask if (tools.requested(w, said, known) if w in known
-                                       else w in tokens or w in wishes(said))]
+    tokens = set(words(said)) | set(wishes(said))  # single words, and wishes of two ("aisle seat")
+    return ([w for w in edit.unask if (tools.requested(w, said, known) if w in known else w in tokens)]
             + [v for v in edit.unsay if asked(v, text)]
             + [other for other in edit.instead if asked(other.replace("_", " "), said)])
 
@@ -128,8 +129,10 @@ def rule_written(edit: TurnEdit, original: str, mid_conversation: bool, tools: T
     if edit.opening and mid_conversation:
         sentences = [s for s in SENTENCE.split(text) if s.strip() and not SMALL_TALK.fullmatch(s.strip())]
         text = re.sub(r"\s+([.,!?])", r"\1", CONNECTIVES.sub("", " ".join(sentences))).strip()  # "... name then."
-        if not asks_anything(text) or POINTS_BACK.search(text):
-            return None  # an answer ("Yes, please."), or a request about what came before: it needs writing
+        if not asks_anything(text) or POINTS_BACK.search(text) or AFFIRMATIVE.search(text) or GOES_ON.search(text):
+            # an answer ("Yes, please."), a request about what came before, or one that goes on with
+            # it ("Let's proceed with the cancellation"): it needs writing
+            return None
         text = text[:1].upper() + text[1:]
     if edit.name:
         text = f"{text} ({'; '.join(phrases(edit.name))})"
