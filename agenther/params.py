@@ -246,6 +246,7 @@ class IO(_Section):
     """How stages read and write their tables: rows per Parquet row group and per batch in
     memory. Bounds a non-LLM stage's memory, whatever the input's size."""
     batch_rows: PositiveCount = 500
+    part_mb: Positive = 64  # how much of the logs one ingest shard reads (agenther/stages/ingest.py)
 
 
 class Prefect(_Section):
@@ -387,7 +388,7 @@ def _stated(values: Any, source: str) -> dict:
 # (Rate limits only pace the calls; a budget decides which records are left undone, so it counts.)
 RUNTIME_ONLY = {"llm": ("cache_dir", "concurrency", "processes", "timeout_s", "max_retries", "requests_per_minute",
                         "tokens_per_minute"),
-                "io": ("batch_rows",),
+                "io": ("batch_rows", "part_mb"),
                 "prefect": ("batch_size", "retries", "retry_backoff_s", "retry_jitter", "task_runner", "dask_address",
                             "dask_workers", "result_storage")}
 

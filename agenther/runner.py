@@ -113,7 +113,7 @@ class LocalExecutor:
         return in_process(fn, jobs)
 
     def ingest(self, params: dict, work: Path) -> dict:
-        return stage("ingest").load()(params, work)
+        return stage("ingest").load()(params, work, spread=self.spread)
 
     def package(self, params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
         return stage("package").load()(params, work, out_dir, llms, self.spread)

@@ -11,9 +11,10 @@ and `dvc repro`; Prefect supplies the per-batch step, ingest and package's shard
   hit for every batch and calls no LLM; a cached batch's calls count as cache hits, as the LLM
   response cache counts them;
 - retries: exponential backoff with jitter, transient errors only (retry.py).
-Ingest is one task that streams the logs into the tables; its cached result is their digests,
-and a cache hit copies them from the folder they were written to. Package runs in the flow and
-spreads its shards as tasks (agenther/stages/packaging.py), never cached: they write files.
+Ingest is one task that reads the logs into the tables, its shards (parts of the logs) spread over
+the cluster's workers; its cached result is the tables' digests, and a cache hit copies them from
+the folder they were written to. Package runs in the flow and spreads its shards as task runs
+(agenther/stages/packaging.py). Shards are never cached: they write files.
 With the local task runner, batches of one stage run one after another in the flow's thread:
 `llm.concurrency` already bounds the calls in flight inside a batch. With the Dask task runner
 (tasks/dask.py) a stage's batches are submitted to the cluster, at most two per worker thread
@@ -45,7 +46,7 @@ from prefect.tasks import exponential_backoff
 from agenther import runner
 from agenther.llm import LLMs, Usage
 from agenther.runner import BatchResult, LocalExecutor
-from agenther.stages import stage
+from agenther.stages import in_process, stage
 from agenther.tables import count_rows, read_rows
 from agenther.workdir import TABLES, file_digest
 from tasks.caching import files_digest, sha256, stage_key
@@ -92,10 +93,11 @@ BATCH_TASKS = {stage: _batch(stage) for stage in runner.TABLE_STAGES}
 
 
 @task(name="ingest", task_run_name="ingest", cache_key_fn=_ingest_key, **CACHED, **RETRY)
-def ingest_task(params: dict, work: str) -> dict:
-    """Streams the logs into the work folder's tables (the ingest stage's function); the
-    result (kept by Prefect) is small: the stats, where the tables were written and their digests."""
-    stats = stage("ingest").load()(params, Path(work))
+def ingest_task(params: dict, work: str, spread: Callable[[Callable[[Any], Any], list], Any]) -> dict:
+    """Reads the logs into the work folder's tables (the ingest stage's function; its shards spread
+    as task runs, on the cluster when there is one); the result (kept by Prefect) is small: the
+    stats, where the tables were written and their digests."""
+    stats = stage("ingest").load()(params, Path(work), spread=spread)
     return {"work": work, "stats": stats, "digests": _table_digests(Path(work))}
 
 
@@ -200,11 +202,20 @@ class PrefectExecutor(LocalExecutor):
             yield kwargs["rows"][1], {stage: _settled(state)}
 
     def spread(self, fn: Callable[[Any], Any], jobs: list) -> Iterator[Any]:
-        """Each shard a task run (`<stage>[<shard>]`), on the cluster when there is one."""
-        name = fn.__name__.removesuffix("_shard")
-        runs = [(shard_task.with_options(task_run_name=f"package[{name} {i}]"), {"fn": fn, "job": job})
+        """Each shard a task run (`<its function>[<i>]`: ingest_shard[0], rows_shard[3]), on the cluster
+        when there is one."""
+        runs = [(shard_task.with_options(task_run_name=f"{fn.__name__}[{i}]"), {"fn": fn, "job": job})
                 for i, job in enumerate(jobs)]
         return (state.result() for state in self._in_order(runs))
+
+    def spread_in_task(self, fn: Callable[[Any], Any], jobs: list) -> Iterator[Any]:
+        """spread() for the shards of a stage that runs as one cached task (ingest's): a task run cannot
+        submit task runs to the cluster (its context does not pickle), so there they are plain Dask
+        tasks on the workers (retried if a worker dies); without a cluster, one after another here."""
+        if self.task_runner is None:
+            return in_process(fn, jobs)
+        futures = self.task_runner.client.map(fn, jobs, pure=False, retries=2)
+        return (future.result() for future in futures)
 
     def _in_order(self, runs: list[tuple[Task, dict]]) -> Iterator[State]:
         """Each task run's final state, in the order given: in the flow's thread one after another, or
@@ -229,9 +240,9 @@ class PrefectExecutor(LocalExecutor):
 
     def ingest(self, params: dict, work: Path) -> dict:
         t = configured(ingest_task, params)
-        result = t(params, str(work))
+        result = t(params, str(work), self.spread_in_task)
         if not _restore_ingest(result, Path(work)):  # a cache hit whose tables are gone: ingest again
-            result = t.with_options(refresh_cache=True)(params, str(work))
+            result = t.with_options(refresh_cache=True)(params, str(work), self.spread_in_task)
         return result["stats"]
 
 

@@ -49,6 +49,9 @@ pytestmark = pytest.mark.slow  # a Dask cluster, Prefect's API and an LLM server
 
 RECORDS = 30
 BATCH = 5  # several batches per stage, so several are in flight at once
+# The first RECORDS tau-bench runs as JSONL: a log ingest can cut in parts (io.part_mb) for the workers
+LOG = _HOME / "tau-30.jsonl"
+LOG.write_text("".join(json.dumps(r) + "\n" for r in json.loads(TAU.read_text())[:RECORDS]))
 EXPORTS = ("sft.jsonl", "sharegpt.jsonl", "trl/sft.jsonl", "llamafactory/dataset_info.json", "rejected.parquet",
            "01_classified.parquet", "02_extracted.parquet", "03_relabeled.parquet", "04_verified.parquet")
 
@@ -95,7 +98,7 @@ def run_flow_state(tmp_path: Path, name: str, server: FakeLLMServer, prefect: di
     """The flow on RECORDS tau-bench records in batches of BATCH, with an LLM cache of its own:
     (its final state, its summary)."""
     params = write_params(tmp_path / f"{name}.yaml", server, cache=tmp_path / f"{name}-cache",
-                          ingest={"input": str(TAU), "limit": RECORDS},
+                          ingest={"input": str(LOG)},
                           llm={"max_retries": 1, "concurrency": 2}, io=io or {},
                           prefect={"batch_size": BATCH, "retries": 2, "retry_backoff_s": 0.1} | (prefect or {}))
     state = hindsight(params_file=str(params), out_dir=str(tmp_path / name), return_state=True, **knobs)
@@ -142,11 +145,15 @@ def assert_same_outputs(out: Path, summary: dict, reference: tuple[Path, dict, i
 
 
 def test_the_flow_on_two_dask_workers_writes_what_the_local_runner_writes(tmp_path, cluster, reference, fresh):
-    """Every batch and every package shard on the workers (package split in shards of 4 rows, where the
-    reference packages in one shard in the flow's process): the same files, byte for byte."""
+    """Every batch and every shard on the workers (ingest read in parts of ~100 KB and package split in
+    shards of 4 rows, where the reference reads and packages in one shard each in the flow's process):
+    the same files, byte for byte."""
     before = executed_per_worker(cluster)
-    state, summary = run_flow_state(tmp_path, "dask", fresh, io={"batch_rows": 4}, task_runner="dask",
-                                    dask_address=cluster.scheduler.address)
+    with distributed.get_task_stream(cluster) as stream:  # what the workers ran, as the scheduler saw it
+        state, summary = run_flow_state(tmp_path, "dask", fresh, io={"batch_rows": 4, "part_mb": 0.1},
+                                        task_runner="dask", dask_address=cluster.scheduler.address)
+    ingest_parts = [t for t in stream.data if str(t["key"]).startswith("ingest_shard")]
+    assert len(ingest_parts) >= 5  # ~600 KB of logs in parts of ~100 KB, read on the workers
     calls = len(fresh.requests)
     assert_same_outputs(tmp_path / "dask", summary, reference)
     out, ref_out = tmp_path / "dask", reference[0]
@@ -154,10 +161,11 @@ def test_the_flow_on_two_dask_workers_writes_what_the_local_runner_writes(tmp_pa
         files = sorted(p.relative_to(ref_out) for p in (ref_out / folder).rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(out) for p in (out / folder).rglob("*") if p.is_file()), folder
         assert all((out / f).read_bytes() == (ref_out / f).read_bytes() for f in files), folder
-    shards = [r.name for r in task_runs_of(state.state_details.flow_run_id) if r.name.startswith("package[")]
-    assert sum(n.startswith("package[rows") for n in shards) == 8  # 30 rows in shards of 4
+    shards = [r.name for r in task_runs_of(state.state_details.flow_run_id) if "_shard[" in r.name]
+    assert sum(n.startswith("rows_shard[") for n in shards) == 8  # 30 rows in shards of 4
+
     # a preference pair comes from a bucket's shard (the 30 records here may hold no task that pairs)
-    assert any(n.startswith("package[bucket") for n in shards) or not summary["exports"]["dpo"]
+    assert any(n.startswith("bucket_shard[") for n in shards) or not summary["exports"]["dpo"]
     assert calls == reference[2] and summary["llm"]["total"]["calls"] == calls  # each call once, none lost
     # the workers' clients ask under the flow's cache keys: the same LLM cache entries as the local run's
     assert cache_keys(tmp_path / "dask-cache") == cache_keys(reference[0].parent / "local-cache")
@@ -222,7 +230,7 @@ def test_the_batch_cache_on_s3_is_read_by_every_worker(tmp_path, reference, fres
         assert len(fresh.requests) == calls  # every batch came from the store
         # the stages' batches (package's shards write files: never cached)
         runs = [r for r in task_runs_of(state.state_details.flow_run_id) if "[" in r.name and
-                not r.name.startswith("package[")]
+                "_shard[" not in r.name]
         assert runs and all(r.state.name == "Cached" for r in runs), [(r.name, r.state.name) for r in runs]
         assert_same_outputs(tmp_path / "second", second, reference)
         with get_client(sync_client=True) as client:

@@ -335,3 +335,77 @@ def test_empty_and_blank_files_have_no_records(tmp_path):
         result = ingest(path)
         assert (result.records_in, result.trajectories.height, result.quarantine.height) == (0, 0, 0)
         assert_tables(result)
+
+
+# --- ingest in parts (spread over workers) ---------------------------------------------------------
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _tau_log_with_repeats(tmp_path: Path, tau_records: list[dict]) -> Path:
+    """The 200 tau-bench records as JSONL, then five of them again byte for byte, another trial of one,
+    a broken line and a blank one: repeats and trials that span the parts a small part size cuts."""
+    log = tmp_path / "tau" / "runs.jsonl"
+    log.parent.mkdir()
+    trial = tau_records[3] | {"reward": 0.5}
+    lines = [json.dumps(r) for r in tau_records + tau_records[:5] + [trial]] + ["{broken", ""]
+    log.write_text("\n".join(lines) + "\n")
+    return log.parent
+
+
+def _in_worker(fn, job):
+    import os
+
+    return fn(job), os.getpid()
+
+
+@pytest.mark.parametrize("shape", ["tau-bench JSONL with repeats", "ReAct text agent", "HTTP-style text agent",
+                                   "ToolBench folder"])
+def test_ingest_in_parts_run_by_other_processes_writes_the_tables_one_process_reads(tmp_path, tau_records, shape):
+    """Ingest cut into parts of ~5 KB (big JSONL files at line starts), each part read by a pool of
+    worker processes that share only the work folder, against the whole input read in one process by
+    read_logs: the same trajectories (ids, trials, every column), quarantine rows and counts."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from agenther.adapters.common import Quarantined
+    from agenther.params import load_params
+    from agenther.stages.ingest import IngestReport, read_logs, write_tables
+    from agenther.workdir import TABLES
+
+    source = {"tau-bench JSONL with repeats": lambda: _tau_log_with_repeats(tmp_path, tau_records),
+              "ReAct text agent": lambda: FIXTURES / "text_agents" / "react_qa.jsonl",
+              "HTTP-style text agent": lambda: FIXTURES / "text_agents" / "http_agent.jsonl",
+              "ToolBench folder": lambda: TOOLBENCH}[shape]()
+    ingest_params = {"input": str(source), "max_trajectory_mb": 0.035}  # a few tau-bench runs are bigger: quarantined
+    report = IngestReport()
+    read = list(read_logs(source, max_trajectory_mb=0.035, report=report))
+    expected = pl.DataFrame([r for r in read if not isinstance(r, Quarantined)], schema=schema.TRAJECTORY)
+    quarantined = [r.row() for r in read if isinstance(r, Quarantined)]
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        ran: set[int] = set()
+
+        def spread(fn, jobs):
+            assert len(jobs) > 2  # the input is cut in parts
+            for result, pid in pool.map(_in_worker, [fn] * len(jobs), jobs):
+                ran.add(pid)
+                yield result
+
+        params = load_params(None, {"ingest": ingest_params, "io": {"part_mb": 0.005, "batch_rows": 7}})
+        stats = write_tables(params, tmp_path / "work", spread=spread)
+    assert ran and os.getpid() not in ran  # every part was read elsewhere
+    assert not (tmp_path / "work" / "ingest-parts").exists()  # the parts' scratch is gone
+    trajectories = pl.read_parquet(tmp_path / "work" / TABLES["trajectories"])
+    assert trajectories.height > 10 and trajectories.equals(expected)
+    assert pl.read_parquet(tmp_path / "work" / TABLES["quarantine"]).to_dicts() == quarantined
+    assert stats["records_in"] == trajectories.height + len(quarantined) + stats["duplicates"]
+    assert (stats["duplicates"], stats["trials"], stats["detected"], stats["text_actions"]) == (
+        report.duplicates, report.trials, report.stats()["detected"], report.stats()["text_actions"])
+    if shape.startswith("tau"):
+        assert (stats["duplicates"], stats["trials"]) == (5, 1) and len(quarantined) > 1
+        assert trajectories.filter(pl.col("id").str.ends_with("#2"))["task_key"].to_list() == [expected["id"][3]]
+    # one part in this process: the same tables again
+    params = load_params(None, {"ingest": ingest_params})
+    assert write_tables(params, tmp_path / "whole") == stats
+    assert pl.read_parquet(tmp_path / "whole" / TABLES["trajectories"]).equals(trajectories)

@@ -8,6 +8,7 @@ cannot trust is never dropped silently and never crashes the run: it becomes a
 from __future__ import annotations
 
 import ast
+import io
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -18,8 +19,70 @@ from typing import Any
 from agenther.s3 import S3Object
 from agenther.schema import ROLES
 
-# A log file: local, or an S3 object streamed from the store (same attributes an adapter uses).
-LogFile = Path | S3Object
+
+@dataclass(frozen=True)
+class LogPart:
+    """Lines [first_line, ...) of a local JSONL file, the bytes [start, end) (both at a line's start):
+    a part of one big log that ingest reads apart from the others (agenther/stages/ingest.py). It
+    quacks like the file (str() is the file's path, so rows and quarantine name the file, and
+    record pointers keep their line numbers)."""
+    path: Path
+    start: int
+    end: int
+    first_line: int
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+    @property
+    def suffix(self) -> str:
+        return self.path.suffix
+
+    @property
+    def parent(self) -> Path:
+        return self.path.parent
+
+    def open(self, mode: str = "rb") -> io.BufferedReader:
+        if mode != "rb":
+            raise ValueError(f"{self.path}: log parts are read as bytes (mode 'rb'), not {mode!r}")
+        return io.BufferedReader(_Window(self.path.open("rb"), self.start, self.end), buffer_size=1 << 20)
+
+    def read_bytes(self) -> bytes:
+        with self.open() as fh:
+            return fh.read()
+
+
+class _Window(io.RawIOBase):
+    """Bytes [start, end) of an open file, as a raw stream."""
+
+    def __init__(self, fh: io.BufferedReader, start: int, end: int):
+        fh.seek(start)
+        self._fh, self._left = fh, end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._fh.readinto(memoryview(buffer)[: min(len(buffer), self._left)])
+        self._left -= n
+        return n
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+# A log file: local, or an S3 object streamed from the store, or a part of a big local JSONL file
+# (same attributes an adapter uses).
+LogFile = Path | S3Object | LogPart
 
 EXCERPT_CHARS = 200
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in decoded text: only a lone one survives json.loads
@@ -225,7 +288,7 @@ def convert_records(
 def _iter_jsonl(path: LogFile, repairs: Repairs | None = None) -> Iterator[tuple[str, Any]]:
     # Bytes, not text mode: one non-UTF-8 line must cost that line only, not the file.
     with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
+        for number, raw in enumerate(fh, start=path.first_line if isinstance(path, LogPart) else 1):
             pointer = f"line {number}"
             if not raw.strip():
                 continue

@@ -23,7 +23,7 @@ summary`, `spread(fn, jobs)`: the executor runs its shards, agenther/stages/pack
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -94,6 +94,11 @@ NAMES = tuple(STAGES)
 LLM_STAGES = tuple(s.name for s in PIPELINE if s.llm != "never")  # the stages whose stats carry LLM usage
 FUSED = ("relabel", "verify")  # may run as one pass (agenther/runner.py): each record judged once relabeled
 FUSED_STEP = "agenther.stages.verify:relabel_verify"  # that pass: (batch, params, llm, judge, workers) -> (relabel's, verify's)
+
+
+# How a whole-run stage's shards run: spread(fn, jobs) -> fn(job) per job, results in order (an
+# executor's, or in_process).
+Spread = Callable[[Callable[[Any], Any], list], Iterable[Any]]
 
 
 def in_process(fn: Callable[[Any], Any], jobs: list) -> Iterator[Any]:

@@ -12,19 +12,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
+
+import polars as pl
 
 from agenther import schema
 from agenther.adapters import LogInput, log_input, messages
 from agenther.adapters.adapter import ReadContext
-from agenther.adapters.common import LogFile, Quarantined, UnreadableFile, excerpt, first_record, iter_records
+from agenther.adapters.common import (
+    LogFile,
+    LogPart,
+    Quarantined,
+    UnreadableFile,
+    excerpt,
+    first_record,
+    iter_records,
+)
 from agenther.adapters.grammars import AUTO, GrammarChoice, choose
+from agenther.adapters.grammars import grammars as grammars_named
 from agenther.adapters.messages import MessagesMapping
 from agenther.adapters.registry import adapter, adapters, format_names
-from agenther.tables import TableWriter
+from agenther.stages import Spread, in_process
+from agenther.tables import TableWriter, iter_batches
 from agenther.workdir import TABLES
 
 # A trajectory bigger than this is quarantined (params ingest.max_trajectory_mb): no model
@@ -121,7 +136,9 @@ def detect_format(path: str | Path, mapping: MessagesMapping | None = None) -> s
 
 
 def _read_file(path: LogFile, fmt: str, ctx: ReadContext) -> Iterator[dict | Quarantined]:
-    return adapter(_detect_file(path, ctx) if fmt == "auto" else fmt).read(path, ctx)
+    # A part of a file has the file's format: told from the file's first record.
+    whole = path.path if isinstance(path, LogPart) else path
+    return adapter(_detect_file(whole, ctx) if fmt == "auto" else fmt).read(path, ctx)
 
 
 def read_logs(
@@ -137,7 +154,8 @@ def read_logs(
 ) -> Iterator[dict | Quarantined]:
     """Every raw record of a file or a folder (*.json / *.jsonl, recursive, sorted), in reading
     order: a trajectory row (schema.TRAJECTORY) or a Quarantined row. One record at a time
-    (JSONL is read line by line), so a caller can write them out in batches.
+    (JSONL is read line by line), so a caller can write them out in batches. The ingest stage reads
+    the same records in parts, spread over an executor's workers (`write_tables`).
 
     `limit` keeps the first N good trajectories in reading order and stops reading there.
     Chat logs: the fields not mapped are detected from the first records (`messages.detect`); a
@@ -153,11 +171,23 @@ def read_logs(
     its grammar cannot read is quarantined; one with a lone surrogate is repaired (`report.repaired`).
     """
     report = report if report is not None else IngestReport()
+    root, files, ctx = _opened(path, fmt, mapping, files, text_actions, grammars, report)
+    seen = Repeats()
+    for item, digest in _admitted(_records(files, fmt, ctx, root.single, max_trajectory_mb), seen, limit):
+        yield item if digest is None else seen.named(item, digest)
+    report.duplicates, report.trials = seen.duplicates, seen.trials
+    if report.mapping is not None:
+        check_paths(report.mapping, report)
+
+
+def _opened(path: str | Path, fmt: str, mapping: MessagesMapping | None, files: list[LogFile] | None,
+            text_actions: str, grammars: dict[str, dict] | None,
+            report: IngestReport) -> tuple[LogInput, list[LogFile], ReadContext]:
+    """The input, the files to read (all, or `files` of them) and how to read them: the chat-log
+    mapping and text-action grammar detected from the first records (noted in `report`)."""
     root, mapping = _resolve(path), mapping or MessagesMapping()
     if fmt not in ("auto", *format_names()):
         raise IngestError(f"unknown format {fmt!r} (expected auto, {', '.join(format_names())})")
-    if limit is not None and limit < 0:
-        raise IngestError(f"limit must be >= 0, not {limit}")
     all_files = root.files
     if not all_files:
         raise IngestError(f"{path}: no .json or .jsonl files under it")
@@ -166,50 +196,77 @@ def read_logs(
         if not chosen <= set(all_files):
             raise IngestError(f"{sorted(map(str, chosen - set(all_files)))[0]}: not a log file under {path}")
         all_files = [f for f in all_files if f in chosen]
-    files = all_files
-
     ctx = ReadContext(mapping, repairs=report.repaired)
     if fmt in ("auto", messages.FORMAT):
-        ctx.mapping, report.grammar = _detected(files, fmt, mapping, report, text_actions, grammars)
+        ctx.mapping, report.grammar = _detected(all_files, fmt, mapping, report, text_actions, grammars)
         report.mapping = ctx.mapping
         ctx.grammar = report.grammar.grammar if report.grammar is not None else None
+    return root, all_files, ctx
+
+
+def _records(files: Iterable[LogFile], fmt: str, ctx: ReadContext, single: bool,
+             max_trajectory_mb: float | None) -> Iterator[dict | Quarantined]:
+    """The records of `files` in order, a trajectory too big or a file that cannot be read quarantined
+    (`single`: the input is that one file, whose problem stops the run)."""
     max_chars = None if max_trajectory_mb is None else max_trajectory_mb * 1e6
-    seen: dict[str, set[str]] = {}  # id -> digests of its records' content (small next to the trajectories)
-    kept = 0
     for f in files:
-        if limit is not None and kept >= limit:
-            break
         try:
             for item in _read_file(f, fmt, ctx):
-                if isinstance(item, Quarantined):
-                    yield item
-                    continue
-                digest = content_digest(item)
-                repeats = seen.setdefault(item["id"], set())
-                if digest in repeats:
-                    report.duplicates += 1  # the same record again: once is enough
-                    continue
-                if max_chars is not None and (size := trajectory_chars(item)) > max_chars:
+                if (not isinstance(item, Quarantined) and max_chars is not None
+                        and (size := trajectory_chars(item)) > max_chars):
                     reason = (f"{item['record_pointer'] or 'record'}: trajectory text is {size / 1e6:.1f} MB, over "
                               f"ingest.max_trajectory_mb = {max_trajectory_mb:g} (raise it to keep such records)")
-                    yield Quarantined(str(f), item["record_pointer"], reason, excerpt(item["goal"]))
-                    continue
-                if repeats:  # another run of the same task: trial 2, 3, ... with an id of its own
-                    report.trials += 1
-                    item = item | {"task_key": item["id"], "id": f"{item['id']}#{len(repeats) + 1}"}
-                repeats.add(digest)
-                kept += 1
+                    item = Quarantined(str(f), item["record_pointer"], reason, excerpt(item["goal"]))
                 yield item
-                if limit is not None and kept >= limit:
-                    break
         except (IngestError, UnreadableFile) as exc:
-            if root.single:
+            if single:
                 raise IngestError(str(exc)) from exc
             # Inside a folder one unreadable file must not sink the others.
             with f.open("rb") as fh:
                 yield Quarantined(str(f), "", str(exc), excerpt(fh.read(400)))
-    if report.mapping is not None:
-        check_paths(report.mapping, report)
+
+
+def _admitted(records: Iterable[dict | Quarantined], seen: Repeats,
+              limit: int | None) -> Iterator[tuple[dict | Quarantined, str | None]]:
+    """`records` without the repeats `seen` finds (counted there), up to `limit` trajectories; each
+    with its content digest (None: a Quarantined row)."""
+    kept = 0
+    if limit == 0:
+        return
+    for item in records:
+        digest = None
+        if not isinstance(item, Quarantined):
+            digest = content_digest(item)
+            if seen.admit(item["id"], digest) is None:
+                continue
+            kept += 1
+        yield item, digest
+        if limit is not None and kept >= limit:
+            return
+
+
+class Repeats:
+    """Records that share an id, in reading order: the same content again is a repeat (dropped,
+    counted); other content is another trial of the task (kept: `named` gives it id#2, #3, ...)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[str]] = {}  # id -> its distinct contents' digests, in reading order
+        self.duplicates = self.trials = 0
+
+    def admit(self, record_id: str, digest: str) -> int | None:
+        """None for a repeat, else which trial of the id this is (1, 2, ...)."""
+        digests = self.seen.setdefault(record_id, [])
+        if digest in digests:
+            self.duplicates += 1
+            return None
+        digests.append(digest)
+        self.trials += len(digests) > 1
+        return len(digests)
+
+    def named(self, row: dict, digest: str) -> dict:
+        """An admitted row under its trial's id (task_key: the id its trials share)."""
+        trial = self.seen[row["id"]].index(digest) + 1
+        return row if trial == 1 else row | {"task_key": row["id"], "id": f"{row['id']}#{trial}"}
 
 
 def _resolve(path: str | Path) -> LogInput:
@@ -282,39 +339,164 @@ def trajectory_chars(row: dict) -> int:
     return total
 
 
-def write_tables(params: dict, work: Path, files: list[LogFile] | None = None) -> dict:
-    """The stage (agenther/stages/__init__.py): the logs into the trajectories and quarantine tables,
-    `io.batch_rows` records at a time (`files`: only these files of the input, as agenther/rounds.py
-    reads the new ones). A row the table writer refuses is quarantined with the writer's reason; the
-    others of its batch go on. Returns the stage's stats."""
-    p = params["ingest"]
+# -- the stage: the logs read in parts (spread over an executor's workers), then merged ----------------
+@dataclass(frozen=True)
+class IngestPart:
+    """What one shard of ingest reads and where it writes (small: handed to a worker as is)."""
+    pieces: tuple[LogFile, ...]  # files, or parts of a big JSONL file, in reading order
+    folder: Path  # the shard's tables and keys, in the work folder's scratch (every worker sees it)
+    fmt: str
+    mapping: MessagesMapping  # detected once, before the parts are read
+    grammar: str | None  # the text-action grammar's name (rebuilt by name: a user's regex grammar is a closure)
+    grammar_specs: dict[str, dict] | None  # params ingest.grammars
+    single: bool
+    limit: int | None
+    max_trajectory_mb: float | None
+    batch_rows: int
+
+
+@dataclass
+class PartResult:
+    folder: Path
+    repeats: int  # repeats inside the part (dropped there; repeats across parts are dropped by the merge)
+    repaired: list[str]
+    resolved: Counter  # the chat-log paths resolved in its records (MessagesMapping.resolved)
+
+
+KEYS = "keys.parquet"  # a shard's (id, content digest) per written trajectory: what the merge dedups on
+
+
+def ingest_shard(part: IngestPart) -> PartResult:
+    """One shard: its pieces' records into its own trajectories and quarantine tables, repeats inside
+    the part dropped; the ids and digests of what it kept to KEYS."""
+    grammar = None if part.grammar is None else grammars_named(part.grammar_specs)[part.grammar]
+    ctx = ReadContext(replace(part.mapping, resolved=Counter()), grammar)
+    seen = Repeats()
+    records = _admitted(_records(part.pieces, part.fmt, ctx, part.single, part.max_trajectory_mb), seen, part.limit)
+    keys: dict[str, list[str]] = {"id": [], "digest": []}
+    with (TableWriter(part.folder / TABLES["trajectories"], schema.TRAJECTORY) as good,
+          TableWriter(part.folder / TABLES["quarantine"], schema.QUARANTINE) as bad):
+        while batch := list(islice(records, part.batch_rows)):
+            rows = [(item, digest) for item, digest in batch if digest is not None]
+            refused = _write_or_quarantine(good, [row for row, _ in rows])
+            refused_at = {(r["source_file"], r["record_pointer"]) for r in refused}
+            for row, digest in rows:
+                if (str(row["source_file"]), row["record_pointer"]) not in refused_at:
+                    keys["id"].append(row["id"])
+                    keys["digest"].append(digest)
+            bad.write_rows([item.row() for item, digest in batch if digest is None] + refused)
+    pl.DataFrame(keys, schema={"id": pl.String, "digest": pl.String}).write_parquet(part.folder / KEYS)
+    return PartResult(part.folder, seen.duplicates, ctx.repairs, ctx.mapping.resolved)
+
+
+def write_tables(params: dict, work: Path, files: list[LogFile] | None = None, spread: Spread = in_process) -> dict:
+    """The stage (agenther/stages/__init__.py): the logs into the trajectories and quarantine tables.
+    The input is cut into parts of about `io.part_mb` (files, and big JSONL files at line starts),
+    each read by a shard (`spread`: in this process, or an executor's workers) into the work folder's
+    scratch, `io.batch_rows` records at a time; the merge then writes the tables in reading order,
+    dropping the repeats that span parts and naming the trials, so the tables are the ones one
+    process reading the whole input writes. A row the table writer refuses is quarantined with the
+    writer's reason; the others of its batch go on. `files`: only these files of the input, as
+    agenther/rounds.py reads the new ones. Returns the stage's stats."""
+    p, work = params["ingest"], Path(work)
     report = IngestReport()
-    logs = read_logs(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p["messages"] or {}),
-                     limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"], report=report, files=files,
-                     text_actions=p["text_actions"], grammars=p["grammars"])
-    size = params["io"]["batch_rows"]
-    pending: dict[str, list[dict]] = {"trajectories": [], "quarantine": []}
-    with (TableWriter(Path(work) / TABLES["trajectories"], schema.TRAJECTORY) as good,
-          TableWriter(Path(work) / TABLES["quarantine"], schema.QUARANTINE) as bad):
-
-        def flush(table: str) -> None:
-            rows, pending[table] = pending[table], []
-            if table == "quarantine":
-                bad.write_rows(rows)
-            else:
-                pending["quarantine"] += _write_or_quarantine(good, rows)
-
-        for item in logs:
-            table = "quarantine" if isinstance(item, Quarantined) else "trajectories"
-            pending[table].append(item.row() if isinstance(item, Quarantined) else item)
-            if len(pending[table]) >= size:
-                flush(table)
-        flush("trajectories")
-        flush("quarantine")
+    root, chosen, ctx = _opened(p["input"], p["format"], MessagesMapping.from_params(p["messages"] or {}), files,
+                                p["text_actions"], p["grammars"], report)
+    scratch = work / "ingest-parts"
+    shutil.rmtree(scratch, ignore_errors=True)  # a crashed run's parts
+    part_bytes = int(params["io"]["part_mb"] * 1e6) if p["limit"] is None else None  # a limit reads in one part
+    jobs = [IngestPart(tuple(pieces), scratch / f"part-{i:05d}", p["format"], ctx.mapping,
+                       ctx.grammar.name if ctx.grammar else None, p["grammars"], root.single, p["limit"],
+                       p["max_trajectory_mb"], params["io"]["batch_rows"])
+            for i, pieces in enumerate(parts_of(chosen, p["format"], ctx, part_bytes))]
+    parts = list(spread(ingest_shard, jobs))
+    seen = Repeats()
+    with (TableWriter(work / TABLES["trajectories"], schema.TRAJECTORY) as good,
+          TableWriter(work / TABLES["quarantine"], schema.QUARANTINE) as bad):
+        for part in parts:
+            _merge_part(part.folder, seen, good, bad, params["io"]["batch_rows"])
+            report.repaired += part.repaired
+            if report.mapping is not None:
+                report.mapping.resolved.update(part.resolved)
+    shutil.rmtree(scratch, ignore_errors=True)
+    report.duplicates, report.trials = seen.duplicates + sum(part.repeats for part in parts), seen.trials
+    if report.mapping is not None:
+        check_paths(report.mapping, report)
     for line in report.describe():
         print(line, file=sys.stderr)
     return {"records_in": good.rows + bad.rows + report.duplicates, "trajectories": good.rows,
             "quarantined": bad.rows, **report.stats()}
+
+
+def _merge_part(folder: Path, seen: Repeats, good: TableWriter, bad: TableWriter, batch_rows: int) -> None:
+    """A shard's tables appended to the stage's: its trajectories without the repeats of earlier parts'
+    records, trials under their trial's id."""
+    keys = pl.read_parquet(folder / KEYS)
+    trials = [seen.admit(i, d) for i, d in zip(keys["id"], keys["digest"], strict=True)]
+    offset = 0
+    for batch in iter_batches(folder / TABLES["trajectories"], batch_rows):
+        trial = pl.Series("trial", trials[offset:offset + batch.height], dtype=pl.Int64)
+        offset += batch.height
+        renamed = pl.col("trial") > 1
+        good.write(batch.with_columns(trial).filter(pl.col("trial").is_not_null()).with_columns(
+            task_key=pl.when(renamed).then(pl.col("id")).otherwise(pl.col("task_key")),
+            id=pl.when(renamed).then(pl.format("{}#{}", pl.col("id"), pl.col("trial"))).otherwise(pl.col("id")),
+        ).drop("trial"))
+    for batch in iter_batches(folder / TABLES["quarantine"], batch_rows):
+        bad.write(batch)
+
+
+def parts_of(files: list[LogFile], fmt: str, ctx: ReadContext, part_bytes: int | None) -> list[list[LogFile]]:
+    """The files in reading order cut into parts of about `part_bytes` (None: one part): small files
+    grouped, a big local JSONL file cut at line starts (LogPart; its format told first, so a file that
+    cannot be read is quarantined once, whole)."""
+    if part_bytes is None:
+        return [list(files)]
+    pieces: list[LogFile] = []
+    for f in files:
+        pieces += _cut(f, part_bytes) if isinstance(f, Path) and f.suffix == ".jsonl" and _readable(f, fmt, ctx) else [f]
+    parts: list[list[LogFile]] = [[]]
+    size = 0
+    for piece in pieces:
+        if parts[-1] and size >= part_bytes:
+            parts.append([])
+            size = 0
+        parts[-1].append(piece)
+        size += piece.end - piece.start if isinstance(piece, LogPart) else piece.stat().st_size \
+            if isinstance(piece, Path) else piece.size
+    return parts
+
+
+def _readable(path: Path, fmt: str, ctx: ReadContext) -> bool:
+    try:
+        return fmt != "auto" or bool(_detect_file(path, ctx))
+    except IngestError:
+        return False
+
+
+def _cut(path: Path, part_bytes: int) -> list[LogFile]:
+    """A JSONL file as LogParts of about `part_bytes`, each from a line's start (and its line number)."""
+    size = path.stat().st_size
+    starts = [0]
+    with path.open("rb") as fh:
+        for target in range(part_bytes, size, part_bytes):
+            if target <= starts[-1]:
+                continue  # one line longer than a part
+            fh.seek(target - 1)
+            fh.readline()  # to the start of the next line
+            if fh.tell() < size:
+                starts.append(fh.tell())
+        if len(starts) == 1:
+            return [path]
+        first_lines, read, newlines = [], 0, 0
+        fh.seek(0)
+        for start in starts:
+            while read < start:
+                chunk = fh.read(min(1 << 23, start - read))
+                read, newlines = read + len(chunk), newlines + chunk.count(b"\n")
+            first_lines.append(newlines + 1)
+    ends = starts[1:] + [size]
+    return [LogPart(path, a, b, line) for a, b, line in zip(starts, ends, first_lines, strict=True)]
 
 
 def _write_or_quarantine(writer: TableWriter, rows: list[dict]) -> list[dict]:

@@ -18,10 +18,9 @@ from __future__ import annotations
 import atexit
 import pickle
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
@@ -31,7 +30,7 @@ from agenther.export.dedup import dedup_prompts
 from agenther.export.files import ANNOTATED, SortedJsonlSink, read_run
 from agenther.export.registry import exporters
 from agenther.params import check_section
-from agenther.stages import in_process
+from agenther.stages import Spread, in_process
 from agenther.stages.pairs import hindsight_pairs, natural_pairs
 from agenther.stages.samples import (
     hindsight_messages,
@@ -67,7 +66,6 @@ class Exported:
 # Columns of `classified` that say which rows package needs, read for the whole table (small).
 LIGHT = ["id", "task_key", "success", "is_failure"]
 
-Spread = Callable[[Callable[[Any], Any], list], Iterable[Any]]  # spread(fn, jobs): fn(job) per job, in order
 
 
 @dataclass(frozen=True)
