@@ -11,7 +11,7 @@ on, rule classify/extract), except that relabel and verify (the LLM stages, benc
 llm_throughput.py) are replaced by empty outputs, so package exports the successes and the
 natural preference pairs. The child reports each stage's wall time and its peak RSS so far
 (getrusage ru_maxrss, which only grows: the peak after stage X is the peak of everything up
-to X), and how much of package's CPU its shards took (what an executor spreads over workers;
+to X), and how much of ingest's and package's CPU their shards took (what an executor spreads over workers;
 the rest runs in one process: bench/model_10m.py). Prints records/s and MB/s (of the JSONL input)
 per stage and peak RSS per size.
 """
@@ -73,7 +73,7 @@ def child(log: Path, work: Path, batch_rows: int | None) -> None:
     gates.check = timed_check
     shards_cpu = [0.0]
 
-    class Timed(LocalExecutor):  # the stage loop's own executor; counts the CPU of package's shards
+    class Timed(LocalExecutor):  # the stage loop's own executor; counts the CPU of ingest's and package's shards
         def spread(self, fn, jobs):
             for job in jobs:
                 start = time.process_time()
@@ -88,12 +88,12 @@ def child(log: Path, work: Path, batch_rows: int | None) -> None:
                     write_table(schema.empty(kept), work / TABLES["relabeled" if stage == "relabel" else "verified"])
                     write_table(schema.empty(schema.REJECTION), work / TABLES[f"{stage}_rejected"])
                     write_stats(work, stage, {"in": 0, "out": 0, "rejected": 0, "usage": vars(Usage()).copy()})
-            start, cpu, gate_s[0] = time.perf_counter(), time.process_time(), 0.0
+            start, cpu, gate_s[0], shards_cpu[0] = time.perf_counter(), time.process_time(), 0.0, 0.0
             result = run_stage(name, params, work, work / "out", llms, Timed())
             report["stages"][name] = {"seconds": time.perf_counter() - start, "gates": gate_s[0],
                                       "cpu_seconds": time.process_time() - cpu,  # every thread of the process
                                       "peak_rss_mb": peak_mb()}
-            if name == "package":
+            if name in ("ingest", "package"):  # the stages whose shards an executor spreads
                 report["stages"][name]["shards_cpu_seconds"] = shards_cpu[0]
             if name == "ingest":
                 report["trajectories"] = result["trajectories"]
@@ -159,9 +159,10 @@ def main() -> None:
         print(f"| {n} | {mb:.0f} MB | **all four** | {total:.2f} s | {cpu:.2f} s | {gate_total:.2f} s | {n / total:.0f} | "
               f"{mb / total:.1f} | {max(v['peak_rss_mb'] for v in report['stages'].values()):.0f} MB |")
     for n, _, report in results:
-        package = report["stages"]["package"]
-        print(f"\n{n} records: package's shards (spread by an executor) took {package['shards_cpu_seconds']:.2f} of its "
-              f"{package['cpu_seconds']:.2f} CPU-s")
+        for name in ("ingest", "package"):
+            stage = report["stages"][name]
+            print(f"\n{n} records: {name}'s shards (spread by an executor) took {stage['shards_cpu_seconds']:.2f} of its "
+                  f"{stage['cpu_seconds']:.2f} CPU-s")
     print("\n| records | input MB | peak RSS | RSS after imports | peak / input |")
     print("| --- | --- | --- | --- | --- |")
     for n, mb, report in results:

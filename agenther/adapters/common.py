@@ -92,6 +92,11 @@ LONE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
                          rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
+def has_lone_escape(raw: bytes) -> bool:
+    # The regex scan costs a third of reading a tau-bench line; a surrogate escape of any kind is rare.
+    return (b"\\ud" in raw or b"\\uD" in raw) and LONE_ESCAPE.search(raw) is not None
+
+
 @dataclass(frozen=True)
 class Quarantined:
     source_file: str
@@ -171,7 +176,7 @@ def iter_records(path: LogFile, repairs: Repairs | None = None) -> Iterator[tupl
         # are read one by one, that one is quarantined.
         yield from _iter_json_values(path, text, repairs)
         return
-    mend = LONE_ESCAPE.search(data) is not None
+    mend = has_lone_escape(data)
     for pointer, record in ([(f"[{i}]", r) for i, r in enumerate(loaded)] if isinstance(loaded, list)
                             else [("", loaded)]):
         yield pointer, (_mended(path, pointer, record, repairs) if mend else record)
@@ -306,7 +311,7 @@ def _iter_jsonl(path: LogFile, repairs: Repairs | None = None) -> Iterator[tuple
             except (RecursionError, ValueError) as exc:
                 yield pointer, Quarantined(str(path), pointer, f"{pointer}: {_refused(exc)}", excerpt(text))
                 continue
-            yield pointer, (_mended(path, pointer, record, repairs) if LONE_ESCAPE.search(raw) else record)
+            yield pointer, (_mended(path, pointer, record, repairs) if has_lone_escape(raw) else record)
 
 
 def first_record(path: LogFile) -> Any:

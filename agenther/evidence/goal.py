@@ -19,6 +19,7 @@ stay as context with weight 0; `train_steps` are the assistant turns that train.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -235,7 +236,8 @@ def _is_report(message: dict) -> bool:
 
 
 # -- facts: what read results returned and the agent told the user ------------------------------
-def result_values(result: str | None) -> set[str]:
+@functools.lru_cache(maxsize=4096)  # a result is looked at for every window of its run that could hold it
+def result_values(result: str | None) -> frozenset[str]:
     """Specific values in a tool result: IDs, dates, numbers of 2+ digits, short phrases."""
     out: set[str] = set()
 
@@ -272,7 +274,7 @@ def result_values(result: str | None) -> set[str]:
             walk(json.loads(result))
         except json.JSONDecodeError:
             walk(result)
-    return out
+    return frozenset(out)
 
 
 def _facts(messages: list[dict], calls: list[dict], tools: Tools, start: int, end: int) -> list[Fact]:

@@ -21,6 +21,7 @@ status, JSON with a non-empty `error`, and short texts that say "not found", "fa
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -181,8 +182,12 @@ SHORT_RESULT = 240  # a result this short that mentions an error word is an erro
 
 def words(text: str) -> list[str]:
     """Lower-case word tokens; snake_case and camelCase names split into their words."""
-    text = re.sub(r"([a-z])([A-Z])", r"\1 \2", text)
-    return re.findall(r"[a-z]+", text.lower())
+    return list(_words(text))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the same sentences and names are read for every write tool and window
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(re.findall(r"[a-z]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", text).lower()))
 
 
 DETERMINERS = frozenset(["a", "an", "the", "that", "this", "these", "those", "my", "our", "it", "them", "his", "her", "their", "one", "your"])
@@ -380,6 +385,7 @@ def schemas_by_name(tools_json: str | None) -> dict[str, dict]:
     return out
 
 
+@functools.lru_cache(maxsize=4096)  # a run's results are judged again for each window of it
 def is_error(result: str | None) -> bool:
     """A tool result that reports failure, or none at all: never an achievement."""
     if result is None or not result.strip():
