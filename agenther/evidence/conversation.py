@@ -226,7 +226,8 @@ def refers_to_left_out(text: str, left_out: str, messages: list[dict], start: in
     first = first_user_index(messages) or 0
     before = "\n".join(scanned(m.get("content")) for m in [*messages[:first], *messages[start:step]])
     for token in dict.fromkeys(CODE.findall(text)):
-        if re.search(rf"\b{re.escape(token)}\b", left_out) and not re.search(rf"\b{re.escape(token)}\b", before):
+        if (token in left_out and re.search(rf"\b{re.escape(token)}\b", left_out)
+                and not (token in before and re.search(rf"\b{re.escape(token)}\b", before))):
             return token
     return None
 

@@ -7,7 +7,9 @@ the files and lets each exporter `finish` (the Parquet dataset, LLaMA-Factory's 
 
 - Rows are serialized as they come; every `buffer_rows` rows (or SPILL_CHARS characters) of a file
   are sorted into a run file, extending the sink's last run when they all sort after it, and close()
-  merges the runs into the file (an external merge sort). The sort key is the sample id
+  merges the runs into the file (an external merge sort), a job per file (`merge_runs`), then lets
+  each exporter finish, a job per exporter (`finish_exporter`): an executor may spread both over
+  its workers. The sort key is the sample id
   and the row's place among the rows derived from its annotated row: a sample's rows stay in order.
 - A file with no rows is not written (`datasets.load_dataset("json")` cannot load a 0-byte file),
   and a file of the layout left from an earlier run that has no rows now is removed:
@@ -29,11 +31,13 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from agenther.export import formats
 from agenther.export.exporter import ANNOTATED
 from agenther.export.registry import exporters
+from agenther.stages import Spread, in_process
 from agenther.tables import DEFAULT_BATCH_ROWS
 
 EXPORT_FILES = ANNOTATED  # what the package stage adds rows to
@@ -129,10 +133,6 @@ class SortedJsonlSink:
         self.buffers[name] = []
         self.buffered[name] = 0
 
-    def _sorted_lines(self, name: str) -> Iterator[str]:
-        runs = [read_run(path) for path in self.runs[name]]
-        return (line for _, line in heapq.merge(*runs, iter(sorted(self.buffers[name])), key=lambda kv: kv[0]))
-
     def finish_runs(self) -> tuple[dict[str, list[str]], dict[str, int]]:
         """A shard's sink: every row to a sorted run; ({file: its runs}, {file: rows}) for `adopt`."""
         for name in list(self.buffers):
@@ -149,18 +149,23 @@ class SortedJsonlSink:
         for name, n in rows.items():
             self.rows[name] += n
 
-    def close(self) -> dict[str, str]:
-        """Write the export files; returns {file: sha256} of the files written."""
+    def close(self, spread: Spread = in_process) -> dict[str, str]:
+        """Write the export files; returns {file: sha256} of the files written. Each file is merged
+        from its sorted runs by a job of its own, then each exporter's finish (the Parquet dataset,
+        dataset_info.json) by one of its own (`spread`: in this process, or an executor's workers,
+        which see the runs and the output folder)."""
         digests = {}
         try:
-            for name in sorted(self.buffers):
-                digests[name] = _write_lines_atomic(self.out / name, self._sorted_lines(name))
-            for exporter in exporters():
-                if exporter.finish is None:
-                    continue
-                for name, n in exporter.finish(self.out, self._lines, set(digests)).items():
-                    self.rows[name] = n
-                    digests[name] = file_sha256(self.out / name)
+            for name in self.buffers:
+                if self.buffers[name]:
+                    self._spill(name)  # every row in a run: a merge job reads runs only
+            names = sorted(self.buffers)
+            merges = [Merge(self.out, name, tuple(str(p) for p in self.runs[name])) for name in names]
+            digests = dict(zip(names, spread(merge_runs, merges), strict=True))
+            finishes = [Finish(self.out, e.name, frozenset(digests)) for e in exporters() if e.finish is not None]
+            for written in spread(finish_exporter, finishes):
+                for name, (n, digest) in written.items():
+                    self.rows[name], digests[name] = n, digest
         finally:
             if self._tmp is not None:
                 self._tmp.cleanup()
@@ -173,12 +178,41 @@ class SortedJsonlSink:
             (self.out / name).unlink(missing_ok=True)
         return digests
 
-    def _lines(self, name: str) -> Iterator[str]:
-        if not self.rows.get(name) or name not in self.buffers:
+
+
+@dataclass(frozen=True)
+class Merge:
+    """One export file's job in close(): its sorted runs into the file."""
+    out: Path
+    name: str
+    runs: tuple[str, ...]
+
+
+def merge_runs(job: Merge) -> str:
+    """The file from its runs (an external merge sort's last pass); its sha256."""
+    runs = [read_run(Path(path)) for path in job.runs]
+    return _write_lines_atomic(job.out / job.name, (line for _, line in heapq.merge(*runs, key=lambda kv: kv[0])))
+
+
+@dataclass(frozen=True)
+class Finish:
+    """One exporter's job in close(), once the JSONL files are written (`written`)."""
+    out: Path
+    exporter: str
+    written: frozenset[str]
+
+    def lines(self, name: str) -> Iterator[str]:
+        if name not in self.written:
             return
         with (self.out / name).open(encoding="utf-8") as fh:
             for line in fh:
                 yield line.rstrip("\n")
+
+
+def finish_exporter(job: Finish) -> dict[str, tuple[int, str]]:
+    """The files an exporter writes from the JSONL files: {file: (rows, sha256)}."""
+    exporter = next(e for e in exporters() if e.name == job.exporter)
+    return {name: (n, file_sha256(job.out / name)) for name, n in exporter.finish(job.out, job.lines, set(job.written)).items()}
 
 
 def read_run(path: Path) -> Iterator[tuple[list, str]]:

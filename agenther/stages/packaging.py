@@ -367,7 +367,7 @@ def export_samples(verified: pl.DataFrame, classified: Path, params: dict, linea
     sink = SortedJsonlSink(out, batch_rows)
     rejections, counts, measured = package_into(sink, verified, Path(classified), params, lineage, batch_rows,
                                                 round_of, spread, (measure_tokens, tokenizer_model))
-    digests = sink.close()
+    digests = sink.close(spread)
     lengths = (_lengths(measured, digests) or measure_lengths(Path(out), digests, tokenizer_model)) if measure_tokens \
         else {"tokenizer": None, "not_measured": "not asked"}
     return Exported(rejections, counts, digests, {name.removesuffix(".jsonl"): sink.rows[name] for name in ANNOTATED},
