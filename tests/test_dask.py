@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -48,6 +49,7 @@ from tasks.dask import WorkerLLMs, check_reachable  # noqa: E402
 pytestmark = pytest.mark.slow  # a Dask cluster, Prefect's API and an LLM server per test
 
 RECORDS = 30
+BATCH_RUN = re.compile(r"\w+\[\d+:\d+\]")  # a stage's batch task run, e.g. classify[0:5] (a shard's: rows_shard[3])
 BATCH = 5  # several batches per stage, so several are in flight at once
 # The first RECORDS tau-bench runs as JSONL: a log ingest can cut in parts (io.part_mb) for the workers
 LOG = _HOME / "tau-30.jsonl"
@@ -161,8 +163,10 @@ def test_the_flow_on_two_dask_workers_writes_what_the_local_runner_writes(tmp_pa
         files = sorted(p.relative_to(ref_out) for p in (ref_out / folder).rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(out) for p in (out / folder).rglob("*") if p.is_file()), folder
         assert all((out / f).read_bytes() == (ref_out / f).read_bytes() for f in files), folder
-    shards = [r.name for r in task_runs_of(state.state_details.flow_run_id) if "_shard[" in r.name]
+    shards = [r.name for r in task_runs_of(state.state_details.flow_run_id) if not BATCH_RUN.fullmatch(r.name)]
     assert sum(n.startswith("rows_shard[") for n in shards) == 8  # 30 rows in shards of 4
+    # each export file merged from its runs, each exporter's finish, as task runs on the workers
+    assert sum(n.startswith("merge_runs[") for n in shards) >= 5 and any(n.startswith("finish_exporter[") for n in shards)
 
     # a preference pair comes from a bucket's shard (the 30 records here may hold no task that pairs)
     assert any(n.startswith("bucket_shard[") for n in shards) or not summary["exports"]["dpo"]
@@ -229,8 +233,7 @@ def test_the_batch_cache_on_s3_is_read_by_every_worker(tmp_path, reference, fres
             state, second = run_flow_state(tmp_path, "second", fresh, task_runner="dask", dask_workers=2, prefect=storage)
         assert len(fresh.requests) == calls  # every batch came from the store
         # the stages' batches (package's shards write files: never cached)
-        runs = [r for r in task_runs_of(state.state_details.flow_run_id) if "[" in r.name and
-                "_shard[" not in r.name]
+        runs = [r for r in task_runs_of(state.state_details.flow_run_id) if BATCH_RUN.fullmatch(r.name)]
         assert runs and all(r.state.name == "Cached" for r in runs), [(r.name, r.state.name) for r in runs]
         assert_same_outputs(tmp_path / "second", second, reference)
         with get_client(sync_client=True) as client:
