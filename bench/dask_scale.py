@@ -11,8 +11,10 @@ thread each). relabel and verify (the LLM stages) are replaced by empty tables, 
 stages_scale.py, so package exports the successes and the natural preference pairs. Prints per
 stage the wall time and records/s, the flow process's and each worker's peak RSS (VmHWM).
 Classify and extract are spread batch by batch (each task reads its rows of the input table from the
-work folder: no batch is pickled into the task graph), package shard by shard (its rows and its
-preference-pair buckets, agenther/stages/packaging.py); ingest is one task in the flow process.
+work folder: no batch is pickled into the task graph), ingest part by part (io.part_mb of the log
+each, a big JSONL file cut at line starts; the parts merged in the flow process), package shard by
+shard (its rows, its preference-pair buckets, each export file's merge and each exporter's finish,
+agenther/stages/packaging.py and agenther/export/files.py).
 
 Part 2 (overhead): the 200 real records, the same flow with the local task runner and on Dask
 (a LocalCluster of 2 started by the run, and an already running one given by address), medians

@@ -9,8 +9,10 @@ trajectory cost does not grow with N, bench/stages_scale.py); the assumptions (t
 funnel of the measured log, provider limits and prices) are arguments, printed with the result.
 
 - Non-LLM stages (ingest, classify, extract in rules mode, package): CPU-seconds and bytes per
-  trajectory from bench/stages_scale.py (synthetic tau-bench log, `--json`), final code; package's
-  shards spread over workers like classify and extract, its merge and ingest run in one process.
+  trajectory from bench/stages_scale.py (synthetic tau-bench log, `--json`), final code; ingest's
+  and package's shards (parts of the logs; rows, buckets, the files' merges and the exporters'
+  finishes) spread over workers like classify's and extract's batches; what is left of them (the
+  plans, ingest's merge of the parts, the summary and report) runs in one process.
 - LLM stages (relabel, verify): calls and tokens per trajectory from bench/quality.py on the 200
   shipped tau-bench records with the embedded Qwen2.5-Coder-1.5B (out/bench-quality, summary.json):
   116 failures (58%) -> 29 relabel candidates -> 66 relabel calls + 17 judge calls = 83 calls,
@@ -30,7 +32,7 @@ STAGES = ("ingest", "classify", "extract", "package")
 MEASURED_SCALE = {
     "records": 20_000,
     "cpu_seconds": {"ingest": 10.85, "classify": 11.18, "extract": 66.58, "package": 97.12},
-    "package_shards_cpu_seconds": 65.37,
+    "shards_cpu_seconds": {"ingest": 0.0, "package": 65.37},
     "input_jsonl": 358_926_860,
     # The synthetic log repeats 200 trajectories, which zstd compresses away inside a row group: the
     # work tables are taken from a whole run on the 200 distinct shipped records instead (out/tau-bench:
@@ -51,7 +53,7 @@ def from_scale_report(path: Path, records: int | None = None) -> dict:
         r for r in sizes if r["records"] == records)
     return {"records": report["records"],
             "cpu_seconds": {s: report["stages"][s]["cpu_seconds"] for s in STAGES},
-            "package_shards_cpu_seconds": report["stages"]["package"]["shards_cpu_seconds"],
+            "shards_cpu_seconds": {s: report["stages"][s].get("shards_cpu_seconds", 0.0) for s in ("ingest", "package")},
             "input_jsonl": report["bytes"]["input_jsonl"],
             "tables": sum(report["bytes"]["tables"].values()),
             "exports": report["bytes"]["exports"]}
@@ -72,17 +74,17 @@ def model(n: float, scale: dict, llm: dict, args: argparse.Namespace) -> list[st
     for s in STAGES:
         out.append(f"| {s} | {per[s] * 1e3:.2f} | {per[s] * n / 3600:,.1f} |")
     out.append(f"| **all four** | {sum(per.values()) * 1e3:.2f} | {cpu / 3600:,.1f} |")
-    # classify and extract run batch by batch and package shard by shard (spread over workers); ingest
-    # and what package does around its shards (dedup, the merge of the files, the summary and report)
-    # run in one process: one core whatever the cluster.
-    shards = scale["package_shards_cpu_seconds"] / scale["records"]
+    # classify and extract run batch by batch, ingest and package shard by shard (spread over workers);
+    # what ingest and package do around their shards (plans, ingest's merge of its parts, package's
+    # dedup, summary and report) runs in one process: one core whatever the cluster.
+    shards = sum(scale["shards_cpu_seconds"].values()) / scale["records"]
     serial = (per["ingest"] + per["package"] - shards) * n
     spread = (per["classify"] + per["extract"] + shards) * n
     out.append("")
     for cores in args.cores:
-        out.append(f"- on {cores} cores: ingest + package's merge on one core {serial / 3600:,.1f} h + classify, "
-                   f"extract and package's shards spread {spread / 3600:,.1f} CPU-h / {cores} = "
-                   f"**{stage_hours(serial, spread, cores):,.1f} h** (if ingest and the merge spread too: {cpu / cores / 3600:,.2f} h)")
+        out.append(f"- on {cores} cores: what runs in one process {serial / 3600:,.1f} h + the batches and shards "
+                   f"spread {spread / 3600:,.1f} CPU-h / {cores} = **{stage_hours(serial, spread, cores):,.1f} h** "
+                   f"(if everything spread: {cpu / cores / 3600:,.2f} h)")
     gb = scale["records"] / n * 1e9  # bytes measured for `records` -> GB for n
     out.append("\nBytes (measured per trajectory, x N):\n")
     out.append("| what | bytes / trajectory | for N |")
