@@ -24,6 +24,7 @@ from agenther.adapters.common import LogFile, Quarantined, UnreadableFile, excer
 from agenther.adapters.grammars import AUTO, GrammarChoice, choose
 from agenther.adapters.messages import MessagesMapping
 from agenther.adapters.registry import adapter, adapters, format_names
+from agenther.params import Params
 from agenther.tables import TableWriter
 from agenther.workdir import TABLES
 
@@ -282,17 +283,17 @@ def trajectory_chars(row: dict) -> int:
     return total
 
 
-def write_tables(params: dict, work: Path, files: list[LogFile] | None = None) -> dict:
+def write_tables(params: Params, work: Path, files: list[LogFile] | None = None) -> dict:
     """The stage (agenther/stages/__init__.py): the logs into the trajectories and quarantine tables,
     `io.batch_rows` records at a time (`files`: only these files of the input, as agenther/rounds.py
     reads the new ones). A row the table writer refuses is quarantined with the writer's reason; the
     others of its batch go on. Returns the stage's stats."""
-    p = params["ingest"]
+    p = params.ingest
     report = IngestReport()
-    logs = read_logs(p["input"], fmt=p["format"], mapping=MessagesMapping.from_params(p["messages"] or {}),
-                     limit=p["limit"], max_trajectory_mb=p["max_trajectory_mb"], report=report, files=files,
-                     text_actions=p["text_actions"], grammars=p["grammars"])
-    size = params["io"]["batch_rows"]
+    logs = read_logs(p.input, fmt=p.format, mapping=MessagesMapping.from_params(p.messages or {}),
+                     limit=p.limit, max_trajectory_mb=p.max_trajectory_mb, report=report, files=files,
+                     text_actions=p.text_actions, grammars={name: g.model_dump() for name, g in p.grammars.items()})
+    size = params.io.batch_rows
     pending: dict[str, list[dict]] = {"trajectories": [], "quarantine": []}
     with (TableWriter(Path(work) / TABLES["trajectories"], schema.TRAJECTORY) as good,
           TableWriter(Path(work) / TABLES["quarantine"], schema.QUARANTINE) as bad):
