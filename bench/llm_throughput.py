@@ -102,7 +102,7 @@ def llm_server(latency: float, in_process: bool, answer=brain):
 
 
 def params_for(api_base: str, cache: Path, concurrency: int, context_tokens: int | None = None,
-               processes: int = 0) -> dict:
+               processes: int = 0) -> Params:
     llm = {"model": "openai/local", "api_base": api_base, "cache_dir": str(cache), "concurrency": concurrency,
            "processes": processes}
     if context_tokens:
