@@ -10,9 +10,13 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agenther import stopping
 from agenther.devtools import s3_cli
+
+if TYPE_CHECKING:  # imported when a command runs: `agenther --help` stays instant
+    from agenther.params import Params
 
 
 def _run_args(parser: argparse.ArgumentParser, limit: str) -> None:
@@ -80,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     actions = review.add_subparsers(dest="action", required=True)
     sample = actions.add_parser("sample", help="write RUN_DIR/review/review.html (+ items.json, Label Studio import)")
     sample.add_argument("run_dir", help="a run's folder (agenther run --out), with 04_verified.parquet")
-    sample.add_argument("--size", type=int, help="items (default: params review.size, 40)")
-    sample.add_argument("--seed", type=int, help="(default: params review.seed, 0)")
+    sample.add_argument("--size", type=int, help="items (default: params review.size)")
+    sample.add_argument("--seed", type=int, help="(default: params review.seed)")
     sample.add_argument("--params", help="params.yaml (default: built-in defaults)")
     score = actions.add_parser("score", help="precision of accepted relabels and judge agreement from label files")
     score.add_argument("run_dir")
@@ -189,7 +193,7 @@ def _main(args: argparse.Namespace) -> int:
     return 0 if summary["reconciliation"]["ok"] else 1
 
 
-def _stage(args: argparse.Namespace, params: dict) -> int:
+def _stage(args: argparse.Namespace, params: Params) -> int:
     from agenther.llm import LLMs
     from agenther.runner import run_stage
 
@@ -207,7 +211,7 @@ def _stage(args: argparse.Namespace, params: dict) -> int:
     return 0
 
 
-def _round(args: argparse.Namespace, params: dict) -> int:
+def _round(args: argparse.Namespace, params: Params) -> int:
     from agenther.llm import LLMs
     from agenther.pipeline import fuse_relabel_verify
     from agenther.rounds import push_targets, run_round
@@ -244,7 +248,7 @@ def _replay(args: argparse.Namespace) -> int:
 
     try:
         params = load_params(args.params, {"ingest": {"input": args.log} | ({"format": args.format} if args.format else {})})
-        rows = (r for r in read_logs(args.log, params["ingest"]["format"]) if not isinstance(r, Quarantined))
+        rows = (r for r in read_logs(args.log, params.ingest.format) if not isinstance(r, Quarantined))
         report = replay_records(rows, params)
     except (EnvError, IngestError, ParamsError) as exc:
         print(f"agenther replay: error: {exc}", file=sys.stderr)
@@ -259,9 +263,9 @@ def _review(args: argparse.Namespace) -> int:
             from agenther.params import load_params
             from agenther.review.sample import write_review
 
-            review = load_params(args.params)["review"]
-            size = args.size if args.size is not None else review["size"]
-            out = write_review(Path(args.run_dir), size, args.seed if args.seed is not None else review["seed"])
+            review = load_params(args.params).review
+            size = args.size if args.size is not None else review.size
+            out = write_review(Path(args.run_dir), size, args.seed if args.seed is not None else review.seed)
             print(f"agenther review: open {out / 'review.html'} in a browser; label; download; then "
                   f"agenther review score {args.run_dir} LABELS.json")
         else:

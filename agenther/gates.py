@@ -40,7 +40,7 @@ import polars as pl
 
 from agenther import schema
 from agenther.adapters.registry import format_names, with_failure_signals
-from agenther.params import DEFAULTS, check_section
+from agenther.params import Gates, Params
 
 CONTRACTS: dict[str, dict[str, pl.DataType]] = {
     "trajectories": schema.TRAJECTORY,
@@ -91,13 +91,7 @@ class _Suite:
         batch_list.append(expectation)
 
 
-def gate_params(params: dict | None) -> dict:
-    """The gates section, with defaults for missing keys, checked (agenther.params: bad bounds
-    are a configuration error, a ParamsError, not a data error)."""
-    return check_section("gates", (params or {}).get("gates"))
-
-
-def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
+def _suite(df: pl.DataFrame, table: str, params: Params, ok: set[str]) -> _Suite:
     """The expectations for `table`: the contract and ids; the values of the columns the stage
     that wrote it produced; the few carried columns later stages compute with (severity,
     failure_type, relabel_confidence); distributions when the table is big enough.
@@ -106,9 +100,9 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
     ~5 ms (row conditions and column pairs ~20-35 ms), so the suites avoid repeating checks
     on columns that later stages only pass through."""
     gxe = _gx().expectations
-    g = gate_params(params)
+    g = params.gates
     stage = list(CONTRACTS).index(table)  # 0 trajectories .. 4 verified
-    min_rows = g["min_rows_for_distribution"]
+    min_rows = g.min_rows_for_distribution
     s = _Suite()
 
     def has(*cols: str) -> bool:
@@ -140,7 +134,7 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
         return s
 
     # Carried from classify to every later table: package weights samples by severity.
-    sev_low, sev_high = g["severity"]
+    sev_low, sev_high = g.severity
     between("severity", sev_low, sev_high, "0 = near miss .. 1 = nothing done; gates.severity")
     in_set("failure_type", [*schema.FAILURE_TYPES, schema.NOT_A_FAILURE])
     if table == "classified":
@@ -148,19 +142,19 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
         in_set("classify_mode", list(schema.CLASSIFY_MODES))
         if has("is_failure", "failure_type"):
             failures = df.filter(pl.col("is_failure") & pl.col("failure_type").is_not_null())
-            if one_signal(failures) and failures.height >= min_rows and g["max_failure_type_share"] < 1.0:
+            if one_signal(failures) and failures.height >= min_rows and g.max_failure_type_share < 1.0:
                 # The rule classifier of a log whose only failure signal is a success flag (or a
                 # reward) puts nearly every failure in one type by construction, whatever else the
                 # log holds: the bound says nothing about the classifier there.
-                s.adapted.append(f"gates.max_failure_type_share ({g['max_failure_type_share']}) not applied: the "
+                s.adapted.append(f"gates.max_failure_type_share ({g.max_failure_type_share}) not applied: the "
                                  f"{failures.height} failures were classified by rule from logs whose only failure "
                                  "signal is a success flag or a reward (no ground truth, no finish type), so one type "
                                  "is most of them by construction")
-            elif failures.height >= min_rows and g["max_failure_type_share"] < 1.0:
+            elif failures.height >= min_rows and g.max_failure_type_share < 1.0:
                 # GX has no "share of each value" expectation (row conditions on the main batch
                 # cost ~20 ms each): the shares are a small sub-table, GX checks its values.
                 s.add("failure_type_shares", gxe.ExpectColumnValuesToBeBetween(
-                    column="share", min_value=0.0, max_value=g["max_failure_type_share"]),
+                    column="share", min_value=0.0, max_value=g.max_failure_type_share),
                     "share of one failure type among failures; one class for (nearly) every failure means a "
                     "collapsed classifier; gates.max_failure_type_share", distribution=True)
         return s
@@ -180,26 +174,26 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
         return s
 
     # relabeled and verified: the confidence a sample passed the confidence gate with
-    c_low, c_high = g["relabel_confidence"]
+    c_low, c_high = g.relabel_confidence
     between("relabel_confidence", c_low, c_high, "a confidence is a probability; gates.relabel_confidence")
     if table == "relabeled":
-        r = params["relabel"]
+        r = params.relabel
         not_null("hindsight_prompt", "relabel_confidence", "relabel_attempts", "relabel_model")
-        between("relabel_confidence", r["confidence_threshold"], None,
+        between("relabel_confidence", r.confidence_threshold, None,
                 "only relabels at or above relabel.confidence_threshold pass the confidence gate")
-        between("relabel_attempts", 0, r["max_attempts"],
+        between("relabel_attempts", 0, r.max_attempts,
                 "0 (a conversation that already asked for its goal: no LLM call) .. relabel.max_attempts")
         # The relabeler's confidence distribution: over the rows an LLM wrote (rule-kept ones say 1.0).
         written = {"row_condition": _gx().expectations.row_conditions.Column("relabel_attempts") > 0}
         if has("relabel_attempts") and df.filter(pl.col("relabel_attempts") > 0).height >= min_rows:
-            low, high = g["relabel_confidence_mean"]
+            low, high = g.relabel_confidence_mean
             s.add("main", gxe.ExpectColumnMeanToBeBetween(column="relabel_confidence", min_value=low, max_value=high,
                                                           **written),
                   "mean confidence near 0 or 1 means a collapsed relabeler (all 0 / all 1); "
                   "gates.relabel_confidence_mean", distribution=True)
-            if g["relabel_confidence_min_stdev"] > 0:
+            if g.relabel_confidence_min_stdev > 0:
                 s.add("main", gxe.ExpectColumnStdevToBeBetween(
-                    column="relabel_confidence", min_value=g["relabel_confidence_min_stdev"], **written),
+                    column="relabel_confidence", min_value=g.relabel_confidence_min_stdev, **written),
                     "one confidence for every relabel; gates.relabel_confidence_min_stdev", distribution=True)
         return s
 
@@ -207,13 +201,13 @@ def _suite(df: pl.DataFrame, table: str, params: dict, ok: set[str]) -> _Suite:
     not_null("verified", "judgements")
     between("judgements", 1, None, "every row was judged at least once (a list column: checked as its length)")
     if df.height >= min_rows and has("verified"):
-        low, high = g["acceptance_rate"]
+        low, high = g.acceptance_rate
         s.add("main", gxe.ExpectColumnMeanToBeBetween(column="verified", min_value=low, max_value=high),
               "share of relabels the judges accepted; (nearly) 100% means the judges rubber-stamp; "
               "gates.acceptance_rate", distribution=True)
     if has("judgements"):
-        j_low, j_high = g["judge_confidence"]
-        s.add("judgements", gxe.ExpectColumnValuesToBeInSet(column="judge", value_set=list(params["verify"]["judges"])),
+        j_low, j_high = g.judge_confidence
+        s.add("judgements", gxe.ExpectColumnValuesToBeInSet(column="judge", value_set=list(params.verify.judges)),
               "judges named in verify.judges")
         s.add("judgements", gxe.ExpectColumnValuesToNotBeNull(column="accept"))
         s.add("judgements", gxe.ExpectColumnValuesToNotBeNull(column="confidence"))
@@ -231,9 +225,9 @@ def one_signal(failures: pl.DataFrame) -> bool:
                 and not failures["source_format"].is_in(list(with_failure_signals())).any())
 
 
-def _warning_only(entry: dict, g: dict) -> bool:
+def _warning_only(entry: dict, g: Gates) -> bool:
     """A failed distribution check under gates.distributions: warn does not stop the run."""
-    return bool(entry.get("distribution")) and g["distributions"] == "warn"
+    return bool(entry.get("distribution")) and g.distributions == "warn"
 
 
 # --- running it ---------------------------------------------------------------------------
@@ -368,7 +362,7 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else str(value)
 
 
-def check(df: pl.DataFrame | pl.LazyFrame, table: str, params: dict, results_dir: Path | None,
+def check(df: pl.DataFrame | pl.LazyFrame, table: str, params: Params, results_dir: Path | None,
           source: str | None = None) -> dict:
     """Validate `df` as `table`; write `results_dir/<table>.json`; raise GateFailed on failure (not for
     a distribution check under gates.distributions: warn: it goes to the result's `warnings`).
@@ -376,8 +370,7 @@ def check(df: pl.DataFrame | pl.LazyFrame, table: str, params: dict, results_dir
     Returns the result: {table, success, rows, expectations: [{batch, type, kwargs, success, observed, why}]}."""
     if table not in CONTRACTS:
         raise ValueError(f"no gate for table {table!r}; gated tables: {', '.join(CONTRACTS)}")
-    params = DEFAULTS | (params or {})  # a partial params dict gets the default sections
-    g = gate_params(params)
+    g = params.gates
     lf = df.lazy()
     columns = lf.collect_schema()
     with _LOCK:
@@ -400,7 +393,7 @@ def check(df: pl.DataFrame | pl.LazyFrame, table: str, params: dict, results_dir
         "success": all(e["success"] or e.get("warning_only") for e in entries),
         "warnings": [f"gate {table!r}: {describe(e)}" for e in entries if e.get("warning_only")],
         "rows": scalars.height,
-        "distribution_checks": scalars.height >= g["min_rows_for_distribution"],
+        "distribution_checks": scalars.height >= g.min_rows_for_distribution,
         "statistics": {"evaluated": len(entries), "failed": sum(not e["success"] for e in entries)},
         "note": "list columns are validated as their lengths; batches '<table>.achievements' and "
                 "'<table>.judgements' are the exploded list elements, '<table>.failure_type_shares' the share "

@@ -11,7 +11,6 @@ distribution); a broken schema still stops it.
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 from collections import Counter
@@ -20,24 +19,24 @@ from pathlib import Path
 import polars as pl
 
 from agenther.gates import gate_notes
+from agenther.params import Params
 from agenther.workdir import TABLES
 
 SHOWN_STEPS = 12
 
 
-def inspect_logs(params: dict) -> dict:
+def inspect_logs(params: Params) -> dict:
     """The dry run's findings (also what `agenther inspect` prints)."""
     from agenther.evidence.render import render
     from agenther.llm import LLMs
     from agenther.runner import run_stages
     from agenther.stages.ingest import detect_format
 
-    rule = copy.deepcopy(params)
+    rule = params.model_copy(deep=True)
     notes = [f"{stage}.mode is llm: inspect used rule mode, a run would ask the LLM"
-             for stage in ("classify", "extract") if params[stage]["mode"] == "llm"]
-    for stage in ("classify", "extract"):
-        rule[stage]["mode"] = "rule"
-    rule["gates"]["distributions"] = "warn"
+             for stage in ("classify", "extract") if getattr(params, stage).mode == "llm"]
+    rule.classify.mode = rule.extract.mode = "rule"
+    rule.gates.distributions = "warn"
     with tempfile.TemporaryDirectory(prefix="agenther-inspect-") as tmp, LLMs.from_params(rule) as llms:
         work = Path(tmp)
         stats = run_stages(("ingest", "classify", "extract"), rule, work, work, llms)
@@ -54,9 +53,9 @@ def inspect_logs(params: dict) -> dict:
     example = shown.row(0, named=True) if shown.height else None
     ingest = stats["ingest"]
     return {
-        "input": str(params["ingest"]["input"]),
-        "format": params["ingest"]["format"] if params["ingest"]["format"] != "auto"
-        else detect_format(params["ingest"]["input"]),
+        "input": str(params.ingest.input),
+        "format": params.ingest.format if params.ingest.format != "auto"
+        else detect_format(params.ingest.input),
         "detected": ingest.get("detected", {}),
         "partial_paths": ingest.get("partial_paths", {}),
         "records_in": ingest["records_in"],

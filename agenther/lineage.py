@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from agenther import prompts
-from agenther.params import params_hash
+from agenther.params import Params, params_hash
 
 MANIFEST = "manifest.json"
 PUBLISHED = "published"
@@ -30,11 +30,10 @@ def round_name(number: int) -> str:
     return f"round-{number:04d}"
 
 
-def lineage_of(params: dict) -> dict:
+def lineage_of(params: Params) -> dict:
     """What produced the data: the params hash without the input's path and limit, and the prompts'
     hashes. Its `id` names the lineage's folder."""
-    neutral = {**params, "ingest": {k: v for k, v in params["ingest"].items() if k not in ("input", "limit")}}
-    hashed = params_hash(neutral)
+    hashed = params_hash(params, leave_out={"ingest": ("input", "limit")})
     prompt_hashes = prompts.all_hashes()
     prompts_digest = hashlib.sha256(json.dumps(prompt_hashes, sort_keys=True).encode()).hexdigest()[:8]
     return {"id": f"{hashed}-{prompts_digest}", "params_hash": hashed, "prompt_hashes": prompt_hashes}

@@ -3,8 +3,9 @@
 Each section of params.yaml is a pydantic model (below): its fields are the section's keys
 with their defaults and constraints, and no other key is allowed (`extra="forbid"`).
 `load_params` merges defaults, the YAML file and explicit overrides, validates the result
-and returns it as a plain dict (stages, Prefect task parameters and cache keys use dicts),
-typed: an int stays an int and a float a float, as written, so the lineage hash of a file
+and returns it as a `Params` model, which stages read by attribute (`params.relabel.mode`);
+what must be plain data (hashes, cache keys, JSON) is its `model_dump(mode="json")`. Values
+are typed: an int stays an int and a float a float, as written, so the lineage hash of a file
 depends on its values only. A bad key or value is a ParamsError naming its dotted path
 (`llm.concurrency: ...`, `unknown parameter relabel.confidnce_threshold`) and the file it
 came from. Two sections are free-form mappings: `ingest.messages` (checked by
@@ -123,7 +124,9 @@ class Ingest(_Section):
     input: str = "data/raw/tau-bench/gpt-4o-airline.json"
     format: str = "auto"  # auto | a registered format (tau-bench, toolbench, messages; checked by ingest)
     limit: Count | None = None
-    max_trajectory_mb: Positive | None = 8.0  # bigger trajectories are quarantined
+    # bigger trajectories are quarantined: no model context holds one, and a 50 MB tool dump would
+    # otherwise flow into every export
+    max_trajectory_mb: Positive | None = 8.0
     # Free-form: where each field of a `messages` log lives (MessagesMapping.from_params checks it).
     messages: dict[str, Any] | None = Field(default_factory=dict)
     # How actions written as text are read: auto (detected per log) | none | a grammar's name
@@ -336,24 +339,17 @@ def _error(exc: ValidationError, sources: list[tuple[str, dict]]) -> ParamsError
     return ParamsError("; ".join(f"{source}: {'; '.join(problems)}" for source, problems in by_source.items()))
 
 
-def validate(params: dict, sources: list[tuple[str, dict]] | None = None) -> dict[str, Any]:
-    """Every section of `params` checked (missing keys are errors: merge with DEFAULTS first),
-    as a plain dict. `sources`: (name, the values it stated) in the order applied, for messages."""
+def validate(params: dict, sources: list[tuple[str, dict]] | None = None) -> Params:
+    """Every section of `params` checked (missing keys are errors: merge with DEFAULTS first).
+    `sources`: (name, the values it stated) in the order applied, for messages."""
     try:
-        return Params.model_validate(params).model_dump()
+        return Params.model_validate(params)
     except ValidationError as exc:
         raise _error(exc, sources or []) from None
 
 
-def check_section(name: str, values: dict | None) -> dict[str, Any]:
-    """One section from its defaults and `values` (a partial section), checked: for callers
-    handed a params dict that did not come from load_params (gates.gate_params)."""
-    stated = {name: values or {}}
-    return validate(_merge(DEFAULTS, stated), [("params", stated)])[name]
-
-
-def load_params(path: str | Path | None = None, overrides: dict | None = None) -> dict[str, Any]:
-    """Defaults, then the YAML file (if any), then explicit overrides, validated: a plain dict.
+def load_params(path: str | Path | None = None, overrides: dict | None = None) -> Params:
+    """Defaults, then the YAML file (if any), then explicit overrides, validated.
     Unknown keys and bad values are a ParamsError naming the key's dotted path and its source."""
     params = copy.deepcopy(DEFAULTS)
     sources: list[tuple[str, dict]] = []
@@ -393,12 +389,11 @@ RUNTIME_ONLY = {"llm": ("cache_dir", "concurrency", "processes", "timeout_s", "m
                             "dask_workers", "result_storage")}
 
 
-def params_hash(params: dict, sections: tuple[str, ...] | None = None) -> str:
-    """sha256 (12 hex) of the canonical JSON of the chosen sections (all when None),
-    without the RUNTIME_ONLY settings."""
-    chosen = copy.deepcopy(params if sections is None else {s: params[s] for s in sections})
-    chosen.pop("review", None)  # how people check a run, never what it produced
-    for section, keys in RUNTIME_ONLY.items():
-        for key in keys:
-            chosen.get(section, {}).pop(key, None)
+def params_hash(params: Params, leave_out: dict[str, tuple[str, ...]] | None = None) -> str:
+    """sha256 (12 hex) of the canonical JSON of `params` without review, the RUNTIME_ONLY settings
+    and `leave_out` (section -> keys)."""
+    excluded: dict[str, Any] = {"review": True}
+    for section, keys in (*RUNTIME_ONLY.items(), *(leave_out or {}).items()):
+        excluded[section] = {*excluded.get(section, ()), *keys}
+    chosen = params.model_dump(mode="json", exclude=excluded)
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]

@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from agenther.llm import LLMs
+from agenther.params import Params
 from agenther.workdir import STAGES, unchanged_stage
 
 
@@ -27,7 +28,7 @@ def fuse_relabel_verify(llms: LLMs) -> bool:
     return not llms.budget.limited
 
 
-def run(params: dict, out_dir: str | Path, llms: LLMs | None = None) -> dict:
+def run(params: Params, out_dir: str | Path, llms: LLMs | None = None) -> dict:
     """Run every stage with out_dir as both the work folder and the output folder.
     Returns the run summary (also written to out_dir/summary.json)."""
     out = Path(out_dir)
@@ -40,7 +41,7 @@ def run(params: dict, out_dir: str | Path, llms: LLMs | None = None) -> dict:
     return result  # every stage was up to date: package's summary
 
 
-def _run_stages(names: tuple[str, ...], params: dict, out: Path, llms: LLMs) -> dict:
+def _run_stages(names: tuple[str, ...], params: Params, out: Path, llms: LLMs) -> dict:
     from agenther.runner import run_stages
 
     return run_stages(names, params, out, out, llms, fuse=fuse_relabel_verify(llms))["package"]

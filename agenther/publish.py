@@ -13,6 +13,7 @@ import polars as pl
 
 from agenther.lineage import PUBLISHED, round_name
 from agenther.llm import LLMs, Usage
+from agenther.params import Params
 from agenther.stages import PIPELINE
 from agenther.stages.package import package_run
 from agenther.workdir import STATS, TABLES, read_stats, write_stats
@@ -22,7 +23,7 @@ from agenther.workdir import STATS, TABLES, read_stats, write_stats
 UNION_TABLES = (*(t for s in PIPELINE if s.reads for t in s.writes), "quarantine")
 
 
-def publish(params: dict, folder: Path, rounds: list[dict], llms: LLMs) -> dict:
+def publish(params: Params, folder: Path, rounds: list[dict], llms: LLMs) -> dict:
     """The union of `rounds` packaged into <folder>/published (a run folder: tables and exports),
     each sample's metadata with its round. Returns its summary."""
     out = folder / PUBLISHED

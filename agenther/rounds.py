@@ -42,6 +42,7 @@ from agenther import schema
 from agenther.adapters import LogFile, log_input
 from agenther.lineage import MANIFEST, PUBLISHED, lineage_of, locked, read_manifest, round_name
 from agenther.llm import LLMs
+from agenther.params import Params
 from agenther.publish import publish
 from agenther.runner import LOCAL, LocalExecutor, run_stages
 from agenther.stages import PIPELINE
@@ -86,10 +87,10 @@ class RoundResult:
         return self.round is None or bool(self.entry.get("reconciled"))
 
 
-def run_round(params: dict, root: str | Path, llms: LLMs, executor: LocalExecutor = LOCAL,
+def run_round(params: Params, root: str | Path, llms: LLMs, executor: LocalExecutor = LOCAL,
               fuse: bool = False) -> RoundResult:
-    """One round on `params["ingest"]["input"]` under `root` (see the module docstring)."""
-    source = params["ingest"]["input"]
+    """One round on `params.ingest.input` under `root` (see the module docstring)."""
+    source = params.ingest.input
     if not log_input(source).exists:  # before any folder is made for it
         raise IngestError(f"input not found: {source}")
     lineage = lineage_of(params)
@@ -99,7 +100,7 @@ def run_round(params: dict, root: str | Path, llms: LLMs, executor: LocalExecuto
         return _round(params, folder, lineage, llms, executor, fuse)
 
 
-def _round(params: dict, folder: Path, lineage: dict, llms: LLMs, executor: LocalExecutor, fuse: bool) -> RoundResult:
+def _round(params: Params, folder: Path, lineage: dict, llms: LLMs, executor: LocalExecutor, fuse: bool) -> RoundResult:
     manifest = read_manifest(folder) or {
         "lineage": lineage["id"], "params_hash": lineage["params_hash"], "prompt_hashes": lineage["prompt_hashes"],
         "agenther_version": agenther.__version__, "created": _now(), "rounds": []}
@@ -108,7 +109,7 @@ def _round(params: dict, folder: Path, lineage: dict, llms: LLMs, executor: Loca
     work = folder / round_name(number)
     started, started_at = time.monotonic(), _now()
 
-    source = params["ingest"]["input"]
+    source = params.ingest.input
     known = {path: digest for r in rounds for path, digest in r["files"].items()}
     digests = {f: log_file_version(f) for f in log_input(source).files}
     if not digests:
@@ -125,7 +126,7 @@ def _round(params: dict, folder: Path, lineage: dict, llms: LLMs, executor: Loca
     seen = _seen(folder, rounds)
     seen_quarantine = {_quarantine_key(r) for r in rounds_rows(folder, rounds, "quarantine")}
     new, skipped = 0, 0
-    batch = params["io"]["batch_rows"]
+    batch = params.io.batch_rows
     with (TableWriter(work / TABLES["trajectories"], schema.TRAJECTORY) as kept,
           TableWriter(work / SEEN, SEEN_SCHEMA) as keys):
         for frame in iter_batches(scratch / TABLES["trajectories"], batch):
@@ -148,7 +149,7 @@ def _round(params: dict, folder: Path, lineage: dict, llms: LLMs, executor: Loca
                            f"no new trajectories in {len(todo)} new or changed files of {source} "
                            f"({skipped} already processed, {skipped_q} already quarantined): no new round")
 
-    limited = params["ingest"]["limit"] is not None  # a limited read may stop inside a file: not all of it read
+    limited = params.ingest.limit is not None  # a limited read may stop inside a file: not all of it read
     # The stages' view of ingest: what reached them (so their summary reconciles as every run's does);
     # the records skipped as seen are counted beside it.
     write_stats(work, "ingest", {

@@ -34,6 +34,7 @@ import polars as pl
 
 from agenther import schema
 from agenther.llm import LLMs, Usage
+from agenther.params import Params
 from agenther.progress import Progress
 from agenther.stages import FUSED, FUSED_STEP, STAGES, Stage, in_process, load, stage
 from agenther.tables import CONTRACTS, TableWriter, count_rows, gate_table, iter_batches
@@ -52,11 +53,11 @@ class BatchResult:
 
 
 # -- the step: one batch through one stage (or relabel + verify fused) --------------------------------
-def uses_llm(name: str, params: dict) -> bool:
+def uses_llm(name: str, params: Params) -> bool:
     return stage(name).uses_llm(params)
 
 
-def step(stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs) -> dict[str, BatchResult]:
+def step(stages: tuple[str, ...], batch: pl.DataFrame, params: Params, llms: LLMs) -> dict[str, BatchResult]:
     """Run `stages` (one stage, or relabel and verify fused) on one batch: {stage: its result}.
     The calls go through a view of `llms` (same clients and cache, counters of its own), so each
     result carries exactly what its batch cost; no model is started for a stage without calls."""
@@ -67,7 +68,7 @@ def step(stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs)
 
     if stages == FUSED:
         main = view.main()
-        concurrency = params["llm"]["concurrency"]
+        concurrency = params.llm.concurrency
         # Two records per request slot when every call waits for the run's in-flight limit
         # (llm.concurrency requests open at most, whatever the number of threads).
         shared = main.inflight is not None and main.inflight is llms.inflight and concurrency > 1
@@ -92,13 +93,13 @@ def _count_in(stage: Stage, batch: pl.DataFrame) -> int:
 class LocalExecutor:
     """Every step in this process, `io.batch_rows` rows at a time."""
 
-    def batch_rows(self, params: dict) -> int:
-        return params["io"]["batch_rows"]
+    def batch_rows(self, params: Params) -> int:
+        return params.io.batch_rows
 
-    def step(self, stages: tuple[str, ...], batch: pl.DataFrame, params: dict, llms: LLMs) -> dict[str, BatchResult]:
+    def step(self, stages: tuple[str, ...], batch: pl.DataFrame, params: Params, llms: LLMs) -> dict[str, BatchResult]:
         return step(stages, batch, params, llms)
 
-    def map_steps(self, stages: tuple[str, ...], table: Path, params: dict,
+    def map_steps(self, stages: tuple[str, ...], table: Path, params: Params,
                   llms: LLMs) -> Iterator[tuple[int, dict[str, BatchResult]]]:
         """(rows, the step's results) for each batch of the (gated) input table, in its order; no step
         for an empty table (no model is started for it). Here one batch after another, read in this
@@ -112,10 +113,10 @@ class LocalExecutor:
         """fn(job) for each job, results in order (the shards of a whole-run stage): here one after another."""
         return in_process(fn, jobs)
 
-    def ingest(self, params: dict, work: Path) -> dict:
+    def ingest(self, params: Params, work: Path) -> dict:
         return stage("ingest").load()(params, work, spread=self.spread)
 
-    def package(self, params: dict, work: Path, out_dir: Path, llms: LLMs) -> dict:
+    def package(self, params: Params, work: Path, out_dir: Path, llms: LLMs) -> dict:
         return stage("package").load()(params, work, out_dir, llms, self.spread)
 
 
@@ -150,7 +151,7 @@ class _Outputs:
         return stats
 
 
-def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LLMs,
+def _run_table_stages(names: tuple[str, ...], params: Params, work: Path, llms: LLMs,
                       executor: LocalExecutor) -> dict[str, dict]:
     """One table stage, or relabel + verify fused: each batch of the first stage's input goes
     through the executor's step; the fused verify's input is relabel's kept rows."""
@@ -175,13 +176,13 @@ def _run_table_stages(names: tuple[str, ...], params: dict, work: Path, llms: LL
     return stats
 
 
-def run_stage(name: str, params: dict, work: Path, out_dir: Path, llms: LLMs,
+def run_stage(name: str, params: Params, work: Path, out_dir: Path, llms: LLMs,
               executor: LocalExecutor = LOCAL) -> dict:
     """Run one stage, unless it is up to date. Returns its stats (package: the run summary)."""
     return run_stages((name,), params, work, out_dir, llms, executor)[name]
 
 
-def run_stages(names: tuple[str, ...], params: dict, work: Path, out_dir: Path, llms: LLMs,
+def run_stages(names: tuple[str, ...], params: Params, work: Path, out_dir: Path, llms: LLMs,
                executor: LocalExecutor = LOCAL, fuse: bool = False) -> dict[str, dict]:
     """Run `names` in order, each unless up to date; with `fuse`, relabel and verify as one pass
     when both are to run. Returns {stage: its stats}."""

@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from agenther import gates, schema
+from agenther.params import IO, Params
 from agenther.workdir import TABLES
 
-DEFAULT_BATCH_ROWS = 500  # params io.batch_rows
+DEFAULT_BATCH_ROWS = IO().batch_rows  # params io.batch_rows's default
 # The work folder's tables (workdir.TABLES) and their contracts (the *_rejected ones: schema.REJECTION).
 CONTRACTS = {"trajectories": schema.TRAJECTORY, "quarantine": schema.QUARANTINE, "classified": schema.CLASSIFIED,
              "extracted": schema.EXTRACTED, "relabeled": schema.RELABELED, "verified": schema.VERIFIED}
@@ -108,11 +109,11 @@ def scan_columns(path: str | Path, columns: list[str]) -> pl.DataFrame:
     return pl.scan_parquet(path).select(columns).collect()
 
 
-def batch_rows(params: dict) -> int:
-    return params["io"]["batch_rows"]
+def batch_rows(params: Params) -> int:
+    return params.io.batch_rows
 
 
-def gate_table(work: Path, name: str, params: dict) -> Path:
+def gate_table(work: Path, name: str, params: Params) -> Path:
     """Check a table before the next stage reads it; returns its path. A gated table
     (gates.CONTRACTS) passes its Great Expectations gate on a lazy scan (only its scalar
     columns are collected, whatever its size): on failure GateFailed stops the run here,
@@ -123,7 +124,7 @@ def gate_table(work: Path, name: str, params: dict) -> Path:
     scan = pl.scan_parquet(path)
     if name in gates.CONTRACTS:
         results = Path(work) / "gates"
-        if gates.gate_params(params)["enabled"]:
+        if params.gates.enabled:
             # Before validate_columns: the gate checks the contract too, and this way a missing
             # column is reported (and recorded) by the gate like every other broken expectation.
             for warning in gates.check(scan, name, params, results, source=str(path))["warnings"]:
@@ -134,7 +135,7 @@ def gate_table(work: Path, name: str, params: dict) -> Path:
     return path
 
 
-def read_table(work: Path, name: str, params: dict) -> pl.DataFrame:
+def read_table(work: Path, name: str, params: Params) -> pl.DataFrame:
     """The whole table, gated (`gate_table`): for the tables that stay small."""
     return pl.read_parquet(gate_table(work, name, params))
 

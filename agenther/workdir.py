@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agenther.llm import BUDGET_EXHAUSTED, Usage
+from agenther.params import Params
 from agenther.stages import NAMES, PIPELINE
 
 STAGES = NAMES  # the stages in pipeline order (their records: agenther/stages/__init__.py)
@@ -93,13 +94,13 @@ def code_digest() -> str:
     return _CODE_DIGEST[0]
 
 
-def logs_digest(params: dict) -> str:
+def logs_digest(params: Params) -> str:
     """sha256 of the log files ingest reads: their names under the input and their bytes; for
     S3 objects their ETags and sizes (reading every object back to digest it would cost a
     download per rerun, and a new upload gets a new ETag)."""
     from agenther.adapters import log_input
 
-    found = log_input(params["ingest"]["input"])
+    found = log_input(params.ingest.input)
     h = hashlib.sha256()
     for f in found.files:
         h.update(f"{found.name_of(f)}\0{log_file_version(f)}\0".encode())
@@ -126,10 +127,10 @@ def _outputs(stage: str, work: Path, out_dir: Path) -> dict[str, Path]:
     return {name: Path(work) / TABLES[name] for name in STAMPED[stage][1]}
 
 
-def _stamp(stage: str, params: dict, work: Path, out_dir: Path) -> dict:
+def _stamp(stage: str, params: Params, work: Path, out_dir: Path) -> dict:
     work = Path(work)
     stamp = {"stage": stage, "code": code_digest(),
-             "params": hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest(),
+             "params": hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest(),
              "inputs": {name: file_digest(work / TABLES[name]) for name in STAMPED[stage][0]}}
     if stage == "ingest":
         stamp["inputs"]["logs"] = logs_digest(params)
@@ -158,7 +159,7 @@ def _left_undone(stage: str, work: Path) -> bool:
                  == BUDGET_EXHAUSTED).any())
 
 
-def stamp_stage(stage: str, params: dict, work: Path, out_dir: Path | None = None) -> None:
+def stamp_stage(stage: str, params: Params, work: Path, out_dir: Path | None = None) -> None:
     """Record that the stage ran to the end on its current inputs (see STAMPED)."""
     work = Path(work)
     out_dir = Path(out_dir) if out_dir is not None else work
@@ -172,7 +173,7 @@ def stamp_stage(stage: str, params: dict, work: Path, out_dir: Path | None = Non
     write_text_atomic(path, json.dumps(entry, indent=2, sort_keys=True) + "\n")
 
 
-def unchanged_stage(stage: str, params: dict, work: Path, out_dir: Path | None = None) -> dict | None:
+def unchanged_stage(stage: str, params: Params, work: Path, out_dir: Path | None = None) -> dict | None:
     """What the stage returns when its stamp still matches (it is then skipped); None otherwise.
     A skipped stage's stats file says `"unchanged": true` and zero LLM usage, as nothing was
     asked; a skipped package returns the summary.json it wrote, with `"unchanged": true`."""

@@ -56,7 +56,7 @@ import polars as pl  # noqa: E402
 from llm_server import FakeLLMServer, Reply, picky_brain, slow  # noqa: E402
 
 from agenther.llm import LLMs  # noqa: E402
-from agenther.params import load_params  # noqa: E402
+from agenther.params import Params, load_params  # noqa: E402
 from agenther.runner import run_stage, run_stages  # noqa: E402
 from agenther.stages import relabel as relabel_module  # noqa: E402
 from agenther.stages import verify as verify_module  # noqa: E402
@@ -102,7 +102,7 @@ def llm_server(latency: float, in_process: bool, answer=brain):
 
 
 def params_for(api_base: str, cache: Path, concurrency: int, context_tokens: int | None = None,
-               processes: int = 0) -> dict:
+               processes: int = 0) -> Params:
     llm = {"model": "openai/local", "api_base": api_base, "cache_dir": str(cache), "concurrency": concurrency,
            "processes": processes}
     if context_tokens:
@@ -131,7 +131,7 @@ verify_module.relabel_verify = _timed_inner("relabel_verify", verify_module.rela
 MODES = ("staged", "fused", "warm", "warm-cache")
 
 
-def relabel_verify(params: dict, base: Path, work: Path, subset: int | None, mode: str) -> dict:
+def relabel_verify(params: Params, base: Path, work: Path, subset: int | None, mode: str) -> dict:
     """Relabel + verify on a copy of the extracted tables; returns time, counts and usage.
     staged: stage_relabel then stage_verify (a barrier between them, as `agenther stage` runs
     them); fused: run_stages(fuse=True) (what `agenther run` runs); warm: fused again on the same
@@ -161,7 +161,7 @@ def relabel_verify(params: dict, base: Path, work: Path, subset: int | None, mod
     ids = pl.read_parquet(work / TABLES["extracted"])["id"].to_list()
     judged = {i: sum(j["judge"] != "grounding" for j in js)
               for i, js in zip(verified["id"].to_list(), verified["judgements"].to_list(), strict=True)}
-    relabel_chain = [attempts.get(i, int(params["relabel"]["max_attempts"])) for i in ids]
+    relabel_chain = [attempts.get(i, params.relabel.max_attempts) for i in ids]
     verify_chain = [judged.get(i, 0) for i in ids]
     return {"seconds": seconds, "inner": sum(INNER.values()), "records": len(ids),
             "relabeled": stats["in"], "accepted": int(verified["verified"].sum()) if verified.height else 0,

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from agenther.evidence.goal import AchievedGoal, describe_action  # noqa: E402
 from agenther.llm.models import DEFAULT_MODEL, model_path  # noqa: E402
-from agenther.params import load_params  # noqa: E402
+from agenther.params import Params, load_params  # noqa: E402
 from agenther.pipeline import run  # noqa: E402
 from agenther.review.transcript import markdown, sample_turns  # noqa: E402
 
@@ -73,7 +73,7 @@ def main() -> None:
     print(f"\nwrote {out / 'quality.json'} and {out / 'review.md'} ({len(review)} accepted samples to review)")
 
 
-def measure(work: Path, summary: dict, wall: float, params: dict) -> dict:
+def measure(work: Path, summary: dict, wall: float, params: Params) -> dict:
     classified = pl.read_parquet(work / "01_classified.parquet", columns=["id", "is_failure"])
     rejected = pl.read_parquet(work / "rejected.parquet")
     candidates = pl.read_parquet(work / "02_extracted.parquet", columns=["id"]).height
@@ -108,7 +108,7 @@ def measure(work: Path, summary: dict, wall: float, params: dict) -> dict:
     }
 
 
-def before_tokens(work: Path, params: dict) -> float | None:
+def before_tokens(work: Path, params: Params) -> float | None:
     """Median prompt tokens of the relabel call as built before (commit bce834a) for these candidates."""
     try:
         template = subprocess.run(["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:agenther/prompts/relabel.txt"],
@@ -120,13 +120,13 @@ def before_tokens(work: Path, params: dict) -> float | None:
 
     from agenther.evidence.render import estimate_tokens, render
 
-    vocab = Llama(model_path=str(model_path(params["llm"]["local_model"])), vocab_only=True, verbose=False)
+    vocab = Llama(model_path=str(model_path(params.llm.local_model)), vocab_only=True, verbose=False)
     counts = []
     for row in pl.read_parquet(work / "02_extracted.parquet").to_dicts():
         evidence = {s for a in row["achievements"] for s in a["steps"]}
         ranked = sorted(row["achievements"], key=lambda a: a["kind"] != "action")[:12]
         achievements = "\n".join(f"- {a['text']} (steps {', '.join(map(str, a['steps']))})" for a in ranked)
-        budget = max(512, int(params["llm"]["context_tokens"]) - int(params["llm"]["max_tokens"]) - 600)
+        budget = max(512, params.llm.context_tokens - params.llm.max_tokens - 600)
         transcript = render(row["messages"], keep=evidence, budget_tokens=max(256, budget - estimate_tokens(achievements)))
         text = Template(template).substitute(achievements=achievements, transcript=transcript)
         counts.append(len(vocab.tokenize(text.encode(), add_bos=False)))

@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from agenther.llm import LLMs
-from agenther.params import load_params, params_hash
+from agenther.params import Params, load_params, params_hash
 from agenther.rounds import push_targets, run_round
 from agenther.runner import run_stage
 from agenther.stages import PIPELINE
@@ -49,7 +49,7 @@ def overrides(**knobs: Any) -> dict:
     return out
 
 
-def push_prefix(push_url: str, params: dict) -> str:
+def push_prefix(push_url: str, params: Params) -> str:
     """Where a run's outputs go: <push_url>/<params hash>/<flow run id>, so runs never overwrite
     each other and every dataset names the parameters that made it."""
     return f"{push_url.rstrip('/')}/{params_hash(params)}/{flow_run.id or 'local'}"
@@ -112,7 +112,7 @@ def hindsight(
     return summary
 
 
-def _round(params: dict, root: Path, push_url: str | None) -> dict:
+def _round(params: Params, root: Path, push_url: str | None) -> dict:
     """One round (agenther.rounds.run_round) with the stages' batches as Prefect tasks; each
     round's outputs pushed by the push task."""
     with LLMs.from_params(params) as llms, stages.executor(params, str(flow_run.id or "local")) as executor:

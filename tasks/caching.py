@@ -24,12 +24,11 @@ import importlib.util
 import json
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 from agenther import prompts
 from agenther.adapters import log_input
 from agenther.envs import GROUP
-from agenther.params import RUNTIME_ONLY
+from agenther.params import RUNTIME_ONLY, Params
 from agenther.stages import STAGES
 
 KEY_VERSION = "agenther-prefect-cache-v2"  # bump to invalidate every entry at once (v2: BatchResult.n_in)
@@ -62,14 +61,10 @@ def files_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def params_digest(params: dict, sections: tuple[str, ...]) -> str:
-    chosen: dict[str, Any] = {}
-    for section in sections:
-        values = dict(params[section])
-        for key in NOT_IN_KEY.get(section, ()):
-            values.pop(key, None)
-        chosen[section] = values
-    return sha256(json.dumps(chosen, sort_keys=True, default=str))
+def params_digest(params: Params, sections: tuple[str, ...]) -> str:
+    chosen = {section: getattr(params, section).model_dump(mode="json", exclude=set(NOT_IN_KEY.get(section, ())))
+              for section in sections}
+    return sha256(json.dumps(chosen, sort_keys=True))
 
 
 def module_file(name: str) -> Path | None:
@@ -133,7 +128,7 @@ def wrappers_version() -> str:
     return sha256(*(module_file(name).read_text(encoding="utf-8") for name in WRAPPERS))
 
 
-def stage_key(stage: str, params: dict, content_digest: str) -> str:
+def stage_key(stage: str, params: Params, content_digest: str) -> str:
     """The cache key of one run of `stage` over input content `content_digest`."""
     record = STAGES[stage]  # the params sections its output depends on, the module that computes it
     code = sha256(code_version(record.module), wrappers_version())

@@ -27,7 +27,6 @@ worker needs to make the run's LLM calls under the run's limits.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +40,8 @@ from prefect_dask import DaskTaskRunner
 from agenther.llm import LLMs, RateLimiter
 from agenther.llm.limits import Budget
 from agenther.llm.providers import Endpoint, Limits
+from agenther.params import LLM as LLMParams
+from agenther.params import Params
 
 TASK_RUNNERS = ("local", "dask")
 
@@ -54,11 +55,11 @@ def task_runner(address: str | None, workers: int) -> DaskTaskRunner:
                                           "dashboard_address": ":0"})
 
 
-def check_llm_params(llm_params: dict) -> None:
+def check_llm_params(llm_params: LLMParams) -> None:
     """What cannot run on Dask, said before the run starts."""
-    if llm_params["processes"] > 0:
+    if llm_params.processes > 0:
         raise ValueError(
-            f"llm.processes={llm_params['processes']} does not apply on Dask: the Dask workers are the processes "
+            f"llm.processes={llm_params.processes} does not apply on Dask: the Dask workers are the processes "
             "that spread the calls (their batches run side by side); set llm.processes: 0 and add workers "
             "(--dask-workers, or more workers on the cluster) instead")
 
@@ -104,13 +105,13 @@ class ClusterLimits(Limits):
     """The run's budget, in-flight limit and rate limiters, shared by every worker of the cluster
     (named after the flow run, so two runs on one cluster do not share them)."""
 
-    def __init__(self, llm_params: dict, run: str):
+    def __init__(self, llm_params: LLMParams, run: str):
         self.run = run
-        budgeted = llm_params.get("budget_usd") is not None or llm_params.get("budget_tokens") is not None
+        budgeted = llm_params.budget_usd is not None or llm_params.budget_tokens is not None
         # An unlimited budget stays in the process: its counters are never read, so no round trips for them
-        super().__init__(llm_params, Budget(llm_params.get("budget_usd"), llm_params.get("budget_tokens"),
+        super().__init__(llm_params, Budget(llm_params.budget_usd, llm_params.budget_tokens,
                                             state=ClusterState(f"agenther-{run}-budget")) if budgeted else None)
-        self.inflight = distributed.Semaphore(max_leases=llm_params["concurrency"], name=f"agenther-{run}-inflight")
+        self.inflight = distributed.Semaphore(max_leases=llm_params.concurrency, name=f"agenther-{run}-inflight")
 
     def new_limiter(self, model: str, api_base: str | None) -> RateLimiter:
         provider = hashlib.sha256(f"{model}\n{api_base}".encode()).hexdigest()[:12]
@@ -130,7 +131,7 @@ class WorkerLLMs:
     def of(cls, llms: LLMs, run: str, uses_llm: bool) -> WorkerLLMs:
         """The flow process's `llms`, described; with `uses_llm`, its model server started first."""
         main, judge = llms.endpoints() if uses_llm else (None, None)
-        return cls(json.dumps(llms.params, sort_keys=True), main, judge, run)
+        return cls(llms.params.model_dump_json(), main, judge, run)
 
     def llms(self) -> LLMs:
         """This worker process's LLMs for the run: made by its first batch of the run, then reused."""
@@ -138,9 +139,9 @@ class WorkerLLMs:
             made = _MADE.get(self)
             if made is None:
                 _MADE.clear()  # a new run (or stage's endpoints): the previous clients are done with
-                params = {"llm": json.loads(self.llm_params)}
-                check_llm_params(params["llm"])
-                limits = ClusterLimits(params["llm"], self.run)
+                params = Params(llm=LLMParams.model_validate_json(self.llm_params))
+                check_llm_params(params.llm)
+                limits = ClusterLimits(params.llm, self.run)
                 made = (LLMs.connect(params, self.main, self.judge, limits) if self.main is not None
                         else LLMs(params, limits=limits))
                 _MADE[self] = made

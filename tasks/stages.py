@@ -45,6 +45,7 @@ from prefect.tasks import exponential_backoff
 
 from agenther import runner
 from agenther.llm import LLMs, Usage
+from agenther.params import Params, Prefect
 from agenther.runner import BatchResult, LocalExecutor
 from agenther.stages import in_process, stage
 from agenther.tables import count_rows, read_rows
@@ -58,9 +59,10 @@ if TYPE_CHECKING:
     from tasks.dask import WorkerLLMs
 from tasks.retry import retry_if_transient
 
-# Defaults; PrefectExecutor applies params' `prefect:` section with `configured()`.
-RETRY = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0.5,
-         "retry_condition_fn": retry_if_transient}
+# The `prefect:` section's defaults; PrefectExecutor applies the run's params with `configured()`.
+DEFAULT = Prefect()
+RETRY = {"retries": DEFAULT.retries, "retry_delay_seconds": exponential_backoff(backoff_factor=DEFAULT.retry_backoff_s),
+         "retry_jitter_factor": DEFAULT.retry_jitter, "retry_condition_fn": retry_if_transient}
 CACHED = {"persist_result": True, "cache_expiration": timedelta(days=30)}
 
 
@@ -74,13 +76,13 @@ def _batch_key(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
 
 def _ingest_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     params = parameters["params"]
-    return stage_key("ingest", params, files_digest(params["ingest"]["input"]))
+    return stage_key("ingest", params, files_digest(params.ingest.input))
 
 
 # -- the tasks: one call into agenther each -----------------------------------------------------
 def _batch(name: str) -> Task:
     @task(name=f"{name}-batch", cache_key_fn=_batch_key(name), **CACHED, **RETRY)
-    def run_batch(table: str, table_digest: str, rows: tuple[int, int], params: dict,
+    def run_batch(table: str, table_digest: str, rows: tuple[int, int], params: Params,
                   llms: LLMs | WorkerLLMs) -> BatchResult:
         # On a Dask worker `llms` is a description (tasks/dask.py): this process's clients for the run
         batch = read_rows(table, *rows)
@@ -93,9 +95,9 @@ BATCH_TASKS = {stage: _batch(stage) for stage in runner.TABLE_STAGES}
 
 
 @task(name="ingest", task_run_name="ingest", cache_key_fn=_ingest_key, **CACHED, **RETRY)
-def ingest_task(params: dict, work: str, spread: Callable[[Callable[[Any], Any], list], Any]) -> dict:
+def ingest_task(params: Params, work: str, spread: Callable[[Callable[[Any], Any], list], Any]) -> dict:
     """Reads the logs into the work folder's tables (the ingest stage's function; its shards spread
-    as task runs, on the cluster when there is one); the result (kept by Prefect) is small: the
+    over the cluster's workers when there is one); the result (kept by Prefect) is small: the
     stats, where the tables were written and their digests."""
     stats = stage("ingest").load()(params, Path(work), spread=spread)
     return {"work": work, "stats": stats, "digests": _table_digests(Path(work))}
@@ -137,13 +139,13 @@ def push_task(local: str, url: str) -> list[str]:
     return push_dir(Path(local), url)
 
 
-def configured(t: Task, params: dict) -> Task:
+def configured(t: Task, params: Params) -> Task:
     """`t` with the retry settings and the result storage of params' `prefect:` section."""
-    p = params["prefect"]
-    storage = {"result_storage": result_storage(p["result_storage"], os.environ.get("AGENTHER_S3_ENDPOINT"))} \
-        if p["result_storage"] else {}
-    return t.with_options(retries=p["retries"], retry_delay_seconds=exponential_backoff(backoff_factor=p["retry_backoff_s"]),
-                          retry_jitter_factor=p["retry_jitter"], **storage)
+    p = params.prefect
+    storage = {"result_storage": result_storage(p.result_storage, os.environ.get("AGENTHER_S3_ENDPOINT"))} \
+        if p.result_storage else {}
+    return t.with_options(retries=p.retries, retry_delay_seconds=exponential_backoff(backoff_factor=p.retry_backoff_s),
+                          retry_jitter_factor=p.retry_jitter, **storage)
 
 
 @functools.cache  # one block document per storage (and S3 endpoint) and process, not one per batch
@@ -179,10 +181,10 @@ class PrefectExecutor(LocalExecutor):
     def __init__(self, task_runner: DaskTaskRunner | None = None, run: str = "local") -> None:
         self.task_runner, self.run = task_runner, run
 
-    def batch_rows(self, params: dict) -> int:
-        return params["prefect"]["batch_size"]
+    def batch_rows(self, params: Params) -> int:
+        return params.prefect.batch_size
 
-    def map_steps(self, stages: tuple[str, ...], table: Path, params: dict,
+    def map_steps(self, stages: tuple[str, ...], table: Path, params: Params,
                   llms: LLMs) -> Iterator[tuple[int, dict[str, BatchResult]]]:
         (stage,) = stages  # the flow does not fuse: each stage's batches are cached on their own
         size, total = self.batch_rows(params), count_rows(table)
@@ -238,7 +240,7 @@ class PrefectExecutor(LocalExecutor):
             for future in pending:
                 future.wrapped_future.cancel()
 
-    def ingest(self, params: dict, work: Path) -> dict:
+    def ingest(self, params: Params, work: Path) -> dict:
         t = configured(ingest_task, params)
         result = t(params, str(work), self.spread_in_task)
         if not _restore_ingest(result, Path(work)):  # a cache hit whose tables are gone: ingest again
@@ -259,12 +261,12 @@ def _settled(state: State) -> BatchResult:
 
 
 @contextmanager
-def executor(params: dict, run: str) -> Iterator[PrefectExecutor]:
+def executor(params: Params, run: str) -> Iterator[PrefectExecutor]:
     """The flow's executor for params' `prefect.task_runner`: "local" (batches in the flow's thread)
     or "dask" (on `prefect.dask_address`, or on a LocalCluster of `prefect.dask_workers` processes,
     closed when the block ends)."""
-    p = params["prefect"]
-    if p["task_runner"] == "local":
+    p = params.prefect
+    if p.task_runner == "local":
         yield PrefectExecutor()
         return
     from prefect.client.orchestration import get_client
@@ -272,15 +274,15 @@ def executor(params: dict, run: str) -> Iterator[PrefectExecutor]:
 
     from tasks import dask  # distributed and prefect-dask: imported only for a run on Dask
 
-    dask.check_llm_params(params["llm"])
+    dask.check_llm_params(params.llm)
     with get_client(sync_client=True) as client:
         api_url = str(client.api_url)
     # Task runs carry the flow's settings to the workers: with Prefect's temporary local API (no
     # PREFECT_API_URL) they would each start a temporary API of their own, so name the flow's.
     with (temporary_settings(updates={PREFECT_API_URL: api_url}),
-          dask.task_runner(p["dask_address"], p["dask_workers"]) as task_runner):
+          dask.task_runner(p.dask_address, p.dask_workers) as task_runner):
         yield PrefectExecutor(task_runner, run)
 
 
-def push(out: Path, url: str, params: dict) -> list[str]:
+def push(out: Path, url: str, params: Params) -> list[str]:
     return configured(push_task, params)(str(out), url)

@@ -100,16 +100,20 @@ def package(verified, classified, params: dict, lineage: dict, batch_rows: int =
             out: Path | None = None, measure_tokens: bool = False, spread=None) -> SimpleNamespace:
     """The package stage's exports as every run writes them (agenther.stages.packaging.export_samples,
     classified read from a Parquet file in batches), into `out` (default: a temporary folder): the
-    rows of each export file as written, and the stage's rejections, counts and digests."""
+    rows of each export file as written, and the stage's rejections, counts and digests. `params`:
+    the package section's values over its defaults (load_params checks them)."""
     import json
 
+    from agenther.params import load_params
     from agenther.stages.packaging import export_samples
+
+    section = load_params(None, {"package": params}).package
 
     with tempfile.TemporaryDirectory() as tmp:
         classified_path = Path(tmp) / "classified.parquet"
         classified.write_parquet(classified_path)
         folder = out or Path(tmp) / "out"
-        exported = export_samples(verified, classified_path, params, lineage, folder, batch_rows,
+        exported = export_samples(verified, classified_path, section, lineage, folder, batch_rows,
                                   measure_tokens=measure_tokens, **({"spread": spread} if spread else {}))
         # a file with no rows is not written: no rows
         rows = {name: [json.loads(line) for line in (folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -246,9 +246,10 @@ def _spend_until_refused(run: str, tokens_per_call: int) -> int:
     """On a worker: the run's budget (llm.budget_tokens=20, on the cluster), charged call by call
     until it refuses; how many calls this worker was let through."""
     from agenther.llm import BudgetExhausted
+    from agenther.params import LLM
     from tasks.dask import ClusterLimits
 
-    limits = ClusterLimits({"concurrency": 2, "budget_tokens": 20, "budget_usd": None}, run)
+    limits = ClusterLimits(LLM(concurrency=2, budget_tokens=20), run)
     allowed = 0
     while True:
         try:

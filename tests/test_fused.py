@@ -156,7 +156,7 @@ def test_a_rerun_skips_unchanged_llm_stages_and_only_those(tmp_path, llm_server,
 
     # A param change reruns both (the stamp covers the whole params).
     changed = _params(tmp_path, llm_server, "cache")
-    changed["relabel"] = changed["relabel"] | {"confidence_threshold": 0.85}
+    changed.relabel.confidence_threshold = 0.85
     with LLMs.from_params(changed) as llms:
         rerun = fused_stages(changed, work, llms)
         usage = llms.usage()

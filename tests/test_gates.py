@@ -13,6 +13,7 @@ from conftest import TAU, ingest, make_params, write_params
 from agenther import gates, schema
 from agenther.cli import main
 from agenther.llm import LLMs
+from agenther.params import Params, ParamsError, load_params
 from agenther.runner import run_stage
 from agenther.stages.classify import classify
 from agenther.stages.extract import extract
@@ -21,9 +22,7 @@ from agenther.workdir import TABLES
 
 
 @pytest.fixture(scope="module")
-def params() -> dict:
-    from agenther.params import load_params
-
+def params() -> Params:
     return load_params()
 
 
@@ -174,7 +173,7 @@ def _confidences(df: pl.DataFrame, value: float, n: int) -> pl.DataFrame:
 @pytest.mark.parametrize("value", [0.0, 1.0])
 def test_all_zero_or_all_one_confidence_fails(tables, params, value):
     # threshold 0: only the distribution check stands between a collapsed relabeler and the dataset
-    p = params | {"relabel": params["relabel"] | {"confidence_threshold": 0.0}}
+    p = load_params(None, {"relabel": {"confidence_threshold": 0.0}})
     error = _fails(_confidences(tables["relabeled"], value, 12), "relabeled", p)
     assert _failed_types(error) == {"relabeled:expect_column_mean_to_be_between:relabel_confidence"}
     assert f"observed {value!r}" in str(error) and "gates.relabel_confidence_mean" in str(error)
@@ -184,13 +183,13 @@ def test_constant_but_plausible_confidence_passes(tables, params):
     # the scripted test LLM (and greedy small models) answer 0.9 every time: not a collapse
     assert gates.check(_confidences(tables["relabeled"], 0.9, 12), "relabeled", params, None)["success"]
     # ...unless the user asks for spread
-    p = params | {"gates": params["gates"] | {"relabel_confidence_min_stdev": 0.01}}
+    p = load_params(None, {"gates": {"relabel_confidence_min_stdev": 0.01}})
     error = _fails(_confidences(tables["relabeled"], 0.9, 12), "relabeled", p)
     assert "expect_column_stdev_to_be_between" in str(error)
 
 
 def test_small_tables_skip_distribution_checks(tables, params):
-    p = params | {"relabel": params["relabel"] | {"confidence_threshold": 0.0}}
+    p = load_params(None, {"relabel": {"confidence_threshold": 0.0}})
     result = gates.check(_confidences(tables["relabeled"], 0.0, 9), "relabeled", p, None)
     assert result["success"] and not result["distribution_checks"]
 
@@ -213,15 +212,13 @@ def test_collapsed_failure_types_fail(tables, params):
     # the one line a stopped run prints says which param sets the bound
     assert "to change the bound: gates.max_failure_type_share in " \
         "params.yaml" in str(error).splitlines()[0]
-    relaxed = params | {"gates": params["gates"] | {"max_failure_type_share": 1.0}}
+    relaxed = load_params(None, {"gates": {"max_failure_type_share": 1.0}})
     assert gates.check(collapsed, "classified", relaxed, None)["success"]
 
 
-def test_bad_gate_params_are_a_params_error(tables, params):
-    from agenther.params import ParamsError
-
+def test_bad_gate_params_are_a_params_error():
     with pytest.raises(ParamsError, match="gates.acceptance_rate"):
-        gates.check(tables["verified"], "verified", params | {"gates": {"acceptance_rate": [0.5, 1.2]}}, None)
+        load_params(None, {"gates": {"acceptance_rate": [0.5, 1.2]}})
 
 
 # --- through the stage runner and the CLI: nothing downstream is written ---------------------
@@ -268,7 +265,8 @@ def test_stage_runner_stops_on_a_missing_column(work, tmp_path):
 def test_disabled_gates_let_the_stage_run(work, tmp_path):
     folder, p = work
     _corrupt_severity(folder)
-    off = p | {"gates": p["gates"] | {"enabled": False}}
+    off = p.model_copy(deep=True)
+    off.gates.enabled = False
     with LLMs.from_params(off) as llms:
         run_stage("extract", off, folder, tmp_path / "out", llms)
     assert (folder / TABLES["extracted"]).exists()

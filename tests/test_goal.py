@@ -346,7 +346,7 @@ def test_a_react_text_log_yields_a_rule_mode_candidate(tmp_path):
     params = make_params(tmp_path, ingest={"messages": mapping})
     trajectories = ingest(REACT, fmt="messages", mapping=mapping).trajectories
     kept = extract(classify(trajectories, params), params).kept
-    assert params["extract"]["mode"] == "rule" and kept.height >= 1
+    assert params.extract.mode == "rule" and kept.height >= 1
     actions = [a for r in kept.to_dicts() for a in r["achievements"] if a["kind"] == "action"]
     assert actions, "a parsed text action that succeeded is an achievement in rule mode"
 

@@ -272,7 +272,8 @@ def test_verify_budget_refusal_is_a_budget_rejection(tmp_path, llm_server):
     client = _client(llm_server, tmp_path)
     relabeled = relabel(extracted, params, client).kept
     # The records the deterministic judges pass (no call): only an LLM judge can decide these.
-    rules_only = params | {"verify": params["verify"] | {"judges": ["coverage", "grounding", "policy"]}}
+    rules_only = params.model_copy(deep=True)
+    rules_only.verify.judges = ["coverage", "grounding", "policy"]
     passed = verify(relabeled, rules_only, client).kept.filter(pl.col("verified"))["id"]
     undecided = relabeled.filter(pl.col("id").is_in(passed.to_list()))
     assert undecided.height >= 1

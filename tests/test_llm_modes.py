@@ -85,7 +85,7 @@ def test_llm_classify_out_of_budget_is_left_undone_not_misjudged(llm_server, tmp
     llm_server.brain = brain
     params = make_params(tmp_path, llm_server, classify={"mode": "llm"}, ingest={"input": str(TAU), "limit": 20},
                          llm={"budget_tokens": 1})  # the first call spends it; calls in flight finish
-    params["llm"]["concurrency"] = 1
+    params.llm.concurrency = 1
     summary = run(params, tmp_path / "out")
     classified = pl.read_parquet(tmp_path / "out" / "01_classified.parquet").filter(pl.col("is_failure"))
     modes = classified["classify_mode"].to_list()

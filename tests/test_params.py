@@ -13,7 +13,7 @@ from conftest import ROOT, TAU, write_params
 
 from agenther.adapters.messages import MessagesMapping
 from agenther.cli import main
-from agenther.params import DEFAULTS, JUDGE_NAMES, ParamsError, check_section, load_params, params_hash
+from agenther.params import JUDGE_NAMES, Params, ParamsError, load_params, params_hash
 
 SHIPPED = ROOT / "params.yaml"
 
@@ -47,35 +47,36 @@ def _error(tmp_path: Path, **sections: dict) -> str:
 def test_the_shipped_params_load_as_written():
     stated = yaml.safe_load(SHIPPED.read_text())
     loaded = load_params(SHIPPED)
-    _same(stated, loaded)
-    assert loaded.keys() == DEFAULTS.keys()
-    for section, values in loaded.items():  # what the file does not state is the default
-        assert values.keys() == DEFAULTS[section].keys(), section
+    _same(stated, loaded.model_dump())
+    dumped, defaults = loaded.model_dump(), Params().model_dump()
+    assert dumped.keys() == defaults.keys()
+    for section, values in dumped.items():  # what the file does not state is the default
+        assert values.keys() == defaults[section].keys(), section
     # An int where the default is a float stays an int (JSON 8, not 8.0: the hash is the file's).
-    assert type(stated["ingest"]["max_trajectory_mb"]) is int is type(loaded["ingest"]["max_trajectory_mb"])
-    assert isinstance(DEFAULTS["ingest"]["max_trajectory_mb"], float)
+    assert type(stated["ingest"]["max_trajectory_mb"]) is int is type(loaded.ingest.max_trajectory_mb)
+    assert isinstance(Params().ingest.max_trajectory_mb, float)
 
 
 def test_the_defaults_load_unchanged_and_loading_again_changes_nothing():
-    assert load_params(None) == DEFAULTS
-    _same(DEFAULTS, load_params(None))
+    assert load_params(None) == Params()
+    _same(Params().model_dump(), load_params(None).model_dump())
     assert load_params(SHIPPED, {}) == load_params(SHIPPED)
     # Validation adds nothing and converts nothing: loading a loaded dict gives it back.
     shipped = load_params(SHIPPED)
-    again = yaml.safe_dump(shipped)
+    again = yaml.safe_dump(shipped.model_dump())
     assert params_hash(load_params(None, yaml.safe_load(again))) == params_hash(shipped)
-    assert params_hash(load_params(None)) == params_hash(DEFAULTS)
+    assert params_hash(load_params(None)) == params_hash(Params())
 
 
 def test_temperatures_are_floats_as_the_llm_requests_send_them():
-    assert load_params(None, {"relabel": {"temperatures": [0, 0.5, 1]}})["relabel"]["temperatures"] == [0.0, 0.5, 1.0]
-    assert all(isinstance(t, float) for t in load_params(None, {"relabel": {"temperatures": [0, 1]}})["relabel"]["temperatures"])
+    assert load_params(None, {"relabel": {"temperatures": [0, 0.5, 1]}}).relabel.temperatures == [0.0, 0.5, 1.0]
+    assert all(isinstance(t, float) for t in load_params(None, {"relabel": {"temperatures": [0, 1]}}).relabel.temperatures)
 
 
 def test_the_verify_judges_are_the_stage_s_judges():
     from agenther.stages.verify import JUDGES
 
-    assert set(JUDGE_NAMES) == set(JUDGES) and DEFAULTS["verify"]["judges"] == list(JUDGE_NAMES)
+    assert set(JUDGE_NAMES) == set(JUDGES) and Params().verify.judges == list(JUDGE_NAMES)
 
 
 # --- unknown keys and wrong types: the dotted path and the file ------------------------------
@@ -171,7 +172,7 @@ def test_broken_files_are_params_errors(tmp_path):
         load_params(listed)
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing\nllm:\n")  # an empty section states nothing
-    assert load_params(empty) == DEFAULTS
+    assert load_params(empty) == Params()
 
 
 # --- the free-form sections ------------------------------------------------------------------
@@ -182,27 +183,16 @@ def test_the_open_sections_take_any_key(tmp_path):
     requests = {"issue_refund": ["refund", "refunded"], "any_tool_name": []}
     path = write_params(tmp_path / "open.yaml", ingest={"messages": messages}, tools={"requests": requests})
     loaded = load_params(path)
-    _same(messages, loaded["ingest"]["messages"])
-    assert loaded["tools"]["requests"] == requests
+    _same(messages, loaded.ingest.messages)
+    assert loaded.tools.requests == requests
     # Overrides merge into the file's mapping, nested mappings too (`--map roles.gpt=assistant`).
     merged = load_params(path, {"ingest": {"messages": {"role_key": "from", "roles": {"gpt": "assistant"}}}})
-    assert merged["ingest"]["messages"]["roles"] == messages["roles"] | {"gpt": "assistant"}
-    assert merged["ingest"]["messages"]["role_key"] == "from" and merged["ingest"]["messages"]["anything"]
-    assert load_params(None, {"ingest": {"messages": None}})["ingest"]["messages"] is None
+    assert merged.ingest.messages["roles"] == messages["roles"] | {"gpt": "assistant"}
+    assert merged.ingest.messages["role_key"] == "from" and merged.ingest.messages["anything"]
+    assert load_params(None, {"ingest": {"messages": None}}).ingest.messages is None
     # ingest.messages is checked where the logs are read, with MessagesMapping's own message.
     with pytest.raises(ValueError, match=r"ingest.messages: unknown key\(s\) anything"):
-        MessagesMapping.from_params(loaded["ingest"]["messages"])
-
-
-# --- callers handed a params dict that did not come from load_params -------------------------
-
-def test_check_section_fills_defaults_and_checks():
-    assert check_section("gates", {"enabled": False}) == DEFAULTS["gates"] | {"enabled": False}
-    assert check_section("gates", None) == DEFAULTS["gates"]
-    with pytest.raises(ParamsError, match=r"^params: gates.acceptance_rate: "):
-        check_section("gates", {"acceptance_rate": [0.5, 1.2]})
-    with pytest.raises(ParamsError, match="unknown parameter gates.enable "):
-        check_section("gates", {"enable": False})
+        MessagesMapping.from_params(loaded.ingest.messages)
 
 
 # --- the command line ------------------------------------------------------------------------

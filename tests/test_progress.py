@@ -74,7 +74,7 @@ def test_verify_counts_a_record_once_whatever_number_of_judges_it_meets(tmp_path
     client = LLMClient(model="openai/local", api_base=llm_server.api_base, api_key="x", cache_dir=tmp_path / "c")
     extracted = extract(classify(ingest(TAU, limit=24).trajectories, params), params).kept
     relabeled = relabel(extracted, params, client).kept
-    assert relabeled.height >= 3 and len(params["verify"]["judges"]) >= 3
+    assert relabeled.height >= 3 and len(params.verify.judges) >= 3
     with progress.Progress("verify", relabeled.height, lambda: 0, io.StringIO()) as shown:
         verify(relabeled, params, client)
         assert shown.done == relabeled.height

@@ -83,7 +83,8 @@ def test_a_stage_runs_again_when_its_inputs_params_or_outputs_change_and_so_do_t
 
     # Any parameter: every stamp covers the whole params, so every stage runs again (relabel and
     # verify from the LLM cache).
-    changed = params | {"package": params["package"] | {"weight_alpha": 0.25}}
+    changed = params.model_copy(deep=True)
+    changed.package.weight_alpha = 0.25
     assert _ran(out, run(changed, out)) == list(STAGES)
     assert _ran(out, run(changed, out)) == []
     assert len(llm_server.requests) == calls  # relabel and verify were answered from the cache

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from agenther.envs import Call, Environment, choose
 from agenther.evidence.goal import AchievedGoal, Action, metadata_of
 from agenther.evidence.render import tool_calls
+from agenther.params import Params
 
 REPLAY_MISMATCH = "replay_mismatch"
 
@@ -29,9 +30,9 @@ class Proof(BaseModel):
     reason: str
 
 
-def env_for(row: dict, params: dict) -> str | None:
+def env_for(row: dict, params: Params) -> str | None:
     """The environment that replays `row` (params replay.env), or None."""
-    return choose(row.get("source_format"), metadata_of(row), params["replay"]["env"])
+    return choose(row.get("source_format"), metadata_of(row), params.replay.env)
 
 
 def trained_writes(goal: AchievedGoal) -> list[Action]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from agenther.envs import Call, open_env
 from agenther.envs.proof import env_for, run_calls
 from agenther.evidence.goal import metadata_of
+from agenther.params import Params
 
 
 class ReplayReport(BaseModel):
@@ -35,7 +36,7 @@ class ReplayReport(BaseModel):
         return out + [f"  {rid}: {why}" for rid, why in list(self.mismatches.items())[:20]]
 
 
-def replay_records(rows: Iterable[dict], params: dict) -> ReplayReport:
+def replay_records(rows: Iterable[dict], params: Params) -> ReplayReport:
     """Both checks over trajectory rows (schema.TRAJECTORY), as read from a log."""
     report = ReplayReport()
     for row in rows:

@@ -32,6 +32,7 @@ from agenther.evidence.grounding import occurs
 from agenther.evidence.text_evidence import goal_calls
 from agenther.evidence.tools import Tools
 from agenther.evidence.turns import asks_for, change_words, denies, requests_in, speaks_of, wish_met, wishes
+from agenther.params import Params
 
 CODES = ("asks_given_value", "speaks_other_action", "denies_given_value", "asks_unmade_change",
          "names_unused_value", "other_enum_value", "unsourced_argument", "unmet_requirement")
@@ -57,7 +58,7 @@ def sample_turns(messages: list[dict], steps: list[int], goal: AchievedGoal, rew
                  trained=messages[i]["role"] == "assistant" and i in train) for i in steps]
 
 
-def defects(turns: list[Turn], goal: AchievedGoal, row: dict, params: dict | None = None) -> list[Defect]:
+def defects(turns: list[Turn], goal: AchievedGoal, row: dict, params: Params | None = None) -> list[Defect]:
     """Every defect of the sample, in turn order."""
     tools = Tools.of(row.get("tools"), params)
     every = goal_calls(row, tools)

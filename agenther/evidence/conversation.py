@@ -64,11 +64,12 @@ from agenther.evidence.turns import (
     wish_met,
     wishes,
 )
+from agenther.params import Params
 
 AFFIRMATIVE = re.compile(r"^\W*(yes|yeah|yep|sure|ok|okay|correct|that's correct|please proceed|go ahead|confirm)\b", re.I)
 
 
-def hindsight_goal(row: dict, params: dict | None = None) -> AchievedGoal | NoGoal:
+def hindsight_goal(row: dict, params: Params | None = None) -> AchievedGoal | NoGoal:
     """The row's achieved goal in its window, with the plan of its user turns; or why it has none."""
     messages = row["messages"]
     first_user = first_user_index(messages)
@@ -109,7 +110,7 @@ def _later_opening(messages: list[dict], goal: AchievedGoal, tools: Tools, calls
     return later if same and first_hard_conflict(messages, later, tools, calls) is None else None
 
 
-def goal_from_facts(row: dict, params: dict | None, facts: list[Fact]) -> AchievedGoal | NoGoal:
+def goal_from_facts(row: dict, params: Params | None, facts: list[Fact]) -> AchievedGoal | NoGoal:
     """A goal of facts only (LLM-mode extraction of a run with no structured evidence), in the window
     from the run's first user turn, with its plan; rejected when an assistant turn inside it speaks of
     a write."""

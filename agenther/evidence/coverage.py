@@ -32,11 +32,12 @@ from agenther.evidence.grounding import ISO_DATE, MONTHS, ungrounded
 from agenther.evidence.text_evidence import goal_calls
 from agenther.evidence.tools import Tools, words
 from agenther.evidence.turns import change_words, requests_in
+from agenther.params import Params
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
-def misses(user_side: list[tuple[int, str]], goal: AchievedGoal, row: dict, params: dict | None = None,
+def misses(user_side: list[tuple[int, str]], goal: AchievedGoal, row: dict, params: Params | None = None,
            rewritten: Iterable[int] = ()) -> list[tuple[str, str]]:
     """(reason, detail) of every way the sample's user side (its user turns: run step, text as the
     trainer sees it) and the sample fail to cover each other. `rewritten`: the steps of the turns the
@@ -159,7 +160,7 @@ def _is_key(name: str) -> bool:
     return name.lower().endswith("id") and not EXEMPT_KEYS.search(name)
 
 
-def required_details(goal: AchievedGoal, row: dict, params: dict | None = None) -> list[str]:
+def required_details(goal: AchievedGoal, row: dict, params: Params | None = None) -> list[str]:
     """What a request for this goal must name (the coverage check's own list, shown to the relabeler):
     the identifying values of every write that no lookup by its named IDs implies, in order, once;
     for a goal of facts only, the values the agent reported (naming one is enough)."""

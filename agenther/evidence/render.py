@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from agenther.params import Params
+
 CHARS_PER_TOKEN = 3.5  # a rough, conservative estimate for English + JSON text
 SYSTEM_CHARS = 300  # long system prompts (tau-bench's policy) are cut: they are not evidence
 RESULT_CHARS = 700
@@ -135,6 +137,6 @@ def tool_calls(messages: list[dict]) -> list[dict]:
     return calls
 
 
-def prompt_budget(params: dict) -> int:
+def prompt_budget(params: Params) -> int:
     """Tokens left for the transcript once the template and the answer have their room."""
-    return max(512, params["llm"]["context_tokens"] - params["llm"]["max_tokens"] - 600)
+    return max(512, params.llm.context_tokens - params.llm.max_tokens - 600)

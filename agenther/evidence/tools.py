@@ -28,6 +28,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agenther.params import Params, ToolRule
+from agenther.params import Tools as ToolParams
+
 Kind = Literal["write", "read", "handoff"]
 
 
@@ -135,11 +138,11 @@ class Rule:
     requests: frozenset[str] = frozenset()  # words that ask for it; empty: those of its label's verb
 
     @classmethod
-    def of(cls, spec: dict) -> Rule:
+    def of(cls, spec: ToolRule) -> Rule:
         """From params tools.rules (regexes checked there)."""
-        args = spec.get("arguments")
-        return cls(re.compile(spec["tool"], re.I), re.compile(args, re.I) if args else None, spec["kind"],
-                   frozenset(spec.get("requests") or ()))
+        args = spec.arguments
+        return cls(re.compile(spec.tool, re.I), re.compile(args, re.I) if args else None, spec.kind,
+                   frozenset(spec.requests))
 
     def matches(self, name: str, text: str) -> bool:
         return self.tool.fullmatch(name) is not None and (self.arguments is None or bool(self.arguments.search(text)))
@@ -238,16 +241,17 @@ class Tools:
     _sentences: dict[str, list[list[str]]] = field(default_factory=dict, repr=False, compare=False)  # text -> words
 
     @classmethod
-    def of(cls, tools_json: str | None, params: dict | None = None) -> Tools:
-        p = (params or {}).get("tools") or {}
+    def of(cls, tools_json: str | None, params: Params | None = None) -> Tools:
+        """`params`' tools section (None: its defaults) over the tools of a log (`tools_json`)."""
+        p = params.tools if params is not None else ToolParams()
         return cls(
             schemas=schemas_by_name(tools_json),
-            writes=frozenset(p.get("writes") or ()),
-            reads=frozenset(p.get("reads") or ()),
-            handoffs=frozenset(p.get("handoffs") or ()),
-            requests={k: list(v) for k, v in (p.get("requests") or {}).items()},
-            default_kind=p.get("default_kind") or "read",
-            rules=(*(Rule.of(r) for r in p.get("rules") or ()), *BUILT_IN_RULES),
+            writes=frozenset(p.writes),
+            reads=frozenset(p.reads),
+            handoffs=frozenset(p.handoffs),
+            requests={k: list(v) for k, v in p.requests.items()},
+            default_kind=p.default_kind,
+            rules=(*(Rule.of(r) for r in p.rules), *BUILT_IN_RULES),
         )
 
     def rule_for(self, name: str, text: str) -> Rule | None:

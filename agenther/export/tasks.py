@@ -24,6 +24,7 @@ from agenther.envs import open_env
 from agenther.envs.proof import as_calls, changes, env_for, run_calls, trained_writes
 from agenther.evidence.goal import AchievedGoal, metadata_of, rewrites_of, sample_steps
 from agenther.export.files import file_sha256
+from agenther.params import Params
 from agenther.workdir import write_text_atomic
 
 FOLDER = "tasks"
@@ -70,7 +71,7 @@ def hindsight_task(row: dict, goal: AchievedGoal, data_hash: str) -> dict:
     }
 
 
-def export_tasks(samples: list[dict], params: dict, out: Path) -> Tasks:
+def export_tasks(samples: list[dict], params: Params, out: Path) -> Tasks:
     """Write `<out>/tasks/<env>.jsonl` for the exported hindsight samples (verified rows) whose log
     an environment replays; remove task files an earlier run left that this one does not write."""
     made = Tasks()

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from agenther import stopping
 from agenther.llm.errors import BudgetExhausted
+from agenther.params import LLM as LLMParams
 
 
 class SharedState(Protocol):
@@ -73,8 +74,8 @@ class Budget:
         return int(self._read("refused"))
 
     @classmethod
-    def from_params(cls, llm_params: dict) -> Budget:
-        return cls(llm_params.get("budget_usd"), llm_params.get("budget_tokens"))
+    def from_params(cls, llm_params: LLMParams) -> Budget:
+        return cls(llm_params.budget_usd, llm_params.budget_tokens)
 
     @property
     def limited(self) -> bool:

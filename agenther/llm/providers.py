@@ -15,6 +15,8 @@ from agenther.llm.client import LLMClient
 from agenther.llm.limits import Budget, RateLimiter
 from agenther.llm.transport import call_litellm
 from agenther.llm.usage import Usage
+from agenther.params import LLM as LLMParams
+from agenther.params import Params
 
 LOCAL = "local"
 
@@ -25,10 +27,10 @@ class Limits:
     (model + api_base, llm.requests_per_minute / llm.tokens_per_minute). These hold across the
     threads of this process; tasks/dask.py's ClusterLimits holds them across a Dask cluster's workers."""
 
-    def __init__(self, llm_params: dict, budget: Budget | None = None):
+    def __init__(self, llm_params: LLMParams, budget: Budget | None = None):
         self.budget = budget if budget is not None else Budget.from_params(llm_params)
-        self.inflight = threading.BoundedSemaphore(llm_params["concurrency"])
-        self.rpm, self.tpm = llm_params.get("requests_per_minute"), llm_params.get("tokens_per_minute")
+        self.inflight = threading.BoundedSemaphore(llm_params.concurrency)
+        self.rpm, self.tpm = llm_params.requests_per_minute, llm_params.tokens_per_minute
         self._limiters: dict[tuple[str, str | None], RateLimiter] = {}
         self._lock = threading.Lock()
 
@@ -70,9 +72,9 @@ class LLMs:
     (llm.requests_per_minute / llm.tokens_per_minute), and send their calls from this process
     or, with llm.processes > 0, through the process's pool of worker processes."""
 
-    def __init__(self, params: dict, clients: tuple[LLMClient, LLMClient | None] | None = None,
+    def __init__(self, params: Params, clients: tuple[LLMClient, LLMClient | None] | None = None,
                  limits: Limits | None = None):
-        self.params = params["llm"]
+        self.params = params.llm
         self._stack = ExitStack()
         self._main, self._judge = clients if clients else (None, None)
         given = self._main.budget if self._main is not None else None
@@ -81,21 +83,21 @@ class LLMs:
         self._made = threading.RLock()  # guards the lazy creation of the clients
         self._views: list[LLMs] = []
         self.transport = call_litellm
-        if self.params["processes"] > 0:
+        if self.params.processes > 0:
             from agenther.llm.call_pool import pooled_transport
 
-            self.transport = pooled_transport(self.params["processes"])
+            self.transport = pooled_transport(self.params.processes)
 
     @classmethod
-    def from_params(cls, params: dict) -> LLMs:
+    def from_params(cls, params: Params) -> LLMs:
         return cls(params)
 
     @classmethod
-    def of(cls, params: dict, main: LLMClient, judge: LLMClient | None = None) -> LLMs:
+    def of(cls, params: Params, main: LLMClient, judge: LLMClient | None = None) -> LLMs:
         return cls(params, (main, judge))
 
     @classmethod
-    def connect(cls, params: dict, main: Endpoint, judge: Endpoint | None, limits: Limits) -> LLMs:
+    def connect(cls, params: Params, main: Endpoint, judge: Endpoint | None, limits: Limits) -> LLMs:
         """Clients for endpoints another process resolved (`endpoints()`): the same models and
         cache keys, this process's API key, the given run-wide limits. Starts no model server."""
         llms = cls(params, limits=limits)
@@ -118,24 +120,24 @@ class LLMs:
     def main(self) -> LLMClient:
         with self._made:  # callers may be pool threads: one client (one model server) per run
             if self._main is None:
-                self._main = self._client(self.params["model"])
+                self._main = self._client(self.params.model)
             return self._main
 
     def judge(self) -> LLMClient:
         with self._made:
             if self._judge is None:
-                judge_model = self.params.get("judge_model")
+                judge_model = self.params.judge_model
                 self._judge = self._client(judge_model) if judge_model else self.main()
             return self._judge
 
     def main_name(self) -> str:
-        return self._main.name if self._main else self._declared(self.params["model"])
+        return self._main.name if self._main else self._declared(self.params.model)
 
-    def judge_names(self, params: dict) -> list[str]:
-        judge = self._judge.name if self._judge else self._declared(self.params.get("judge_model") or
-                                                                     self.params["model"])
+    def judge_names(self, params: Params) -> list[str]:
+        judge = self._judge.name if self._judge else self._declared(self.params.judge_model or
+                                                                     self.params.model)
         names = {"rules": "rules", "environment": "environment", "main": self.main_name(), "judge": judge}
-        return [names[JUDGE_MODELS[j]] for j in params["verify"]["judges"]]
+        return [names[JUDGE_MODELS[j]] for j in params.verify.judges]
 
     def view(self) -> LLMs:
         """The same clients (model server, response cache, budget, limits) with usage counters of
@@ -159,7 +161,7 @@ class LLMs:
                 "failed goal or invent details; the confidence gate, the goal-similarity check and the judges "
                 "reject those, so expect a low acceptance rate. Use a stronger model (llm.model) for volume."
             )
-        if not self.params.get("judge_model"):
+        if not self.params.judge_model:
             notes.append("Judges share the relabeling model (different prompts and evidence, plus the "
                          "deterministic coverage and grounding judges); set llm.judge_model for a different "
                          "judge model.")
@@ -167,7 +169,7 @@ class LLMs:
 
     # -- internals --------------------------------------------------------------------------
     def _declared(self, model: str) -> str:
-        return f"local/{self.params['local_model']}" if model == LOCAL and not self.params.get("api_base") else model
+        return f"local/{self.params.local_model}" if model == LOCAL and not self.params.api_base else model
 
     def limiter(self, model: str, api_base: str | None) -> RateLimiter | None:
         """The provider's rate limiter (one per model + api_base), or None without limits."""
@@ -177,10 +179,10 @@ class LLMs:
         """The client settings every model of the run shares."""
         p = self.params
         return {
-            "cache_dir": cache_location(p.get("cache_dir")),
-            "max_tokens": p["max_tokens"],
-            "timeout_s": p["timeout_s"],
-            "max_retries": p["max_retries"],
+            "cache_dir": cache_location(p.cache_dir),
+            "max_tokens": p.max_tokens,
+            "timeout_s": p.timeout_s,
+            "max_retries": p.max_retries,
             "budget": self.budget,
             "inflight": self.inflight,
             "transport": self.transport,
@@ -193,17 +195,17 @@ class LLMs:
 
     def _client(self, model: str) -> LLMClient:
         p, common = self.params, self._common()
-        if model == LOCAL and not p.get("api_base"):
+        if model == LOCAL and not p.api_base:
             from agenther.llm.server import LocalLLMServer
 
-            server = self._stack.enter_context(LocalLLMServer(p["local_model"], n_ctx=max(4096, p["context_tokens"] + 1024)))
+            server = self._stack.enter_context(LocalLLMServer(p.local_model, n_ctx=max(4096, p.context_tokens + 1024)))
             return LLMClient(model=server.model, api_base=server.api_base, api_key="local",
-                             identity=f"local/{p['local_model']}",
+                             identity=f"local/{p.local_model}",
                              limiter=self.limiter(server.model, server.api_base), **common)
         if model == LOCAL:  # a llama.cpp (or other OpenAI-compatible) server the user runs
             model = "openai/local"
-        return LLMClient(model=model, api_base=p.get("api_base"), api_key=_api_key(model, p.get("api_base")),
-                         limiter=self.limiter(model, p.get("api_base")), **common)
+        return LLMClient(model=model, api_base=p.api_base, api_key=_api_key(model, p.api_base),
+                         limiter=self.limiter(model, p.api_base), **common)
 
 
 def _api_key(model: str, api_base: str | None) -> str | None:

@@ -25,7 +25,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # this module imports the standard library only
+    from agenther.params import Params
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,10 @@ class Stage:
     def rejects(self) -> bool:
         return f"{self.name}_rejected" in self.writes
 
-    def uses_llm(self, params: dict) -> bool:
-        return self.llm == "always" or (self.llm == "by_mode" and params[self.name]["mode"] == "llm")
+    def uses_llm(self, params: Params) -> bool:
+        return self.llm == "always" or (self.llm == "by_mode" and getattr(params, self.name).mode == "llm")
 
-    def params_read(self, params: dict) -> tuple[str, ...]:
+    def params_read(self, params: Params) -> tuple[str, ...]:
         """The sections this run of the stage reads: its own, and `llm` when it asks the LLM."""
         return self.sections + (("llm",) if self.uses_llm(params) and "llm" not in self.sections else ())
 

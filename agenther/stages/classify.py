@@ -23,6 +23,7 @@ from agenther.evidence.tools import Tools, is_error
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, LLMs, map_concurrent
 from agenther.llm.answers import ClassifyAnswer
 from agenther.llm.ask import ask
+from agenther.params import Params
 
 _NAMES_ONLY = Tools()
 
@@ -158,10 +159,10 @@ def rule_classify(row: dict) -> tuple[str, float, str]:
     return classify_generic(row["messages"], row["success"], row["final_answer"] or "")
 
 
-def classify(trajectories: pl.DataFrame, params: dict, llm: LLMClient | None = None) -> pl.DataFrame:
+def classify(trajectories: pl.DataFrame, params: Params, llm: LLMClient | None = None) -> pl.DataFrame:
     """Add the CLASSIFIED columns to every trajectory (successes stay, as not_a_failure)."""
-    mode = params["classify"]["mode"]
-    max_severity = params["classify"]["max_severity"]
+    mode = params.classify.mode
+    max_severity = params.classify.max_severity
 
     def one(row: dict) -> dict:
         kind, severity, reason = rule_classify(row)
@@ -189,19 +190,19 @@ def classify(trajectories: pl.DataFrame, params: dict, llm: LLMClient | None = N
     # Only the columns the rules read become dicts, and the verdicts are added as columns: turning
     # every row (messages and all) into dicts and back was half of the stage.
     rows = trajectories.select("messages", "metadata", "success", "final_answer").to_dicts()
-    verdicts = map_concurrent(one, rows, params["llm"]["concurrency"] if mode == "llm" else 1)
+    verdicts = map_concurrent(one, rows, params.llm.concurrency if mode == "llm" else 1)
     return trajectories.select(list(schema.TRAJECTORY)).cast(schema.TRAJECTORY).hstack(schema.frame(verdicts, ADDED))
 
 
 ADDED = {k: v for k, v in schema.CLASSIFIED.items() if k not in schema.TRAJECTORY}  # the columns classify adds
 
 
-def step(batch: pl.DataFrame, params: dict, llms: LLMs | None) -> schema.StageOutput:
+def step(batch: pl.DataFrame, params: Params, llms: LLMs | None) -> schema.StageOutput:
     """The stage (agenther/stages/__init__.py): every row kept, with its verdict; nothing rejected."""
     return schema.StageOutput(classify(batch, params, llms.main() if llms is not None else None), None)
 
 
-def _llm_classify(row: dict, signals: str, params: dict, llm: LLMClient | None) -> tuple | None:
+def _llm_classify(row: dict, signals: str, params: Params, llm: LLMClient | None) -> tuple | None:
     """(failure_type, severity, recoverable, reason, mode) from the LLM; None if the budget is spent."""
     if llm is None:
         raise ValueError("classify.mode is 'llm' but no LLM is configured")

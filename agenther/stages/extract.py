@@ -20,6 +20,7 @@ from agenther.evidence.render import prompt_budget, render, tool_calls
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, LLMs, map_concurrent
 from agenther.llm.answers import INVALID_LLM_ANSWER, ExtractAnswer
 from agenther.llm.ask import ask
+from agenther.params import Params
 
 STAGE = "extract"
 
@@ -29,9 +30,9 @@ def valid_steps(steps: list[int], messages: list[dict]) -> list[int]:
     return sorted(s for s in ok if messages[s]["role"] in ("assistant", "tool"))
 
 
-def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None) -> schema.StageOutput:
+def extract(classified: pl.DataFrame, params: Params, llm: LLMClient | None = None) -> schema.StageOutput:
     """Candidates are the failures; a failure without an evidenced achievement is rejected."""
-    mode = params["extract"]["mode"]
+    mode = params.extract.mode
     failed = classified.filter(pl.col("is_failure"))
     failures = failed.to_dicts()
 
@@ -69,7 +70,7 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
                                           "no achievement with evidence in the trajectory")
         return {"achievements": found, "extract_mode": mode, "achieved_goal": goal.model_dump_json()}, None
 
-    results = map_concurrent(one, failures, params["llm"]["concurrency"] if mode == "llm" else 1)
+    results = map_concurrent(one, failures, params.llm.concurrency if mode == "llm" else 1)
     # The kept rows are the input's rows plus the added columns: not rebuilt from dicts (messages and
     # all), which took as long as the rules.
     added = [k for k, _ in results if k is not None]
@@ -82,16 +83,16 @@ def extract(classified: pl.DataFrame, params: dict, llm: LLMClient | None = None
 ADDED = {k: v for k, v in schema.EXTRACTED.items() if k not in schema.CLASSIFIED}  # the columns extract adds
 
 
-def step(batch: pl.DataFrame, params: dict, llms: LLMs | None) -> schema.StageOutput:
+def step(batch: pl.DataFrame, params: Params, llms: LLMs | None) -> schema.StageOutput:
     """The stage (agenther/stages/__init__.py)."""
     return extract(batch, params, llms.main() if llms is not None else None)
 
 
-def _why_not_recoverable(row: dict, params: dict) -> str:
+def _why_not_recoverable(row: dict, params: Params) -> str:
     """The rejection's detail: what is missing, and what would help."""
     said = f"{row['failure_type']} (severity {row['severity']}): {row['classify_reason']}"
-    if row["severity"] > params["classify"]["max_severity"]:
-        return f"severity above classify.max_severity = {params['classify']['max_severity']} ({said})"
+    if row["severity"] > params.classify.max_severity:
+        return f"severity above classify.max_severity = {params.classify.max_severity} ({said})"
     if not tool_calls(row["messages"]):
         return (f"no tool calls or parsable actions in this run ({said}): relabeling needs actions it can see; "
                 "actions written as text need their grammar (ingest.text_actions, ingest.grammars), else "

@@ -38,13 +38,11 @@ from agenther.adapters.grammars import AUTO, GrammarChoice, choose
 from agenther.adapters.grammars import grammars as grammars_named
 from agenther.adapters.messages import MessagesMapping
 from agenther.adapters.registry import adapter, adapters, format_names
+from agenther.params import Ingest, Params
 from agenther.stages import Spread, in_process
 from agenther.tables import TableWriter, iter_batches
 from agenther.workdir import TABLES
 
-# A trajectory bigger than this is quarantined (params ingest.max_trajectory_mb): no model
-# context holds it, and one 50 MB tool dump would otherwise flow into every export.
-DEFAULT_MAX_TRAJECTORY_MB = 8.0
 
 
 class IngestError(Exception):
@@ -146,7 +144,7 @@ def read_logs(
     fmt: str = "auto",
     mapping: MessagesMapping | None = None,
     limit: int | None = None,
-    max_trajectory_mb: float | None = DEFAULT_MAX_TRAJECTORY_MB,
+    max_trajectory_mb: float | None = Ingest().max_trajectory_mb,
     report: IngestReport | None = None,
     files: list[Path] | None = None,
     text_actions: str = AUTO,
@@ -389,7 +387,7 @@ def ingest_shard(part: IngestPart) -> PartResult:
     return PartResult(part.folder, seen.duplicates, ctx.repairs, ctx.mapping.resolved)
 
 
-def write_tables(params: dict, work: Path, files: list[LogFile] | None = None, spread: Spread = in_process) -> dict:
+def write_tables(params: Params, work: Path, files: list[LogFile] | None = None, spread: Spread = in_process) -> dict:
     """The stage (agenther/stages/__init__.py): the logs into the trajectories and quarantine tables.
     The input is cut into parts of about `io.part_mb` (files, and big JSONL files at line starts),
     each read by a shard (`spread`: in this process, or an executor's workers) into the work folder's
@@ -398,23 +396,24 @@ def write_tables(params: dict, work: Path, files: list[LogFile] | None = None, s
     process reading the whole input writes. A row the table writer refuses is quarantined with the
     writer's reason; the others of its batch go on. `files`: only these files of the input, as
     agenther/rounds.py reads the new ones. Returns the stage's stats."""
-    p, work = params["ingest"], Path(work)
+    p, work = params.ingest, Path(work)
+    grammar_specs = {name: g.model_dump() for name, g in p.grammars.items()}
     report = IngestReport()
-    root, chosen, ctx = _opened(p["input"], p["format"], MessagesMapping.from_params(p["messages"] or {}), files,
-                                p["text_actions"], p["grammars"], report)
+    root, chosen, ctx = _opened(p.input, p.format, MessagesMapping.from_params(p.messages or {}), files,
+                                p.text_actions, grammar_specs, report)
     scratch = work / "ingest-parts"
     shutil.rmtree(scratch, ignore_errors=True)  # a crashed run's parts
-    part_bytes = int(params["io"]["part_mb"] * 1e6) if p["limit"] is None else None  # a limit reads in one part
-    jobs = [IngestPart(tuple(pieces), scratch / f"part-{i:05d}", p["format"], ctx.mapping,
-                       ctx.grammar.name if ctx.grammar else None, p["grammars"], root.single, p["limit"],
-                       p["max_trajectory_mb"], params["io"]["batch_rows"])
-            for i, pieces in enumerate(parts_of(chosen, p["format"], ctx, part_bytes))]
+    part_bytes = int(params.io.part_mb * 1e6) if p.limit is None else None  # a limit reads in one part
+    jobs = [IngestPart(tuple(pieces), scratch / f"part-{i:05d}", p.format, ctx.mapping,
+                       ctx.grammar.name if ctx.grammar else None, grammar_specs, root.single, p.limit,
+                       p.max_trajectory_mb, params.io.batch_rows)
+            for i, pieces in enumerate(parts_of(chosen, p.format, ctx, part_bytes))]
     parts = list(spread(ingest_shard, jobs))
     seen = Repeats()
     with (TableWriter(work / TABLES["trajectories"], schema.TRAJECTORY) as good,
           TableWriter(work / TABLES["quarantine"], schema.QUARANTINE) as bad):
         for part in parts:
-            _merge_part(part.folder, seen, good, bad, params["io"]["batch_rows"])
+            _merge_part(part.folder, seen, good, bad, params.io.batch_rows)
             report.repaired += part.repaired
             if report.mapping is not None:
                 report.mapping.resolved.update(part.resolved)

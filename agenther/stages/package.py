@@ -20,14 +20,14 @@ from agenther.export.registry import exporters
 from agenther.export.report import render_report
 from agenther.export.tasks import export_tasks
 from agenther.llm import BUDGET_EXHAUSTED, LLMs, Usage
-from agenther.params import params_hash
+from agenther.params import Params, params_hash
 from agenther.stages import LLM_STAGES
 from agenther.stages.packaging import Exported, Spread, export_samples, in_process
 from agenther.tables import batch_rows, gate_table, read_table, scan_columns, write_table
 from agenther.workdir import read_stats, write_text_atomic
 
 
-def package_run(params: dict, work: Path, out: Path, llms: LLMs, spread: Spread = in_process,
+def package_run(params: Params, work: Path, out: Path, llms: LLMs, spread: Spread = in_process,
                 round_of: Mapping[str, int] | None = None) -> dict:
     """Package the work folder's accepted samples into `out` and write the run's summary.
     `spread`: how the shards run (agenther/stages/packaging.py: in this process, or the executor's
@@ -41,8 +41,8 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs, spread: Spread 
         "models": {"relabel": llms.main_name(), "judges": llms.judge_names(params)},
         "prompt_hashes": prompts.all_hashes(),
     }
-    packaged = export_samples(verified.filter(pl.col("verified")), classified_path, params["package"], lineage, out,
-                              batch_rows(params), tokenizer_model=params["llm"].get("local_model"), round_of=round_of,
+    packaged = export_samples(verified.filter(pl.col("verified")), classified_path, params.package, lineage, out,
+                              batch_rows(params), tokenizer_model=params.llm.local_model, round_of=round_of,
                               spread=spread)
     add_tasks(packaged, verified, params, out)
     rejected = pl.concat([read_table(work, f"{s}_rejected", params) for s in ("extract", "relabel", "verify")]
@@ -65,7 +65,7 @@ def package_run(params: dict, work: Path, out: Path, llms: LLMs, spread: Spread 
     return summary
 
 
-def add_tasks(packaged: Exported, verified: pl.DataFrame, params: dict, out: Path) -> None:
+def add_tasks(packaged: Exported, verified: pl.DataFrame, params: Params, out: Path) -> None:
     """The hindsight tasks of the exported samples (agenther/export/tasks.py), counted with the exports."""
     exported = verified.filter(pl.col("verified") & ~pl.col("id").is_in(packaged.rejections["id"].to_list()))
     tasks = export_tasks(exported.to_dicts(), params, out)
@@ -82,14 +82,14 @@ def _usage(stats: dict) -> Usage:
     return Usage(**stats.get("usage", {}))
 
 
-def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.DataFrame, packaged: Exported,
+def summarize(params: Params, work: Path, classified: pl.DataFrame, verified: pl.DataFrame, packaged: Exported,
               rejected: pl.DataFrame, lineage: dict, llms: LLMs) -> dict:
     ingest = read_stats(work, "ingest")
     stats = {s: read_stats(work, s) for s in ("extract", "relabel", "verify")}
     failures = classified.filter(pl.col("is_failure"))
     accepted = int(verified["verified"].sum()) if verified.height else 0
     judges = {}
-    for name in params["verify"]["judges"]:
+    for name in params.verify.judges:
         verdicts = [j["accept"] for row in verified["judgements"].to_list() for j in row if j["judge"] == name]
         judges[name] = {"accepted": sum(verdicts), "rejected": len(verdicts) - sum(verdicts),
                         "not_asked": verified.height - len(verdicts)}
@@ -104,7 +104,7 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
         "extract": {"in": stats["extract"]["in"], "out": stats["extract"]["out"], "rejected": _by_reason(rejected, "extract")},
         "relabel": {"in": stats["relabel"]["in"], "out": stats["relabel"]["out"], "rejected": _by_reason(rejected, "relabel")},
         "verify": {"in": stats["verify"]["in"], "out": accepted, "rejected": _by_reason(rejected, "verify"),
-                   "policy": params["verify"]["policy"], "judges": judges},
+                   "policy": params.verify.policy, "judges": judges},
         "package": {"in": accepted, **packaged.counts, "rejected": _by_reason(rejected, "package")},
     }
     n_rejected = {s: stats[s]["rejected"] for s in stats}
@@ -124,12 +124,12 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
     usage = {s: _usage(read_stats(work, s)) for s in LLM_STAGES}
     total = Usage.total(usage.values())
     return {
-        "input": {"path": str(params["ingest"]["input"]), "format": params["ingest"]["format"],
-                  "limit": params["ingest"]["limit"]},
+        "input": {"path": str(params.ingest.input), "format": params.ingest.format,
+                  "limit": params.ingest.limit},
         "source_formats": sorted(set(classified["source_format"].to_list())),
         "stages": stages,
         "gates": {
-            "relabel_confidence_threshold": params["relabel"]["confidence_threshold"],
+            "relabel_confidence_threshold": params.relabel.confidence_threshold,
             "relabels_proposed": stats["relabel"]["in"],
             "passed_confidence_gate": stats["relabel"]["out"],
             "passed_judges": accepted,
@@ -145,15 +145,15 @@ def summarize(params: dict, work: Path, classified: pl.DataFrame, verified: pl.D
     }
 
 
-def _accounting(params: dict, total: Usage, rejected: pl.DataFrame, accepted: int) -> dict:
+def _accounting(params: Params, total: Usage, rejected: pl.DataFrame, accepted: int) -> dict:
     """Budget and cost per accepted sample, from the stages' recorded usage and rejections,
     so they hold when the stages ran in separate processes too."""
-    p = params["llm"]
+    p = params.llm
     tokens = total.prompt_tokens + total.completion_tokens
     undone = rejected.filter((pl.col("reason") == BUDGET_EXHAUSTED)
                              | pl.col("detail").str.starts_with(BUDGET_EXHAUSTED))
     left = dict(sorted(Counter(undone["stage"].to_list()).items()))
-    limit = {"usd": p.get("budget_usd"), "tokens": p.get("budget_tokens")}
+    limit = {"usd": p.budget_usd, "tokens": p.budget_tokens}
     reached = ((limit["usd"] is not None and total.cost_usd >= limit["usd"])
                or (limit["tokens"] is not None and tokens >= limit["tokens"]))
     return {

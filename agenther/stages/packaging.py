@@ -29,7 +29,7 @@ from agenther.export import tokens
 from agenther.export.dedup import dedup_prompts
 from agenther.export.files import ANNOTATED, SortedJsonlSink, read_run
 from agenther.export.registry import exporters
-from agenther.params import check_section
+from agenther.params import Package
 from agenther.stages import Spread, in_process
 from agenther.stages.pairs import hindsight_pairs, natural_pairs
 from agenther.stages.samples import (
@@ -72,7 +72,7 @@ LIGHT = ["id", "task_key", "success", "is_failure"]
 class Plan:
     """What every shard of a package run needs, small: the package params, the lineage metadata, which
     bucket each pairable task's rows go to, the kept hindsight relabels by task and each run's round."""
-    params: dict
+    params: Package
     base: dict
     bucket_of: dict[str, int]
     kept_by_task: dict[str, list[tuple[dict, float]]]
@@ -109,7 +109,7 @@ class Lengths:
     files: dict[str, list[tuple[int, bool]]]  # file -> (tokens, exact) per row
 
 
-def package_into(sink: SortedJsonlSink, verified: pl.DataFrame, classified: Path, params: dict, lineage: dict,
+def package_into(sink: SortedJsonlSink, verified: pl.DataFrame, classified: Path, params: Package, lineage: dict,
                  batch_rows: int = DEFAULT_BATCH_ROWS, round_of: Mapping[str, int] | None = None,
                  spread: Spread = in_process, tokens_of: tuple[bool, str | None] = (False, None),
                  ) -> tuple[pl.DataFrame, dict, list[Lengths | None]]:
@@ -129,8 +129,7 @@ def package_into(sink: SortedJsonlSink, verified: pl.DataFrame, classified: Path
     Returns (rejections, counts, every shard's lengths). `round_of` (trajectory id -> round, when packaging the union of
     rounds): every row's metadata gets `round`, the latest round of the runs it holds (a pair exists
     once both runs have arrived)."""
-    p = check_section("package", params)  # the section's defaults (agenther/params.py) and checks
-    base = lineage_meta(lineage or {}) | {"pair_level": p["dpo_pairs"]}
+    base = lineage_meta(lineage or {}) | {"pair_level": params.dpo_pairs}
     counts = dict.fromkeys(COUNTS, 0)
     rejections: list[dict] = []
 
@@ -157,7 +156,7 @@ def package_into(sink: SortedJsonlSink, verified: pl.DataFrame, classified: Path
             counts["unexportable"] += 1
     result = dedup_prompts(
         [(r["id"], user_side(samples[r["id"]]), r.get("relabel_confidence")) for r in rows if r["id"] in samples],
-        p["near_dup_threshold"],
+        params.near_dup_threshold,
     )
     for d in result.dropped:
         counts["duplicates" if d.reason == "duplicate_prompt" else "near_duplicates"] += 1
@@ -174,7 +173,7 @@ def package_into(sink: SortedJsonlSink, verified: pl.DataFrame, classified: Path
     hindsight_kept = []
     for row_id in sorted(result.kept):
         r = by_id[row_id]
-        weight = sample_weight(r.get("severity"), p["weight_alpha"], p["min_weight"])
+        weight = sample_weight(r.get("severity"), params.weight_alpha, params.min_weight)
         try:
             pair = sample_rows(samples[row_id], r, weight, sample_meta(r, "hindsight", base))
         except ValueError as exc:
@@ -203,7 +202,7 @@ def package_into(sink: SortedJsonlSink, verified: pl.DataFrame, classified: Path
 
     # 2 and 3: the shards (the plan in a file every worker reads, not in every job).
     plan = sink.scratch / "plan.pickle"
-    plan.write_bytes(pickle.dumps(Plan(p, base, bucket_of, dict(kept_by_task), round_of, tokens_of)))
+    plan.write_bytes(pickle.dumps(Plan(params, base, bucket_of, dict(kept_by_task), round_of, tokens_of)))
     total = count_rows(classified)
     jobs = [Shard(plan, classified, sink.scratch / f"rows-{i:05d}", batch_rows, rows=(start, batch_rows))
             for i, start in enumerate(range(0, total, batch_rows))]
@@ -215,7 +214,7 @@ def package_into(sink: SortedJsonlSink, verified: pl.DataFrame, classified: Path
 
     # 4. A kept relabel of a task no bucket holds: no other run to pair with.
     unpaired = [k for k in hindsight_kept if k[0]["id"] not in paired]
-    for row in hindsight_pairs(unpaired, {}, base, counts, p["dpo_pairs"]):
+    for row in hindsight_pairs(unpaired, {}, base, counts, params.dpo_pairs):
         emit("dpo.jsonl", row)
     _adopt(sink, {}, [_finish(own, {}, tokens_of)], lengths)
     return (schema.frame(sorted(rejections, key=lambda x: (x["id"], x["reason"])), schema.REJECTION), counts,
@@ -304,7 +303,7 @@ def rows_shard(shard: Shard) -> ShardResult:
     sink = SortedJsonlSink(shard.folder, shard.buffer_rows, runs_dir=shard.folder)
     emit = _Emitter(sink, counts, plan.round_of)
     batch = read_rows(shard.classified, *shard.rows)
-    if plan.params["include_successes"]:
+    if plan.params.include_successes:
         for r in batch.filter(pl.col("success").eq(True)).to_dicts():
             try:
                 pair = sample_rows(trim_trailing(r["messages"]), r, 1.0, sample_meta(r, "success", plan.base))
@@ -335,10 +334,10 @@ def bucket_shard(shard: Shard) -> ShardResult:
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in sorted((r for part in parts for r in pl.read_parquet(part).to_dicts()), key=lambda r: r["id"]):
         by_task[r["task_key"]].append(r)
-    for row in natural_pairs(by_task, p["max_pairs_per_task"], plan.base, counts, p["dpo_pairs"]):
+    for row in natural_pairs(by_task, p.max_pairs_per_task, plan.base, counts, p.dpo_pairs):
         emit("dpo.jsonl", row)
     kept_here = [k for task in sorted(by_task) for k in plan.kept_by_task.get(task, [])]
-    for row in hindsight_pairs(kept_here, by_task, plan.base, counts, p["dpo_pairs"]):
+    for row in hindsight_pairs(kept_here, by_task, plan.base, counts, p.dpo_pairs):
         emit("dpo.jsonl", row)
     return _finish(sink, counts, plan.tokens, [r["id"] for r, _ in kept_here])
 
@@ -355,7 +354,7 @@ def _buckets(tasks: Iterable[tuple[str, int]], batch_rows: int) -> dict[str, int
     return bucket_of
 
 
-def export_samples(verified: pl.DataFrame, classified: Path, params: dict, lineage: dict, out: Path,
+def export_samples(verified: pl.DataFrame, classified: Path, params: Package, lineage: dict, out: Path,
                    batch_rows: int = DEFAULT_BATCH_ROWS, tokenizer_model: str | None = None,
                    measure_tokens: bool = True, round_of: Mapping[str, int] | None = None,
                    spread: Spread = in_process) -> Exported:

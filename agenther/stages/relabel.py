@@ -37,6 +37,7 @@ from agenther.evidence.turns import asks_anything
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, LLMs, map_concurrent
 from agenther.llm.answers import RelabelAnswer
 from agenther.llm.ask import ask
+from agenther.params import Params
 
 STAGE = "relabel"
 SCHEMA = RelabelAnswer  # the answer's contract (agenther/llm/answers.py)
@@ -126,7 +127,7 @@ def turn_notes(edit: TurnEdit) -> list[str]:
     return notes
 
 
-def ruled_and_written(row: dict, params: dict | None = None,
+def ruled_and_written(row: dict, params: Params | None = None,
                       taking: bool = True) -> tuple[dict[int, str], list[TurnEdit]]:
     """The planned edits that need no writer, done (step -> text: agenther.evidence.edits), and the
     ones the relabeling model must write. `taking` False: rules only add, every edit that takes
@@ -190,7 +191,7 @@ def feedback(failures: list[tuple[str, str]], row: dict) -> str:
 
 # -- the gate -----------------------------------------------------------------------------------
 def sample_defects(row: dict, goal: AchievedGoal, rewrites: dict[int, str],
-                   params: dict) -> list[tuple[str, str]]:
+                   params: Params) -> list[tuple[str, str]]:
     """(code, detail) of every defect of the sample as the trainer will see it, with `rewrites`
     (step -> text) in place: coverage both ways, then coherence turn by turn."""
     turns = coherence.sample_turns(row["messages"], sample_steps(row["messages"], goal), goal, rewrites)
@@ -204,11 +205,11 @@ def _kept(value: str, text: str) -> bool:
     return bool(AFFIRMATIVE.search(text)) if value == "yes" else coverage.asked(value, text)
 
 
-def gate(answer: RelabelAnswer, row: dict, params: dict, edits: list[TurnEdit],
+def gate(answer: RelabelAnswer, row: dict, params: Params, edits: list[TurnEdit],
          ruled: dict[int, str]) -> tuple[tuple[str, str] | None, dict[int, str]]:
     """(None when the attempt passes, else (reason code, detail); the rewrites step -> text).
     `edits`: the turns asked for (TURN k is edits[k - 1]); `ruled`: the turns written by rules."""
-    p = params["relabel"]
+    p = params.relabel
     goal = goal_of(row)
     by_number = {t.turn: t.text.strip() for t in answer.turns}
     rewrites = {e.step: by_number.get(k, "") for k, e in enumerate(edits, 1)}
@@ -244,8 +245,8 @@ def gate(answer: RelabelAnswer, row: dict, params: dict, edits: list[TurnEdit],
     found = sample_defects(row, goal, _changed(row, rewrites), params)
     if found:
         return (found[0][0], "; ".join(detail for _, detail in found)), rewrites
-    if answer.confidence < p["confidence_threshold"]:
-        return ("low_confidence", f"confidence {answer.confidence:.2f} < {p['confidence_threshold']}"), rewrites
+    if answer.confidence < p.confidence_threshold:
+        return ("low_confidence", f"confidence {answer.confidence:.2f} < {p.confidence_threshold}"), rewrites
     return None, rewrites
 
 
@@ -276,8 +277,8 @@ def _accepted(row: dict, goal: AchievedGoal, rewrites: dict[int, str], confidenc
     }
 
 
-def relabel_one(row: dict, params: dict, llm: LLMClient) -> tuple[dict | None, dict | None]:
-    p = params["relabel"]
+def relabel_one(row: dict, params: Params, llm: LLMClient) -> tuple[dict | None, dict | None]:
+    p = params.relabel
     goal = goal_of(row)
     ruled, written = ruled_and_written(row, params)
     if not written:  # the user side already asks for this goal, or rules make it so
@@ -290,9 +291,9 @@ def relabel_one(row: dict, params: dict, llm: LLMClient) -> tuple[dict | None, d
         if not written:
             return None, schema.rejection(row["id"], STAGE, found[0][0], "; ".join(d for _, d in found))
     record, turns = defuse(record_of(row)), turns_text(row, written)
-    temperatures = p["temperatures"]
+    temperatures = p.temperatures
     failures: list[tuple[str, str]] = []  # (code, why) of each failed attempt
-    for attempt in range(p["max_attempts"]):
+    for attempt in range(p.max_attempts):
         temperature = temperatures[min(attempt, len(temperatures) - 1)]
         asked = ask(llm, "relabel", SCHEMA, stage=STAGE, temperatures=[temperature], attempts=1,
                     first_seed=attempt, record=record, turns=turns, feedback=feedback(failures, row))
@@ -320,12 +321,12 @@ def relabel_output(results: list[tuple[dict | None, dict | None]]) -> schema.Sta
     return schema.StageOutput(schema.frame(kept, schema.RELABELED), schema.frame(rejected, schema.REJECTION))
 
 
-def relabel(extracted: pl.DataFrame, params: dict, llm: LLMClient) -> schema.StageOutput:
+def relabel(extracted: pl.DataFrame, params: Params, llm: LLMClient) -> schema.StageOutput:
     results = map_concurrent(lambda r: relabel_one(r, params, llm), extracted.to_dicts(),
-                             params["llm"]["concurrency"])
+                             params.llm.concurrency)
     return relabel_output(results)
 
 
-def step(batch: pl.DataFrame, params: dict, llms: LLMs) -> schema.StageOutput:
+def step(batch: pl.DataFrame, params: Params, llms: LLMs) -> schema.StageOutput:
     """The stage (agenther/stages/__init__.py)."""
     return relabel(batch, params, llms.main())

@@ -53,6 +53,7 @@ from agenther.evidence.tools import is_error
 from agenther.llm import BUDGET_EXHAUSTED, LLMClient, LLMs, map_concurrent
 from agenther.llm.answers import INVALID_LLM_ANSWER, EvidenceAnswer, PolicyAnswer, TrajectoryAnswer
 from agenther.llm.ask import Asked, ask
+from agenther.params import Params
 from agenther.stages.relabel import goal_of, relabel_one, relabel_output
 
 STAGE = "verify"
@@ -79,11 +80,11 @@ def user_side(row: dict) -> list[tuple[int, str]]:
             for i in sample_steps(row["messages"], goal) if row["messages"][i]["role"] == "user"]
 
 
-def _transcript_tokens(params: dict) -> int:
-    return params["verify"]["transcript_tokens"]
+def _transcript_tokens(params: Params) -> int:
+    return params.verify.transcript_tokens
 
 
-def judge_replay(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement | None:
+def judge_replay(row: dict, params: Params, llm: LLMClient, judge_llm: LLMClient) -> Judgement | None:
     """None (does not apply) where no environment replays the record's log."""
     env = env_for(row, params)
     if env is None:
@@ -92,14 +93,14 @@ def judge_replay(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) 
     return {"judge": "replay", "model": f"env:{env}", "accept": proof.ok, "confidence": 1.0, "reason": proof.reason}
 
 
-def judge_coverage(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+def judge_coverage(row: dict, params: Params, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
     missed = coverage.misses(user_side(row), goal_of(row), row, params, rewritten=rewrites_of(row))
     reason = ("the user side asks for every write of the sample, and the sample meets every requirement"
               if not missed else "; ".join(f"{code}: {detail}" for code, detail in missed))
     return {"judge": "coverage", "model": "rules", "accept": not missed, "confidence": 1.0, "reason": reason}
 
 
-def judge_grounding(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+def judge_grounding(row: dict, params: Params, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
     rewrites = rewrites_of(row)
     written = "\n".join(rewrites.values())
     missing = ungrounded(written, evidence_messages(row["messages"], goal_of(row))) if written else []
@@ -108,7 +109,7 @@ def judge_grounding(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClien
     return {"judge": "grounding", "model": "rules", "accept": not missing, "confidence": 1.0, "reason": reason}
 
 
-def judge_coherence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+def judge_coherence(row: dict, params: Params, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
     goal = goal_of(row)
     turns = coherence.sample_turns(row["messages"], sample_steps(row["messages"], goal), goal, rewrites_of(row))
     found = coherence.defects(turns, goal, row, params)
@@ -117,7 +118,7 @@ def judge_coherence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClien
     return {"judge": "coherence", "model": "rules", "accept": not found, "confidence": 1.0, "reason": reason}
 
 
-def judge_policy(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+def judge_policy(row: dict, params: Params, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
     goal = goal_of(row)
     if not goal.actions:
         return _ruled("policy", "the sample changes no state")
@@ -151,7 +152,7 @@ def _ruled(judge: str, reason: str) -> Judgement:
     return {"judge": judge, "model": "rules", "accept": True, "confidence": 1.0, "reason": reason}
 
 
-def judge_trajectory(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+def judge_trajectory(row: dict, params: Params, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
     messages, evidence = sample_of(row)
     transcript = render(messages, keep=evidence, budget_tokens=_transcript_tokens(params))
     asked = ask(llm, "judge_trajectory", TrajectoryAnswer, stage=STAGE, temperatures=[0.0], attempts=2,
@@ -165,7 +166,7 @@ def judge_trajectory(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClie
     return {"judge": "trajectory", "model": llm.name, "accept": accept, "confidence": confidence, "reason": reason}
 
 
-def judge_evidence(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
+def judge_evidence(row: dict, params: Params, llm: LLMClient, judge_llm: LLMClient) -> Judgement:
     messages, evidence = sample_of(row)
     transcript = render(messages, keep=evidence, roles=("tool",),
                         budget_tokens=_transcript_tokens(params))
@@ -216,8 +217,8 @@ def _confidence(value: float) -> float:
     return min(1.0, max(0.0, value))
 
 
-def _threshold(params: dict) -> float:
-    return params["verify"]["judge_confidence_threshold"]
+def _threshold(params: Params) -> float:
+    return params.verify.judge_confidence_threshold
 
 
 def decide(judgements: list[Judgement], policy: str, n_judges: int) -> bool:
@@ -251,10 +252,10 @@ class _Judging:
         return self.row | {"judgements": self.judgements, "verified": verified}
 
 
-def verify_one(row: dict, params: dict, llm: LLMClient, judge_llm: LLMClient) -> dict:
-    policy = params["verify"]["policy"]
+def verify_one(row: dict, params: Params, llm: LLMClient, judge_llm: LLMClient) -> dict:
+    policy = params.verify.policy
     judging = _Judging(row)
-    for name in params["verify"]["judges"]:
+    for name in params.verify.judges:
         if judging.over:
             break
         judging.add(JUDGES[name](row, params, llm, judge_llm), policy)
@@ -275,8 +276,8 @@ def _rejection_reason(judgements: list[Judgement]) -> str:
     return "rejected_by_" + "+".join(j["judge"] for j in refused)
 
 
-def check_judges(params: dict) -> None:
-    unknown = [n for n in params["verify"]["judges"] if n not in JUDGES]
+def check_judges(params: Params) -> None:
+    unknown = [n for n in params.verify.judges if n not in JUDGES]
     if unknown:
         raise ValueError(f"unknown judge(s) {unknown}; known: {list(JUDGES)}")
 
@@ -292,20 +293,20 @@ def verify_output(rows: list[dict]) -> schema.StageOutput:
     return schema.StageOutput(schema.frame(rows, schema.VERIFIED), schema.frame(rejected, schema.REJECTION))
 
 
-def verify(relabeled: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: LLMClient | None = None) -> schema.StageOutput:
+def verify(relabeled: pl.DataFrame, params: Params, llm: LLMClient, judge_llm: LLMClient | None = None) -> schema.StageOutput:
     """Kept: every judged row with its judgements and `verified`; rejected: the unverified."""
     check_judges(params)
     judge_llm = judge_llm or llm
-    policy = params["verify"]["policy"]
+    policy = params.verify.policy
     judgings = [_Judging(r) for r in relabeled.to_dicts()]
     # Judge by judge over the records (the same judgements as verify_one's record by record): calls
     # in a row share their template's fixed instructions, which llama.cpp's and providers' prompt
     # caches then reuse.
-    judges = params["verify"]["judges"]
+    judges = params.verify.judges
     for k, name in enumerate(judges):
         todo = [j for j in judgings if not j.over]
         verdicts = map_concurrent(lambda j: JUDGES[name](j.row, params, llm, judge_llm), todo,  # noqa: B023
-                                  params["llm"]["concurrency"], records=False)
+                                  params.llm.concurrency, records=False)
         for judging, verdict in zip(todo, verdicts, strict=True):
             judging.add(verdict, policy)
             if judging.over or k == len(judges) - 1:
@@ -313,20 +314,20 @@ def verify(relabeled: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: LLM
     return verify_output([j.result(policy) for j in judgings])
 
 
-def step(batch: pl.DataFrame, params: dict, llms: LLMs) -> schema.StageOutput:
+def step(batch: pl.DataFrame, params: Params, llms: LLMs) -> schema.StageOutput:
     """The stage (agenther/stages/__init__.py)."""
     return verify(batch, params, llms.main(), llms.judge())
 
 
 # -- relabel and verify fused: no barrier between the stages ----------------------------------
-def relabel_verify_one(row: dict, params: dict, llm: LLMClient,
+def relabel_verify_one(row: dict, params: Params, llm: LLMClient,
                        judge_llm: Callable[[], LLMClient]) -> tuple[dict | None, dict | None, dict | None]:
     """relabel_one, then at once verify_one on the relabeled row: (kept, rejection, judged)."""
     kept, rejected = relabel_one(row, params, llm)
     return kept, rejected, None if kept is None else verify_one(kept, params, llm, judge_llm())
 
 
-def relabel_verify(extracted: pl.DataFrame, params: dict, llm: LLMClient, judge_llm: Callable[[], LLMClient],
+def relabel_verify(extracted: pl.DataFrame, params: Params, llm: LLMClient, judge_llm: Callable[[], LLMClient],
                    workers: int | None = None) -> tuple[schema.StageOutput, schema.StageOutput]:
     """relabel() then verify() as one concurrent map over the records: each record is judged as
     soon as its relabel passes, so no judge waits for the slowest relabel of the whole table
@@ -344,6 +345,6 @@ def relabel_verify(extracted: pl.DataFrame, params: dict, llm: LLMClient, judge_
     undone can differ: the pipeline fuses only runs without a budget."""
     check_judges(params)
     results = map_concurrent(lambda r: relabel_verify_one(r, params, llm, judge_llm), extracted.to_dicts(),
-                             workers or params["llm"]["concurrency"])
+                             workers or params.llm.concurrency)
     return (relabel_output([(kept, rejected) for kept, rejected, _ in results]),
             verify_output([judged for _, _, judged in results if judged is not None]))
