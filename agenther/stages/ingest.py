@@ -44,7 +44,6 @@ from agenther.tables import TableWriter, iter_batches
 from agenther.workdir import TABLES
 
 
-
 class IngestError(Exception):
     """The input as a whole cannot be ingested (bad records are quarantined instead)."""
 
