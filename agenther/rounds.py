@@ -122,7 +122,7 @@ def _round(params: Params, folder: Path, lineage: dict, llms: LLMs, executor: Lo
     # Ingest the new and changed files into a scratch folder, then keep what no round has seen.
     scratch = work / "ingest"
     shutil.rmtree(scratch, ignore_errors=True)
-    ingested = write_tables(params, scratch, files=todo, spread=executor.spread)  # its parts on the executor
+    ingested = write_tables(params, scratch, files=todo, spread=executor.spread_for("ingest"))  # parts on the executor
     seen = _seen(folder, rounds)
     seen_quarantine = {_quarantine_key(r) for r in rounds_rows(folder, rounds, "quarantine")}
     new, skipped = 0, 0

@@ -23,6 +23,7 @@ before any verify table is written.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -36,7 +37,7 @@ from agenther import schema
 from agenther.llm import LLMs, Usage
 from agenther.params import Params
 from agenther.progress import Progress
-from agenther.stages import FUSED, FUSED_STEP, STAGES, Stage, in_process, load, stage
+from agenther.stages import FUSED, FUSED_STEP, STAGES, Spread, Stage, in_process, load, stage
 from agenther.tables import CONTRACTS, TableWriter, count_rows, gate_table, iter_batches
 from agenther.workdir import TABLES, stamp_stage, unchanged_stage, unstamp, write_stats
 
@@ -109,15 +110,20 @@ class LocalExecutor:
             if batch.height:
                 yield batch.height, self.step(stages, batch, params, llms)
 
-    def spread(self, fn: Callable[[Any], Any], jobs: list) -> Iterator[Any]:
-        """fn(job) for each job, results in order (the shards of a whole-run stage): here one after another."""
+    def spread(self, fn: Callable[[Any], Any], jobs: list, stage: str = "") -> Iterator[Any]:
+        """fn(job) for each job, results in order (the shards of `stage`, a whole-run stage): here one
+        after another."""
         return in_process(fn, jobs)
 
     def ingest(self, params: Params, work: Path) -> dict:
-        return stage("ingest").load()(params, work, spread=self.spread)
+        return stage("ingest").load()(params, work, spread=self.spread_for("ingest"))
 
     def package(self, params: Params, work: Path, out_dir: Path, llms: LLMs) -> dict:
-        return stage("package").load()(params, work, out_dir, llms, self.spread)
+        return stage("package").load()(params, work, out_dir, llms, self.spread_for("package"))
+
+    def spread_for(self, name: str) -> Spread:
+        """How `name`'s shards run: `spread`, named after the stage where an executor names its runs."""
+        return functools.partial(self.spread, stage=name)
 
 
 LOCAL = LocalExecutor()

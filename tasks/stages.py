@@ -203,10 +203,11 @@ class PrefectExecutor(LocalExecutor):
         for (_, kwargs), state in zip(runs, self._in_order(runs), strict=True):
             yield kwargs["rows"][1], {stage: _settled(state)}
 
-    def spread(self, fn: Callable[[Any], Any], jobs: list) -> Iterator[Any]:
-        """Each shard a task run (`<its function>[<i>]`: ingest_shard[0], rows_shard[3]), on the cluster
-        when there is one."""
-        runs = [(shard_task.with_options(task_run_name=f"{fn.__name__}[{i}]"), {"fn": fn, "job": job})
+    def spread(self, fn: Callable[[Any], Any], jobs: list, stage: str = "shard") -> Iterator[Any]:
+        """Each shard a task run (`<stage>[<its function> <i>]`: package[rows 3], package[merge_runs 0]),
+        on the cluster when there is one."""
+        kind = fn.__name__.removesuffix("_shard")
+        runs = [(shard_task.with_options(task_run_name=f"{stage}[{kind} {i}]"), {"fn": fn, "job": job})
                 for i, job in enumerate(jobs)]
         return (state.result() for state in self._in_order(runs))
 

@@ -49,7 +49,7 @@ from tasks.dask import WorkerLLMs, check_reachable  # noqa: E402
 pytestmark = pytest.mark.slow  # a Dask cluster, Prefect's API and an LLM server per test
 
 RECORDS = 30
-BATCH_RUN = re.compile(r"\w+\[\d+:\d+\]")  # a stage's batch task run, e.g. classify[0:5] (a shard's: rows_shard[3])
+BATCH_RUN = re.compile(r"\w+\[\d+:\d+\]")  # a stage's batch task run, e.g. classify[0:5] (a shard's: package[rows 3])
 BATCH = 5  # several batches per stage, so several are in flight at once
 # The first RECORDS tau-bench runs as JSONL: a log ingest can cut in parts (io.part_mb) for the workers
 LOG = _HOME / "tau-30.jsonl"
@@ -154,7 +154,7 @@ def test_the_flow_on_two_dask_workers_writes_what_the_local_runner_writes(tmp_pa
     with distributed.get_task_stream(cluster) as stream:  # what the workers ran, as the scheduler saw it
         state, summary = run_flow_state(tmp_path, "dask", fresh, io={"batch_rows": 4, "part_mb": 0.1},
                                         task_runner="dask", dask_address=cluster.scheduler.address)
-    ingest_parts = [t for t in stream.data if str(t["key"]).startswith("ingest_shard")]
+    ingest_parts = [t for t in stream.data if str(t["key"]).startswith("part_shard")]
     assert len(ingest_parts) >= 5  # ~600 KB of logs in parts of ~100 KB, read on the workers
     calls = len(fresh.requests)
     assert_same_outputs(tmp_path / "dask", summary, reference)
@@ -164,12 +164,13 @@ def test_the_flow_on_two_dask_workers_writes_what_the_local_runner_writes(tmp_pa
         assert files == sorted(p.relative_to(out) for p in (out / folder).rglob("*") if p.is_file()), folder
         assert all((out / f).read_bytes() == (ref_out / f).read_bytes() for f in files), folder
     shards = [r.name for r in task_runs_of(state.state_details.flow_run_id) if not BATCH_RUN.fullmatch(r.name)]
-    assert sum(n.startswith("rows_shard[") for n in shards) == 8  # 30 rows in shards of 4
+    assert sum(n.startswith("package[rows ") for n in shards) == 8  # 30 rows in shards of 4
     # each export file merged from its runs, each exporter's finish, as task runs on the workers
-    assert sum(n.startswith("merge_runs[") for n in shards) >= 5 and any(n.startswith("finish_exporter[") for n in shards)
+    assert sum(n.startswith("package[merge_runs ") for n in shards) >= 5
+    assert any(n.startswith("package[finish_exporter ") for n in shards)
 
     # a preference pair comes from a bucket's shard (the 30 records here may hold no task that pairs)
-    assert any(n.startswith("bucket_shard[") for n in shards) or not summary["exports"]["dpo"]
+    assert any(n.startswith("package[bucket ") for n in shards) or not summary["exports"]["dpo"]
     assert calls == reference[2] and summary["llm"]["total"]["calls"] == calls  # each call once, none lost
     # the workers' clients ask under the flow's cache keys: the same LLM cache entries as the local run's
     assert cache_keys(tmp_path / "dask-cache") == cache_keys(reference[0].parent / "local-cache")

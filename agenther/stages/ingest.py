@@ -363,7 +363,7 @@ class PartResult:
 KEYS = "keys.parquet"  # a shard's (id, content digest) per written trajectory: what the merge dedups on
 
 
-def ingest_shard(part: IngestPart) -> PartResult:
+def part_shard(part: IngestPart) -> PartResult:
     """One shard: its pieces' records into its own trajectories and quarantine tables, repeats inside
     the part dropped; the ids and digests of what it kept to KEYS."""
     grammar = None if part.grammar is None else grammars_named(part.grammar_specs)[part.grammar]
@@ -407,19 +407,22 @@ def write_tables(params: Params, work: Path, files: list[LogFile] | None = None,
                        ctx.grammar.name if ctx.grammar else None, grammar_specs, root.single, p.limit,
                        p.max_trajectory_mb, params.io.batch_rows)
             for i, pieces in enumerate(parts_of(chosen, p.format, ctx, part_bytes))]
-    parts = list(spread(ingest_shard, jobs))
     seen = Repeats()
-    with (TableWriter(work / TABLES["trajectories"], schema.TRAJECTORY) as good,
-          TableWriter(work / TABLES["quarantine"], schema.QUARANTINE) as bad):
+    try:
+        parts = list(spread(part_shard, jobs))
         for part in parts:
-            _merge_part(part.folder, seen, good, bad, params.io.batch_rows)
             report.repaired += part.repaired
             if report.mapping is not None:
                 report.mapping.resolved.update(part.resolved)
-    shutil.rmtree(scratch, ignore_errors=True)
+        if report.mapping is not None:
+            check_paths(report.mapping, report)  # a path that resolved nowhere stops the run before any table
+        with (TableWriter(work / TABLES["trajectories"], schema.TRAJECTORY) as good,
+              TableWriter(work / TABLES["quarantine"], schema.QUARANTINE) as bad):
+            for part in parts:
+                _merge_part(part.folder, seen, good, bad, params.io.batch_rows)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     report.duplicates, report.trials = seen.duplicates + sum(part.repeats for part in parts), seen.trials
-    if report.mapping is not None:
-        check_paths(report.mapping, report)
     for line in report.describe():
         print(line, file=sys.stderr)
     return {"records_in": good.rows + bad.rows + report.duplicates, "trajectories": good.rows,
