@@ -26,13 +26,14 @@ import json
 from pathlib import Path
 
 STAGES = ("ingest", "classify", "extract", "package")
-# bench/stages_scale.py --sizes 20000 --json, commit aad1fad (issue 22; bench/README.md, "Per-core speed,
-# issue 22"), 20,000 synthetic tau-bench records: CPU-seconds per stage (time.process_time), of them
-# package's shards (what an executor spreads), bytes of the JSONL input and of the output folder.
+# bench/stages_scale.py --sizes 10000 20000 --json, commit dc3e6e5 (issue 22's second pass; bench/README.md,
+# "Per-core speed, issue 22"), 20,000 synthetic tau-bench records: CPU-seconds per stage
+# (time.process_time), of them ingest's and package's shards (what an executor spreads), bytes of the
+# JSONL input and of the output folder.
 MEASURED_SCALE = {
     "records": 20_000,
-    "cpu_seconds": {"ingest": 10.85, "classify": 11.18, "extract": 66.58, "package": 97.12},
-    "shards_cpu_seconds": {"ingest": 0.0, "package": 65.37},
+    "cpu_seconds": {"ingest": 12.97, "classify": 10.59, "extract": 45.73, "package": 85.86},
+    "shards_cpu_seconds": {"ingest": 11.00, "package": 79.50},
     "input_jsonl": 358_926_860,
     # The synthetic log repeats 200 trajectories, which zstd compresses away inside a row group: the
     # work tables are taken from a whole run on the 200 distinct shipped records instead (out/tau-bench:

@@ -74,7 +74,7 @@ def child(log: Path, work: Path, batch_rows: int | None) -> None:
     shards_cpu = [0.0]
 
     class Timed(LocalExecutor):  # the stage loop's own executor; counts the CPU of ingest's and package's shards
-        def spread(self, fn, jobs):
+        def spread(self, fn, jobs, stage=""):
             for job in jobs:
                 start = time.process_time()
                 result = fn(job)
