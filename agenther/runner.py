@@ -6,8 +6,9 @@ up to date (its stamp matches: agenther/workdir.py); gate its input table (Great
 agenther/gates.py); read it in batches; hand each batch to the executor's `step`; append each
 result to the stage's tables as it comes (never a whole table in memory); write the stage's stats
 (NN_<stage>.json) and stamp it. Ingest (logs in, not a table) and package (the run's files out) are
-one call each. Which stage is which, what it reads and writes and which function does it: its
-record (agenther/stages/__init__.py).
+one call each, whose shards (ingest's parts of the logs; package's rows, buckets, file merges and
+exporter finishes) the executor's `spread` runs. Which stage is which, what it reads and writes and
+which function does it: its record (agenther/stages/__init__.py).
 
 What differs between the callers is only how a step runs, the executor (datatrove's idea):
 `LocalExecutor` calls `step()` in this process, in `io.batch_rows` batches; the Prefect flow's
