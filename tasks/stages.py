@@ -47,7 +47,7 @@ from agenther import runner
 from agenther.llm import LLMs, Usage
 from agenther.params import Params, Prefect
 from agenther.runner import BatchResult, LocalExecutor
-from agenther.stages import in_process, stage
+from agenther.stages import Spread, in_process, stage
 from agenther.tables import count_rows, read_rows
 from agenther.workdir import TABLES, file_digest
 from tasks.caching import files_digest, sha256, stage_key
@@ -95,7 +95,7 @@ BATCH_TASKS = {stage: _batch(stage) for stage in runner.TABLE_STAGES}
 
 
 @task(name="ingest", task_run_name="ingest", cache_key_fn=_ingest_key, **CACHED, **RETRY)
-def ingest_task(params: Params, work: str, spread: Callable[[Callable[[Any], Any], list], Any]) -> dict:
+def ingest_task(params: Params, work: str, spread: Spread) -> dict:
     """Reads the logs into the work folder's tables (the ingest stage's function; its shards spread
     over the cluster's workers when there is one); the result (kept by Prefect) is small: the
     stats, where the tables were written and their digests."""

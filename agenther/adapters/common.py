@@ -50,6 +50,10 @@ class LogPart:
     def parent(self) -> Path:
         return self.path.parent
 
+    @property
+    def size(self) -> int:  # bytes, as S3Object.size
+        return self.end - self.start
+
     def open(self, mode: str = "rb") -> io.BufferedReader:
         if mode != "rb":
             raise ValueError(f"{self.path}: log parts are read as bytes (mode 'rb'), not {mode!r}")

@@ -133,11 +133,15 @@ class SortedJsonlSink:
         self.buffers[name] = []
         self.buffered[name] = 0
 
-    def finish_runs(self) -> tuple[dict[str, list[str]], dict[str, int]]:
-        """A shard's sink: every row to a sorted run; ({file: its runs}, {file: rows}) for `adopt`."""
+    def _spill_all(self) -> None:
+        """Every buffered row to a sorted run."""
         for name in list(self.buffers):
             if self.buffers[name]:
                 self._spill(name)
+
+    def finish_runs(self) -> tuple[dict[str, list[str]], dict[str, int]]:
+        """A shard's sink: every row to a sorted run; ({file: its runs}, {file: rows}) for `adopt`."""
+        self._spill_all()
         return ({name: [str(p) for p in runs] for name, runs in self.runs.items() if runs},
                 {name: n for name, n in self.rows.items() if n})
 
@@ -156,9 +160,7 @@ class SortedJsonlSink:
         which see the runs and the output folder)."""
         digests = {}
         try:
-            for name in self.buffers:
-                if self.buffers[name]:
-                    self._spill(name)  # every row in a run: a merge job reads runs only
+            self._spill_all()  # a merge job reads runs only
             names = sorted(self.buffers)
             merges = [Merge(self.out, name, tuple(str(p) for p in self.runs[name])) for name in names]
             digests = dict(zip(names, spread(merge_runs, merges), strict=True))

@@ -168,6 +168,8 @@ def read_logs(
     its grammar cannot read is quarantined; one with a lone surrogate is repaired (`report.repaired`).
     """
     report = report if report is not None else IngestReport()
+    if limit is not None and limit < 0:
+        raise IngestError(f"limit must be >= 0, not {limit}")
     root, files, ctx = _opened(path, fmt, mapping, files, text_actions, grammars, report)
     seen = Repeats()
     for item, digest in _admitted(_records(files, fmt, ctx, root.single, max_trajectory_mb), seen, limit):
@@ -455,7 +457,8 @@ def parts_of(files: list[LogFile], fmt: str, ctx: ReadContext, part_bytes: int |
         return [list(files)]
     pieces: list[LogFile] = []
     for f in files:
-        pieces += _cut(f, part_bytes) if isinstance(f, Path) and f.suffix == ".jsonl" and _readable(f, fmt, ctx) else [f]
+        big = isinstance(f, Path) and f.suffix == ".jsonl" and _size(f) > part_bytes
+        pieces += _cut(f, part_bytes) if big and _readable(f, fmt, ctx) else [f]
     parts: list[list[LogFile]] = [[]]
     size = 0
     for piece in pieces:
@@ -463,9 +466,12 @@ def parts_of(files: list[LogFile], fmt: str, ctx: ReadContext, part_bytes: int |
             parts.append([])
             size = 0
         parts[-1].append(piece)
-        size += piece.end - piece.start if isinstance(piece, LogPart) else piece.stat().st_size \
-            if isinstance(piece, Path) else piece.size
+        size += _size(piece)
     return parts
+
+
+def _size(piece: LogFile) -> int:
+    return piece.stat().st_size if isinstance(piece, Path) else piece.size
 
 
 def _readable(path: Path, fmt: str, ctx: ReadContext) -> bool:
